@@ -1,0 +1,879 @@
+"""
+SimCLR with an autoencoder projection head: one file, read top to bottom.
+
+    python simclr.py                                          # embedded 'shapes' data, no download, CPU ok
+    python simclr.py --dataset stl10 --head ae --act sigmoid  # the paper's setting (needs internet + a GPU)
+    python simclr.py --dry-run                                # every stage for a couple of steps, in seconds
+    python simclr.py --show-augs augs.png                     # look at what the network is asked to match
+
+Papers:
+  SimCLR: Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations", arXiv:2002.05709
+  AE head: Schliebitz et al., "An Empirical Study on Improving SimCLR's Nonlinear Projection Head using
+           Pretrained Autoencoder Embeddings", arXiv:2408.14514 (we call it "the paper" below)
+
+What happens when you run it:
+  1. the images are loaded once into one uint8 tensor on the training device (no DataLoader in the hot path);
+  2. (head ae) a 4-layer MLP autoencoder is trained on them and cached; its 512->d embedding layer becomes the
+     first layer of the projection head, frozen;
+  3. a ResNet is trained with the NT-Xent loss on two augmented views of every image, the augmentations done
+     in batches on the device, each image with its own random parameters;
+  4. the frozen backbone is evaluated with a linear probe and a weighted kNN, next to two baselines (a linear
+     probe on raw pixels and on a randomly initialised backbone), so you can see what SimCLR learned.
+
+Measured results and the commands that made them are in README.md.
+"""
+import argparse
+import copy
+import gzip
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------
+
+# Per-dataset defaults. For the paper's datasets, image size and batch size are the paper's (Sec. 4 of
+# 2408.14514), 150 pre-training epochs and 100 autoencoder epochs as in the paper. 'shapes' is sized so that
+# `python simclr.py` finishes in about 5 minutes on a 2-core CPU (see README for how the defaults were chosen).
+DATASETS = {
+    #                 image  batch  epochs  ae_epochs  classes
+    "shapes":        dict(img=32, batch=256, epochs=8, ae_epochs=10, classes=10),
+    "stl10":         dict(img=96, batch=500, epochs=150, ae_epochs=100, classes=10),
+    "cifar10":       dict(img=32, batch=1280, epochs=150, ae_epochs=100, classes=10),
+    "cifar100":      dict(img=32, batch=1280, epochs=150, ae_epochs=100, classes=100),
+    "imagenette":    dict(img=128, batch=392, epochs=150, ae_epochs=100, classes=10),
+    "fgvc-aircraft": dict(img=128, batch=666, epochs=150, ae_epochs=100, classes=30),
+    "fashion-mnist": dict(img=28, batch=512, epochs=100, ae_epochs=100, classes=10),
+    "folder":        dict(img=96, batch=256, epochs=100, ae_epochs=100, classes=None),
+}
+ARCHS = ("resnet18", "resnet34", "resnet50")
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="SimCLR with an optional autoencoder projection head (arXiv:2408.14514).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--dataset", default="shapes", help=f"one of: {', '.join(DATASETS)}")
+    a("--data-dir", default="data", help="where datasets are read from (and downloaded to)")
+    a("--no-download", action="store_true", help="never download; fail with a list of the files to put in place")
+    a("--stl10-pretrain", default="train+unlabeled", choices=("train+unlabeled", "train"),
+      help="STL10 images used for pre-training: the standard protocol, or only the 5k labelled ones as in the paper")
+    a("--img-size", type=int, default=None, help="image side in pixels (default: per dataset, see DATASETS)")
+    # augmentations (Sec. 3 of SimCLR; the paper's values)
+    a("--crop-min", type=float, default=0.08, help="smallest crop area fraction of RandomResizedCrop")
+    a("--jitter-prob", type=float, default=0.8, help="probability of colour jitter (0.8, 0.8, 0.8, 0.2)")
+    a("--gray-prob", type=float, default=0.2, help="probability of grayscale")
+    a("--blur-prob", type=float, default=0.5, help="probability of Gaussian blur (kernel ~10%% of the image)")
+    a("--show-augs", default=None, metavar="FILE.png", help="save a grid of images and their two views, then exit")
+    # model
+    a("--arch", default="resnet34", help=f"backbone, one of: {', '.join(ARCHS)}")
+    a("--stem", default="auto", choices=("auto", "imagenet", "cifar"),
+      help="auto: 3x3 stride-1 stem without maxpool for images of 64 px or less, else ImageNet's 7x7 stem")
+    a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights, as the paper did")
+    a("--head", default="mlp", choices=("mlp", "ae"), help="projection head: random MLP, or AE embedding first")
+    a("--act", default="relu", choices=tuple(ACTIVATIONS), help="activation between the two head layers")
+    a("--proj-hidden", type=int, default=512, help="head width h (for --head ae: the AE embedding width d)")
+    a("--proj-out", type=int, default=128, help="output width of the projection head")
+    a("--no-freeze", action="store_true", help="let the AE embedding train (ablation; frozen by default)")
+    a("--ae-epochs", type=int, default=None, help="autoencoder epochs (default: per dataset)")
+    a("--ae-dir", default="runs/autoencoders", help="cache of trained autoencoders, one per dataset and d")
+    # optimisation (Sec. 4 of the paper)
+    a("--epochs", type=int, default=None, help="pre-training epochs (default: per dataset)")
+    a("--batch-size", type=int, default=None, help="N images per step, 2N views (default: per dataset)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: 0.3 * batch / 256)")
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--wd", type=float, default=1e-5, help="weight decay")
+    a("--lr-min-ratio", type=float, default=1 / 50, help="cosine schedule ends at lr * this")
+    a("--tau", type=float, default=0.5, help="NT-Xent temperature")
+    # evaluation
+    a("--eval", default="standard", choices=("standard", "paper"),
+      help="standard: probe on train features, top-1 on test; paper: probe on a 70/20 split of the test features")
+    a("--probe-steps", type=int, default=200, help="L-BFGS iterations of the linear probe")
+    a("--knn-every", type=int, default=5, help="kNN monitor every this many epochs (0: only at the end)")
+    a("--knn-k", type=int, default=200, help="neighbours of the weighted kNN")
+    a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
+    # run
+    a("--device", default=None, help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--seed", type=int, default=0, help="seed of everything random")
+    a("--out", default=None, help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
+    a("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+    a("--dry-run", action="store_true", help="run every stage for a couple of steps on a few images")
+    return p
+
+
+def die(msg):
+    """A user mistake: say what was wrong and what to do, exit non-zero, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def resolve_args(args):
+    """Values computed from flags, in one place."""
+    if args.dataset not in DATASETS:
+        die(f"unknown dataset '{args.dataset}'; choose one of: {', '.join(DATASETS)}")
+    if args.arch not in ARCHS:
+        die(f"unknown arch '{args.arch}'; choose one of: {', '.join(ARCHS)}")
+    d = DATASETS[args.dataset]
+    args.img_size = args.img_size or d["img"]
+    args.batch_size = args.batch_size or d["batch"]
+    args.epochs = args.epochs if args.epochs is not None else d["epochs"]
+    args.ae_epochs = args.ae_epochs if args.ae_epochs is not None else d["ae_epochs"]
+    if args.dry_run:
+        args.batch_size, args.epochs, args.ae_epochs, args.probe_steps = 16, 1, 1, 5
+    args.lr = args.lr or 0.3 * args.batch_size / 256  # linear scaling rule, Sec. B.1 of SimCLR
+    if args.stem == "auto":
+        args.stem = "cifar" if args.img_size <= 64 else "imagenet"
+    if args.batch_size < 2:
+        die("--batch-size must be at least 2: NT-Xent needs at least one negative per anchor")
+    if args.tau <= 0:
+        die(f"--tau must be > 0 (got {args.tau}); the paper uses 0.5")
+    if args.head == "mlp" and args.no_freeze:
+        die("--no-freeze only applies to --head ae (the MLP head has nothing frozen)")
+    if args.head == "ae" and args.arch == "resnet50":
+        die("--head ae needs a 512-d backbone (resnet18/34): the AE's hidden layer is 512 wide, resnet50 gives "
+            "2048 features. Use --arch resnet34 or --head mlp.")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.dataset}-{args.head}-{args.act}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds the CUDA generators too
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: every dataset becomes uint8 tensors (N, 3, H, W) held on the training device
+# ----------------------------------------------------------------------------------------------------------
+
+SHAPE_NAMES = ("circle", "square", "triangle", "star", "cross", "ring", "ellipse", "crescent", "half-disc", "L")
+
+
+def shape_mask(u, v, cls):
+    """Inside-test of shape `cls` in its own coordinates u, v (about [-1, 1]); returns a bool tensor like u."""
+    rho, phi = torch.sqrt(u * u + v * v), torch.atan2(v, u)
+    if cls == 0:
+        return rho < 1
+    if cls == 1:
+        return torch.maximum(u.abs(), v.abs()) < 0.8
+    if cls == 2:  # equilateral triangle with apothem 0.5 (polar form of a regular polygon)
+        sector = 2 * math.pi / 3
+        return rho * torch.cos(torch.remainder(phi, sector) - sector / 2) < 0.5
+    if cls == 3:
+        return rho < 0.6 + 0.4 * torch.cos(5 * phi)  # five-pointed star
+    if cls == 4:
+        return ((u.abs() < 0.28) | (v.abs() < 0.28)) & (torch.maximum(u.abs(), v.abs()) < 0.95)
+    if cls == 5:
+        return (rho < 1) & (rho > 0.6)
+    if cls == 6:
+        return u * u + (v / 0.45) ** 2 < 1
+    if cls == 7:
+        return (rho < 1) & ((u - 0.5) ** 2 + v * v > 0.75 ** 2)
+    if cls == 8:
+        return (rho < 1) & (v < 0.1)
+    return ((u > -0.8) & (u < -0.3) & (v.abs() < 0.9)) | ((v > 0.4) & (v < 0.9) & (u.abs() < 0.8))
+
+
+def make_shapes(n, size, seed):
+    """The embedded dataset: 10 shape classes with random colour, position, scale, rotation, contrast polarity,
+    background gradient and clutter strokes. Generated from `seed` in seconds; no files, no per-image Python."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=g)
+    S = 2 * size  # drawn at twice the size and average-pooled: anti-aliased edges
+    lin = (torch.arange(S) + 0.5) / S * 2 - 1
+    gy, gx = torch.meshgrid(lin, lin, indexing="ij")  # (S, S) pixel centres in [-1, 1]
+    xs, ys = [], torch.randint(0, len(SHAPE_NAMES), (n,), generator=g)
+    for start in range(0, n, 1000):  # chunks keep memory small
+        y = ys[start:start + 1000]
+        m = len(y)
+        cx, cy = ((rand(2, m, 1, 1) - 0.5) * 0.9).unbind(0)  # centre
+        radius = 0.3 + 0.3 * rand(m, 1, 1)  # half-width, in image units
+        angle = 2 * math.pi * rand(m, 1, 1)
+        dx, dy = gx - cx, gy - cy  # (m, S, S)
+        u = (torch.cos(angle) * dx + torch.sin(angle) * dy) / radius
+        v = (-torch.sin(angle) * dx + torch.cos(angle) * dy) / radius
+        inside = torch.zeros(m, S, S, dtype=torch.bool)
+        for cls in range(len(SHAPE_NAMES)):
+            idx = (y == cls).nonzero().squeeze(1)
+            inside[idx] = shape_mask(u[idx], v[idx], cls)
+        # colours: one dark and one bright, and a coin decides which one the shape gets
+        dark, bright = 0.5 * rand(m, 3, 1, 1), 0.5 + 0.5 * rand(m, 3, 1, 1)
+        swap = rand(m, 1, 1, 1) < 0.5
+        fg, bg = torch.where(swap, dark, bright), torch.where(swap, bright, dark)
+        tilt = (rand(m, 2, 1, 1) - 0.5) * 0.4
+        img = bg + tilt[:, :1] * gx + tilt[:, 1:] * gy  # (m, 3, S, S) background with a colour gradient
+        for _ in range(3):  # clutter: thin strokes of random colour between two random points
+            p0, p1 = rand(2, m, 2, 1, 1) * 2 - 1
+            d = p1 - p0
+            t = (((gx - p0[:, 0]) * d[:, 0] + (gy - p0[:, 1]) * d[:, 1]) / (d * d).sum(1).clamp_min(1e-6)).clamp(0, 1)
+            dist = torch.hypot(gx - p0[:, 0] - t * d[:, 0], gy - p0[:, 1] - t * d[:, 1])  # (m, S, S)
+            img = torch.where((dist < 0.03).unsqueeze(1), rand(m, 3, 1, 1), img)
+        img = torch.where(inside.unsqueeze(1), fg, img)
+        img = F.avg_pool2d(img, 2) + 0.03 * torch.randn(m, 3, size, size, generator=g)  # (m, 3, size, size)
+        xs.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(xs), ys
+
+
+FASHION_MNIST_LOCAL = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
+
+# Where each dataset's files must be when torchvision cannot download them (paths under --data-dir).
+EXPECTED_FILES = {
+    "stl10": "stl10_binary/{train_X,train_y,test_X,test_y,unlabeled_X}.bin  (from stl10_binary.tar.gz)",
+    "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}  (from cifar-10-python.tar.gz)",
+    "cifar100": "cifar-100-python/{train,test,meta}  (from cifar-100-python.tar.gz)",
+    "imagenette": "imagenette2-160/{train,val}/<wnid>/*.JPEG  (from imagenette2-160.tgz)",
+    "fgvc-aircraft": "fgvc-aircraft-2013b/data/{images/*.jpg,images_manufacturer_{trainval,test}.txt,manufacturers.txt}",
+    "fashion-mnist": "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte  (un-gzipped)",
+    "folder": "train/<class>/*.png|jpg and test/<class>/*.png|jpg",
+}
+
+
+def open_torchvision(cls, root, name, download, **kw):
+    """Construct a torchvision dataset; a failed download or missing file says which files go where."""
+    try:
+        return cls(root, download=download, **kw)
+    except Exception as e:  # URLError, RuntimeError("Dataset not found"), checksum errors...
+        die(f"could not load {name} from '{root}' ({type(e).__name__}: {e}).\n"
+            f"Without internet, put the files at {os.path.join(root, EXPECTED_FILES[name])} "
+            f"and run with --no-download.")
+
+
+def pil_to_uint8(ds, size, banner=0):
+    """Decode a PIL dataset once: drop `banner` bottom rows, resize the short side, centre-crop. (N, 3, size, size)"""
+    xs, ys = [], []
+    for img, label in ds:
+        img = img.convert("RGB")
+        if banner:
+            img = img.crop((0, 0, img.width, img.height - banner))  # FGVC-Aircraft's copyright banner
+        t = torchvision.transforms.functional.pil_to_tensor(img)  # (3, H, W) uint8
+        t = torchvision.transforms.v2.functional.resize(t, size, antialias=True)
+        xs.append(torchvision.transforms.v2.functional.center_crop(t, size))
+        ys.append(label)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabeled", seed=0, shapes_n=(10_000, 2_000)):
+    """Returns dict(pretrain, train_x, train_y, test_x, test_y, classes): uint8 images (N, 3, size, size)."""
+    D = torchvision.datasets
+    if name == "shapes":
+        train_x, train_y = make_shapes(shapes_n[0], size, seed=seed)
+        test_x, test_y = make_shapes(shapes_n[1], size, seed=seed + 10_000)  # another seed: unseen images
+        pretrain = train_x
+    elif name in ("cifar10", "cifar100"):
+        cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
+        tr, te = (open_torchvision(cls, root, name, download, train=t) for t in (True, False))
+        to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+        train_x, test_x = to_t(tr.data), to_t(te.data)
+        train_y, test_y = torch.tensor(tr.targets), torch.tensor(te.targets)
+        pretrain = train_x
+    elif name == "stl10":
+        tr, te = (open_torchvision(D.STL10, root, name, download, split=s) for s in ("train", "test"))
+        train_x, test_x = torch.from_numpy(tr.data), torch.from_numpy(te.data)  # (N, 3, 96, 96)
+        train_y, test_y = torch.from_numpy(tr.labels).long(), torch.from_numpy(te.labels).long()
+        pretrain = train_x
+        if stl10_pretrain == "train+unlabeled":  # the standard protocol; the paper used train only
+            unl = open_torchvision(D.STL10, root, name, download, split="unlabeled")
+            pretrain = torch.cat([train_x, torch.from_numpy(unl.data)])
+    elif name == "fashion-mnist":
+        raw = os.path.join(root, "FashionMNIST", "raw")
+        if os.path.isdir(FASHION_MNIST_LOCAL):  # use the Debian package's files when they are there
+            os.makedirs(raw, exist_ok=True)
+            for f in os.listdir(FASHION_MNIST_LOCAL):
+                dst = os.path.join(raw, f.removesuffix(".gz"))
+                if f.endswith(".gz") and not os.path.exists(dst):
+                    with gzip.open(os.path.join(FASHION_MNIST_LOCAL, f)) as src, open(dst + ".tmp", "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    os.replace(dst + ".tmp", dst)
+        tr, te = (open_torchvision(D.FashionMNIST, root, name, download, train=t) for t in (True, False))
+        gray3 = lambda a: a.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (N, 28, 28) -> (N, 3, 28, 28)
+        train_x, test_x, train_y, test_y = gray3(tr.data), gray3(te.data), tr.targets, te.targets
+        pretrain = train_x
+    elif name in ("imagenette", "fgvc-aircraft", "folder"):
+        cache = os.path.join(root, f"{name}-{size}px.pt")  # decoding JPEGs takes minutes: do it once
+        if name != "folder" and os.path.exists(cache):
+            return torch.load(cache)
+        if name == "imagenette":
+            tr, te = (open_torchvision(D.Imagenette, root, name, download, split=s, size="160px")
+                      for s in ("train", "val"))
+        elif name == "fgvc-aircraft":
+            tr, te = (open_torchvision(D.FGVCAircraft, root, name, download, split=s,
+                                       annotation_level="manufacturer") for s in ("trainval", "test"))
+        else:
+            tr, te = load_folder(root)
+        banner = 20 if name == "fgvc-aircraft" else 0
+        (train_x, train_y), (test_x, test_y) = pil_to_uint8(tr, size, banner), pil_to_uint8(te, size, banner)
+        data = dict(pretrain=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                    classes=len(tr.classes))
+        if name != "folder":
+            torch.save(data, cache)
+        return data
+    else:
+        die(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
+    if train_x.shape[-1] != size:  # e.g. --img-size 64 on CIFAR: resize once here, not in every step
+        rs = lambda x: torchvision.transforms.v2.functional.resize(x, [size, size], antialias=True)
+        shared = pretrain is train_x
+        train_x, test_x = rs(train_x), rs(test_x)
+        pretrain = train_x if shared else rs(pretrain)
+    classes = DATASETS[name]["classes"]
+    return dict(pretrain=pretrain, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
+
+
+def load_folder(root):
+    """`--dataset folder`: root/train/<class>/* and root/test/<class>/*, read with torchvision's ImageFolder."""
+    for split in ("train", "test"):
+        if not os.path.isdir(os.path.join(root, split)):
+            die(f"--dataset folder needs {os.path.join(root, split)}/<class>/<images>; "
+                f"set --data-dir to the folder that holds train/ and test/")
+    try:
+        tr, te = (torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "test"))
+    except (FileNotFoundError, RuntimeError) as e:
+        die(f"--dataset folder: {e}")
+    if len(tr.classes) < 2:
+        die(f"--dataset folder: {root}/train has {len(tr.classes)} class folder(s); a classifier needs at least 2")
+    if tr.classes != te.classes:
+        die(f"--dataset folder: train/ classes {tr.classes} differ from test/ classes {te.classes}")
+    return tr, te
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentations, in batches on the device (Sec. 3 and Appendix A of SimCLR), each image with its own parameters.
+# Every op below matches torchvision.transforms.v2.functional on the same parameters (test_simclr.py checks).
+# ----------------------------------------------------------------------------------------------------------
+
+def crop_params(N, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu"):
+    """RandomResizedCrop.make_params for N images at once: 10 tries of (area, log-ratio), first valid one wins,
+    else the centre-crop fallback. Returns top, left, height, width, each (N,) long."""
+    area = H * W * torch.empty(N, 10, device=device).uniform_(*scale)
+    aspect = torch.exp(torch.empty(N, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()  # (N, 10)
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = ok.int().argmax(1, keepdim=True)  # first valid try (0 when none is)
+    w, h, found = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1), ok.any(1)
+    in_ratio = W / H  # fallback, as torchvision: the largest centred crop whose ratio is inside `ratio`
+    fw = W if in_ratio <= max(ratio) else int(round(H * max(ratio)))
+    fh = H if in_ratio >= min(ratio) else int(round(W / min(ratio)))
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    top = (torch.rand(N, device=device) * (H - h + 1)).long()
+    left = (torch.rand(N, device=device) * (W - w + 1)).long()
+    top, left = torch.where(found, top, (H - h) // 2), torch.where(found, left, (W - w) // 2)
+    return top, left, h, w
+
+
+def resized_crop(x, top, left, h, w, size, flip):
+    """Crop each image to its box, resize to size x size (bilinear) and mirror where `flip`: one grid_sample.
+    Output pixel k reads input coordinate left + (k + 0.5) * w / size - 0.5, clamped to the box, which is
+    exactly what F.interpolate(bilinear, align_corners=False) does on the cropped image."""
+    N, _, H, W = x.shape
+    k = torch.arange(size, device=x.device) + 0.5
+    def coords(start, length, full):  # (N, size) normalised grid coordinates along one axis
+        c = start[:, None] + k * (length[:, None] / size) - 0.5
+        c = torch.minimum(torch.maximum(c, start[:, None].float()), (start + length - 1)[:, None].float())
+        return (2 * c + 1) / full - 1  # pixel -> [-1, 1], align_corners=False
+    gx, gy = coords(left, w, W), coords(top, h, H)
+    gx = torch.where(flip[:, None], gx.flip(1), gx)
+    grid = torch.stack([gx[:, None, :].expand(N, size, size), gy[:, :, None].expand(N, size, size)], -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (N, 3, S, S)
+
+
+def gray(x):
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (N, 1, H, W), ITU-R 601 luma
+
+
+def adjust_brightness(x, f):
+    return (x * f.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_contrast(x, f):
+    f, mean = f.view(-1, 1, 1, 1), gray(x).mean((1, 2, 3), keepdim=True)
+    return (f * x + (1 - f) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, f):
+    f = f.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * gray(x)).clamp(0, 1)
+
+
+def adjust_hue(x, f):
+    """Rotate the hue by f turns (|f| <= 0.5): RGB -> HSV, shift H, HSV -> RGB. HSV keeps max = V and
+    max - min = V S, so only H needs computing and each channel comes back in closed form."""
+    r, g, b = x.unbind(1)
+    v, delta = x.amax(1), x.amax(1) - x.amin(1)  # (N, H, W)
+    dd = torch.where(delta == 0, 1, delta)
+    h = torch.where(v == r, (g - b) / dd, torch.where(v == g, 2 + (b - r) / dd, 4 + (r - g) / dd))  # in sixths
+    h = torch.remainder(h + 6 * f.view(-1, 1, 1), 6).unsqueeze(1)  # (N, 1, H, W)
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h, 6)  # R, G, B
+    return v.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)  # (N, 3, H, W)
+
+
+def color_jitter(x, factors, order):
+    """ColorJitter with per-image factors (N, 4) = brightness, contrast, saturation, hue, applied in a
+    per-image random order (N, 4) (a permutation of 0..3), as torchvision's ColorJitter does per image.
+    Brightness, contrast and saturation are one blend f x + (1 - f) target with different targets (black,
+    the mean grey level, the grey image), so each of the 4 steps costs one blend and one hue rotation."""
+    for step in range(4):
+        op = order[:, step].view(-1, 1, 1, 1)  # which op each image applies at this step
+        f = factors.gather(1, order[:, step:step + 1]).view(-1, 1, 1, 1)
+        g = gray(x)
+        target = torch.where(op == 0, 0, torch.where(op == 1, g.mean((1, 2, 3), keepdim=True), g))
+        blended = (f * x + (1 - f) * target).clamp(0, 1)
+        x = torch.where(op == 3, adjust_hue(x, torch.where(op == 3, f, 0)), blended)
+    return x
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Per-image sigma (N,), separable Gaussian with reflect padding, as torchvision's gaussian_blur."""
+    N, C, H, W = x.shape
+    i = torch.arange(kernel_size, device=x.device) - kernel_size // 2
+    k = torch.exp(-0.5 * (i / sigma[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (N*C, K), one kernel per channel
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, N * C, H, W), (pad, pad, pad, pad), mode="reflect")  # images as channels
+    y = F.conv2d(y, k.view(N * C, 1, 1, -1), groups=N * C)  # along x
+    y = F.conv2d(y, k.view(N * C, 1, -1, 1), groups=N * C)  # along y
+    return y.view(N, C, H, W)
+
+
+def augment(x, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
+    """The SimCLR view: x (N, 3, H, W) floats in [0, 1] -> a random view of each image, same shape.
+    RandomResizedCrop -> flip -> ColorJitter(0.8, 0.8, 0.8, 0.2) w.p. 0.8 -> grayscale w.p. 0.2
+    -> GaussianBlur(kernel ~10% of the side, sigma in [0.1, 2]) w.p. 0.5 (Appendix A of SimCLR)."""
+    N, _, H, W = x.shape
+    dev = x.device
+    coin = lambda p: (torch.rand(N, device=dev) < p).view(-1, 1, 1, 1)
+    top, left, h, w = crop_params(N, H, W, scale=(crop_min, 1.0), device=dev)
+    x = resized_crop(x, top, left, h, w, H, flip=torch.rand(N, device=dev) < 0.5)
+    lo = torch.tensor([0.2, 0.2, 0.2, -0.2], device=dev)  # brightness, contrast, saturation in [1-0.8, 1+0.8]
+    factors = lo + torch.rand(N, 4, device=dev) * torch.tensor([1.6, 1.6, 1.6, 0.4], device=dev)
+    order = torch.rand(N, 4, device=dev).argsort(1)  # a random permutation per image
+    x = torch.where(coin(jitter_prob), color_jitter(x, factors, order), x)
+    x = torch.where(coin(gray_prob), gray(x).expand_as(x), x)
+    kernel = int(0.1 * H) // 2 * 2 + 1  # odd, ~10% of the image side
+    if kernel >= 3:
+        sigma = 0.1 + 1.9 * torch.rand(N, device=dev)
+        x = torch.where(coin(blur_prob), gaussian_blur(x, sigma, kernel), x)
+    return x
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def normalize(x):
+    """uint8 or [0, 1] images -> the standardised input the ResNet expects."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: ResNet backbone f, autoencoder, projection head g (z = g(h), h = f(x))
+# ----------------------------------------------------------------------------------------------------------
+
+def make_backbone(arch, stem, pretrained=False):
+    """torchvision ResNet with fc removed: x (N, 3, H, W) -> h (N, 512 or 2048)."""
+    weights = "DEFAULT" if pretrained else None
+    try:
+        net = getattr(torchvision.models, arch)(weights=weights)
+    except Exception as e:
+        die(f"could not get torchvision's ImageNet weights for {arch} ({e}); run without --pretrained "
+            f"or put the weights file in {torch.hub.get_dir()}/checkpoints/")
+    if stem == "cifar":  # small images: 3x3 stride-1 conv, no maxpool (as in SimCLR's CIFAR experiments)
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+class AutoEncoder(nn.Module):
+    """The paper's 4-layer MLP autoencoder (pythae Encoder_AE_MLP / Decoder_AE_MLP):
+    3HW -> 512 (ReLU) -> d [embedding] -> 512 (ReLU) -> 3HW (Sigmoid)."""
+
+    def __init__(self, in_dim, d):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(in_dim, 512), nn.ReLU())
+        self.embedding = nn.Linear(512, d)  # <- transplanted into the projection head
+        self.decoder = nn.Sequential(nn.Linear(d, 512), nn.ReLU(), nn.Linear(512, in_dim), nn.Sigmoid())
+
+    def forward(self, x):  # x (N, 3HW) in [0, 1]
+        return self.decoder(self.embedding(self.encoder(x)))
+
+
+def projection_head(feat_dim, hidden, out, act, embedding=None, freeze=True):
+    """g(h) = W2 act(W1 h): Linear(feat_dim, hidden) -> act -> Linear(hidden, out). With `embedding` (the
+    autoencoder's 512 -> d layer) W1 is a copy of it, frozen unless freeze=False (Sec. 3 of the paper)."""
+    if embedding is None:
+        first = nn.Linear(feat_dim, hidden)
+    else:
+        if embedding.in_features != feat_dim:
+            raise ValueError(f"the AE embedding takes {embedding.in_features} inputs but the backbone gives "
+                             f"{feat_dim} features; use a 512-d backbone (resnet18/34)")
+        first = copy.deepcopy(embedding)
+        first.requires_grad_(not freeze)
+    return nn.Sequential(first, ACTIVATIONS[act](), nn.Linear(first.out_features, out))
+
+
+class SimCLR(nn.Module):
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))  # z = g(f(x))
+
+
+def train_autoencoder(images, d, epochs, device, batch=100, lr=1e-4, log=print):
+    """The paper's AE recipe: MSE on flattened pixels in [0, 1], Adam 1e-4, ReduceLROnPlateau(patience 10,
+    factor 0.5) on the validation loss of a 90/10 split (seed 42), batch 100, best-validation weights."""
+    N = len(images)
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(42)).to(images.device)
+    n_val = max(1, N // 10)
+    val, train = perm[:n_val], perm[n_val:]
+    flat = lambda idx: images[idx].float().flatten(1).div(255)  # (B, 3HW), converted per batch to save memory
+    ae = AutoEncoder(images[0].numel(), d).to(device)
+    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=10, factor=0.5)
+    best, best_state = float("inf"), copy.deepcopy(ae.state_dict())
+    for epoch in range(epochs):
+        ae.train()
+        for i in range(0, len(train), batch):
+            x = flat(train[i:i + batch])
+            loss = F.mse_loss(ae(x), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        ae.eval()
+        with torch.no_grad():
+            val_loss = sum(F.mse_loss(ae(flat(val[i:i + 1000])), flat(val[i:i + 1000]), reduction="sum").item()
+                           for i in range(0, n_val, 1000)) / (n_val * images[0].numel())
+        sched.step(val_loss)
+        if val_loss < best:
+            best, best_state = val_loss, copy.deepcopy(ae.state_dict())
+        if epoch % 10 == 0 or epoch == epochs - 1:
+            log(f"autoencoder epoch {epoch + 1}/{epochs}: val MSE {val_loss:.5f} (best {best:.5f})")
+        train = train[torch.randperm(len(train), device=train.device)]  # reshuffle for the next epoch
+    ae.load_state_dict(best_state)
+    return ae, best
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NT-Xent loss, Eq. (1) of SimCLR
+# ----------------------------------------------------------------------------------------------------------
+
+def nt_xent(z1, z2, tau):
+    """Mean over all 2N anchors of -log( exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau) ),
+    where (i, j) are the two views of one image and sim is the cosine similarity. z1, z2: (N, D)."""
+    N = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D), fp32 even under autocast
+    logits = z @ z.T / tau  # (2N, 2N)
+    self_mask = torch.eye(2 * N, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))  # k != i: an anchor is not its own negative
+    positives = torch.cat([torch.arange(N, 2 * N), torch.arange(0, N)]).to(z.device)  # view i <-> view i+N
+    return F.cross_entropy(logits, positives)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: frozen backbone in eval mode, un-augmented images
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract_features(backbone, images, batch=512, amp=nullcontext):
+    """h = f(x) for uint8 images (N, 3, H, W) -> (N, D) fp32, BatchNorm in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    for i in range(0, len(images), batch):
+        with amp():
+            feats.append(backbone(normalize(images[i:i + batch])).float())
+    backbone.train(was_training)
+    return torch.cat(feats)
+
+
+def linear_probe(train_h, train_y, test_h, test_y, classes, steps=200, wd=1e-4):
+    """Multinomial logistic regression on standardised features, full-batch L-BFGS from zero (deterministic);
+    returns top-1 accuracy on the test features."""
+    mean, std = train_h.mean(0), train_h.std(0) + 1e-6
+    Xtr, Xte = (train_h - mean) / std, (test_h - mean) / std
+    clf = nn.Linear(Xtr.shape[1], classes).to(Xtr.device)
+    nn.init.zeros_(clf.weight), nn.init.zeros_(clf.bias)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(clf(Xtr), train_y) + wd * clf.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return (clf(Xte).argmax(1) == test_y).float().mean().item()
+
+
+@torch.no_grad()
+def knn_top1(train_h, train_y, test_h, test_y, classes, k=200, T=0.1):
+    """Weighted kNN monitor (Wu et al. 2018): cosine similarity, the k nearest train features vote with
+    weight exp(sim / T)."""
+    train_h, test_h = F.normalize(train_h, dim=1), F.normalize(test_h, dim=1)
+    k = min(k, len(train_h))
+    correct = 0
+    for i in range(0, len(test_h), 1024):
+        sim, idx = (test_h[i:i + 1024] @ train_h.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(sim), classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / T).exp())  # (b, classes)
+        correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
+    return correct / len(test_h)
+
+
+def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", probe_steps=200, knn_k=200):
+    """Linear and kNN top-1 (fractions). protocol 'paper': both are trained on 70% of the *test* features and
+    measured on another 20% (Sec. 4 of the paper); 'standard': trained on train, measured on test."""
+    if protocol == "paper":
+        perm = torch.randperm(len(test_h), generator=torch.Generator().manual_seed(42)).to(test_h.device)
+        a, b = int(0.7 * len(perm)), int(0.8 * len(perm))  # 70 / 10 (unused: no model selection) / 20
+        train_h, train_y, test_h, test_y = test_h[perm[:a]], test_y[perm[:a]], test_h[perm[b:]], test_y[perm[b:]]
+    return dict(linear_top1=linear_probe(train_h, train_y, test_h, test_y, classes, probe_steps),
+                knn_top1=knn_top1(train_h, train_y, test_h, test_y, classes, knn_k))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a run killed mid-write leaves the previous file intact."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=None, sched_state=None, log=print):
+    """SimCLR pre-training: SGD, lr = 0.3 B / 256, momentum 0.9, cosine to lr/50 stepped per step."""
+    device = images.device
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    N, B = len(images), args.batch_size
+    steps_per_epoch = N // B if not args.dry_run else min(2, N // B)
+    params = [p for p in model.parameters() if p.requires_grad]  # a frozen AE embedding is not updated
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                          **({"fused": True} if device.type == "cuda" else {}))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch,
+                                                       eta_min=args.lr * args.lr_min_ratio)
+    if opt_state:
+        opt.load_state_dict(opt_state)
+        sched.load_state_dict(sched_state)
+    step_fn = torch.compile(model) if args.compile else model
+    aug = dict(crop_min=args.crop_min, jitter_prob=args.jitter_prob, gray_prob=args.gray_prob,
+               blur_prob=args.blur_prob)
+    t_start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        t0, loss_sum = time.time(), torch.zeros((), device=device)
+        perm = torch.randperm(N, device=device)
+        for step in range(steps_per_epoch):
+            x = images[perm[step * B:(step + 1) * B]].float() / 255  # (B, 3, H, W)
+            with torch.no_grad():
+                views = torch.cat([augment(x, **aug), augment(x, **aug)])  # (2B, 3, H, W)
+            if device.type == "cuda":
+                views = views.contiguous(memory_format=torch.channels_last)
+            with amp():
+                z = step_fn(normalize(views))  # (2B, out)
+            loss = nt_xent(z[:B], z[B:], args.tau)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach()  # no host sync inside the epoch
+        loss = loss_sum.item() / steps_per_epoch
+        if not math.isfinite(loss):
+            die(f"loss became {loss} in epoch {epoch + 1} (lr {sched.get_last_lr()[0]:.4g}); try a smaller --lr "
+                f"or a larger --tau. The last good checkpoint is in {out}/checkpoint.pt (resume with --resume).")
+        dt = time.time() - t0
+        m = dict(epoch=epoch + 1, loss=loss, lr=sched.get_last_lr()[0], img_per_s=steps_per_epoch * B / dt,
+                 epoch_s=dt)
+        if evaluate_knn and args.knn_every and (epoch + 1) % args.knn_every == 0:
+            m["knn_top1"] = evaluate_knn(model.backbone)
+        eta = (time.time() - t_start) / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
+        knn = f" | knn {100 * m['knn_top1']:.1f}%" if "knn_top1" in m else ""
+        log(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | lr {m['lr']:.4f} | "
+            f"{m['img_per_s']:.0f} img/s{knn} | eta {fmt_time(eta)}")
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                         epoch=epoch + 1, rng=rng_state(), config=vars(args)), os.path.join(out, "checkpoint.pt"))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+
+def explicit_flags(parser, argv):
+    """The flags the user typed (as dests), to compare a --resume against the saved config."""
+    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
+    return {act.dest for act in parser._actions if typed & set(act.option_strings)}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        cfg_path = os.path.join(args.resume, "config.json")
+        if not os.path.exists(cfg_path):
+            die(f"--resume {args.resume}: no config.json there; is it a run directory?")
+        cfg = json.load(open(cfg_path))
+        typed = explicit_flags(parser, argv) - {"resume", "device"}
+        differ = [f"--{k.replace('_', '-')}: saved {cfg.get(k)!r}, given {getattr(args, k)!r}"
+                  for k in sorted(typed) if cfg.get(k) != getattr(args, k)]
+        if differ:
+            die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ))
+        args = argparse.Namespace(**{**cfg, "resume": args.resume, "device": args.device or cfg["device"]})
+    else:
+        args = resolve_args(args)
+        if os.path.exists(os.path.join(args.out, "config.json")):
+            die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
+    device = torch.device(args.device)
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(args.seed)
+
+    # -- data: once, onto the device
+    t0 = time.time()
+    data = load_dataset(args.dataset, args.data_dir, args.img_size, download=not args.no_download,
+                        stl10_pretrain=args.stl10_pretrain, seed=args.seed,
+                        shapes_n=(64, 64) if args.dry_run else (10_000, 2_000))
+    if args.dry_run:  # a few images are enough to run every stage
+        data = {k: (v[:64] if torch.is_tensor(v) else v) for k, v in data.items()}
+    classes = data["classes"]
+    images = data["pretrain"].to(device)
+    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
+    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
+    print(f"data: {args.dataset}, {len(images)} pre-training / {len(train_x)} train / {len(test_x)} test images "
+          f"of {args.img_size}px, {classes} classes, on {device} ({time.time() - t0:.1f}s)")
+    if len(images) < args.batch_size:
+        die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
+
+    if args.show_augs:
+        x = images[:8].float() / 255
+        grid = torch.cat([x, augment(x, args.crop_min, args.jitter_prob, args.gray_prob, args.blur_prob),
+                          augment(x, args.crop_min, args.jitter_prob, args.gray_prob, args.blur_prob)])
+        os.makedirs(os.path.dirname(os.path.abspath(args.show_augs)), exist_ok=True)
+        torchvision.utils.save_image(grid, args.show_augs, nrow=8, padding=1)
+        print(f"saved {args.show_augs}: originals (top row) and two augmented views (rows 2 and 3)")
+        return
+
+    os.makedirs(args.out, exist_ok=True)
+    if not args.resume:
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+
+    # -- model: backbone, (autoencoder), projection head
+    backbone = make_backbone(args.arch, args.stem, args.pretrained)
+    feat_dim = 2048 if args.arch == "resnet50" else 512
+    embedding = None
+    if args.head == "ae":
+        tag = f"{args.dataset}-{args.img_size}px-d{args.proj_hidden}-e{args.ae_epochs}"
+        if args.dataset == "folder":
+            tag += "-" + os.path.abspath(args.data_dir).strip("/").replace("/", "_")
+        ae_path = os.path.join(args.ae_dir, f"ae-{tag}.pt")
+        ae = AutoEncoder(images[0].numel(), args.proj_hidden)
+        if os.path.exists(ae_path) and not args.dry_run:
+            ae.load_state_dict(torch.load(ae_path, map_location="cpu"))
+            print(f"autoencoder: reusing {ae_path}")
+        else:
+            ae, mse = train_autoencoder(images, args.proj_hidden, args.ae_epochs, device)
+            print(f"autoencoder: best validation MSE {mse:.5f}")
+            if not args.dry_run:
+                os.makedirs(args.ae_dir, exist_ok=True)
+                save_atomic(ae.state_dict(), ae_path)
+        embedding = ae.embedding
+    head = projection_head(feat_dim, args.proj_hidden, args.proj_out, args.act, embedding, not args.no_freeze)
+    model = SimCLR(backbone, head).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    start_epoch, opt_state, sched_state = 0, None, None
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if args.resume and os.path.exists(ckpt_path):
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+            model.load_state_dict(ckpt["model"])
+        except Exception as e:
+            die(f"cannot resume from {ckpt_path}: {type(e).__name__}: {e}")
+        start_epoch, opt_state, sched_state = ckpt["epoch"], ckpt["optimizer"], ckpt["scheduler"]
+        set_rng_state(ckpt["rng"])
+        print(f"resumed {ckpt_path} at epoch {start_epoch}")
+
+    # -- pre-training
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"SimCLR: {args.arch} ({args.stem} stem) + {args.head} head ({args.act}, "
+          f"{'frozen' if args.head == 'ae' and not args.no_freeze else 'trained'}), {n_params / 1e6:.1f}M trainable "
+          f"parameters, {args.epochs} epochs of batch {args.batch_size}, lr {args.lr:.3g}, tau {args.tau}")
+    knn = lambda f: knn_top1(extract_features(f, train_x, amp=amp), train_y,
+                             extract_features(f, test_x, amp=amp), test_y, classes, args.knn_k)
+    t0 = time.time()
+    train(model, images, args, args.out, knn, start_epoch, opt_state, sched_state)
+    train_s = time.time() - t0
+    torch.save(model.backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
+
+    # -- evaluation, next to the baselines
+    evaluate_features = lambda f: evaluate(extract_features(f, train_x, amp=amp), train_y,
+                                           extract_features(f, test_x, amp=amp), test_y, classes,
+                                           args.eval, args.probe_steps, args.knn_k)
+    results = dict(evaluate_features(model.backbone), eval_protocol=args.eval, pretrain_seconds=train_s)
+    rows = [(f"SimCLR {args.arch}, {args.head} head ({args.act})", results)]
+    if not args.no_baselines:
+        torch.manual_seed(args.seed + 1)
+        random_init = make_backbone(args.arch, args.stem, args.pretrained).to(device)
+        results["random_init"] = evaluate_features(random_init)
+        pixels = lambda x: x.float().flatten(1) / 255  # (N, 3HW)
+        results["raw_pixels"] = evaluate(pixels(train_x), train_y, pixels(test_x), test_y, classes,
+                                         args.eval, args.probe_steps, args.knn_k)
+        rows = [("raw pixels", results["raw_pixels"]),
+                (f"{'ImageNet-init' if args.pretrained else 'random-init'} {args.arch}", results["random_init"])] + rows
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\ntop-1 on the {'test split' if args.eval == 'standard' else 'paper split of the test set'}:"
+          f"{'linear':>12}{'kNN':>9}")
+    for name, r in rows:
+        print(f"  {name:<44}{100 * r['linear_top1']:>6.1f}%{100 * r['knn_top1']:>8.1f}%")
+    print(f"outputs in {args.out}/")
+    return results
+
+
+if __name__ == "__main__":
+    main()

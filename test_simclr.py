@@ -1,0 +1,625 @@
+"""Tests for simclr.py and toy_theory.py:  python -m pytest -q test_simclr.py
+
+Unit tests compare each piece against an independent reference (a naive loop, torchvision's functional op,
+a closed form, files written here in the real on-disk formats); smoke tests run the scripts end to end."""
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+import simclr
+import toy_theory
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# ---------------------------------------------------------------- NT-Xent
+
+def naive_nt_xent(z1, z2, tau):
+    """Eq. (1) of SimCLR written one anchor at a time, in float64."""
+    z = torch.cat([z1, z2]).double()
+    N2 = len(z)
+    total = 0
+    for i in range(N2):
+        j = (i + N2 // 2) % N2  # the other view of the same image
+        sim = lambda a, b: torch.dot(z[a], z[b]) / (z[a].norm() * z[b].norm())
+        num = torch.exp(sim(i, j) / tau)
+        den = sum(torch.exp(sim(i, k) / tau) for k in range(N2) if k != i)
+        total = total - torch.log(num / den)
+    return total / N2
+
+
+@pytest.mark.parametrize("N,D,tau", [(2, 3, 0.5), (5, 8, 0.1), (7, 4, 1.0)])
+def test_nt_xent_matches_naive_loop_values_and_gradients(N, D, tau):
+    g = torch.Generator().manual_seed(N)
+    a, b = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    z1, z2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = simclr.nt_xent(z1, z2, tau)
+    loss.backward()
+    r1, r2 = a.double().requires_grad_(), b.double().requires_grad_()
+    ref = naive_nt_xent(r1, r2, tau)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(z1.grad.double(), r1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z2.grad.double(), r2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_nt_xent_closed_form_for_orthonormal_pairs():
+    # two identical views, all images orthogonal: every anchor sees cos 1 to its positive, 0 to 2N-2 negatives
+    N, tau = 6, 0.5
+    z = torch.eye(N)
+    expected = math.log(1 + (2 * N - 2) * math.exp(-1 / tau))
+    assert simclr.nt_xent(z, z, tau).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_nt_xent_is_fp32_and_finite_for_bf16_inputs():
+    z1, z2 = torch.randn(8, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    loss = simclr.nt_xent(z1, z2, 0.05)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- augmentations vs torchvision
+
+def images(n=6, size=20, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def per_image(fn, x, *params):
+    return torch.stack([fn(x[i], *[p[i].item() for p in params]) for i in range(len(x))])
+
+
+@pytest.mark.parametrize("ours,theirs,lo,hi", [
+    (simclr.adjust_brightness, TF.adjust_brightness, 0.2, 1.8),
+    (simclr.adjust_contrast, TF.adjust_contrast, 0.2, 1.8),
+    (simclr.adjust_saturation, TF.adjust_saturation, 0.2, 1.8),
+    (simclr.adjust_hue, TF.adjust_hue, -0.5, 0.5),
+])
+def test_colour_ops_match_torchvision(ours, theirs, lo, hi):
+    x = images(8)
+    x[0] = x[0, :1]  # a grey image (hue undefined) and a saturated corner case
+    x[1, :, :5] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    f = lo + (hi - lo) * torch.rand(8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(x, f), per_image(theirs, x, f), atol=2e-5, rtol=0)
+
+
+def test_colour_jitter_random_order_matches_torchvision_sequence():
+    x, N = images(10), 10
+    g = torch.Generator().manual_seed(2)
+    factors = torch.tensor([0.2, 0.2, 0.2, -0.2]) + torch.rand(N, 4, generator=g) * torch.tensor([1.6] * 3 + [0.4])
+    order = torch.rand(N, 4, generator=g).argsort(1)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    expected = []
+    for i in range(N):
+        y = x[i]
+        for op in order[i]:
+            y = ops[op](y, factors[i, op].item())
+        expected.append(y)
+    torch.testing.assert_close(simclr.color_jitter(x, factors, order), torch.stack(expected), atol=5e-5, rtol=0)
+
+
+def test_grayscale_matches_torchvision():
+    x = images()
+    torch.testing.assert_close(simclr.gray(x).expand_as(x), TF.rgb_to_grayscale(x, num_output_channels=3))
+
+
+@pytest.mark.parametrize("kernel", [3, 9])
+def test_gaussian_blur_matches_torchvision(kernel):
+    x = images(5, size=24)
+    sigma = 0.1 + 1.9 * torch.rand(5, generator=torch.Generator().manual_seed(3))
+    expected = per_image(lambda im, s: TF.gaussian_blur(im, [kernel, kernel], [s, s]), x, sigma)
+    torch.testing.assert_close(simclr.gaussian_blur(x, sigma, kernel), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [32, 20])
+def test_resized_crop_and_flip_match_torchvision(size):
+    x = images(6, size=32)
+    top, left = torch.tensor([0, 5, 31, 10, 0, 3]), torch.tensor([0, 7, 0, 20, 13, 3])
+    h, w = torch.tensor([32, 11, 1, 22, 7, 29]), torch.tensor([32, 9, 32, 12, 19, 29])
+    flip = torch.tensor([False, True, False, True, True, False])
+    expected = []
+    for i in range(6):
+        y = TF.resized_crop(x[i], top[i].item(), left[i].item(), h[i].item(), w[i].item(), [size, size],
+                            antialias=False)
+        expected.append(TF.horizontal_flip(y) if flip[i] else y)
+    torch.testing.assert_close(simclr.resized_crop(x, top, left, h, w, size, flip), torch.stack(expected),
+                               atol=1e-5, rtol=0)
+
+
+def test_crop_params_follow_torchvision_distribution():
+    H, W, n = 32, 40, 4000
+    torch.manual_seed(0)
+    top, left, h, w = simclr.crop_params(n, H, W)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    ref = torchvision.transforms.v2.RandomResizedCrop(32)
+    dummy = torch.zeros(3, H, W)
+    theirs = torch.tensor([[p["height"], p["width"]] for p in (ref.make_params([dummy]) for _ in range(n))]).float()
+    ours = torch.stack([h, w], 1).float()
+    # same distribution: compare the means of area and aspect ratio (Monte Carlo, ~3 standard errors)
+    for stat in (lambda t: t[:, 0] * t[:, 1] / (H * W), lambda t: t[:, 1] / t[:, 0]):
+        a, b = stat(ours), stat(theirs)
+        assert abs(a.mean() - b.mean()) < 3 * math.sqrt(a.var() / n + b.var() / n) + 1e-3
+
+
+def test_crop_params_fallback_is_torchvision_centre_crop():
+    # no crop of area 100% with aspect ratio in [2, 3] fits a square image: both fall back to a centre crop
+    ours = simclr.crop_params(3, 30, 30, scale=(1.0, 1.0), ratio=(2.0, 3.0))
+    ref = torchvision.transforms.v2.RandomResizedCrop(30, scale=(1.0, 1.0), ratio=(2.0, 3.0))
+    p = ref.make_params([torch.zeros(3, 30, 30)])
+    for t, key in zip(ours, ("top", "left", "height", "width")):
+        assert (t == p[key]).all(), key
+
+
+def test_augment_gives_two_different_valid_views():
+    x = images(16, size=32)
+    torch.manual_seed(0)
+    v1, v2 = simclr.augment(x), simclr.augment(x)
+    assert v1.shape == x.shape and v1.min() >= 0 and v1.max() <= 1 + 1e-6  # blur may round up by an ulp
+    assert not torch.allclose(v1, v2)
+    torch.manual_seed(0)
+    assert torch.equal(simclr.augment(x), v1)  # each view is a function of the seed alone
+
+
+# ---------------------------------------------------------------- model and autoencoder head
+
+def tiny_model(head="ae", act="relu", freeze=True):
+    torch.manual_seed(0)
+    ae = simclr.AutoEncoder(3 * 16 * 16, 64)
+    backbone = simclr.make_backbone("resnet18", "cifar")
+    emb = ae.embedding if head == "ae" else None
+    return ae, simclr.SimCLR(backbone, simclr.projection_head(512, 64, 32, act, emb, freeze))
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_ae_head_uses_ae_embedding_and_freezing_holds_it_still(freeze):
+    ae, model = tiny_model(freeze=freeze)
+    first = model.head[0]
+    assert torch.equal(first.weight, ae.embedding.weight) and torch.equal(first.bias, ae.embedding.bias)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=1e-5)
+    x = torch.rand(4, 3, 16, 16)
+    z = model(simclr.normalize(torch.cat([simclr.augment(x), simclr.augment(x)])))
+    simclr.nt_xent(z[:4], z[4:], 0.5).backward()
+    opt.step()
+    after = model.state_dict()
+    emb_same = torch.equal(after["head.0.weight"], before["head.0.weight"]) and \
+        torch.equal(after["head.0.bias"], before["head.0.bias"])
+    assert emb_same == freeze
+    assert not torch.equal(after["head.2.weight"], before["head.2.weight"])  # the output layer trains
+    assert not torch.equal(after["backbone.conv1.weight"], before["backbone.conv1.weight"])  # so does f
+
+
+@pytest.mark.parametrize("act", sorted(simclr.ACTIVATIONS))
+@pytest.mark.parametrize("head", ["mlp", "ae"])
+def test_every_activation_builds_and_runs(head, act):
+    _, model = tiny_model(head, act)
+    assert isinstance(model.head[1], simclr.ACTIVATIONS[act])
+    z = model(torch.rand(2, 3, 16, 16))
+    assert z.shape == (2, 32) and torch.isfinite(z).all()
+
+
+def test_ae_embedding_of_wrong_width_is_refused():
+    with pytest.raises(ValueError, match="512-d backbone"):
+        simclr.projection_head(2048, 64, 32, "relu", simclr.AutoEncoder(12, 64).embedding)
+
+
+def test_autoencoder_is_the_papers_four_layer_mlp():
+    ae = simclr.AutoEncoder(3 * 8 * 8, 128)
+    linears = [m for m in ae.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(192, 512), (512, 128), (128, 512), (512, 192)]
+    out = ae(torch.rand(5, 192))
+    assert out.shape == (5, 192) and out.min() >= 0 and out.max() <= 1  # sigmoid output
+
+
+def test_autoencoder_training_reduces_reconstruction_error():
+    x, _ = simclr.make_shapes(300, 8, seed=0)
+    torch.manual_seed(0)
+    ae0 = simclr.AutoEncoder(3 * 8 * 8, 32)
+    flat = x.float().flatten(1) / 255
+    mse0 = F.mse_loss(ae0(flat), flat).item()
+    ae, best = simclr.train_autoencoder(x, 32, epochs=20, device="cpu", lr=1e-3, log=lambda s: None)
+    assert best < 0.5 * mse0
+
+
+def test_backbone_state_dict_loads_into_torchvision_resnet34():
+    sd = simclr.make_backbone("resnet34", "imagenet").state_dict()
+    missing, unexpected = torchvision.models.resnet34().load_state_dict(sd, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+# ---------------------------------------------------------------- evaluation
+
+def test_linear_probe_and_knn_separate_separable_data_and_fail_on_noise():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (600,), generator=g)
+    centres = torch.randn(3, 20, generator=g) * 4
+    h = centres[y] + torch.randn(600, 20, generator=g)
+    assert simclr.linear_probe(h[:400], y[:400], h[400:], y[400:], 3) > 0.97
+    assert simclr.knn_top1(h[:400], y[:400], h[400:], y[400:], 3, k=20) > 0.97
+    noise = torch.randn(600, 20, generator=g)  # labels independent of features: chance level
+    assert simclr.linear_probe(noise[:400], y[:400], noise[400:], y[400:], 3) < 0.5
+
+
+def test_extract_features_uses_eval_mode_and_restores_train_mode():
+    net = simclr.make_backbone("resnet18", "cifar")
+    net.train()
+    x = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
+    f1 = simclr.extract_features(net, x, batch=2)
+    f2 = simclr.extract_features(net, x, batch=6)  # eval mode: features do not depend on the batch
+    torch.testing.assert_close(f1, f2, atol=1e-5, rtol=1e-5)
+    assert net.training
+
+
+# ---------------------------------------------------------------- data: shapes and real on-disk formats
+
+def test_shapes_are_deterministic_balanced_and_varied():
+    x, y = simclr.make_shapes(500, 32, seed=3)
+    x2, y2 = simclr.make_shapes(500, 32, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert x.shape == (500, 3, 32, 32) and x.dtype == torch.uint8
+    assert torch.bincount(y, minlength=10).min() > 25
+    assert x.float().std(0).mean() > 30  # position, colour and clutter vary from image to image
+
+
+@pytest.fixture
+def no_checksums(monkeypatch):
+    """torchvision checks MD5 sums of the real archives; our tiny files are the real format, not the real files."""
+    for mod in (torchvision.datasets.cifar, torchvision.datasets.stl10):
+        monkeypatch.setattr(mod, "check_integrity", lambda *a, **k: True)
+
+
+def random_uint8(*shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loads_from_python_pickles(tmp_path, no_checksums, name):
+    base = tmp_path / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    base.mkdir()
+    key = "labels" if name == "cifar10" else "fine_labels"
+    files = ([f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"])
+    imgs = {}
+    for i, fname in enumerate(files + ["test_batch" if name == "cifar10" else "test"]):
+        data = random_uint8(3, 3 * 32 * 32, seed=i)  # rows are CHW-flattened 32x32 images
+        imgs[fname] = data
+        with open(base / fname, "wb") as f:
+            pickle.dump({"data": data, key: [i % 2, 1, 0]}, f)
+    meta = ("batches.meta", "label_names") if name == "cifar10" else ("meta", "fine_label_names")
+    with open(base / meta[0], "wb") as f:
+        pickle.dump({meta[1]: [f"c{i}" for i in range(100)]}, f)
+    d = simclr.load_dataset(name, str(tmp_path), 32, download=False)
+    assert d["train_x"].shape == (3 * len(files), 3, 32, 32)
+    assert torch.equal(d["train_x"][0], torch.from_numpy(imgs[files[0]][0].reshape(3, 32, 32)))
+    assert torch.equal(d["test_x"][2], torch.from_numpy(imgs[list(imgs)[-1]][2].reshape(3, 32, 32)))
+    assert d["train_y"][:3].tolist() == [0, 1, 0]
+    assert d["pretrain"] is d["train_x"]
+
+
+@pytest.mark.parametrize("pretrain", ["train+unlabeled", "train"])
+def test_stl10_loads_from_binary_files(tmp_path, no_checksums, pretrain):
+    base = tmp_path / "stl10_binary"
+    base.mkdir()
+    arrays = {}
+    for i, split in enumerate(["train", "test", "unlabeled"]):
+        x = random_uint8(2 + i, 3, 96, 96, seed=i)
+        arrays[split] = x
+        np.transpose(x, (0, 1, 3, 2)).tofile(base / f"{split}_X.bin")  # STL10 stores images column-major
+        if split != "unlabeled":
+            np.array([1, 10, 3, 4][:2 + i], dtype=np.uint8).tofile(base / f"{split}_y.bin")  # labels 1..10
+    d = simclr.load_dataset("stl10", str(tmp_path), 96, download=False, stl10_pretrain=pretrain)
+    assert torch.equal(d["train_x"], torch.from_numpy(arrays["train"]))
+    assert torch.equal(d["test_x"], torch.from_numpy(arrays["test"]))
+    assert d["train_y"].tolist() == [0, 9]
+    assert len(d["pretrain"]) == (2 + 4 if pretrain == "train+unlabeled" else 2)
+
+
+def write_idx(path, arr):
+    """The MNIST idx format: big-endian magic (0x0803 images / 0x0801 labels), dimensions, then bytes."""
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape))
+        f.write(arr.tobytes())
+
+
+def test_fashion_mnist_loads_from_idx_files_as_three_channels(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    imgs = random_uint8(4, 28, 28)
+    for prefix in ("train", "t10k"):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", imgs)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.array([3, 1, 4, 1], dtype=np.uint8))
+    d = simclr.load_dataset("fashion-mnist", str(tmp_path), 28, download=False)
+    assert d["train_x"].shape == (4, 3, 28, 28)
+    for c in range(3):
+        assert torch.equal(d["train_x"][:, c], torch.from_numpy(imgs))
+    assert d["test_y"].tolist() == [3, 1, 4, 1]
+
+
+def save_rgb(path, colour, size=(40, 30)):
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_imagenette_loads_from_wnid_folders(tmp_path):
+    for split in ("train", "val"):
+        for wnid, colour in (("n01440764", (255, 0, 0)), ("n02102040", (0, 0, 255))):
+            d = tmp_path / "imagenette2-160" / split / wnid
+            d.mkdir(parents=True)
+            save_rgb(d / "a.JPEG", colour)
+    d = simclr.load_dataset("imagenette", str(tmp_path), 24, download=False)
+    assert d["train_x"].shape == (2, 3, 24, 24) and d["classes"] == 2
+    assert d["train_y"].tolist() == [0, 1]
+    assert d["train_x"][0, 0].float().mean() > 200 and d["train_x"][1, 2].float().mean() > 200  # red, blue
+    assert os.path.exists(tmp_path / "imagenette-24px.pt")  # decoded once, cached
+
+
+def test_fgvc_aircraft_manufacturer_labels_and_banner_crop(tmp_path):
+    data = tmp_path / "fgvc-aircraft-2013b" / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "manufacturers.txt").write_text("Boeing\nAirbus\n")
+    for split, ids in (("trainval", ["001", "002"]), ("test", ["003"])):
+        lines = []
+        for i, img_id in enumerate(ids):
+            im = Image.new("RGB", (60, 60), (0, 0, 255))
+            im.paste((255, 0, 0), (0, 40, 60, 60))  # the bottom 20 rows: the "copyright banner"
+            im.save(data / "images" / f"{img_id}.jpg", quality=95)
+            lines.append(f"{img_id} {['Boeing', 'Airbus'][i % 2]}")
+        (data / f"images_manufacturer_{split}.txt").write_text("\n".join(lines) + "\n")
+    d = simclr.load_dataset("fgvc-aircraft", str(tmp_path), 16, download=False)
+    assert d["train_y"].tolist() == [0, 1] and d["classes"] == 2
+    assert d["train_x"][:, 0].float().max() < 60  # no red left: the banner was cut off before resizing
+
+
+def test_folder_dataset_converts_grayscale_and_rgba(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+        Image.new("L", (50, 40), 128).save(tmp_path / split / "cat" / "a.png")
+        Image.new("RGBA", (30, 30), (0, 255, 0, 128)).save(tmp_path / split / "dog" / "b.png")
+    d = simclr.load_dataset("folder", str(tmp_path), 20, download=False)
+    assert d["train_x"].shape == (2, 3, 20, 20) and d["classes"] == 2
+    assert d["train_y"].tolist() == [0, 1]
+
+
+def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        simclr.load_dataset("cifar10", str(tmp_path), 32, download=False)
+    assert e.value.code != 0
+    assert "cifar-10-batches-py" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- command line: clear errors, end to end
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "mnist2"], "unknown dataset"),
+    (["--arch", "vgg16"], "unknown arch"),
+    (["--batch-size", "1"], "at least 2"),
+    (["--tau", "0"], "--tau must be > 0"),
+    (["--head", "ae", "--arch", "resnet50"], "512-d backbone"),
+    (["--no-freeze"], "only applies to --head ae"),
+])
+def test_bad_flags_exit_with_a_clear_message(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        simclr.main(argv + ["--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_with_different_flags_names_them(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"tau": 0.5, "epochs": 3, "device": "cpu"}))
+    with pytest.raises(SystemExit):
+        simclr.main(["--resume", str(tmp_path), "--tau", "0.2"])
+    err = capsys.readouterr().err
+    assert "--tau: saved 0.5, given 0.2" in err
+
+
+def test_out_dir_holding_another_run_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        simclr.main(["--out", str(tmp_path)])
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def run_script(*args, timeout=300):
+    r = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("extra", [["--head", "mlp", "--arch", "resnet34", "--stem", "imagenet"],
+                                   ["--head", "ae", "--act", "sigmoid"]])
+def test_dry_run_end_to_end_writes_every_output(tmp_path, extra):
+    out = tmp_path / "run"
+    stdout = run_script("simclr.py", "--dry-run", "--out", str(out), "--ae-dir", str(tmp_path / "ae"), *extra)
+    assert "raw pixels" in stdout and "random-init" in stdout and "SimCLR" in stdout
+    for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt", "results.json"):
+        assert (out / f).exists(), f
+    res = json.loads((out / "results.json").read_text())
+    for r in (res, res["raw_pixels"], res["random_init"]):
+        assert 0 <= r["linear_top1"] <= 1 and 0 <= r["knn_top1"] <= 1
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "config"} <= set(ckpt)
+    if "resnet34" in extra:
+        sd = torch.load(out / "backbone.pt")
+        missing, unexpected = torchvision.models.resnet34().load_state_dict(sd, strict=False)
+        assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def test_show_augs_writes_a_grid(tmp_path):
+    png = tmp_path / "augs.png"
+    run_script("simclr.py", "--dry-run", "--show-augs", str(png), "--out", str(tmp_path / "run"))
+    im = Image.open(png)
+    assert im.size[0] > im.size[1] > 0  # 8 columns, 3 rows
+
+
+# ================================================================ toy_theory.py
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: extra threads only add contention on a shared CPU (40x slower measured on 2 busy cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---- cnn: the data model of Cao et al. 2022 / Zhang & Cao 2024 -------------------------------------------------
+
+
+def test_cnn_data_snr_and_noise_orthogonality():
+    d, snr, sigma_p, n = 150, 0.2, 1.5, 4000
+    g = torch.Generator().manual_seed(0)
+    mu = toy_theory.cnn_mu(d, snr, sigma_p)
+    assert math.isclose(mu.norm().item() / (sigma_p * math.sqrt(d)), snr, rel_tol=1e-12)
+    y = toy_theory.cnn_labels(n, g)
+    X = toy_theory.cnn_data(y, mu, sigma_p, g)  # (n, 2, d)
+    assert X.shape == (n, 2, d)
+    is_sig = torch.isclose(X, y[:, None, None] * mu).all(-1)  # (n, 2): which patch equals y * mu
+    assert (is_sig.sum(1) == 1).all(), "exactly one signal patch per sample"
+    xi = X[~is_sig]  # (n, d): the noise patches
+    u = (mu / mu.norm()).numpy()
+    assert np.abs(xi.numpy() @ u).max() < 1e-10, "noise must be orthogonal to mu"
+    # covariance sigma_p^2 (I - u u^T): trace sigma_p^2 (d - 1)
+    emp = (xi ** 2).sum(1).mean().item()
+    assert abs(emp / (sigma_p ** 2 * (d - 1)) - 1) < 0.02
+    assert abs(y.mean().item()) < 0.05  # labels balanced
+
+
+def test_cnn_forward_matches_naive_loop():
+    g = torch.Generator().manual_seed(1)
+    m, q, d = 3, 3, 7
+    W = torch.randn(2 * m, d, generator=g, dtype=torch.float64)
+    X = torch.randn(5, 2, d, generator=g, dtype=torch.float64)
+    out = toy_theory.cnn_f(W, X, q, m)
+    for i in range(5):
+        ref = 0.0
+        for j, sign in [(0, 1.0), (1, -1.0)]:
+            for r in range(m):
+                for p in range(2):
+                    ref += sign / m * max(0.0, float(W[j * m + r] @ X[i, p])) ** q
+        assert math.isclose(out[i].item(), ref, rel_tol=1e-10, abs_tol=1e-12)
+
+
+def test_cnn_pretraining_beats_supervised_in_harmful_regime(one_thread):
+    # d = 200: n * SNR^q = 10 * 0.25^3 = 0.16 (harmful for supervised), n0 * SNR^2 = 300 * 0.0625 = 19 (enough for pre-training)
+    args = toy_theory.get_args(["cnn", "--steps", "150", "--n-test", "1000"])
+    errs_sup, errs_ft, cos = [], [], []
+    for seed in range(2):
+        r = toy_theory.cnn_cell(args, snr=0.25, n=10, n0=300, seed=seed)
+        errs_sup.append(r["err_sup"]), errs_ft.append(r["err_ft"]), cos.append(r["cos"][-1])
+    assert np.mean(errs_sup) > 0.3, errs_sup  # supervised memorises the noise
+    assert np.mean(errs_ft) < 0.15, errs_ft  # pre-train + fine-tune generalises from 10 labels
+    assert min(cos) > 0.9, cos  # the power iteration aligned the filters with +-mu (Lemmas 5.1-5.2)
+
+
+# ---- covariance: Theorem 3 of Tian et al. 2020 -------------------------------------------------------------------
+
+
+def test_covariance_operator_identity_exact():
+    """-grad_W E_emp[L_simp] == 4 W Cov_z0[E_aug x | z0] under the empirical distribution, to float64 round-off.
+    The right-hand side is computed here independently with numpy (np.cov), not with toy_theory's helper."""
+    rng = np.random.default_rng(0)
+    N, K, D, out = 9, 4, 10, 6
+    Xa = rng.normal(size=(N, K, D)) + rng.normal(size=(N, 1, D))  # per-latent mean + augmentation noise
+    W = torch.tensor(rng.normal(size=(out, D)), requires_grad=True)
+    loss = toy_theory.empirical_l_simp(W, torch.tensor(Xa))
+    (grad,) = torch.autograd.grad(loss, W)
+    xbar = Xa.mean(1)  # (N, D)
+    cov = np.cov(xbar.T, bias=True)  # (D, D), 1/N normalisation: the empirical distribution of z0
+    rhs = 4 * W.detach().numpy() @ cov
+    np.testing.assert_allclose(-grad.numpy(), rhs, rtol=1e-10, atol=1e-12)
+
+
+def test_empirical_l_simp_matches_naive_loop():
+    rng = np.random.default_rng(1)
+    N, K, D = 3, 2, 4
+    Xa = rng.normal(size=(N, K, D))
+    W = rng.normal(size=(2, D))
+    f = lambda x: W @ x
+    pos = np.mean([np.sum((f(Xa[i, k]) - f(Xa[i, k2])) ** 2) for i in range(N) for k in range(K) for k2 in range(K)])
+    neg = np.mean([np.sum((f(Xa[i, k]) - f(Xa[j, k2])) ** 2)
+                   for i in range(N) for k in range(K) for j in range(N) for k2 in range(K)])
+    got = toy_theory.empirical_l_simp(torch.tensor(W), torch.tensor(Xa)).item()
+    assert math.isclose(got, pos - neg, rel_tol=1e-12)
+
+
+def test_covariance_selectivity_grows(tmp_path, one_thread):
+    args = toy_theory.get_args(["covariance", "--steps", "300", "--log-every", "300", "--fig", str(tmp_path / "c.png")])
+    s = toy_theory.run_covariance(args)
+    h = s["history"]
+    assert h[-1]["selectivity"] > h[0]["selectivity"] + 0.05, h
+
+
+# ---- collapse: Calder & Lee 2025 ---------------------------------------------------------------------------------
+
+
+def _gaussian_nce_naive(z1, z2, tau):
+    N = len(z1)
+    total = 0.0
+    for i in range(N):
+        logits = [-(z1[i] - z2[j]) ** 2 / tau for j in range(N)]
+        mx = max(logits)
+        total += -(logits[i] - mx - math.log(sum(math.exp(l - mx) for l in logits)))
+    return total / N
+
+
+def test_gaussian_nce_matches_naive_loop():
+    g = torch.Generator().manual_seed(2)
+    z1, z2 = torch.randn(7, 1, generator=g, dtype=torch.float64), torch.randn(7, 1, generator=g, dtype=torch.float64)
+    got = toy_theory.gaussian_nce(z1, z2, 0.3).item()
+    assert math.isclose(got, _gaussian_nce_naive(z1[:, 0].tolist(), z2[:, 0].tolist(), 0.3), rel_tol=1e-10)
+
+
+def test_collapse_trivial_embedding_loss_no_worse_than_clustered(one_thread):
+    g = torch.Generator().manual_seed(0)
+    X, lab = toy_theory.clusters(30, 0.8, g)  # N = 120, k = 97 is coprime to 120
+    X1, X2 = toy_theory.augment_diag(X, g), toy_theory.augment_diag(X, g)
+    u = toy_theory.u_coord(X)
+    tau = 0.1
+    for c in [0.1, 0.3, 1.0]:
+        mono = [toy_theory.rank_embedding(V, u, c, 1) for V in (X1, X2, X)]
+        scr = [toy_theory.rank_embedding(V, u, c, 97) for V in (X1, X2, X)]
+        assert torch.equal(mono[0], mono[1]) and torch.equal(scr[0], scr[1]), "rank embeddings are augmentation-invariant"
+        l_mono = _gaussian_nce_naive(mono[0][:, 0].tolist(), mono[1][:, 0].tolist(), tau)
+        l_scr = _gaussian_nce_naive(scr[0][:, 0].tolist(), scr[1][:, 0].tolist(), tau)
+        assert l_scr <= l_mono + 1e-9  # no worse (in fact equal: same multiset of latents)
+        # the collapse embedding ignores clusters, the monotone one keeps them
+        assert toy_theory.fisher_ratio(scr[2], lab) < 0.1 < 1.0 < toy_theory.fisher_ratio(mono[2], lab)
+        # collapsing each cluster to a point is strictly worse: loss >= mean log(cluster group size) > 0
+        centre_u = torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64)[lab]
+        zc = (c * len(X) / 2 * (centre_u + 1))[:, None]
+        assert _gaussian_nce_naive(zc[:, 0].tolist(), zc[:, 0].tolist(), tau) > l_scr
+    # the trained-or-not embedding's pairs, permuted across clusters, keep their loss exactly
+    z1, z2 = torch.randn(len(X), 1, generator=g, dtype=torch.float64), torch.randn(len(X), 1, generator=g, dtype=torch.float64)
+    perm = torch.randperm(len(X), generator=g)
+    assert math.isclose(toy_theory.gaussian_nce(z1, z2, tau).item(), toy_theory.gaussian_nce(z1[perm], z2[perm], tau).item(),
+                        rel_tol=1e-12)
+
+
+def test_fisher_ratio_against_closed_form():
+    z = torch.tensor([0.0, 2.0, 10.0, 12.0], dtype=torch.float64)[:, None]
+    lab = torch.tensor([0, 0, 1, 1])
+    # between: 2 * (5^2) * 2 = 100; within: 4 * 1 = 4
+    assert math.isclose(toy_theory.fisher_ratio(z, lab), 25.0)
+
+
+# ---- subprocess smoke tests: each subcommand end to end with --quick ----------------------------------------------
+
+
+@pytest.mark.parametrize("cmd", ["cnn", "collapse", "covariance"])
+def test_toy_theory_smoke(cmd, tmp_path):
+    out = tmp_path / cmd
+    r = subprocess.run([sys.executable, os.path.join(HERE, "toy_theory.py"), cmd, "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(out / "summary.json") as f:
+        s = json.load(f)
+    assert s["config"]["cmd"] == cmd and s["seconds"] > 0
