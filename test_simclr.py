@@ -231,6 +231,20 @@ def test_autoencoder_training_reduces_reconstruction_error():
     assert best < 0.5 * mse0
 
 
+def test_autoencoder_stage_resumes_bit_identical(tmp_path):
+    x, _ = simclr.make_shapes(200, 8, seed=0)
+    train = lambda epochs, ckpt: simclr.train_autoencoder(x, 16, epochs, "cpu", lr=1e-3, ckpt=ckpt,
+                                                          log=lambda s: None)
+    torch.manual_seed(0)
+    whole, _ = train(4, None)
+    torch.manual_seed(0)
+    train(2, str(tmp_path / "ae.pt"))  # "killed" after two epochs
+    torch.manual_seed(123)  # whatever the process did meanwhile, the RNG state comes from the checkpoint
+    resumed, _ = train(4, str(tmp_path / "ae.pt"))
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
 def test_backbone_state_dict_loads_into_torchvision_resnet34():
     sd = simclr.make_backbone("resnet34", "imagenet").state_dict()
     missing, unexpected = torchvision.models.resnet34().load_state_dict(sd, strict=False)
@@ -458,6 +472,128 @@ def test_show_augs_writes_a_grid(tmp_path):
     run_script("simclr.py", "--dry-run", "--show-augs", str(png), "--out", str(tmp_path / "run"))
     im = Image.open(png)
     assert im.size[0] > im.size[1] > 0  # 8 columns, 3 rows
+
+
+
+# ---------------------------------------------------------------- reliability: resume, bad input, NaN, DDP
+
+TINY = ["--subset", "96", "--batch-size", "16", "--arch", "resnet18", "--img-size", "16", "--probe-steps", "5",
+        "--no-baselines", "--knn-every", "0"]
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+    """A run SIGKILLed after its first epoch's checkpoint, then resumed, ends with exactly the weights of the
+    same run left alone (model, optimizer, scheduler and every RNG are restored)."""
+    import signal
+    import time
+    flags = TINY + ["--epochs", "3"]
+    run_script("simclr.py", *flags, "--out", str(tmp_path / "whole"))
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "simclr.py", *flags, "--out", str(killed)], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (killed / "checkpoint.pt").exists() and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"] < 3, "the kill came too late"
+    run_script("simclr.py", "--resume", str(killed))
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    b = torch.load(killed / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert json.loads((tmp_path / "whole" / "results.json").read_text())["linear_top1"] == \
+        json.loads((killed / "results.json").read_text())["linear_top1"]
+
+
+def run_failing(*args):
+    r = subprocess.run([sys.executable, "simclr.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.stderr
+
+
+def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
+    out = tmp_path / "run"
+    run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out))
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    err = run_failing("--resume", str(out))
+    assert "checkpoint.pt" in err and "corrupt" in err
+
+
+def test_nan_loss_stops_with_step_lr_and_hint_keeping_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    err = run_failing(*TINY, "--epochs", "2", "--lr", "1e30", "--out", str(out))
+    assert "loss became" in err and "at step" in err and "lr" in err and "--lr" in err
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("layout,message", [({"train": [], "test": []}, "no class folders"),
+                                            ({"train": ["cat"], "test": ["cat"]}, "at least 2")])
+def test_empty_or_one_class_folder_is_refused(tmp_path, layout, message, capsys):
+    for split, classes in layout.items():
+        (tmp_path / split).mkdir()
+        for c in classes:
+            (tmp_path / split / c).mkdir()
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "a.png")
+    with pytest.raises(SystemExit):
+        simclr.load_dataset("folder", str(tmp_path), 8, download=False)
+    assert message in capsys.readouterr().err
+
+
+def test_images_smaller_than_the_crop_are_upscaled_with_a_note(tmp_path, capsys):
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (10, 12)).save(tmp_path / split / c / "x.png")
+    d = simclr.load_dataset("folder", str(tmp_path), 32, download=False)
+    assert d["train_x"].shape == (2, 3, 32, 32)
+    assert "smaller than 32px" in capsys.readouterr().out
+
+
+def _ddp_worker(rank, world, port, path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    n = 8 // world
+    a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
+    b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
+    share = simclr.nt_xent(a, b, 0.3, rank, world)
+    share.backward()
+    total = share.detach().clone()
+    dist.all_reduce(total)
+    torch.save(dict(total=total, ga=a.grad, gb=b.grad), os.path.join(path, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_distributed_nt_xent_equals_single_process_on_the_global_batch(tmp_path):
+    """2 gloo processes: the summed shares equal the single-process loss on the concatenated batch, and each
+    rank's embedding gradients equal the matching rows of the single-process gradients (negatives gathered
+    with gradient; a gather without gradient gives wrong gradients here)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 5, generator=g).requires_grad_(), torch.randn(8, 5, generator=g).requires_grad_()
+    loss = naive_nt_xent(z1, z2, 0.3)
+    loss.backward()
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert r["total"].item() == pytest.approx(loss.item(), rel=1e-5)
+        torch.testing.assert_close(r["ga"], z1.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r["gb"], z2.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
+
+
+
+def test_torchrun_two_processes_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    stdout = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "simclr.py", "--dry-run",
+                        "--out", str(out))
+    assert "2 processes" in stdout and stdout.count("epoch 1/1") == 1  # only rank 0 logs
+    assert json.loads((out / "results.json").read_text())["linear_top1"] >= 0
 
 
 # ================================================================ toy_theory.py

@@ -436,16 +436,17 @@ def run_collapse(args):
     # ---- (b) training dynamics of a one-hidden-layer net -----------------------------------------------------
     net = mlp(args.hidden, args.seed)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr)
-    hist, t0 = [], time.time()
+    hist, t0, loss = [], time.time(), None
     print(f"\n(b) Linear(2,{args.hidden}) -> LeakyReLU(0.2) -> Linear({args.hidden},1), SGD lr {args.lr}, full batch, fresh views each step")
     for step in range(args.steps + 1):
         if step % args.log_every == 0:
             with torch.no_grad():
                 z = net(X)
-            hist.append(dict(step=step, loss=loss.item() if step else float("nan"), fisher=fisher_ratio(z, lab),
+            hist.append(dict(step=step, loss=None if loss is None else loss.item(), fisher=fisher_ratio(z, lab),
                              knn=knn_accuracy(z, lab), spread=z.std().item()))
             h = hist[-1]
-            print(f"step {step:6d}: loss {h['loss']:.4f}, Fisher {h['fisher']:.3f}, 10-NN {h['knn']:.3f}, "
+            loss_txt = "-" if h["loss"] is None else f"{h['loss']:.4f}"
+            print(f"step {step:6d}: loss {loss_txt}, Fisher {h['fisher']:.3f}, 10-NN {h['knn']:.3f}, "
                   f"std(z) {h['spread']:.2f}, {time.time() - t0:.1f}s")
         if step == args.steps:
             break
@@ -587,14 +588,15 @@ def run_covariance(args):
     torch.manual_seed(args.seed)
     conv = torch.nn.Conv1d(1, args.filters, args.width, bias=False)
     opt = torch.optim.SGD(conv.parameters(), lr=args.lr)
-    hist, t0 = [], time.time()
+    hist, t0, loss = [], time.time(), None
     print(f"\n(b) conv1d({args.filters} filters, width {args.width}) -> ReLU -> sum pool, NT-Xent tau {args.tau}; "
           f"positive view = same object, new position")
     for step in range(args.steps + 1):
         if step % args.log_every == 0:
             s = selectivity(conv, args.L)
-            hist.append(dict(step=step, selectivity=float(s.mean()), loss=loss.item() if step else float("nan")))
-            print(f"step {step:5d}: loss {hist[-1]['loss']:.4f}, mean selectivity {s.mean():.3f}, "
+            hist.append(dict(step=step, selectivity=float(s.mean()), loss=None if loss is None else loss.item()))
+            loss_txt = "-" if hist[-1]["loss"] is None else f"{hist[-1]['loss']:.4f}"
+            print(f"step {step:5d}: loss {loss_txt}, mean selectivity {s.mean():.3f}, "
                   f"filters > 0.5: {(s > 0.5).sum()}/{len(s)}, {time.time() - t0:.1f}s")
         if step == args.steps:
             break
