@@ -176,6 +176,11 @@ def resolve_args(args):
     return args
 
 
+def autocast_for(device):
+    """Precision in one place: bf16 autocast on CUDA (Ampere and later), plain fp32 elsewhere."""
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -446,18 +451,22 @@ def gray(x):
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (N, 1, H, W), ITU-R 601 luma
 
 
+def blend(x, f, target):
+    """f x + (1 - f) target, clipped to [0, 1]; f is per image, (N,) or (N, 1, 1, 1)."""
+    f = f.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * target).clamp(0, 1)
+
+
 def adjust_brightness(x, f):
-    return (x * f.view(-1, 1, 1, 1)).clamp(0, 1)
+    return blend(x, f, 0)  # towards black
 
 
 def adjust_contrast(x, f):
-    f, mean = f.view(-1, 1, 1, 1), gray(x).mean((1, 2, 3), keepdim=True)
-    return (f * x + (1 - f) * mean).clamp(0, 1)
+    return blend(x, f, gray(x).mean((1, 2, 3), keepdim=True))  # towards the mean grey level
 
 
 def adjust_saturation(x, f):
-    f = f.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * gray(x)).clamp(0, 1)
+    return blend(x, f, gray(x))  # towards the grey image
 
 
 def adjust_hue(x, f):
@@ -476,15 +485,14 @@ def adjust_hue(x, f):
 def color_jitter(x, factors, order):
     """ColorJitter with per-image factors (N, 4) = brightness, contrast, saturation, hue, applied in a
     per-image random order (N, 4) (a permutation of 0..3), as torchvision's ColorJitter does per image.
-    Brightness, contrast and saturation are one blend f x + (1 - f) target with different targets (black,
-    the mean grey level, the grey image), so each of the 4 steps costs one blend and one hue rotation."""
+    Brightness, contrast and saturation are the same `blend` with different targets, so each of the 4 steps
+    costs one blend and one hue rotation."""
     for step in range(4):
         op = order[:, step].view(-1, 1, 1, 1)  # which op each image applies at this step
         f = factors.gather(1, order[:, step:step + 1]).view(-1, 1, 1, 1)
         g = gray(x)
         target = torch.where(op == 0, 0, torch.where(op == 1, g.mean((1, 2, 3), keepdim=True), g))
-        blended = (f * x + (1 - f) * target).clamp(0, 1)
-        x = torch.where(op == 3, adjust_hue(x, torch.where(op == 3, f, 0)), blended)
+        x = torch.where(op == 3, adjust_hue(x, torch.where(op == 3, f, 0)), blend(x, f, target))
     return x
 
 
@@ -523,8 +531,6 @@ def augment(x, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 _STATS = {}  # per device: copying constants from the host in every step would make the CPU wait for the GPU
 
 
@@ -746,7 +752,7 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
     """SimCLR pre-training: SGD, lr = 0.3 B / 256, momentum 0.9, cosine to lr/50 stepped per step.
     Under torchrun each rank augments its own B/world images of every global batch of B."""
     device = images.device
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    amp = autocast_for(device)
     N, B, b = len(images), args.batch_size, args.batch_size // world
     steps_per_epoch = N // B if not args.dry_run else min(2, N // B)
     params = [p for p in model.parameters() if p.requires_grad]  # a frozen AE embedding is not updated
@@ -858,7 +864,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     if not args.resume and rank == 0 and os.path.exists(os.path.join(args.out, "config.json")):
         die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    amp = autocast_for(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     seed_everything(args.seed)
