@@ -43,7 +43,9 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 import torchvision
+import torchvision.transforms.v2  # not imported by "import torchvision"
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -123,13 +125,21 @@ def build_parser():
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
     # run
     a("--device", default=None, help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", default="auto", choices=("auto", "on", "off"),
+      help="torch.compile the augmentation and the model; auto: on for CUDA, off elsewhere (falls back to eager "
+           "with a warning if compiling fails)")
     a("--seed", type=int, default=0, help="seed of everything random")
     a("--out", default=None, help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
     a("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
     a("--dry-run", action="store_true", help="run every stage for a couple of steps on a few images")
     a("--subset", type=int, default=None, help="use only the first N images of every split (quick experiments)")
     a("--sync-bn", action="store_true", help="under torchrun: synchronise BatchNorm statistics across GPUs")
+    # benchmark
+    a("--bench", action="store_true", help="measure img/s of this pipeline against the classic DataLoader one, "
+                                           "write bench.json to --out, then exit (no training)")
+    a("--bench-steps", type=int, default=20, help="timed steps per stage of --bench, after warm-up")
+    a("--workers", type=int, default=None,
+      help="DataLoader worker processes of the classic pipeline in --bench (default: the number of CPU cores)")
     return p
 
 
@@ -171,8 +181,13 @@ def resolve_args(args):
             "2048 features. Use --arch resnet34 or --head mlp.")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    args.compile = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
+    args.workers = args.workers if args.workers is not None else os.cpu_count()
+    if args.bench_steps < 1 or args.workers < 0:
+        die("--bench-steps must be >= 1 and --workers >= 0")
     if args.out is None:
-        args.out = os.path.join("runs", f"{args.dataset}-{args.head}-{args.act}-{time.strftime('%Y%m%d-%H%M%S')}")
+        args.out = os.path.join("runs", ("bench-" if args.bench else "") +
+                                f"{args.dataset}-{args.head}-{args.act}-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
 
 
@@ -747,6 +762,53 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def two_views(x, aug, channels_last=False):
+    """uint8 images (b, 3, H, W) on the device -> (2b, 3, H, W): two augmented views of each, standardised.
+    Rows i and i + b are the positive pair of NT-Xent."""
+    x = x.float() / 255
+    with torch.no_grad():
+        views = normalize(torch.cat([augment(x, **aug), augment(x, **aug)]))  # (2b, 3, H, W)
+    return views.contiguous(memory_format=torch.channels_last) if channels_last else views
+
+
+def sgd_step(model, views, opt, sched, tau, amp=nullcontext, rank=0, world=1):
+    """One SimCLR update on 2b views: z = g(f(views)), NT-Xent, backward, SGD step, schedule step.
+    Returns the loss as a device tensor: reading it (.item()) would make the CPU wait for the GPU."""
+    b = len(views) // 2
+    with amp():
+        z = model(views)  # (2b, out)
+    loss = nt_xent(z[:b], z[b:], tau, rank, world)  # this rank's share of the global loss
+    opt.zero_grad(set_to_none=True)
+    (loss * world).backward()  # DDP averages over ranks; the shares sum: gradient of the global loss
+    opt.step()
+    sched.step()
+    return loss.detach()
+
+
+def try_compile(fn, example, model=None, amp=nullcontext, log=print):
+    """torch.compile(fn), compiled now by one call on `example` (forward and backward when it returns a tensor
+    that needs a gradient); if compiling fails (no Triton, an op Inductor cannot handle...) say so and return fn.
+    The trial call leaves no trace: the RNG streams are forked and `model`'s weights, BatchNorm statistics and
+    gradients are put back."""
+    compiled = torch.compile(fn)
+    saved = {k: v.clone() for k, v in model.state_dict().items()} if model is not None else None
+    try:
+        with torch.random.fork_rng(devices=[example.device] if example.device.type == "cuda" else []):
+            for f in (fn, compiled):  # eager first: a first call fills caches (normalize's constants) that would
+                with amp():           # otherwise change under the compiled call and make it compile twice
+                    out = f(example)
+                if out.requires_grad:
+                    out.float().square().mean().backward()
+    except Exception as e:  # compile errors surface at the first call, as many different exception types
+        log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            f"running without it")
+        compiled = fn
+    if model is not None:
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+    return compiled
+
+
 def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=None, sched_state=None,
           rank=0, world=1, log=print):
     """SimCLR pre-training: SGD, lr = 0.3 B / 256, momentum 0.9, cosine to lr/50 stepped per step.
@@ -767,9 +829,15 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
     if world > 1:  # gradients are averaged over ranks by DistributedDataParallel
         step_fn = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
                                                       else None)
-    step_fn = torch.compile(step_fn) if args.compile else step_fn
     aug = dict(crop_min=args.crop_min, jitter_prob=args.jitter_prob, gray_prob=args.gray_prob,
                blur_prob=args.blur_prob)
+    channels_last = device.type == "cuda"  # what cuDNN's convolutions prefer, with bf16
+    make_views = lambda x: two_views(x, aug, channels_last)
+    if args.compile:  # fuses the augmentation's many elementwise passes into a few kernels, and the model's
+        make_views = try_compile(make_views, images[:b], log=log)
+        example = torch.zeros(2 * b, *images.shape[1:], device=device)  # (2b, 3, H, W)
+        step_fn = try_compile(step_fn, example.contiguous(memory_format=torch.channels_last) if channels_last
+                              else example, model=model, amp=amp, log=log)
     t_start = time.time()
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -778,20 +846,10 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
         # the same order on every rank (a function of seed and epoch alone); each rank takes its slice of a batch
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)).to(device)
         for step in range(steps_per_epoch):
-            x = images[perm[step * B + rank * b:step * B + (rank + 1) * b]].float() / 255  # (b, 3, H, W)
-            with torch.no_grad():
-                views = torch.cat([augment(x, **aug), augment(x, **aug)])  # (2b, 3, H, W)
-            if device.type == "cuda":
-                views = views.contiguous(memory_format=torch.channels_last)
-            with amp():
-                z = step_fn(normalize(views))  # (2b, out)
-            loss = nt_xent(z[:b], z[b:], args.tau, rank, world)  # this rank's share of the global loss
-            opt.zero_grad(set_to_none=True)
-            (loss * world).backward()  # DDP averages over ranks; the shares sum: gradient of the global loss
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach()  # no host sync inside the epoch
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+            x = images[perm[step * B + rank * b:step * B + (rank + 1) * b]]  # (b, 3, H, W) uint8
+            loss = sgd_step(step_fn, make_views(x), opt, sched, args.tau, amp, rank, world)
+            loss_sum += loss  # no host sync inside the epoch
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         if world > 1:
             dist.all_reduce(loss_sum)  # shares -> global loss
         loss = loss_sum.item() / steps_per_epoch
@@ -819,6 +877,132 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
         save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                          epoch=epoch + 1, rng=rngs, config=vars(args)), os.path.join(out, "checkpoint.pt"))
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark (--bench): our pipeline against the classic one, in one process, on the same model and batch
+# ----------------------------------------------------------------------------------------------------------
+
+def classic_transform(size, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
+    """The same SimCLR augmentation the way most repositories write it: torchvision v2, one image at a time."""
+    T = torchvision.transforms.v2
+    ops = [T.RandomResizedCrop(size, scale=(crop_min, 1.0), antialias=True), T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=jitter_prob), T.RandomGrayscale(gray_prob)]
+    kernel = int(0.1 * size) // 2 * 2 + 1
+    if kernel >= 3:
+        ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
+    return T.Compose(ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """Classic input pipeline: DataLoader workers make two views of each uint8 (3, H, W) image on the CPU."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.transform(self.images[i])
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), for model FLOP utilisation.
+PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125,
+                    "RTX 4090": 165, "RTX 3090": 71}
+
+
+def peak_tflops(device):
+    if device.type != "cuda":
+        return None  # no honest single figure for a CPU: the bench reports achieved FLOP/s only
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def step_flops(model, views, tau, amp):
+    """FLOPs of one forward + backward of the SimCLR step (convolutions and matmuls, as FlopCounterMode counts),
+    on a copy of the model so that nothing is trained or recorded."""
+    model = copy.deepcopy(model)
+    with FlopCounterMode(display=False) as counter:
+        with amp():
+            z = model(views)  # (2b, out)
+        b = len(views) // 2
+        nt_xent(z[:b], z[b:], tau).backward()
+    return counter.get_total_flops()
+
+
+def bench(model, images, args, device, log=print):
+    """Images/s of (a) our pipeline, (b) the classic DataLoader pipeline feeding the same step, and (c) each stage
+    alone. Every stage is timed over args.bench_steps steps after warm-up, with the device synchronised."""
+    amp = autocast_for(device)
+    B, cuda = args.batch_size, device.type == "cuda"
+    aug = dict(crop_min=args.crop_min, jitter_prob=args.jitter_prob, gray_prob=args.gray_prob,
+               blur_prob=args.blur_prob)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=args.momentum,
+                          weight_decay=args.wd, **({"fused": True} if cuda else {}))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10 ** 9)
+    make_views, step_fn = (lambda x: two_views(x, aug, channels_last=cuda)), model
+    if args.compile:
+        make_views = try_compile(make_views, images[:B], log=log)
+        step_fn = try_compile(model, make_views(images[:B]), model=model, amp=amp, log=log)
+    batch = lambda i: images[torch.randint(len(images), (B,), device=device)]  # (B, 3, H, W) uint8
+    fixed_views = make_views(batch(0))  # (2B, 3, H, W): the train step alone reuses one batch of views
+
+    def timed(name, fn, warmup=3):
+        for i in range(warmup):
+            fn(i)
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for i in range(args.bench_steps):
+            fn(i)
+        if cuda:
+            torch.cuda.synchronize(device)
+        ms = 1000 * (time.perf_counter() - t0) / args.bench_steps
+        log(f"bench: {name:<44} {ms:9.1f} ms/step {1000 * B / ms:9.0f} img/s")
+        return dict(ms_per_step=ms, img_per_s=1000 * B / ms)
+
+    model.train()
+    rows = dict(ours=timed("(a) ours: augment + train step", lambda i: sgd_step(step_fn, make_views(batch(i)),
+                                                                                 opt, sched, args.tau, amp)),
+                augment=timed("(c) ours: augmentation alone", lambda i: make_views(batch(i))),
+                train_step=timed("(c) train step alone (fixed views)",
+                                 lambda i: sgd_step(step_fn, fixed_views, opt, sched, args.tau, amp)))
+    loader = torch.utils.data.DataLoader(
+        TwoViews(images.cpu(), classic_transform(images.shape[-1], **aug)), batch_size=B, shuffle=True,
+        drop_last=True, num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0)
+    if len(loader) == 0:
+        die(f"--bench needs at least --batch-size {B} images")
+    it = iter(loader)
+
+    def classic_views(i):
+        nonlocal it
+        try:
+            v1, v2 = next(it)
+        except StopIteration:  # a new epoch of the loader
+            it = iter(loader)
+            v1, v2 = next(it)
+        views = torch.cat([v1, v2]).to(device, non_blocking=True)  # (2B, 3, H, W)
+        return views.contiguous(memory_format=torch.channels_last) if cuda else views
+
+    rows["classic"] = timed(f"(b) classic: {args.workers} DataLoader workers + step",
+                            lambda i: sgd_step(step_fn, classic_views(i), opt, sched, args.tau, amp), warmup=5)
+    rows["classic_loader"] = timed("(c) classic: DataLoader alone", classic_views, warmup=5)
+    flops = step_flops(model, fixed_views, args.tau, amp)
+    peak = peak_tflops(device)
+    tflops = flops * 1000 / rows["ours"]["ms_per_step"] / 1e12  # achieved by our whole step
+    result = dict(rows=rows, speedup=rows["ours"]["img_per_s"] / rows["classic"]["img_per_s"],
+                  augment_share=rows["augment"]["ms_per_step"] / rows["ours"]["ms_per_step"],
+                  flops_per_step=flops, achieved_tflops=tflops, peak_bf16_tflops=peak,
+                  mfu=tflops / peak if peak else None,
+                  device=torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), compile=args.compile,
+                  workers=args.workers, batch=B, img_size=images.shape[-1], arch=args.arch, stem=args.stem,
+                  dataset=args.dataset, steps=args.bench_steps)
+    mfu = f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s bf16" if peak else ""
+    log(f"bench: ours / classic = {result['speedup']:.2f}x; augmentation = {100 * result['augment_share']:.0f}% "
+        f"of our step; {flops / 1e9:.1f} GFLOP per step, {tflops:.3f} TFLOP/s achieved{mfu}")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -862,7 +1046,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     log = print if rank == 0 else (lambda *a, **k: None)
-    if not args.resume and rank == 0 and os.path.exists(os.path.join(args.out, "config.json")):
+    if not args.resume and not args.bench and rank == 0 and os.path.exists(os.path.join(args.out, "config.json")):
         die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
     amp = autocast_for(device)
     if device.type == "cuda":
@@ -897,7 +1081,7 @@ def main(argv=None):
 
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        if not args.resume:
+        if not args.resume and not args.bench:
             with open(os.path.join(args.out, "config.json"), "w") as f:
                 json.dump(vars(args), f, indent=2)
 
@@ -933,6 +1117,14 @@ def main(argv=None):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     seed_everything(args.seed + rank)  # each rank draws its own augmentations
+    if args.bench:
+        if world > 1:
+            die("--bench runs in one process: start it with python, not torchrun")
+        result = bench(model, images, args, device, log)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        log(f"wrote {os.path.join(args.out, 'bench.json')}")
+        return result
 
     start_epoch, opt_state, sched_state = 0, None, None
     ckpt_path = os.path.join(args.out, "checkpoint.pt")

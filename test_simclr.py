@@ -596,6 +596,77 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert json.loads((out / "results.json").read_text())["linear_top1"] >= 0
 
 
+# ---------------------------------------------------------------- speed: the bench and torch.compile
+
+def test_classic_transform_is_the_same_augmentation_in_its_deterministic_corner():
+    """With every random op switched off and the crop forced to the whole image, the classic per-image pipeline
+    and ours both return the standardised image or its mirror: same crop, flip and normalisation."""
+    x = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
+    off = dict(crop_min=1.0, jitter_prob=0, gray_prob=0, blur_prob=0)
+    ref = (x.float() / 255 - torch.tensor(simclr.IMAGENET_MEAN).view(3, 1, 1)) / \
+        torch.tensor(simclr.IMAGENET_STD).view(3, 1, 1)
+    classic = simclr.classic_transform(20, **off)
+    seen = set()
+    for _ in range(20):
+        for out in (classic(x), simclr.two_views(x[None], off)[0]):
+            flipped = torch.allclose(out, ref.flip(-1), atol=1e-5)
+            assert flipped or torch.allclose(out, ref, atol=1e-5)
+            seen.add(flipped)
+    assert seen == {True, False}  # both mirrored and unmirrored views occur
+
+
+def test_step_flops_match_the_closed_form():
+    """A linear 'backbone' of in -> D on 2b views: forward 2(2b)(in)D, weight gradient the same (the input needs
+    no gradient), and NT-Xent's (2b, D) @ (D, 2b) similarity matrix 3 x 2(2b)^2 D (forward + two gradients)."""
+    b, H, D = 4, 5, 7
+    n_in = 3 * H * H
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n_in, D))
+    views = torch.randn(2 * b, 3, H, H)
+    expected = 2 * (2 * b) * n_in * D * 2 + 3 * 2 * (2 * b) ** 2 * D
+    assert simclr.step_flops(model, views, 0.5, simclr.nullcontext) == expected
+    assert model[1].weight.grad is None  # counted on a copy
+
+
+def test_try_compile_falls_back_to_eager_and_leaves_no_trace(monkeypatch):
+    """A compiler that fails at the first call (as Inductor does without Triton) gives back the eager function
+    with a warning; a trial that succeeds leaves the weights, BatchNorm statistics, gradients and RNG as they were."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, 3, 5, 5)
+
+    def broken(fn):
+        def call(*a):
+            raise RuntimeError("Cannot find a working triton installation")
+        return call
+
+    logs = []
+    monkeypatch.setattr(torch, "compile", broken)
+    assert simclr.try_compile(model, x, model=model, log=logs.append) is model
+    assert "torch.compile failed" in logs[0] and "triton" in logs[0]
+    monkeypatch.setattr(torch, "compile", lambda fn: (lambda *a: fn(*a)))  # "compiles" by calling fn
+    rng = torch.get_rng_state()
+    compiled = simclr.try_compile(lambda v: model(v + torch.randn_like(v)), x, model=model, log=logs.append)
+    assert len(logs) == 1 and compiled is not model
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running_mean, running_var, num_batches_tracked included
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_bench_writes_its_table_as_json(tmp_path):
+    out = tmp_path / "bench"
+    stdout = run_script("simclr.py", "--bench", "--bench-steps", "2", "--subset", "64", "--batch-size", "16",
+                        "--img-size", "16", "--workers", "1", "--out", str(out))
+    r = json.loads((out / "bench.json").read_text())
+    assert set(r["rows"]) == {"ours", "augment", "train_step", "classic", "classic_loader"}
+    for row in r["rows"].values():
+        assert row["img_per_s"] == pytest.approx(16 * 1000 / row["ms_per_step"])
+    assert r["speedup"] == pytest.approx(r["rows"]["ours"]["img_per_s"] / r["rows"]["classic"]["img_per_s"])
+    assert r["flops_per_step"] > 0 and r["mfu"] is None  # no peak figure for a CPU
+    assert "ours / classic" in stdout and not (out / "config.json").exists()
+
+
 # ================================================================ toy_theory.py
 
 @pytest.fixture
