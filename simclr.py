@@ -989,7 +989,7 @@ def bench(model, images, args, device, log=print):
         except StopIteration:  # a new epoch of the loader
             it = iter(loader)
             v1, v2 = next(it)
-        views = torch.cat([v1, v2]).to(device, non_blocking=True)  # (2B, 3, H, W)
+        views = torch.cat([v.to(device, non_blocking=True) for v in (v1, v2)])  # (2B, 3, H, W); pinned: async
         return views.contiguous(memory_format=torch.channels_last) if cuda else views
 
     rows["classic"] = timed(f"(b) classic: {args.workers} DataLoader workers + step",
@@ -1007,7 +1007,7 @@ def bench(model, images, args, device, log=print):
                   workers=args.workers, batch=B, img_size=images.shape[-1], arch=args.arch, stem=args.stem,
                   dataset=args.dataset, steps=args.bench_steps)
     mfu = f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s bf16" if peak else ""
-    log(f"bench: ours / classic = {result['speedup']:.2f}x; augmentation = {100 * result['augment_share']:.0f}% "
+    log(f"bench: ours / classic = {result['speedup']:.2f}x; augmentation = {100 * result['augment_share']:.1f}% "
         f"of our step; {flops / 1e9:.1f} GFLOP per step, {tflops:.3f} TFLOP/s achieved{mfu}")
     return result
 
