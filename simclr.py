@@ -127,8 +127,8 @@ def build_parser():
     # run
     a("--device", default=None, help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
     a("--compile", default="auto", choices=("auto", "on", "off"),
-      help="torch.compile the augmentation and the model; auto: on for CUDA, off elsewhere (falls back to eager "
-           "with a warning if compiling fails)")
+      help="torch.compile the augmentation and the model; auto: on for CUDA except --dry-run, off elsewhere "
+           "(falls back to eager with a warning if compiling fails)")
     a("--seed", type=int, default=0, help="seed of everything random")
     a("--out", default=None, help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
     a("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
@@ -140,7 +140,10 @@ def build_parser():
                                            "write bench.json to --out, then exit (no training)")
     a("--bench-steps", type=int, default=20, help="timed steps per stage of --bench, after warm-up")
     a("--workers", type=int, default=None,
-      help="DataLoader worker processes of the classic pipeline in --bench (default: the number of CPU cores)")
+      help="DataLoader worker processes of the classic pipeline in --bench (default: the CPU cores this process "
+           "may use)")
+    a("--peak-tflops", type=float, default=None,
+      help="the device's dense bf16 peak, for the MFU of --bench (default: known for H100, H200, A100)")
     return p
 
 
@@ -182,8 +185,9 @@ def resolve_args(args):
             "2048 features. Use --arch resnet34 or --head mlp.")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    args.compile = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
-    args.workers = args.workers if args.workers is not None else os.cpu_count()
+    args.compile = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda")
+                                            and not args.dry_run)  # compiling takes minutes, a dry run seconds
+    args.workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
     if args.bench_steps < 1 or args.workers < 0:
         die("--bench-steps must be >= 1 and --workers >= 0")
     if args.out is None:
@@ -843,6 +847,7 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
     channels_last = device.type == "cuda"  # what cuDNN's convolutions prefer, with bf16
     make_views = lambda x: two_views(x, aug, channels_last)
     if args.compile:  # fuses the augmentation's many elementwise passes into a few kernels, and the model's
+        # (under torchrun each rank compiles; should it fail on some ranks only, they would run different code)
         make_views = try_compile(make_views, images[:b], "the augmentation", log=log)
         example = torch.zeros(2 * b, *images.shape[1:], device=device)  # (2b, 3, H, W)
         step_fn = try_compile(step_fn, example.contiguous(memory_format=torch.channels_last) if channels_last
@@ -917,13 +922,13 @@ class TwoViews(torch.utils.data.Dataset):
 
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), for model FLOP utilisation.
-PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125,
-                    "RTX 4090": 165, "RTX 3090": 71}
+# Only cards whose figure we are sure of; the most specific name first. Others: pass --peak-tflops.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 
 
-def peak_tflops(device):
-    if device.type != "cuda":
-        return None  # no honest single figure for a CPU: the bench reports achieved FLOP/s only
+def peak_tflops(device, given=None):
+    if given or device.type != "cuda":
+        return given  # no honest single figure for a CPU: the bench reports achieved FLOP/s only
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
@@ -950,10 +955,12 @@ def bench(model, images, args, device, log=print):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=args.momentum,
                           weight_decay=args.wd, **({"fused": True} if cuda else {}))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10 ** 9)
-    make_views, step_fn = (lambda x: two_views(x, aug, channels_last=cuda)), model
+    eager_views = lambda x: two_views(x, aug, channels_last=cuda)
+    make_views, step_fn = eager_views, model
     if args.compile:
         make_views = try_compile(make_views, images[:B], "the augmentation", log=log)
         step_fn = try_compile(model, make_views(images[:B]), "the model", model=model, amp=amp, log=log)
+    compiled = dict(augmentation=make_views is not eager_views, model=step_fn is not model)  # what really was
     batch = lambda i: images[torch.randint(len(images), (B,), device=device)]  # (B, 3, H, W) uint8
     fixed_views = make_views(batch(0))  # (2B, 3, H, W): the train step alone reuses one batch of views
 
@@ -977,35 +984,32 @@ def bench(model, images, args, device, log=print):
                 augment=timed("(c) ours: augmentation alone", lambda i: make_views(batch(i))),
                 train_step=timed("(c) train step alone (fixed views)",
                                  lambda i: sgd_step(step_fn, fixed_views, opt, sched, args.tau, amp)))
-    loader = torch.utils.data.DataLoader(
-        TwoViews(images.cpu(), classic_transform(images.shape[-1], **aug)), batch_size=B, shuffle=True,
-        drop_last=True, num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0)
-    if len(loader) == 0:
-        die(f"--bench needs at least --batch-size {B} images")
-    it = iter(loader)
+    # Steady state: sampling with replacement never ends an epoch (no pause while workers restart), and the
+    # warm-up consumes the batches the workers queued before the clock starts (prefetch_factor 2 each).
+    warmup = 2 * args.workers + 3
+    sampler = torch.utils.data.RandomSampler(range(len(images)), replacement=True,
+                                             num_samples=B * (2 * (warmup + args.bench_steps) + 4 * args.workers))
+    loader = iter(torch.utils.data.DataLoader(
+        TwoViews(images.cpu(), classic_transform(images.shape[-1], **aug)), batch_size=B, sampler=sampler,
+        num_workers=args.workers, pin_memory=cuda))
 
     def classic_views(i):
-        nonlocal it
-        try:
-            v1, v2 = next(it)
-        except StopIteration:  # a new epoch of the loader
-            it = iter(loader)
-            v1, v2 = next(it)
+        v1, v2 = next(loader)  # (B, 3, H, W) each, standardised on the CPU by the workers
         views = torch.cat([v.to(device, non_blocking=True) for v in (v1, v2)])  # (2B, 3, H, W); pinned: async
         return views.contiguous(memory_format=torch.channels_last) if cuda else views
 
     rows["classic"] = timed(f"(b) classic: {args.workers} DataLoader workers + step",
-                            lambda i: sgd_step(step_fn, classic_views(i), opt, sched, args.tau, amp), warmup=5)
-    rows["classic_loader"] = timed("(c) classic: DataLoader alone", classic_views, warmup=5)
+                            lambda i: sgd_step(step_fn, classic_views(i), opt, sched, args.tau, amp), warmup)
+    rows["classic_loader"] = timed("(c) classic: DataLoader alone", classic_views, warmup)
     flops = step_flops(model, fixed_views, args.tau, amp)
-    peak = peak_tflops(device)
+    peak = peak_tflops(device, args.peak_tflops)
     tflops = flops * 1000 / rows["ours"]["ms_per_step"] / 1e12  # achieved by our whole step
     result = dict(rows=rows, speedup=rows["ours"]["img_per_s"] / rows["classic"]["img_per_s"],
                   augment_share=rows["augment"]["ms_per_step"] / rows["ours"]["ms_per_step"],
                   flops_per_step=flops, achieved_tflops=tflops, peak_bf16_tflops=peak,
                   mfu=tflops / peak if peak else None,
                   device=torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
-                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), compile=args.compile,
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), compiled=compiled,
                   workers=args.workers, batch=B, img_size=images.shape[-1], arch=args.arch, stem=args.stem,
                   dataset=args.dataset, steps=args.bench_steps)
     mfu = f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s bf16" if peak else ""
@@ -1039,8 +1043,8 @@ def main(argv=None):
                   for k in sorted(typed) if cfg.get(k) != getattr(given, k)]
         if differ:
             die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ))
-        args = argparse.Namespace(**{**cfg, "resume": args.resume, "out": args.resume,
-                                      "device": args.device or cfg["device"]})
+        args = argparse.Namespace(**{**vars(given), **cfg, "resume": args.resume, "out": args.resume,  # flags
+                                      "device": args.device or cfg["device"]})  # newer than the run: defaults
     else:
         args = resolve_args(args)
 

@@ -2,6 +2,7 @@
 
 Unit tests compare each piece against an independent reference (a naive loop, torchvision's functional op,
 a closed form, files written here in the real on-disk formats); smoke tests run the scripts end to end."""
+import functools
 import json
 import math
 import os
@@ -513,6 +514,17 @@ def run_failing(*args):
     return r.stderr
 
 
+def test_run_saved_before_newer_flags_existed_resumes(tmp_path):
+    """A config.json written by an older simclr.py lacks the flags added since: --resume fills in their defaults."""
+    out = tmp_path / "run"
+    run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out))
+    cfg = json.loads((out / "config.json").read_text())
+    for newer in ("bench", "bench_steps", "workers", "peak_tflops"):
+        del cfg[newer]
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert "top-1" in run_script("simclr.py", "--resume", str(out))
+
+
 def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
     out = tmp_path / "run"
     run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out))
@@ -644,11 +656,11 @@ def test_try_compile_falls_back_to_eager_and_leaves_no_trace(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     assert simclr.try_compile(model, x, "the model", model=model, log=logs.append) is model
     assert "torch.compile failed" in logs[-1] and "triton" in logs[-1]
-    monkeypatch.setattr(torch, "compile", lambda fn: (lambda *a: fn(*a)))  # "compiles" by calling fn
+    monkeypatch.setattr(torch, "compile", functools.partial)  # "compiles" to a partial that calls fn
     rng = torch.get_rng_state()
     compiled = simclr.try_compile(lambda v: model(v + torch.randn_like(v)), x, "the model", model=model,
                                   log=logs.append)
-    assert not any("failed" in line for line in logs[2:]) and compiled is not model
+    assert not any("failed" in line for line in logs[2:]) and isinstance(compiled, functools.partial)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # running_mean, running_var, num_batches_tracked included
     assert all(p.grad is None for p in model.parameters())
@@ -665,6 +677,7 @@ def test_bench_writes_its_table_as_json(tmp_path):
         assert row["img_per_s"] == pytest.approx(16 * 1000 / row["ms_per_step"])
     assert r["speedup"] == pytest.approx(r["rows"]["ours"]["img_per_s"] / r["rows"]["classic"]["img_per_s"])
     assert r["flops_per_step"] > 0 and r["mfu"] is None  # no peak figure for a CPU
+    assert r["compiled"] == {"augmentation": False, "model": False}  # --compile auto: CUDA only
     assert "ours / classic" in stdout and not (out / "config.json").exists()
 
 
