@@ -538,6 +538,10 @@ def gaussian_blur(x, sigma, kernel_size):
     return y.view(N, C, H, W)
 
 
+def blur_kernel(size):
+    return int(0.1 * size) // 2 * 2 + 1  # odd, ~10% of the image side (Appendix A of SimCLR)
+
+
 def augment(x, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
     """The SimCLR view: x (N, 3, H, W) floats in [0, 1] -> a random view of each image, same shape.
     RandomResizedCrop -> flip -> ColorJitter(0.8, 0.8, 0.8, 0.2) w.p. 0.8 -> grayscale w.p. 0.2
@@ -552,7 +556,7 @@ def augment(x, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
     order = torch.rand(N, 4, device=dev).argsort(1)  # a random permutation per image
     x = torch.where(coin(jitter_prob), color_jitter(x, factors, order), x)
     x = torch.where(coin(gray_prob), gray(x).expand_as(x), x)
-    kernel = int(0.1 * H) // 2 * 2 + 1  # odd, ~10% of the image side
+    kernel = blur_kernel(H)
     if kernel >= 3:
         sigma = 0.1 + 1.9 * torch.rand(N, device=dev)
         x = torch.where(coin(blur_prob), gaussian_blur(x, sigma, kernel), x)
@@ -904,7 +908,7 @@ def classic_transform(size, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_
     T = torchvision.transforms.v2
     ops = [T.RandomResizedCrop(size, scale=(crop_min, 1.0), antialias=True), T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=jitter_prob), T.RandomGrayscale(gray_prob)]
-    kernel = int(0.1 * size) // 2 * 2 + 1
+    kernel = blur_kernel(size)
     if kernel >= 3:
         ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
     return T.Compose(ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
