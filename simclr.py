@@ -828,6 +828,24 @@ def try_compile(fn, example, name, model=None, amp=nullcontext, log=print):
     return compiled
 
 
+def step_functions(step_fn, model, images, b, args, amp, log=print):
+    """What one SimCLR step calls: make_views (uint8 (b, 3, H, W) -> standardised views (2b, 3, H, W)) and the
+    model call step_fn, both torch.compile'd when args.compile (each falls back to eager on its own). Also returns
+    which of the two really were compiled."""
+    channels_last = images.device.type == "cuda"  # what cuDNN's convolutions prefer, with bf16
+    aug = dict(crop_min=args.crop_min, jitter_prob=args.jitter_prob, gray_prob=args.gray_prob,
+               blur_prob=args.blur_prob)
+    eager_views = lambda x: two_views(x, aug, channels_last)
+    make_views, compiled_fn = eager_views, step_fn
+    if args.compile:  # fuses the augmentation's many elementwise passes into a few kernels, and the model's
+        # (under torchrun each rank compiles; should it fail on some ranks only, they would run different code)
+        make_views = try_compile(eager_views, images[:b], "the augmentation", log=log)
+        example = torch.zeros(2 * b, *images.shape[1:], device=images.device)  # (2b, 3, H, W)
+        compiled_fn = try_compile(step_fn, example.contiguous(memory_format=torch.channels_last) if channels_last
+                                  else example, "the model", model=model, amp=amp, log=log)
+    return make_views, compiled_fn, dict(augmentation=make_views is not eager_views, model=compiled_fn is not step_fn)
+
+
 def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=None, sched_state=None,
           rank=0, world=1, log=print):
     """SimCLR pre-training: SGD, lr = 0.3 B / 256, momentum 0.9, cosine to lr/50 stepped per step.
@@ -848,16 +866,7 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
     if world > 1:  # gradients are averaged over ranks by DistributedDataParallel
         step_fn = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
                                                       else None)
-    aug = dict(crop_min=args.crop_min, jitter_prob=args.jitter_prob, gray_prob=args.gray_prob,
-               blur_prob=args.blur_prob)
-    channels_last = device.type == "cuda"  # what cuDNN's convolutions prefer, with bf16
-    make_views = lambda x: two_views(x, aug, channels_last)
-    if args.compile:  # fuses the augmentation's many elementwise passes into a few kernels, and the model's
-        # (under torchrun each rank compiles; should it fail on some ranks only, they would run different code)
-        make_views = try_compile(make_views, images[:b], "the augmentation", log=log)
-        example = torch.zeros(2 * b, *images.shape[1:], device=device)  # (2b, 3, H, W)
-        step_fn = try_compile(step_fn, example.contiguous(memory_format=torch.channels_last) if channels_last
-                              else example, "the model", model=model, amp=amp, log=log)
+    make_views, step_fn, _ = step_functions(step_fn, model, images, b, args, amp, log)
     t_start = time.time()
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -956,17 +965,10 @@ def bench(model, images, args, device, log=print):
     alone. Every stage is timed over args.bench_steps steps after warm-up, with the device synchronised."""
     amp = autocast_for(device)
     B, cuda = args.batch_size, device.type == "cuda"
-    aug = dict(crop_min=args.crop_min, jitter_prob=args.jitter_prob, gray_prob=args.gray_prob,
-               blur_prob=args.blur_prob)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=args.momentum,
                           weight_decay=args.wd, **({"fused": True} if cuda else {}))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10 ** 9)
-    eager_views = lambda x: two_views(x, aug, channels_last=cuda)
-    make_views, step_fn = eager_views, model
-    if args.compile:
-        make_views = try_compile(make_views, images[:B], "the augmentation", log=log)
-        step_fn = try_compile(model, make_views(images[:B]), "the model", model=model, amp=amp, log=log)
-    compiled = dict(augmentation=make_views is not eager_views, model=step_fn is not model)  # what really was
+    make_views, step_fn, compiled = step_functions(model, model, images, B, args, amp, log)
     batch = lambda i: images[torch.randint(len(images), (B,), device=device)]  # (B, 3, H, W) uint8
     fixed_views = make_views(batch(0))  # (2B, 3, H, W): the train step alone reuses one batch of views
 
@@ -996,7 +998,8 @@ def bench(model, images, args, device, log=print):
     sampler = torch.utils.data.RandomSampler(range(len(images)), replacement=True,
                                              num_samples=B * (2 * (warmup + args.bench_steps) + 4 * args.workers))
     loader = iter(torch.utils.data.DataLoader(
-        TwoViews(images.cpu(), classic_transform(images.shape[-1], **aug)), batch_size=B, sampler=sampler,
+        TwoViews(images.cpu(), classic_transform(images.shape[-1], args.crop_min, args.jitter_prob, args.gray_prob,
+                                                 args.blur_prob)), batch_size=B, sampler=sampler,
         num_workers=args.workers, pin_memory=cuda))
 
     def classic_views(i):
