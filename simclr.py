@@ -846,6 +846,9 @@ def step_functions(step_fn, model, images, b, args, amp, log=print):
     return make_views, compiled_fn, dict(augmentation=make_views is not eager_views, model=compiled_fn is not step_fn)
 
 
+PROGRESS_EVERY_S = 60  # between progress lines inside an epoch
+
+
 def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=None, sched_state=None,
           rank=0, world=1, log=print):
     """SimCLR pre-training: SGD, lr = 0.3 B / 256, momentum 0.9, cosine to lr/50 stepped per step.
@@ -870,7 +873,7 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
     t_start = time.time()
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        t0, loss_sum = time.time(), torch.zeros((), device=device)
+        t0, t_shown, loss_sum = time.time(), time.time(), torch.zeros((), device=device)
         first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, found without a sync
         # the same order on every rank (a function of seed and epoch alone); each rank takes its slice of a batch
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)).to(device)
@@ -879,6 +882,10 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
             loss = sgd_step(step_fn, make_views(x), opt, sched, args.tau, amp, rank, world)
             loss_sum += loss  # no host sync inside the epoch
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            if time.time() - t_shown > PROGRESS_EVERY_S:  # a long epoch (a CPU, a big dataset) still shows life
+                log(f"  epoch {epoch + 1}: step {step + 1}/{steps_per_epoch} | "
+                    f"{(step + 1) * B / (time.time() - t0):.0f} img/s")  # the loss is read once per epoch: no sync
+                t_shown = time.time()
         if world > 1:
             dist.all_reduce(loss_sum)  # shares -> global loss
         loss = loss_sum.item() / steps_per_epoch
