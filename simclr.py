@@ -23,8 +23,9 @@ What happens when you run it:
 
 Result: on a 2-core CPU, `python simclr.py` (2.8 minutes here; 12.6 on a slower CPU) reaches 58.6 +- 6.5% linear
 top-1 on the embedded shapes over 3 seeds, against 53.1 +- 2.1% for a randomly initialised ResNet18 and 16.7 +- 1.4%
-for raw pixels; the frozen autoencoder head gives 61.8 +- 2.3%; one 24-epoch run reached 75.7%. No GPU figures yet.
-All measured figures, the ablation of heads and activations, and the commands that made them are in README.md.
+for raw pixels; the frozen autoencoder head gives 61.8 +- 2.3%; one 24-epoch run reached 75.7%. On the real
+Fashion-MNIST, 8 CPU epochs give 86.2% linear against 83.8% for raw pixels. No GPU figures yet. All measured
+figures, the ablation of heads and activations on both datasets, and the commands that made them are in README.md.
 """
 import argparse
 import copy
@@ -883,8 +884,10 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
             loss_sum += loss  # no host sync inside the epoch
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             if time.time() - t_shown > PROGRESS_EVERY_S:  # a long epoch (a CPU, a big dataset) still shows life
-                log(f"  epoch {epoch + 1}: step {step + 1}/{steps_per_epoch} | "
-                    f"{(step + 1) * B / (time.time() - t0):.0f} img/s")  # the loss is read once per epoch: no sync
+                step_s = (time.time() - t0) / (step + 1)  # the loss is read once per epoch: no sync here
+                steps_left = steps_per_epoch - step - 1 + (args.epochs - epoch - 1) * steps_per_epoch
+                log(f"  epoch {epoch + 1}: step {step + 1}/{steps_per_epoch} | {B / step_s:.0f} img/s | "
+                    f"eta {fmt_time(step_s * steps_left)}")
                 t_shown = time.time()
         if world > 1:
             dist.all_reduce(loss_sum)  # shares -> global loss
