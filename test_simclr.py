@@ -369,14 +369,17 @@ def read_idx_gz(path):
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
-@pytest.mark.skipif(not os.path.isdir(simclr.FASHION_MNIST_LOCAL),
+FASHION_MNIST_FILES = [os.path.join(simclr.FASHION_MNIST_LOCAL, f"{split}-{kind}-ubyte.gz")
+                       for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+
+
+@pytest.mark.skipif(not all(map(os.path.exists, FASHION_MNIST_FILES)),
                     reason="the real Fashion-MNIST files (apt-get install dataset-fashion-mnist) are not here")
 def test_real_fashion_mnist_files_load_and_raw_pixels_reach_the_published_baseline(tmp_path):
-    local = lambda name: os.path.join(simclr.FASHION_MNIST_LOCAL, name)
     d = simclr.load_dataset("fashion-mnist", str(tmp_path), 28, download=False)
     assert d["train_x"].shape == (60000, 3, 28, 28) and d["test_x"].shape == (10000, 3, 28, 28)
-    assert torch.equal(d["train_x"][:, 1], torch.from_numpy(read_idx_gz(local("train-images-idx3-ubyte.gz"))))
-    assert torch.equal(d["test_y"], torch.from_numpy(read_idx_gz(local("t10k-labels-idx1-ubyte.gz"))).long())
+    for ours, path in zip((d["train_x"][:, 1], d["train_y"], d["test_x"][:, 2], d["test_y"]), FASHION_MNIST_FILES):
+        assert torch.equal(ours.long(), torch.from_numpy(read_idx_gz(path)).long()), path
     assert torch.bincount(d["train_y"]).tolist() == [6000] * 10  # the dataset is balanced: 6,000 per class
     # Logistic regression on raw pixels scores ~84% on Fashion-MNIST (the dataset's own benchmark); on 20k
     # training images our probe must come close (the README's full-data run measured 83.8%)
@@ -493,6 +496,14 @@ def test_dry_run_end_to_end_writes_every_output(tmp_path, extra):
         sd = torch.load(out / "backbone.pt")
         missing, unexpected = torchvision.models.resnet34().load_state_dict(sd, strict=False)
         assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def test_long_epochs_show_progress_with_an_eta(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(simclr, "PROGRESS_EVERY_S", -1)  # a line after every step instead of every minute
+    simclr.main(["--dry-run", "--no-baselines", "--out", str(tmp_path / "run")])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  epoch 1: step")]
+    assert [l.split("|")[0].strip() for l in lines] == ["epoch 1: step 1/2", "epoch 1: step 2/2"]
+    assert all("img/s" in l and "eta 0m00s" in l for l in lines)  # a dry run's steps take well under a second
 
 
 def test_show_augs_writes_a_grid(tmp_path):
