@@ -229,6 +229,24 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def trim_metrics(path, epoch):
+    """Keep the metrics.jsonl lines of epochs up to the checkpoint's. An epoch's line is appended just before its
+    checkpoint is saved; a run killed between the two (or mid-line) would otherwise log that epoch twice."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["epoch"] <= epoch:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data: every dataset becomes uint8 tensors (N, 3, H, W) held on the training device
 # ----------------------------------------------------------------------------------------------------------
@@ -1172,6 +1190,8 @@ def main(argv=None):
             die(f"cannot resume from {ckpt_path}: the file is corrupt or from another model "
                 f"({type(e).__name__}: {str(e)[:300]}). Delete it to restart the run from scratch.")
         log(f"resumed {ckpt_path} at epoch {start_epoch}")
+    if args.resume and rank == 0:
+        trim_metrics(os.path.join(args.out, "metrics.jsonl"), start_epoch)
 
     # -- pre-training
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -535,8 +535,15 @@ def test_killed_run_resumes_bit_identical(tmp_path):
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"] < 3, "the kill came too late"
+    saved = torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"]
+    assert saved < 3, "the kill came too late"
+    with open(killed / "metrics.jsonl", "a") as f:  # as if killed after logging the next epoch, mid-line
+        f.write(json.dumps(dict(epoch=saved + 1, loss=0.0)) + '\n{"epoch": ')
     run_script("simclr.py", "--resume", str(killed))
+    metrics = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    whole, resumed = metrics(tmp_path / "whole"), metrics(killed)
+    assert [m["epoch"] for m in resumed] == [1, 2, 3]  # each epoch once
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
     b = torch.load(killed / "checkpoint.pt", weights_only=False)
     assert a["epoch"] == b["epoch"] == 3
