@@ -878,10 +878,99 @@ def test_fisher_ratio_against_closed_form():
     assert math.isclose(toy_theory.fisher_ratio(z, lab), 25.0)
 
 
+# ---- hltm: the hierarchical latent tree model of Tian et al. 2020, Sec. 6 ------------------------------------------
+
+
+def test_hltm_sampler_correlations_are_products_of_edge_deltas():
+    """For a binary symmetric channel corr(parent, child) = delta, so corr(root, leaf) = product of the deltas on
+    the path: the closed form against the empirical correlation of 200k samples."""
+    g = torch.Generator().manual_seed(0)
+    deltas = toy_theory.hltm_deltas(3, 2, 0.3, 0.9, g)
+    z = toy_theory.hltm_sample(deltas, torch.randint(0, 2, (200_000,), generator=g), g)
+    root, leaves = z[0][:, 0].double(), z[-1].double()
+    for leaf in range(8):
+        path = [deltas[l][leaf >> (2 - l)] for l in range(3)]  # ancestors of leaf: leaf // 4, leaf // 2, leaf
+        expected = math.prod(d.item() for d in path)
+        got = np.corrcoef(root.numpy(), leaves[:, leaf].numpy())[0, 1]
+        assert abs(got - expected) < 0.015, (leaf, got, expected)
+
+
+def test_hltm_posterior_matches_brute_force_enumeration():
+    """Belief propagation against summing the joint over every configuration of a depth-2 binary tree."""
+    import itertools
+    g = torch.Generator().manual_seed(1)
+    deltas = toy_theory.hltm_deltas(2, 2, 0.2, 0.9, g)
+    p_same = lambda d: (1 + d.item()) / 2
+    leaves_all = torch.tensor(list(itertools.product([0, 1], repeat=4)))  # (16, 4)
+    post = toy_theory.hltm_posterior(deltas, leaves_all)
+    for row, x in enumerate(leaves_all.tolist()):
+        joint = {}  # (root, a, b) -> P(root, a, b, x)
+        for r, a, b in itertools.product([0, 1], repeat=3):
+            p = 0.5
+            for child, parent, d in ((a, r, deltas[0][0]), (b, r, deltas[0][1])):
+                p *= p_same(d) if child == parent else 1 - p_same(d)
+            for leaf, parent, d in zip(x, (a, a, b, b), deltas[1]):
+                p *= p_same(d) if leaf == parent else 1 - p_same(d)
+            joint[r, a, b] = p
+        root_post = sum(v for (r, _, _), v in joint.items() if r == 1) / sum(joint.values())
+        assert math.isclose(post[0][row, 0].item(), root_post, rel_tol=1e-12)
+        for j in range(2):  # latent j at level 1 given only its own two leaves: marginalise the root out
+            def p_sub(val):
+                s = 0.0
+                for parent in (0, 1):
+                    d = deltas[0][j]
+                    pj = 0.5 * (p_same(d) if val == parent else 1 - p_same(d))
+                    for leaf, dl in zip(x[2 * j:2 * j + 2], deltas[1][2 * j:2 * j + 2]):
+                        pj *= p_same(dl) if leaf == val else 1 - p_same(dl)
+                    s += pj
+                return s
+            assert math.isclose(post[1][row, j].item(), p_sub(1) / (p_sub(0) + p_sub(1)), rel_tol=1e-12)
+
+
+def test_hltm_forward_matches_one_linear_per_latent():
+    g = torch.Generator().manual_seed(2)
+    depth, C, hid = 3, 2, 4
+    Ws, bs = toy_theory.hltm_init(depth, C, hid, g)
+    x = torch.randint(0, 2, (5, C ** depth), generator=g)
+    hs = toy_theory.hltm_forward(Ws, bs, x)
+    out = {(depth, j): x[:, j:j + 1].float() for j in range(C ** depth)}  # (level, index) -> pre-activation
+    for k, level in enumerate(reversed(range(depth))):  # bottom-up, as the weights are stored
+        for j in range(C ** level):
+            inputs = torch.cat([torch.relu(out[level + 1, j * C + c]) for c in range(C)], 1)
+            out[level, j] = inputs @ Ws[k][j].T + bs[k][j]
+            assert torch.allclose(hs[level][:, j], out[level, j], atol=1e-6)
+
+
+def test_best_abs_corr_matches_numpy():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randint(0, 2, (300, 2), generator=g)
+    h = torch.randn(300, 2, 3, generator=g) + 2 * z[:, :, None] * torch.tensor([0.0, -1.0, 0.3])
+    h[:, 1, 2] = 1.0  # a dead node: correlation 0, not NaN
+    got = toy_theory.best_abs_corr(z, h)
+    for i in range(2):
+        ref = [abs(np.corrcoef(z[:, i].numpy(), h[:, i, k].numpy())[0, 1]) for k in range(3 if i == 0 else 2)]
+        assert math.isclose(got[i].item(), max(ref), rel_tol=1e-9)
+
+
+def test_hltm_simclr_learns_the_root_without_labels(one_thread):
+    """Theorem 5-6 in numbers: trained on pairs sharing the root, the root block's best node correlates with z_root
+    far more than at init and than a control trained on pairs sharing nothing, and never beats the Bayes ceiling."""
+    args = toy_theory.get_args(["hltm", "--depth", "3", "--steps", "400", "--n-eval", "4096"])
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        deltas = toy_theory.hltm_deltas(3, 2, 0.7, 1.0, g)
+        z_eval = toy_theory.hltm_sample(deltas, torch.randint(0, 2, (4096,), generator=g), g)
+        ceiling = toy_theory.best_abs_corr(z_eval[0], toy_theory.hltm_posterior(deltas, z_eval[-1])[0][:, :, None])
+        runs = [toy_theory.hltm_train(deltas, args, torch.Generator().manual_seed(seed + 10), shared, (0, 400),
+                                      z_eval)[2] for shared in (True, False)]
+        init, trained, control = runs[0][0]["corr"][0], runs[0][-1]["corr"][0], runs[1][-1]["corr"][0]
+        assert trained > init + 0.05 and trained > control + 0.05, (init, trained, control)
+        assert trained < ceiling.item() + 0.01
+
 # ---- subprocess smoke tests: each subcommand end to end with --quick ----------------------------------------------
 
 
-@pytest.mark.parametrize("cmd", ["cnn", "collapse", "covariance"])
+@pytest.mark.parametrize("cmd", ["cnn", "collapse", "covariance", "hltm"])
 def test_toy_theory_smoke(cmd, tmp_path):
     out = tmp_path / cmd
     r = subprocess.run([sys.executable, os.path.join(HERE, "toy_theory.py"), cmd, "--quick", "--out", str(out)],

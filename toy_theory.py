@@ -1,11 +1,12 @@
 """toy_theory.py -- see *why* SimCLR works, on models small enough for a CPU.
 
-Three experiments, each reproducing one theoretical claim on a toy model, each a subcommand:
+Four experiments, each reproducing one theoretical claim on a toy model, each a subcommand:
 
     python toy_theory.py cnn          # Zhang & Cao 2024 (arXiv:2409.18685): pre-training removes the n*SNR^q label need
     python toy_theory.py collapse     # Calder & Lee 2025 (arXiv:2503.10812): the loss has trivial minimisers;
                                       #   training dynamics, not the loss, produce clusters
     python toy_theory.py covariance   # Tian, Yu, Chen & Ganguli 2020 (arXiv:2010.00578): the covariance operator
+    python toy_theory.py hltm         # the same paper, Sec. 6: hidden nodes learn the latents of a latent tree
 
     python toy_theory.py cnn --quick  # any subcommand: a seconds-long end-to-end run (used by the tests)
     python toy_theory.py cnn --fig assets/toy_cnn.png   # where the figure goes (default: <out>/<subcommand>.png)
@@ -25,6 +26,9 @@ What each experiment shows (numbers: README.md, "Toy theory"):
              keeps it for a long time.
   covariance (a) for f(x) = W x, -grad L_simp = 4 W Cov_z0[E_aug x | z0], exactly (float64 round-off);
              (b) a 1-layer conv net on the "11" / "101" objects of Tian et al.'s Fig. 3 becomes object-selective.
+  hltm       a tree-shaped ReLU net trained with NT-Xent on pairs that share only the root of a hierarchical latent
+             tree model: its nodes come to correlate with latents it never sees, up to near the Bayes ceiling,
+             while a control trained on pairs that share nothing does not move.
 """
 
 import argparse
@@ -110,6 +114,21 @@ def get_args(argv=None):
     s.add_argument("--log-every", type=int, default=200, help="steps between measurements (default: 200)")
     s.add_argument("--noise", type=float, default=0.05, help="pixel noise std of each view (default: 0.05)")
 
+    s = sub.add_parser("hltm", help="Tian et al. 2020: latents of a hierarchical latent tree learned without labels")
+    common(s)
+    s.add_argument("--depth", type=int, default=5, help="levels of latents below the root; 2^depth leaves (default: 5)")
+    s.add_argument("--children", type=int, default=2, help="children per latent (default: 2)")
+    s.add_argument("--delta-lo", type=float, default=0.7, help="smallest |delta| of an edge (default: 0.7)")
+    s.add_argument("--delta-hi", type=float, default=1.0, help="largest |delta| of an edge (default: 1.0)")
+    s.add_argument("--hid", type=int, default=10, help="network nodes per latent (default: 10)")
+    s.add_argument("--batch", type=int, default=128, help="SimCLR batch (default: 128)")
+    s.add_argument("--tau", type=float, default=0.1, help="NT-Xent temperature (default: 0.1)")
+    s.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
+    s.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
+    s.add_argument("--log-every", type=int, default=250, help="steps between measurements (default: 250)")
+    s.add_argument("--n-eval", type=int, default=8192, help="fresh samples the correlations are measured on (default: 8192)")
+    s.add_argument("--seeds", type=int, default=3, help="trees (and networks), one per seed (default: 3)")
+
     args = p.parse_args(argv)
     # derived values, in one place
     args.out = args.out or os.path.join("runs", "toy", args.cmd)
@@ -120,6 +139,8 @@ def get_args(argv=None):
             args.n0_n, args.seeds, args.n_test, args.pre_steps, args.steps = 10, 1, 500, 60, 150
         elif args.cmd == "collapse":
             args.per_cluster, args.steps, args.log_every = 20, 400, 100
+        elif args.cmd == "hltm":
+            args.depth, args.steps, args.log_every, args.n_eval, args.seeds = 3, 200, 100, 1024, 1
         else:
             args.steps, args.log_every = 100, 50
     return args
@@ -620,6 +641,163 @@ def run_covariance(args):
 
 
 # =====================================================================================================
+# 4. hltm -- latents learned without supervision (Tian, Yu, Chen & Ganguli 2020, Sec. 6, Theorems 5-6)
+# =====================================================================================================
+# Hierarchical latent tree model (setup of the authors' ssl/hltm code, SPEC Sec. 6): binary latents z_mu in a tree
+# of depth D with C children per node. The root is uniform on {0, 1}; a child copies its parent with probability
+# (1 + delta) / 2, i.e. P(child | parent) = 1/2 [[1+delta, 1-delta], [1-delta, 1+delta]], one delta per edge,
+# |delta| ~ U[0.7, 1] with a random sign. The input x is the C^D leaves. A positive pair shares the root and has
+# everything below it resampled: the root is what "survives augmentation".
+# The network mirrors the tree: one small fully connected block of `hid` nodes per latent, fed by the ReLU outputs
+# of its children's blocks, so the nodes at mu's place see exactly the leaves under mu. Nothing ever tells a node
+# about z_mu. Measure: for each latent, the best |Pearson correlation| between z_mu and the hid pre-activations at
+# its place, averaged over the latents of a level. Theorem 5: some node is "lucky" at initialisation (weakly
+# correlated); the covariance operator amplifies it (Theorem 6), so the correlation grows with training.
+# Two references make the numbers readable: a control trained on pairs that share nothing (the positive view drawn
+# from an independent root), and the Bayes ceiling corr(z_mu, P(z_mu = 1 | leaves under mu)), which no function of
+# those leaves can beat (Cauchy-Schwarz: corr(z, f(x)) <= corr(z, E[z | x])).
+
+
+def hltm_deltas(depth, C, lo, hi, g):
+    """delta of every edge, level by level: deltas[l] (C^(l+1),) are the edges into level l+1 (root = level 0)."""
+    return [(lo + (hi - lo) * torch.rand(C ** (l + 1), generator=g))
+            * torch.where(torch.rand(C ** (l + 1), generator=g) < 0.5, -1.0, 1.0) for l in range(depth)]
+
+
+def hltm_sample(deltas, root, g):
+    """Latents of every level given the root (B,) in {0, 1}: [(B, 1), (B, C), ..., (B, C^D)]; the last is x."""
+    C = len(deltas[0])
+    z = [root[:, None]]
+    for delta in deltas:
+        parent = z[-1].repeat_interleave(C, dim=1)  # (B, n_children): node j's children are j*C .. j*C + C-1
+        keep = torch.rand(parent.shape, generator=g) < (1 + delta) / 2
+        z.append(torch.where(keep, parent, 1 - parent))
+    return z
+
+
+def hltm_posterior(deltas, x):
+    """P(z_mu = 1 | the leaves under mu) for every non-leaf latent, root level first: [(B, 1), ..., (B, C^(D-1))].
+    One upward pass of belief propagation, exact on a tree; every latent's prior is uniform (symmetric channels)."""
+    C = len(deltas[0])
+    L = torch.stack([1 - x, x], -1).double()  # (B, n_leaves, 2): likelihood of each value of each leaf
+    post = []
+    for delta in reversed(deltas):
+        keep = ((1 + delta.double()) / 2)[None, :, None]
+        msg = keep * L + (1 - keep) * L.flip(-1)  # sum_c P(c | z) L(c) for z = 0, 1: (B, n_children, 2)
+        L = msg.reshape(len(x), -1, C, 2).prod(2)  # children are independent given the parent: (B, n_parents, 2)
+        L = L / L.sum(-1, keepdim=True)
+        post.append(L[..., 1])
+    return post[::-1]
+
+
+def hltm_init(depth, C, hid, g):
+    """Weights of the tree-shaped network, bottom level first: W (n_nodes, hid, C * fan_in_per_child), b (n, hid);
+    nn.Linear's default uniform init, one Linear per latent."""
+    Ws, bs = [], []
+    for level in reversed(range(depth)):
+        fan_in = C * (1 if level == depth - 1 else hid)
+        bound = 1 / math.sqrt(fan_in)
+        Ws.append(((2 * torch.rand(C ** level, hid, fan_in, generator=g) - 1) * bound).requires_grad_())
+        bs.append(((2 * torch.rand(C ** level, hid, generator=g) - 1) * bound).requires_grad_())
+    return Ws, bs
+
+
+def hltm_forward(Ws, bs, x):
+    """Pre-activations at every latent's place, root level first: [(B, 1, hid), ..., (B, C^(D-1), hid)]."""
+    h = x.float()[:, :, None]  # (B, C^D, 1): the leaves
+    hs = []
+    for W, b in zip(Ws, bs):
+        inputs = torch.relu(h).reshape(len(x), W.shape[0], -1)  # (B, n, C * width): a node's children's outputs
+        h = torch.einsum("bni,noi->bno", inputs, W) + b  # (B, n, hid)
+        hs.append(h)
+    return hs[::-1]
+
+
+def best_abs_corr(z, h):
+    """Per latent, the best |Pearson correlation| between z (B, n) and any of its hid nodes h (B, n, hid): (n,)."""
+    zc, hc = z.double() - z.double().mean(0), h.double() - h.double().mean(0)
+    cov = (zc[:, :, None] * hc).mean(0)  # (n, hid)
+    std = zc.pow(2).mean(0).sqrt()[:, None] * hc.pow(2).mean(0).sqrt()
+    return (cov.abs() / std.clamp_min(1e-12)).amax(1)  # a dead node (std 0) has correlation 0
+
+
+def hltm_level_corrs(Ws, bs, z_eval):
+    with torch.no_grad():
+        hs = hltm_forward(Ws, bs, z_eval[-1])
+    return [best_abs_corr(z, h).mean().item() for z, h in zip(z_eval[:-1], hs)]
+
+
+def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
+    """SimCLR on the tree: NT-Xent on the root block's output. shared_root=False is the control."""
+    Ws, bs = hltm_init(len(deltas), len(deltas[0]), args.hid, g)
+    opt = torch.optim.SGD(Ws + bs, lr=args.lr)
+    hist = []
+    for step in range(args.steps + 1):
+        if step in log_at:
+            hist.append(dict(step=step, corr=hltm_level_corrs(Ws, bs, z_eval)))
+        if step == args.steps:
+            break
+        root = torch.randint(0, 2, (args.batch,), generator=g)
+        root2 = root if shared_root else torch.randint(0, 2, (args.batch,), generator=g)
+        x1, x2 = hltm_sample(deltas, root, g)[-1], hltm_sample(deltas, root2, g)[-1]
+        loss = nt_xent(hltm_forward(Ws, bs, x1)[0][:, 0], hltm_forward(Ws, bs, x2)[0][:, 0], args.tau)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return Ws, bs, hist, loss.item()
+
+
+def run_hltm(args):
+    levels = list(range(args.depth))  # non-leaf levels, root = 0
+    log_at = sorted(set(range(0, args.steps + 1, args.log_every)) | {args.steps})
+    runs = []
+    print(f"tree: depth {args.depth}, {args.children} children, |delta| ~ U[{args.delta_lo}, {args.delta_hi}], "
+          f"{args.children ** args.depth} leaves; network: {args.hid} nodes per latent; NT-Xent tau {args.tau}, "
+          f"batch {args.batch}, SGD lr {args.lr}, {args.steps} steps")
+    for s in range(args.seeds):
+        g = generator(args.seed + s)
+        deltas = hltm_deltas(args.depth, args.children, args.delta_lo, args.delta_hi, g)
+        z_eval = hltm_sample(deltas, torch.randint(0, 2, (args.n_eval,), generator=g), g)
+        ceiling = [best_abs_corr(z, p[:, :, None]).mean().item()
+                   for z, p in zip(z_eval[:-1], hltm_posterior(deltas, z_eval[-1]))]
+        t0 = time.time()
+        _, _, hist, loss = hltm_train(deltas, args, generator(args.seed + s + 1000), True, log_at, z_eval)
+        _, _, hist_ctrl, loss_ctrl = hltm_train(deltas, args, generator(args.seed + s + 1000), False, log_at, z_eval)
+        runs.append(dict(seed=args.seed + s, ceiling=ceiling, history=hist, control=hist_ctrl, loss=loss,
+                         loss_control=loss_ctrl))
+        print(f"seed {args.seed + s}: best |corr| per level (root first) init "
+              + " ".join(f"{c:.2f}" for c in hist[0]["corr"]) + " -> trained "
+              + " ".join(f"{c:.2f}" for c in hist[-1]["corr"]) + f" | control "
+              + " ".join(f"{c:.2f}" for c in hist_ctrl[-1]["corr"]) + f", {time.time() - t0:.1f}s")
+    fmt = lambda xs: "%.3f +- %.3f" % mean_std(xs)
+    rows, table = [], []
+    for l in levels:
+        col = lambda key: [r[key][-1]["corr"][l] if key != "ceiling" else r["ceiling"][l] for r in runs]
+        init = [r["history"][0]["corr"][l] for r in runs]
+        table.append(dict(level=l, latents=args.children ** l, init=mean_std(init), trained=mean_std(col("history")),
+                          control=mean_std(col("control")), ceiling=mean_std(col("ceiling"))))
+        rows.append([l, args.children ** l, fmt(init), fmt(col("history")), fmt(col("control")), fmt(col("ceiling"))])
+    print(f"\nbest |corr(z_mu, node)| per level, mean +- std over {args.seeds} seeds (level 0 = root; "
+          f"level {args.depth - 1} sits just above the leaves)")
+    print_table(["level", "latents", "init", "SimCLR", "control: no shared root", "Bayes ceiling"], rows)
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for l in levels:
+            colour = f"C{l}"
+            steps = [h["step"] for h in runs[0]["history"]]
+            ax.plot(steps, np.mean([[h["corr"][l] for h in r["history"]] for r in runs], 0), "-", color=colour,
+                    label=f"level {l}")
+            ax.plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in runs], 0), ":", color=colour)
+            ax.axhline(table[l]["ceiling"][0], color=colour, lw=0.8, alpha=0.5)
+        ax.set(xlabel="SGD step", ylabel="best |corr(z, node)|",
+               title="HLTM: solid SimCLR, dotted control, thin line Bayes ceiling")
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        save_fig(fig, args.fig)
+    return dict(config=vars(args), table=table, runs=runs)
+
+
+# =====================================================================================================
 # Main
 # =====================================================================================================
 
@@ -629,7 +807,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     t0 = time.time()
-    summary = {"cnn": run_cnn, "collapse": run_collapse, "covariance": run_covariance}[args.cmd](args)
+    summary = {"cnn": run_cnn, "collapse": run_collapse, "covariance": run_covariance,
+               "hltm": run_hltm}[args.cmd](args)
     summary["seconds"] = time.time() - t0
     save_summary(args.out, summary)
     print(f"\n{args.cmd}: {summary['seconds']:.1f}s, summary -> {os.path.join(args.out, 'summary.json')}")
