@@ -231,20 +231,24 @@ def save_atomic(obj, path):
 
 def trim_metrics(path, epoch):
     """Keep the metrics.jsonl lines of epochs up to the checkpoint's. An epoch's line is appended just before its
-    checkpoint is saved; a run killed between the two (or mid-line) would otherwise log that epoch twice."""
+    checkpoint is saved; a run killed between the two (or mid-line) would otherwise log that epoch twice.
+    Returns how many lines were dropped."""
     if not os.path.exists(path):
-        return
-    kept = []
+        return 0
+    kept, dropped = [], 0
     with open(path) as f:
         for line in f:
             try:
                 if json.loads(line)["epoch"] <= epoch:
-                    kept.append(line)
+                    kept.append(line.rstrip("\n") + "\n")
+                    continue
             except (ValueError, KeyError, TypeError):  # a line cut short by the kill
                 pass
+            dropped += 1
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+    return dropped
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1191,7 +1195,9 @@ def main(argv=None):
                 f"({type(e).__name__}: {str(e)[:300]}). Delete it to restart the run from scratch.")
         log(f"resumed {ckpt_path} at epoch {start_epoch}")
     if args.resume and rank == 0:
-        trim_metrics(os.path.join(args.out, "metrics.jsonl"), start_epoch)
+        dropped = trim_metrics(os.path.join(args.out, "metrics.jsonl"), start_epoch)
+        if dropped:
+            log(f"metrics.jsonl: dropped {dropped} line(s) written after the checkpoint of epoch {start_epoch}")
 
     # -- pre-training
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -553,6 +553,15 @@ def test_killed_run_resumes_bit_identical(tmp_path):
         json.loads((killed / "results.json").read_text())["linear_top1"]
 
 
+def test_trim_metrics_keeps_epochs_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert simclr.trim_metrics(str(path), 3) == 0 and not path.exists()  # no file: nothing to do
+    path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')  # killed after epoch 3's line, mid-line
+    assert simclr.trim_metrics(str(path), 2) == 2  # the checkpoint holds epoch 2
+    assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    assert simclr.trim_metrics(str(path), 0) == 2 and path.read_text() == ""  # no checkpoint: the run starts afresh
+
+
 def run_failing(*args):
     r = subprocess.run([sys.executable, "simclr.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
@@ -968,6 +977,14 @@ def test_hltm_simclr_learns_the_root_without_labels(one_thread):
         assert trained < ceiling.item() + 0.01
 
 # ---- subprocess smoke tests: each subcommand end to end with --quick ----------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["hltm", "--depth", "0"], ["hltm", "--delta-lo", "0.9", "--delta-hi", "0.5"],
+                                  ["hltm", "--batch", "1"], ["covariance", "--log-every", "0"], ["cnn", "--seeds", "0"]])
+def test_toy_theory_bad_flags_exit_with_a_message(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        toy_theory.get_args(argv)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cmd", ["cnn", "collapse", "covariance", "hltm"])

@@ -28,7 +28,7 @@ What each experiment shows (numbers: README.md, "Toy theory"):
              (b) a 1-layer conv net on the "11" / "101" objects of Tian et al.'s Fig. 3 becomes object-selective.
   hltm       a tree-shaped ReLU net trained with NT-Xent on pairs that share only the root of a hierarchical latent
              tree model: its nodes come to correlate with latents it never sees, up to near the Bayes ceiling,
-             while a control trained on pairs that share nothing does not move.
+             while a control trained on pairs that share nothing shows no systematic gain.
 """
 
 import argparse
@@ -130,6 +130,15 @@ def get_args(argv=None):
     s.add_argument("--seeds", type=int, default=3, help="trees (and networks), one per seed (default: 3)")
 
     args = p.parse_args(argv)
+    # flags no run can use: argparse's usage line and a message (exit 2), never a traceback
+    if getattr(args, "log_every", 1) < 1 or getattr(args, "seeds", 1) < 1 or getattr(args, "steps", 0) < 0:
+        p.error("--log-every and --seeds must be at least 1, --steps at least 0")
+    if args.cmd == "hltm":
+        if min(args.depth, args.children, args.hid) < 1 or args.batch < 2 or args.n_eval < 2:
+            p.error("hltm: --depth, --children and --hid must be at least 1, --batch and --n-eval at least 2")
+        if not 0 <= args.delta_lo <= args.delta_hi <= 1:
+            p.error(f"hltm: need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
+                    "delta is the correlation between a latent and its parent")
     # derived values, in one place
     args.out = args.out or os.path.join("runs", "toy", args.cmd)
     args.fig = args.fig or os.path.join(args.out, args.cmd + ".png")
@@ -651,8 +660,8 @@ def run_covariance(args):
 # The network mirrors the tree: one small fully connected block of `hid` nodes per latent, fed by the ReLU outputs
 # of its children's blocks, so the nodes at mu's place see exactly the leaves under mu. Nothing ever tells a node
 # about z_mu. Measure: for each latent, the best |Pearson correlation| between z_mu and the hid pre-activations at
-# its place, averaged over the latents of a level. Theorem 5: some node is "lucky" at initialisation (weakly
-# correlated); the covariance operator amplifies it (Theorem 6), so the correlation grows with training.
+# its place, averaged over the latents of a level. Theorem 5: some node is "lucky" at initialisation (already
+# partly correlated); the covariance operator amplifies it (Theorem 6), so the correlation grows with training.
 # Two references make the numbers readable: a control trained on pairs that share nothing (the positive view drawn
 # from an independent root), and the Bayes ceiling corr(z_mu, P(z_mu = 1 | leaves under mu)), which no function of
 # those leaves can beat (Cauchy-Schwarz: corr(z, f(x)) <= corr(z, E[z | x])).
@@ -667,7 +676,7 @@ def hltm_deltas(depth, C, lo, hi, g):
 def hltm_sample(deltas, root, g):
     """Latents of every level given the root (B,) in {0, 1}: [(B, 1), (B, C), ..., (B, C^D)]; the last is x."""
     C = len(deltas[0])
-    z = [root[:, None]]
+    z = [root[:, None]]  # (B, 1)
     for delta in deltas:
         parent = z[-1].repeat_interleave(C, dim=1)  # (B, n_children): node j's children are j*C .. j*C + C-1
         keep = torch.rand(parent.shape, generator=g) < (1 + delta) / 2
@@ -679,14 +688,14 @@ def hltm_posterior(deltas, x):
     """P(z_mu = 1 | the leaves under mu) for every non-leaf latent, root level first: [(B, 1), ..., (B, C^(D-1))].
     One upward pass of belief propagation, exact on a tree; every latent's prior is uniform (symmetric channels)."""
     C = len(deltas[0])
-    L = torch.stack([1 - x, x], -1).double()  # (B, n_leaves, 2): likelihood of each value of each leaf
+    lik = torch.stack([1 - x, x], -1).double()  # (B, n_leaves, 2): likelihood of each value of each leaf
     post = []
     for delta in reversed(deltas):
-        keep = ((1 + delta.double()) / 2)[None, :, None]
-        msg = keep * L + (1 - keep) * L.flip(-1)  # sum_c P(c | z) L(c) for z = 0, 1: (B, n_children, 2)
-        L = msg.reshape(len(x), -1, C, 2).prod(2)  # children are independent given the parent: (B, n_parents, 2)
-        L = L / L.sum(-1, keepdim=True)
-        post.append(L[..., 1])
+        p_same = ((1 + delta.double()) / 2)[None, :, None]  # (1, n_children, 1)
+        msg = p_same * lik + (1 - p_same) * lik.flip(-1)  # sum_c P(c | z) lik(c) for z = 0, 1: (B, n_children, 2)
+        lik = msg.reshape(len(x), -1, C, 2).prod(2)  # children independent given the parent: (B, n_parents, 2)
+        lik = lik / lik.sum(-1, keepdim=True)  # normalised, so a deep tree cannot underflow
+        post.append(lik[..., 1])  # (B, n_parents)
     return post[::-1]
 
 
@@ -717,7 +726,7 @@ def best_abs_corr(z, h):
     """Per latent, the best |Pearson correlation| between z (B, n) and any of its hid nodes h (B, n, hid): (n,)."""
     zc, hc = z.double() - z.double().mean(0), h.double() - h.double().mean(0)
     cov = (zc[:, :, None] * hc).mean(0)  # (n, hid)
-    std = zc.pow(2).mean(0).sqrt()[:, None] * hc.pow(2).mean(0).sqrt()
+    std = zc.pow(2).mean(0).sqrt()[:, None] * hc.pow(2).mean(0).sqrt()  # (n, hid)
     return (cov.abs() / std.clamp_min(1e-12)).amax(1)  # a dead node (std 0) has correlation 0
 
 
@@ -728,10 +737,11 @@ def hltm_level_corrs(Ws, bs, z_eval):
 
 
 def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
-    """SimCLR on the tree: NT-Xent on the root block's output. shared_root=False is the control."""
+    """SimCLR on the tree: NT-Xent on the root block's output. shared_root=False is the control. The same g gives
+    the same initial weights, so a run and its control start from one network."""
     Ws, bs = hltm_init(len(deltas), len(deltas[0]), args.hid, g)
     opt = torch.optim.SGD(Ws + bs, lr=args.lr)
-    hist = []
+    hist, loss = [], torch.tensor(float("nan"))
     for step in range(args.steps + 1):
         if step in log_at:
             hist.append(dict(step=step, corr=hltm_level_corrs(Ws, bs, z_eval)))
@@ -767,16 +777,18 @@ def run_hltm(args):
                          loss_control=loss_ctrl))
         print(f"seed {args.seed + s}: best |corr| per level (root first) init "
               + " ".join(f"{c:.2f}" for c in hist[0]["corr"]) + " -> trained "
-              + " ".join(f"{c:.2f}" for c in hist[-1]["corr"]) + f" | control "
+              + " ".join(f"{c:.2f}" for c in hist[-1]["corr"]) + " | control "
               + " ".join(f"{c:.2f}" for c in hist_ctrl[-1]["corr"]) + f", {time.time() - t0:.1f}s")
     fmt = lambda xs: "%.3f +- %.3f" % mean_std(xs)
     rows, table = [], []
     for l in levels:
-        col = lambda key: [r[key][-1]["corr"][l] if key != "ceiling" else r["ceiling"][l] for r in runs]
         init = [r["history"][0]["corr"][l] for r in runs]
-        table.append(dict(level=l, latents=args.children ** l, init=mean_std(init), trained=mean_std(col("history")),
-                          control=mean_std(col("control")), ceiling=mean_std(col("ceiling"))))
-        rows.append([l, args.children ** l, fmt(init), fmt(col("history")), fmt(col("control")), fmt(col("ceiling"))])
+        trained = [r["history"][-1]["corr"][l] for r in runs]
+        control = [r["control"][-1]["corr"][l] for r in runs]
+        ceiling = [r["ceiling"][l] for r in runs]
+        table.append(dict(level=l, latents=args.children ** l, init=mean_std(init), trained=mean_std(trained),
+                          control=mean_std(control), ceiling=mean_std(ceiling)))
+        rows.append([l, args.children ** l, fmt(init), fmt(trained), fmt(control), fmt(ceiling)])
     print(f"\nbest |corr(z_mu, node)| per level, mean +- std over {args.seeds} seeds (level 0 = root; "
           f"level {args.depth - 1} sits just above the leaves)")
     print_table(["level", "latents", "init", "SimCLR", "control: no shared root", "Bayes ceiling"], rows)
@@ -788,9 +800,9 @@ def run_hltm(args):
             ax.plot(steps, np.mean([[h["corr"][l] for h in r["history"]] for r in runs], 0), "-", color=colour,
                     label=f"level {l}")
             ax.plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in runs], 0), ":", color=colour)
-            ax.axhline(table[l]["ceiling"][0], color=colour, lw=0.8, alpha=0.5)
+            ax.plot(steps[-1] * (1.03 + 0.025 * l), table[l]["ceiling"][0], "<", color=colour, ms=7, clip_on=False)
         ax.set(xlabel="SGD step", ylabel="best |corr(z, node)|",
-               title="HLTM: solid SimCLR, dotted control, thin line Bayes ceiling")
+               title="HLTM: solid SimCLR, dotted control, \u25c0 Bayes ceiling")
         ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
         save_fig(fig, args.fig)
