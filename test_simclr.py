@@ -923,17 +923,14 @@ def test_hltm_posterior_matches_brute_force_enumeration():
             joint[r, a, b] = p
         root_post = sum(v for (r, _, _), v in joint.items() if r == 1) / sum(joint.values())
         assert math.isclose(post[0][row, 0].item(), root_post, rel_tol=1e-12)
-        for j in range(2):  # latent j at level 1 given only its own two leaves: marginalise the root out
-            def p_sub(val):
-                s = 0.0
-                for parent in (0, 1):
-                    d = deltas[0][j]
-                    pj = 0.5 * (p_same(d) if val == parent else 1 - p_same(d))
-                    for leaf, dl in zip(x[2 * j:2 * j + 2], deltas[1][2 * j:2 * j + 2]):
-                        pj *= p_same(dl) if leaf == val else 1 - p_same(dl)
-                    s += pj
-                return s
-            assert math.isclose(post[1][row, j].item(), p_sub(1) / (p_sub(0) + p_sub(1)), rel_tol=1e-12)
+        for j in range(2):  # latent j at level 1 given only its own two leaves (the root summed out)
+            p_sub = [0.0, 0.0]  # P(z_j = val, its two leaves), val = 0, 1
+            for val, r in itertools.product([0, 1], repeat=2):
+                p = 0.5 * (p_same(deltas[0][j]) if val == r else 1 - p_same(deltas[0][j]))
+                for leaf, d in zip(x[2 * j:2 * j + 2], deltas[1][2 * j:2 * j + 2]):
+                    p *= p_same(d) if leaf == val else 1 - p_same(d)
+                p_sub[val] += p
+            assert math.isclose(post[1][row, j].item(), p_sub[1] / sum(p_sub), rel_tol=1e-12)
 
 
 def test_hltm_forward_matches_one_linear_per_latent():
@@ -962,7 +959,7 @@ def test_best_abs_corr_matches_numpy():
 
 
 def test_hltm_simclr_learns_the_root_without_labels(one_thread):
-    """Theorem 5-6 in numbers: trained on pairs sharing the root, the root block's best node correlates with z_root
+    """Theorems 5-6 in numbers: trained on pairs sharing the root, the root block's best node correlates with z_root
     far more than at init and than a control trained on pairs sharing nothing, and never beats the Bayes ceiling."""
     args = toy_theory.get_args(["hltm", "--depth", "3", "--steps", "400", "--n-eval", "4096"])
     for seed in range(2):
@@ -979,12 +976,16 @@ def test_hltm_simclr_learns_the_root_without_labels(one_thread):
 # ---- subprocess smoke tests: each subcommand end to end with --quick ----------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["hltm", "--depth", "0"], ["hltm", "--delta-lo", "0.9", "--delta-hi", "0.5"],
-                                  ["hltm", "--batch", "1"], ["covariance", "--log-every", "0"], ["cnn", "--seeds", "0"]])
-def test_toy_theory_bad_flags_exit_with_a_message(argv, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["hltm", "--depth", "0"], "--depth, --children and --hid must be at least 1"),
+    (["hltm", "--delta-lo", "0.9", "--delta-hi", "0.5"], "need 0 <= --delta-lo <= --delta-hi <= 1 (got 0.9, 0.5)"),
+    (["hltm", "--batch", "1"], "--batch and --n-eval at least 2"),
+    (["covariance", "--log-every", "0"], "--log-every and --seeds must be at least 1"),
+    (["cnn", "--seeds", "0"], "--log-every and --seeds must be at least 1")])
+def test_toy_theory_bad_flags_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         toy_theory.get_args(argv)
-    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cmd", ["cnn", "collapse", "covariance", "hltm"])
