@@ -1079,7 +1079,8 @@ def main(argv=None):
             die(f"--resume {args.resume}: no config.json there; is it a run directory?")
         cfg = json.load(open(cfg_path))
         typed = explicit_flags(parser, argv) - {"resume", "device", "out"}
-        given = resolve_args(argparse.Namespace(**{**vars(args), "resume": None, "out": args.resume}))
+        saved = {k: v for k, v in cfg.items() if k in vars(args) and k not in typed}  # the flags not typed
+        given = resolve_args(argparse.Namespace(**{**vars(args), **saved, "resume": None, "out": args.resume}))
         differ = [f"--{k.replace('_', '-')}: saved {cfg.get(k)!r}, given {getattr(given, k)!r}"
                   for k in sorted(typed) if cfg.get(k) != getattr(given, k)]
         if differ:
@@ -1142,7 +1143,9 @@ def main(argv=None):
     # -- model: backbone, (autoencoder), projection head
     embedding = None
     if args.head == "ae":
-        tag = f"{args.dataset}-{args.img_size}px-d{args.proj_hidden}-e{args.ae_epochs}"
+        # the seed too: it draws the AE's initial weights (and, for shapes, the images), so a run's result does
+        # not depend on which seed happened to fill the cache first
+        tag = f"{args.dataset}-{args.img_size}px-d{args.proj_hidden}-e{args.ae_epochs}-s{args.seed}"
         tag += (f"-n{args.subset}" if args.subset else "") + ("-train" if args.dataset == "stl10" and
                                                                args.stl10_pretrain == "train" else "")
         if args.dataset == "folder":

@@ -466,6 +466,16 @@ def test_resume_with_different_flags_names_them(tmp_path, capsys):
     assert "--tau: saved 0.5, given 0.2" in err
 
 
+def test_resume_checks_typed_flags_against_the_saved_run_not_the_defaults(tmp_path, capsys):
+    """--no-freeze is valid for the saved --head ae run: it must not be refused as if --head were the default mlp."""
+    (tmp_path / "config.json").write_text(json.dumps({"head": "ae", "no_freeze": True, "tau": 0.5, "device": "cpu"}))
+    with pytest.raises(SystemExit):
+        simclr.main(["--resume", str(tmp_path), "--no-freeze", "--tau", "0.2"])
+    err = capsys.readouterr().err
+    assert "only applies" not in err
+    assert "--tau: saved 0.5, given 0.2" in err and "--no-freeze" not in err
+
+
 def test_out_dir_holding_another_run_is_refused(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit):
@@ -567,6 +577,17 @@ def run_failing(*args):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr
     return r.stderr
+
+
+def test_autoencoder_cache_is_per_seed(tmp_path, capsys):
+    """The seed draws the AE's initial weights (and the shapes images): a cached AE is reused by its own seed only,
+    so a run's result does not depend on which seed filled the cache first."""
+    def reused(seed, out):
+        simclr.main([*TINY, "--head", "ae", "--ae-epochs", "1", "--epochs", "0", "--seed", str(seed),
+                     "--ae-dir", str(tmp_path / "ae"), "--out", str(tmp_path / out)])
+        return "autoencoder: reusing" in capsys.readouterr().out
+    assert [reused(0, "a"), reused(1, "b"), reused(0, "c")] == [False, False, True]
+    assert len(os.listdir(tmp_path / "ae")) == 2
 
 
 def test_run_saved_before_newer_flags_existed_resumes(tmp_path):
