@@ -2,7 +2,7 @@
 SimCLR with an autoencoder projection head: one file, read top to bottom.
 
     python simclr.py                                          # embedded 'shapes' data, no download, 3-13 min CPU
-    python simclr.py --dataset stl10 --head ae --act sigmoid  # the paper's setting (needs internet + a GPU)
+    python simclr.py --dataset stl10 --head ae --act sigmoid  # the paper's best head (needs internet + a GPU)
     python simclr.py --dry-run                                # every stage for a couple of steps, in seconds
     python simclr.py --show-augs augs.png                     # look at what the network is asked to match
     python simclr.py --bench                                  # img/s: this pipeline vs the classic DataLoader one
