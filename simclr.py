@@ -464,8 +464,8 @@ def crop_params(N, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu"):
     aspect = torch.exp(torch.empty(N, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
     w, h = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()  # (N, 10)
     ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first = ok.int().argmax(1, keepdim=True)  # first valid try (0 when none is)
-    w, h, found = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1), ok.any(1)
+    first = ok.int().argmax(1, keepdim=True)  # (N, 1): first valid try (0 when none is)
+    w, h, found = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1), ok.any(1)  # (N,) each
     in_ratio = W / H  # fallback, as torchvision: the largest centred crop whose ratio is inside `ratio`
     fw = W if in_ratio <= max(ratio) else int(round(H * max(ratio)))
     fh = H if in_ratio >= min(ratio) else int(round(W / min(ratio)))
@@ -488,6 +488,7 @@ def resized_crop(x, top, left, h, w, size, flip):
         return (2 * c + 1) / full - 1  # pixel -> [-1, 1], align_corners=False
     gx, gy = coords(left, w, W), coords(top, h, H)
     gx = torch.where(flip[:, None], gx.flip(1), gx)
+    # (N, S, S, 2): the (x, y) input coordinate of every output pixel
     grid = torch.stack([gx[:, None, :].expand(N, size, size), gy[:, :, None].expand(N, size, size)], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (N, 3, S, S)
 
@@ -555,10 +556,11 @@ def gaussian_blur(x, sigma, kernel_size):
     k = torch.exp(-0.5 * (i / sigma[:, None]) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (N*C, K), one kernel per channel
     pad = kernel_size // 2
-    y = F.pad(x.reshape(1, N * C, H, W), (pad, pad, pad, pad), mode="reflect")  # images as channels
+    y = x.reshape(1, N * C, H, W)  # images as channels, so one grouped conv blurs them all
+    y = F.pad(y, (pad, pad, pad, pad), mode="reflect")  # (1, N*C, H+2p, W+2p)
     y = F.conv2d(y, k.view(N * C, 1, 1, -1), groups=N * C)  # along x
     y = F.conv2d(y, k.view(N * C, 1, -1, 1), groups=N * C)  # along y
-    return y.view(N, C, H, W)
+    return y.view(N, C, H, W)  # (1, N*C, H, W) -> (N, C, H, W)
 
 
 def blur_kernel(size):
@@ -725,9 +727,9 @@ def nt_xent(z1, z2, tau, rank=0, world=1):
     mine = torch.arange(rank * n, (rank + 1) * n, device=z.device)
     anchors = torch.cat([mine, mine + N])  # this rank's rows of z: (2n,)
     logits = z[anchors] @ z.T / tau  # (2n, 2N)
-    self_mask = anchors[:, None] == torch.arange(2 * N, device=z.device)  # k != i: not its own negative
+    self_mask = anchors[:, None] == torch.arange(2 * N, device=z.device)  # (2n, 2N); k != i: not its own negative
     logits = logits.masked_fill(self_mask, float("-inf"))
-    positives = (anchors + N) % (2 * N)  # view i <-> view i + N
+    positives = (anchors + N) % (2 * N)  # (2n,): view i <-> view i + N
     return F.cross_entropy(logits, positives, reduction="sum") / (2 * N)
 
 
