@@ -995,6 +995,17 @@ def step_flops(model, views, tau, amp):
     return counter.get_total_flops()
 
 
+def classic_window(workers, bench_steps):
+    """(warm-up steps, timed steps) of the classic rows. DataLoader workers take batches in turn and start
+    together, so with w workers the batches come in bursts of w, and each worker keeps 2 queued (prefetch_factor
+    2). A window shorter than a burst times the queue, not the workers: on an H200, 16 workers and a 35 + 10 step
+    window timed the classic pipeline at the train step's own 23k img/s, where the workers alone made 3.5-6k. So
+    the warm-up drains the first queue (4w + 3 steps) and the clock runs whole bursts, at least 16 of them."""
+    if workers == 0:  # the main process makes each batch when asked: no queue
+        return 3, bench_steps
+    return 4 * workers + 3, -(-max(bench_steps, 16 * workers) // workers) * workers  # a multiple of w
+
+
 def bench(model, images, args, device, log=print):
     """Images/s of (a) our pipeline, (b) the classic DataLoader pipeline feeding the same step, and (c) each stage
     alone. Every stage is timed over args.bench_steps steps after warm-up, with the device synchronised."""
@@ -1007,17 +1018,17 @@ def bench(model, images, args, device, log=print):
     batch = lambda i: images[torch.randint(len(images), (B,), device=device)]  # (B, 3, H, W) uint8
     fixed_views = make_views(batch(0))  # (2B, 3, H, W): the train step alone reuses one batch of views
 
-    def timed(name, fn, warmup=3):
+    def timed(name, fn, warmup=3, steps=args.bench_steps):
         for i in range(warmup):
             fn(i)
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        for i in range(args.bench_steps):
+        for i in range(steps):
             fn(i)
         if cuda:
             torch.cuda.synchronize(device)
-        ms = 1000 * (time.perf_counter() - t0) / args.bench_steps
+        ms = 1000 * (time.perf_counter() - t0) / steps
         log(f"bench: {name:<44} {ms:9.1f} ms/step {1000 * B / ms:9.0f} img/s")
         return dict(ms_per_step=ms, img_per_s=1000 * B / ms)
 
@@ -1027,11 +1038,11 @@ def bench(model, images, args, device, log=print):
                 augment=timed("(c) ours: augmentation alone", lambda i: make_views(batch(i))),
                 train_step=timed("(c) train step alone (fixed views)",
                                  lambda i: sgd_step(step_fn, fixed_views, opt, sched, args.tau, amp)))
-    # Steady state: sampling with replacement never ends an epoch (no pause while workers restart), and the
-    # warm-up consumes the batches the workers queued before the clock starts (prefetch_factor 2 each).
-    warmup = 2 * args.workers + 3
+    # Steady state: sampling with replacement never ends an epoch (no pause while workers restart), and
+    # classic_window sizes warm-up and clock so that the batches the workers keep queued don't count as speed.
+    warmup, steps = classic_window(args.workers, args.bench_steps)
     sampler = torch.utils.data.RandomSampler(range(len(images)), replacement=True,
-                                             num_samples=B * (2 * (warmup + args.bench_steps) + 4 * args.workers))
+                                             num_samples=B * (2 * (warmup + steps) + 4 * args.workers))
     loader = iter(torch.utils.data.DataLoader(
         TwoViews(images.cpu(), classic_transform(images.shape[-1], args.crop_min, args.jitter_prob, args.gray_prob,
                                                  args.blur_prob)), batch_size=B, sampler=sampler,
@@ -1043,8 +1054,8 @@ def bench(model, images, args, device, log=print):
         return views.contiguous(memory_format=torch.channels_last) if cuda else views
 
     rows["classic"] = timed(f"(b) classic: {args.workers} DataLoader workers + step",
-                            lambda i: sgd_step(step_fn, classic_views(i), opt, sched, args.tau, amp), warmup)
-    rows["classic_loader"] = timed("(c) classic: DataLoader alone", classic_views, warmup)
+                            lambda i: sgd_step(step_fn, classic_views(i), opt, sched, args.tau, amp), warmup, steps)
+    rows["classic_loader"] = timed("(c) classic: DataLoader alone", classic_views, warmup, steps)
     flops = step_flops(model, fixed_views, args.tau, amp)
     peak = peak_tflops(device, args.peak_tflops)
     tflops = flops * 1000 / rows["ours"]["ms_per_step"] / 1e12  # achieved by our whole step
@@ -1054,7 +1065,8 @@ def bench(model, images, args, device, log=print):
                   mfu=tflops / peak if peak else None,
                   device=torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"), compiled=compiled,
-                  workers=args.workers, batch=B, img_size=images.shape[-1], arch=args.arch, stem=args.stem,
+                  workers=args.workers, classic_warmup=warmup, classic_steps=steps, batch=B,
+                  img_size=images.shape[-1], arch=args.arch, stem=args.stem,
                   dataset=args.dataset, steps=args.bench_steps)
     mfu = f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s bf16" if peak else ""
     log(f"bench: ours / classic = {result['speedup']:.2f}x; augmentation = {100 * result['augment_share']:.1f}% "

@@ -743,6 +743,40 @@ def test_try_compile_falls_back_to_eager_and_leaves_no_trace(monkeypatch):
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def dataloader_model_rate(workers, warmup, steps, p, c):
+    """Steps/s that a window of warmup + steps measures on a model of torch's DataLoader: batch k is made by
+    worker k % w, handed over in order, each taking w / p s of its worker (p batches/s in all); at most 2w batches
+    are asked for and not yet taken (prefetch_factor 2); all workers start at 0. A step takes its batch (waiting
+    for it if need be) and then 1/c s. In steady state the rate is min(p, c)."""
+    n = warmup + steps
+    finish, busy_until = [0.0] * n, [0.0] * workers
+    for k in range(min(2 * workers, n)):
+        finish[k] = busy_until[k % workers] = busy_until[k % workers] + workers / p
+    t = t0 = 0.0
+    for i in range(n):
+        if i == warmup:
+            t0 = t
+        t = max(t, finish[i])  # wait for batch i
+        k = i + 2 * workers  # its slot asks for batch k now
+        if k < n:
+            finish[k] = busy_until[k % workers] = max(busy_until[k % workers], t) + workers / p
+        t += 1 / c
+    return steps / (t - t0)
+
+
+def test_classic_window_measures_the_workers_not_their_queue():
+    """The classic rows of --bench must time the workers' steady rate min(p, c), whatever the workers' speed p
+    against the step's c. The window used before (2w + 3 warm-up, --bench-steps timed) gives, in the H200 case
+    (16 workers, 10 steps, workers at 15% of the step's pace), the step's own speed, as that machine measured."""
+    assert dataloader_model_rate(16, 2 * 16 + 3, 10, 0.15, 1.0) == pytest.approx(1.0)  # the old window's error
+    for workers in (1, 2, 3, 16, 64):
+        for bench_steps in (1, 10, 37, 1000):
+            for ratio in (0.02, 0.15, 0.5, 0.85, 0.95, 1.0, 1.2, 3.0):
+                rate = dataloader_model_rate(workers, *simclr.classic_window(workers, bench_steps), ratio, 1.0)
+                assert rate == pytest.approx(min(ratio, 1.0), rel=0.02), (workers, bench_steps, ratio)
+    assert simclr.classic_window(0, 7) == (3, 7)  # no workers: no queue to drain
+
+
 def test_bench_writes_its_table_as_json(tmp_path):
     out = tmp_path / "bench"
     stdout = run_script("simclr.py", "--bench", "--bench-steps", "2", "--subset", "64", "--batch-size", "16",
