@@ -24,9 +24,10 @@ What happens when you run it:
 Result: on a 2-core CPU, `python simclr.py` (2.8 minutes here; 12.6 on a slower CPU) reaches 58.6 +- 6.5% linear
 top-1 on the embedded shapes over 3 seeds, against 53.1 +- 2.1% for a randomly initialised ResNet18 and 16.7 +- 1.4%
 for raw pixels; the frozen autoencoder head (relu) gave 61.8 +- 2.3% with one autoencoder shared by the 3 seeds,
-65.3 +- 7.8% with one per seed (another CPU); one 24-epoch run reached 75.7%. On the real Fashion-MNIST, 32 CPU
-epochs give 87.5% linear against 83.8% for raw pixels. No GPU figures yet. All measured figures, the ablation of
-heads and activations on both datasets, and the commands that made them are in README.md.
+65.3 +- 7.8% with one per seed (another CPU); one 24-epoch run reached 75.7%. On the real Fashion-MNIST with its
+defaults on an H200 (one seed): 90.0% linear after 47 epochs with the frozen autoencoder head, 87.3% with the MLP
+head (89.6% after 75), against 83.9% for raw pixels. All measured figures, the ablation of heads and activations on
+both datasets, and the commands that made them are in README.md.
 """
 import argparse
 import copy
