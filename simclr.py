@@ -143,7 +143,8 @@ def build_parser():
     # benchmark
     a("--bench", action="store_true", help="measure img/s of this pipeline against the classic DataLoader one, "
                                            "write bench.json to --out, then exit (no training)")
-    a("--bench-steps", type=int, default=20, help="timed steps per stage of --bench, after warm-up")
+    a("--bench-steps", type=int, default=20,
+      help="timed steps per stage of --bench, after warm-up (the classic stages: at least 16 per worker)")
     a("--workers", type=int, default=None,
       help="DataLoader worker processes of the classic pipeline in --bench (default: the CPU cores this process "
            "may use)")
@@ -1009,7 +1010,8 @@ def classic_window(workers, bench_steps):
 
 def bench(model, images, args, device, log=print):
     """Images/s of (a) our pipeline, (b) the classic DataLoader pipeline feeding the same step, and (c) each stage
-    alone. Every stage is timed over args.bench_steps steps after warm-up, with the device synchronised."""
+    alone. Every stage is timed over args.bench_steps steps after warm-up (the classic ones over whole bursts of
+    their workers: classic_window), with the device synchronised."""
     amp = autocast_for(device)
     B, cuda = args.batch_size, device.type == "cuda"
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=args.momentum,
