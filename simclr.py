@@ -31,13 +31,16 @@ both datasets, and the commands that made them are in README.md.
 """
 import argparse
 import copy
+import datetime
 import gzip
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -65,16 +68,17 @@ import torchvision.transforms.v2  # not imported by "import torchvision"
 # README, "How the margin grows with minutes"; 24 epochs give a wide margin).
 # Keys not given fall back to the flags' global defaults.
 DATASETS = {
-    "shapes":        dict(img=32, batch=64, epochs=12, ae_epochs=10, classes=10, n=(5000, 2000),
+    "shapes":        dict(img=32, batch=64, epochs=12, ae_epochs=10, n=(5000, 2000),
                           arch="resnet18", stem="imagenet", tau=0.2, crop_min=0.3, lr=0.15),
-    "stl10":         dict(img=96, batch=500, epochs=150, ae_epochs=100, classes=10),
-    "cifar10":       dict(img=32, batch=1280, epochs=150, ae_epochs=100, classes=10),
-    "cifar100":      dict(img=32, batch=1280, epochs=150, ae_epochs=100, classes=100),
-    "imagenette":    dict(img=128, batch=392, epochs=150, ae_epochs=100, classes=10),
-    "fgvc-aircraft": dict(img=128, batch=666, epochs=150, ae_epochs=100, classes=30),
-    "fashion-mnist": dict(img=28, batch=512, epochs=100, ae_epochs=100, classes=10),
-    "folder":        dict(img=96, batch=256, epochs=100, ae_epochs=100, classes=None),
+    "stl10":         dict(img=96, batch=500, epochs=150, ae_epochs=100),
+    "cifar10":       dict(img=32, batch=1280, epochs=150, ae_epochs=100),
+    "cifar100":      dict(img=32, batch=1280, epochs=150, ae_epochs=100),
+    "imagenette":    dict(img=128, batch=392, epochs=150, ae_epochs=100),
+    "fgvc-aircraft": dict(img=128, batch=666, epochs=150, ae_epochs=100),
+    "fashion-mnist": dict(img=28, batch=512, epochs=100, ae_epochs=100),
+    "folder":        dict(img=96, batch=256, epochs=100, ae_epochs=100),
 }
+
 # The two recipes (--recipe). Values here win over DATASETS; flags typed on the command line win over both.
 # 'simclr' trains from scratch as SimCLR does (Sec. B.1 of SimCLR: a linear warm-up, then cosine decay; its official
 # code leaves BatchNorm and biases out of weight decay), with SGD + momentum in place of LARS: without the warm-up,
@@ -108,6 +112,9 @@ def build_parser():
       help="STL10 images used for pre-training: the standard protocol, or only the 5k labelled ones as in the paper "
            "(default: train+unlabeled; recipe paper: train)")
     a("--img-size", type=int, default=None, help="image side in pixels (default: per dataset, see DATASETS)")
+    a("--data-on", default="auto", choices=("auto", "device", "host"),
+      help="where the uint8 images live: on the training device, or in host memory with each batch copied over; "
+           "auto: on the device when they take at most half of its free memory")
     # augmentations (Sec. 3 of SimCLR; the paper's values)
     a("--crop-min", type=float, default=None, help="smallest crop area of RandomResizedCrop (default: 0.08; shapes 0.3)")
     a("--jitter-prob", type=float, default=0.8, help="probability of colour jitter (0.8, 0.8, 0.8, 0.2)")
@@ -162,7 +169,9 @@ def build_parser():
     a("--out", default=None, help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
     a("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
     a("--dry-run", action="store_true", help="run every stage for a couple of steps on a few images")
-    a("--subset", type=int, default=None, help="use only the first N images of every split (quick experiments)")
+    a("--subset", type=int, default=None,
+      help="a seeded, class-stratified draw of N images from every labelled split (and as large a share of STL10's "
+           "unlabeled images), for quick experiments")
     a("--no-sync-bn", action="store_true",
       help="under torchrun: BatchNorm statistics per process instead of over the global batch")
     # benchmark
@@ -184,8 +193,33 @@ def die(msg):
     sys.exit(2)
 
 
+# What every numeric flag must be, checked before anything runs: (flag, test, the rule in words).
+NUMBER_RULES = [
+    ("epochs", lambda v: v >= 0, ">= 0"), ("ae_epochs", lambda v: v >= 0, ">= 0"),
+    ("batch_size", lambda v: v >= 2, "at least 2: NT-Xent needs at least one negative per anchor"),
+    ("lr", lambda v: v > 0, "> 0"), ("warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"), ("wd", lambda v: v >= 0, ">= 0"),
+    ("lr_min_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"), ("tau", lambda v: v > 0, "> 0 (the paper uses 0.5)"),
+    ("crop_min", lambda v: 0 < v <= 1, "in (0, 1]"), ("jitter_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("gray_prob", lambda v: 0 <= v <= 1, "in [0, 1]"), ("blur_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("img_size", lambda v: v >= 8, "at least 8"), ("proj_hidden", lambda v: v >= 1, ">= 1"),
+    ("proj_out", lambda v: v >= 1, ">= 1"), ("probe_steps", lambda v: v >= 1, ">= 1"),
+    ("knn_k", lambda v: v >= 1, ">= 1"), ("knn_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("subset", lambda v: v >= 2, "at least 2"), ("bench_steps", lambda v: v >= 1, ">= 1"),
+    ("workers", lambda v: v >= 0, ">= 0"), ("peak_tflops", lambda v: v > 0, "> 0"),
+]
+
+
+def check_numbers(args):
+    for key, ok, rule in NUMBER_RULES:
+        v = getattr(args, key)
+        if v is not None and not (math.isfinite(v) and ok(v)):
+            die(f"--{key.replace('_', '-')} must be {rule} (got {v})")
+
+
 def resolve_args(args):
     """Values computed from flags, in one place."""
+    check_numbers(args)  # before --dry-run replaces some of them
     if args.dataset not in DATASETS:
         die(f"unknown dataset '{args.dataset}'; choose one of: {', '.join(DATASETS)}")
     recipe, d = RECIPES[args.recipe], DATASETS[args.dataset]
@@ -210,10 +244,6 @@ def resolve_args(args):
     args.warmup_epochs = pick("warmup_epochs", min(10.0, args.epochs / 10))
     if args.stem == "auto":  # ImageNet weights come with their stem: a 3x3 conv1 would start from random weights
         args.stem = "imagenet" if args.pretrained or args.img_size > 64 else "cifar"
-    if args.batch_size < 2:
-        die("--batch-size must be at least 2: NT-Xent needs at least one negative per anchor")
-    if args.tau <= 0:
-        die(f"--tau must be > 0 (got {args.tau}); the paper uses 0.5")
     if args.head == "mlp" and args.no_freeze:
         die("--no-freeze only applies to --head ae (the MLP head has nothing frozen)")
     if args.head == "ae" and args.arch == "resnet50":
@@ -229,8 +259,6 @@ def resolve_args(args):
     args.compile = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda")
                                             and not args.dry_run)  # compiling takes minutes, a dry run seconds
     args.workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
-    if args.bench_steps < 1 or args.workers < 0:
-        die("--bench-steps must be >= 1 and --workers >= 0")
     if args.out is None:
         args.out = os.path.join("runs", ("bench-" if args.bench else "") +
                                 f"{args.dataset}-{args.head}-{args.act}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -275,10 +303,22 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def write_atomic(path, write):
+    """write(f) into a temporary file of this process's own next to `path`, then rename it to `path`: a run killed
+    mid-write leaves the previous file intact, and processes writing the same file at once never see a half-written
+    one (the last rename wins)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed
+            os.remove(tmp)
+
+
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a run killed mid-write leaves the previous file intact."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def trim_metrics(path, epoch):
@@ -297,9 +337,7 @@ def trim_metrics(path, epoch):
             except (ValueError, KeyError, TypeError):  # a line cut short by the kill
                 pass
             dropped += 1
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: f.write("".join(kept).encode()))
     return dropped
 
 
@@ -416,71 +454,132 @@ def pil_to_uint8(ds, size, banner=0):
     return torch.stack(xs), torch.tensor(ys)
 
 
-def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabeled", seed=0,
+def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabeled", seed=0, subset=None,
                  shapes_n=DATASETS["shapes"]["n"]):
-    """Returns dict(pretrain, train_x, train_y, test_x, test_y, classes): uint8 images (N, 3, size, size)."""
-    D = torchvision.datasets
+    """Returns dict(pretrain, train_x, train_y, test_x, test_y, classes) with uint8 images (N, 3, size, size). The
+    labelled train images are the first rows of the pre-training images: train_x is a view of pretrain, one tensor
+    in memory. With `subset`, a seeded class-stratified draw of `subset` images from each labelled split (and the
+    same fraction of STL10's unlabeled images)."""
     if name == "shapes":
-        train_x, train_y = make_shapes(shapes_n[0], size, seed=seed)
-        test_x, test_y = make_shapes(shapes_n[1], size, seed=seed + 10_000)  # another seed: unseen images
-        pretrain = train_x
-    elif name in ("cifar10", "cifar100"):
+        n_train, n_test = (subset, subset) if subset else shapes_n
+        train_x, train_y = make_shapes(n_train, size, seed=seed)
+        test_x, test_y = make_shapes(n_test, size, seed=seed + 10_000)  # another seed: unseen images
+        return dict(pretrain=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=10)
+    d = read_dataset(name, root, size, download, stl10_pretrain)
+    if subset:
+        g = torch.Generator().manual_seed(seed)
+        n_train = len(d["train_y"])
+        for split in ("train", "test"):
+            idx = stratified(d[f"{split}_y"], subset, g)
+            d[f"{split}_x"], d[f"{split}_y"] = d[f"{split}_x"][idx], d[f"{split}_y"][idx]
+        if d["unlabeled"] is not None:  # the same fraction of the unlabeled images
+            keep = round(len(d["unlabeled"]) * len(d["train_y"]) / n_train)
+            d["unlabeled"] = d["unlabeled"][torch.randperm(len(d["unlabeled"]), generator=g)[:keep].sort().values]
+    if d["train_x"].shape[-1] != size:  # e.g. --img-size 64 on CIFAR: resize once here, not in every step
+        rs = lambda x: torchvision.transforms.v2.functional.resize(x, [size, size], antialias=True)
+        d = {k: rs(v) if k.endswith("_x") or (k == "unlabeled" and v is not None) else v for k, v in d.items()}
+    unlabeled = d.pop("unlabeled")
+    d["pretrain"] = d["train_x"] if unlabeled is None else torch.cat([d["train_x"], unlabeled])
+    d["train_x"] = d["pretrain"][:len(d["train_y"])]
+    return d
+
+
+def stratified(y, n, g):
+    """Sorted indices of a random draw of n of the labels y (all of them if n >= len(y)) in which every class keeps
+    its share, up to rounding (largest remainders)."""
+    if n >= len(y):
+        return torch.arange(len(y))
+    classes, counts = y.unique(return_counts=True)
+    quota = counts * n / len(y)
+    take = quota.floor().long()
+    take[(quota - take).argsort(descending=True, stable=True)[:n - int(take.sum())]] += 1
+    idx = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int(count), generator=g)[:k]]
+           for c, count, k in zip(classes, counts, take)]
+    return torch.cat(idx).sort().values
+
+
+def read_dataset(name, root, size, download, stl10_pretrain):
+    """One of the paper's datasets (or Fashion-MNIST, or a folder) from disk: dict(train_x, train_y, test_x, test_y,
+    classes, unlabeled), uint8 (N, 3, H, W), `unlabeled` None but for STL10's extra pre-training images."""
+    D = torchvision.datasets
+    if name in ("cifar10", "cifar100"):
         cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
         tr, te = (open_torchvision(cls, root, name, download, train=t) for t in (True, False))
         to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
-        train_x, test_x = to_t(tr.data), to_t(te.data)
-        train_y, test_y = torch.tensor(tr.targets), torch.tensor(te.targets)
-        pretrain = train_x
-    elif name == "stl10":
+        return dict(train_x=to_t(tr.data), train_y=torch.tensor(tr.targets), test_x=to_t(te.data),
+                    test_y=torch.tensor(te.targets), classes=len(tr.classes), unlabeled=None)
+    if name == "stl10":
         tr, te = (open_torchvision(D.STL10, root, name, download, split=s) for s in ("train", "test"))
-        train_x, test_x = torch.from_numpy(tr.data), torch.from_numpy(te.data)  # (N, 3, 96, 96)
-        train_y, test_y = torch.from_numpy(tr.labels).long(), torch.from_numpy(te.labels).long()
-        pretrain = train_x
+        unlabeled = None
         if stl10_pretrain == "train+unlabeled":  # the standard protocol; the paper used train only
-            unl = open_torchvision(D.STL10, root, name, download, split="unlabeled")
-            pretrain = torch.cat([train_x, torch.from_numpy(unl.data)])
-    elif name == "fashion-mnist":
+            unlabeled = torch.from_numpy(open_torchvision(D.STL10, root, name, download, split="unlabeled").data)
+        return dict(train_x=torch.from_numpy(tr.data), train_y=torch.from_numpy(tr.labels).long(),  # (N, 3, 96, 96)
+                    test_x=torch.from_numpy(te.data), test_y=torch.from_numpy(te.labels).long(), classes=10,
+                    unlabeled=unlabeled)
+    if name == "fashion-mnist":
         raw = os.path.join(root, "FashionMNIST", "raw")
         if os.path.isdir(FASHION_MNIST_LOCAL):  # use the Debian package's files when they are there
             os.makedirs(raw, exist_ok=True)
             for f in os.listdir(FASHION_MNIST_LOCAL):
                 dst = os.path.join(raw, f.removesuffix(".gz"))
                 if f.endswith(".gz") and not os.path.exists(dst):
-                    with gzip.open(os.path.join(FASHION_MNIST_LOCAL, f)) as src, open(dst + ".tmp", "wb") as out:
-                        shutil.copyfileobj(src, out)
-                    os.replace(dst + ".tmp", dst)
+                    with gzip.open(os.path.join(FASHION_MNIST_LOCAL, f)) as src:
+                        write_atomic(dst, lambda out: shutil.copyfileobj(src, out))
         tr, te = (open_torchvision(D.FashionMNIST, root, name, download, train=t) for t in (True, False))
         gray3 = lambda a: a.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (N, 28, 28) -> (N, 3, 28, 28)
-        train_x, test_x, train_y, test_y = gray3(tr.data), gray3(te.data), tr.targets, te.targets
-        pretrain = train_x
-    elif name in ("imagenette", "fgvc-aircraft", "folder"):
-        cache = os.path.join(root, f"{name}-{size}px.pt")  # decoding JPEGs takes minutes: do it once
-        if name != "folder" and os.path.exists(cache):
-            return torch.load(cache)
-        if name == "imagenette":
-            tr, te = (open_torchvision(D.Imagenette, root, name, download, split=s, size="160px")
-                      for s in ("train", "val"))
-        elif name == "fgvc-aircraft":
-            tr, te = (open_torchvision(D.FGVCAircraft, root, name, download, split=s,
-                                       annotation_level="manufacturer") for s in ("trainval", "test"))
-        else:
-            tr, te = load_folder(root)
-        banner = 20 if name == "fgvc-aircraft" else 0
-        (train_x, train_y), (test_x, test_y) = pil_to_uint8(tr, size, banner), pil_to_uint8(te, size, banner)
-        data = dict(pretrain=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                    classes=len(tr.classes))
-        if name != "folder":
-            torch.save(data, cache)
-        return data
-    else:
+        return dict(train_x=gray3(tr.data), train_y=tr.targets, test_x=gray3(te.data), test_y=te.targets,
+                    classes=10, unlabeled=None)
+    if name not in ("imagenette", "fgvc-aircraft", "folder"):
         die(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
-    if train_x.shape[-1] != size:  # e.g. --img-size 64 on CIFAR: resize once here, not in every step
-        rs = lambda x: torchvision.transforms.v2.functional.resize(x, [size, size], antialias=True)
-        shared = pretrain is train_x
-        train_x, test_x = rs(train_x), rs(test_x)
-        pretrain = train_x if shared else rs(pretrain)
-    classes = DATASETS[name]["classes"]
-    return dict(pretrain=pretrain, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
+    # JPEGs take minutes to decode: once, into a cache that later runs (and the other torchrun processes) read
+    key = f"{name}-{size}px" if name != "folder" else f"folder-{size}px-{folder_key(root)}"
+    cache = os.path.join(root, key + ".pt")
+    d = read_cache(cache)
+    if d is not None:
+        return d
+    if name == "imagenette":
+        tr, te = (open_torchvision(D.Imagenette, root, name, download, split=s, size="160px")
+                  for s in ("train", "val"))
+    elif name == "fgvc-aircraft":
+        tr, te = (open_torchvision(D.FGVCAircraft, root, name, download, split=s,
+                                   annotation_level="manufacturer") for s in ("trainval", "test"))
+    else:
+        tr, te = load_folder(root)
+    banner = 20 if name == "fgvc-aircraft" else 0
+    (train_x, train_y), (test_x, test_y) = pil_to_uint8(tr, size, banner), pil_to_uint8(te, size, banner)
+    d = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=len(tr.classes), unlabeled=None)
+    try:
+        save_atomic(d, cache)
+    except OSError as e:  # a read-only data directory
+        print(f"note: could not cache the decoded images at {cache} ({e}); the next run decodes them again")
+    return d
+
+
+def folder_key(root):
+    """What a folder's cache is keyed by: its path, number of files and newest modification time, so that adding,
+    removing or changing an image makes a new cache."""
+    n, newest = 0, 0.0
+    for split in ("train", "test"):
+        for dirpath, _, files in os.walk(os.path.join(root, split)):
+            for f in files:
+                n, newest = n + 1, max(newest, os.stat(os.path.join(dirpath, f)).st_mtime)
+    return hashlib.sha1(f"{os.path.abspath(root)}|{n}|{newest}".encode()).hexdigest()[:12]
+
+
+def read_cache(path):
+    """The decoded images cached at `path`, or None when there are none or they cannot be read (a file cut short, or
+    written by another version of this file): then they are decoded again."""
+    if not os.path.exists(path):
+        return None
+    try:
+        d = torch.load(path)
+        if {"train_x", "train_y", "test_x", "test_y", "classes", "unlabeled"} <= set(d):
+            return d
+        why = "written by another version of simclr.py"
+    except Exception as e:  # EOFError, RuntimeError, UnpicklingError...
+        why = f"{type(e).__name__}: {str(e)[:100]}"
+    print(f"note: the cache {path} cannot be read ({why}); decoding the images again")
+    return None
 
 
 def load_folder(root):
@@ -654,6 +753,22 @@ def normalize(x):
     return (x - mean) / std
 
 
+def where_data_fits(nbytes, device, data_on="auto"):
+    """'device' or 'host': where the uint8 images live while training. auto: on the device when they take at most
+    half of its free memory (the rest is for the model's activations), else in host memory."""
+    if data_on == "auto":
+        data_on = "host" if device.type == "cuda" and nbytes > torch.cuda.mem_get_info(device)[0] / 2 else "device"
+    return data_on
+
+
+def to_device(x, device):
+    """A batch of uint8 images onto the training device. Images too big for the GPU stay in host memory (--data-on
+    host): each batch is gathered there, pinned and copied without making the CPU wait (non_blocking)."""
+    if x.device == device:
+        return x
+    return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model: ResNet backbone f, autoencoder, projection head g (z = g(h), h = f(x))
 # ----------------------------------------------------------------------------------------------------------
@@ -748,15 +863,20 @@ class SyncBatchNormCPU(nn.BatchNorm2d):
         return (y * self.weight.view(1, C, 1, 1) + self.bias.view(1, C, 1, 1)).to(x.dtype)
 
 
-def train_autoencoder(images, d, epochs, device, batch=100, lr=1e-4, ckpt=None, save=True, log=print):
+AE_SAVE_EVERY_S = 300  # between checkpoints of the autoencoder stage
+
+
+def train_autoencoder(images, d, epochs, device, batch=100, lr=1e-4, ckpt=None, log=print):
     """The paper's AE recipe: MSE on flattened pixels in [0, 1], Adam 1e-4, ReduceLROnPlateau(patience 10,
     factor 0.5) on the validation loss of a 90/10 split (seed 42), batch 100, best-validation weights.
-    With `ckpt` (a path) the stage continues from there when restarted and, if `save`, saves itself every epoch."""
-    N = len(images)
+    With `ckpt` (a path) the stage continues from there when restarted, and saves itself after its last
+    epoch and every AE_SAVE_EVERY_S seconds (the checkpoint holds the weights, Adam's state and the best weights:
+    up to ~0.8 GB at 128 px, too much to write every epoch)."""
+    N, device = len(images), torch.device(device)
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(42)).to(images.device)
     n_val = max(1, N // 10)
     val, train = perm[:n_val], perm[n_val:]
-    flat = lambda idx: images[idx].float().flatten(1).div(255)  # (B, 3HW), converted per batch to save memory
+    flat = lambda idx: to_device(images[idx], device).float().flatten(1).div(255)  # (B, 3HW), one batch at a time
     ae = AutoEncoder(images[0].numel(), d).to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=10, factor=0.5)
@@ -765,12 +885,14 @@ def train_autoencoder(images, d, epochs, device, batch=100, lr=1e-4, ckpt=None, 
         try:
             c = torch.load(ckpt, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
             ae.load_state_dict(c["ae"]), opt.load_state_dict(c["opt"]), sched.load_state_dict(c["sched"])
-            best, best_state, start, train = c["best"], c["best_state"], c["epoch"], c["order"].to(images.device)
+            best, start, train = c["best"], c["epoch"], c["order"].to(images.device)
+            best_state = c["best_state"] if c["best_state"] is not None else copy.deepcopy(c["ae"])
             set_rng_state(c["rng"])
         except Exception as e:
             die(f"cannot resume the autoencoder from {ckpt}: the file is corrupt or from another model "
                 f"({type(e).__name__}). Delete it to retrain the autoencoder.")
         log(f"autoencoder: resumed {ckpt} at epoch {start}")
+    last_save = time.time()
     for epoch in range(start, epochs):
         ae.train()
         for i in range(0, len(train), batch):
@@ -784,14 +906,17 @@ def train_autoencoder(images, d, epochs, device, batch=100, lr=1e-4, ckpt=None, 
             val_loss = sum(F.mse_loss(ae(flat(val[i:i + 1000])), flat(val[i:i + 1000]), reduction="sum").item()
                            for i in range(0, n_val, 1000)) / (n_val * images[0].numel())
         sched.step(val_loss)
-        if val_loss < best:
+        improved = val_loss < best
+        if improved:
             best, best_state = val_loss, copy.deepcopy(ae.state_dict())
         if epoch % 10 == 0 or epoch == epochs - 1:
             log(f"autoencoder epoch {epoch + 1}/{epochs}: val MSE {val_loss:.5f} (best {best:.5f})")
         train = train[torch.randperm(len(train), device=train.device)]  # reshuffle for the next epoch
-        if ckpt and save:
+        if ckpt and (epoch == epochs - 1 or time.time() - last_save > AE_SAVE_EVERY_S):
             save_atomic(dict(ae=ae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), best=best,
-                             best_state=best_state, epoch=epoch + 1, order=train, rng=rng_state()), ckpt)
+                             best_state=None if improved else best_state,  # None: the weights saved as "ae"
+                             epoch=epoch + 1, order=train, rng=rng_state()), ckpt)
+            last_save = time.time()
     ae.load_state_dict(best_state)
     return ae, best
 
@@ -827,6 +952,19 @@ def nt_xent(z1, z2, tau, rank=0, world=1):
 # Evaluation: frozen backbone in eval mode, un-augmented images
 # ----------------------------------------------------------------------------------------------------------
 
+RAW_PIXELS_MAX = 32  # the raw-pixel baseline's side: N x 3HW floats at 128 px would take 1.9 GB for Imagenette
+
+
+def pixel_features(images, device, side=RAW_PIXELS_MAX, batch=1024):
+    """The raw-pixel baseline's features: uint8 images (N, 3, H, W) -> values in [0, 1], area-averaged down to
+    side x side when larger, flattened: (N, 3 min(H, side)^2) on `device`."""
+    feats = []
+    for i in range(0, len(images), batch):
+        x = to_device(images[i:i + batch], device).float() / 255
+        feats.append((F.adaptive_avg_pool2d(x, side) if x.shape[-1] > side else x).flatten(1))
+    return torch.cat(feats)
+
+
 @torch.no_grad()
 def extract_features(backbone, images, batch=512):
     """h = f(x) for uint8 images (N, 3, H, W) -> (N, D), in fp32 (not under the training's bf16 autocast: the
@@ -834,8 +972,9 @@ def extract_features(backbone, images, batch=512):
     was_training = backbone.training
     backbone.eval()
     feats = []
+    device = next(backbone.parameters()).device
     for i in range(0, len(images), batch):
-        feats.append(backbone(normalize(images[i:i + batch])).float())
+        feats.append(backbone(normalize(to_device(images[i:i + batch], device))).float())
     backbone.train(was_training)
     return torch.cat(feats)
 
@@ -1005,21 +1144,21 @@ def try_compile(fn, example, name, model=None, amp=nullcontext, log=print):
     return compiled
 
 
-def step_functions(step_fn, model, images, b, args, amp, log=print):
+def step_functions(step_fn, model, example, args, amp, log=print):
     """What one SimCLR step calls: make_views (uint8 (b, 3, H, W) -> standardised views (2b, 3, H, W)) and the
     model call step_fn, both torch.compile'd when args.compile (each falls back to eager on its own). Also returns
     which of the two really were compiled."""
-    channels_last = images.device.type == "cuda"  # what cuDNN's convolutions prefer, with bf16
+    channels_last = example.device.type == "cuda"  # what cuDNN's convolutions prefer, with bf16
     aug = dict(crop_min=args.crop_min, jitter_prob=args.jitter_prob, gray_prob=args.gray_prob,
                blur_prob=args.blur_prob)
     eager_views = lambda x: two_views(x, aug, channels_last)
     make_views, compiled_fn = eager_views, step_fn
     if args.compile:  # fuses the augmentation's many elementwise passes into a few kernels, and the model's
         # (under torchrun each rank compiles; should it fail on some ranks only, they would run different code)
-        make_views = try_compile(eager_views, images[:b], "the augmentation", log=log)
-        example = torch.zeros(2 * b, *images.shape[1:], device=images.device)  # (2b, 3, H, W)
-        compiled_fn = try_compile(step_fn, example.contiguous(memory_format=torch.channels_last) if channels_last
-                                  else example, "the model", model=model, amp=amp, log=log)
+        make_views = try_compile(eager_views, example, "the augmentation", log=log)
+        views = torch.zeros(2 * len(example), *example.shape[1:], device=example.device)  # (2b, 3, H, W)
+        compiled_fn = try_compile(step_fn, views.contiguous(memory_format=torch.channels_last) if channels_last
+                                  else views, "the model", model=model, amp=amp, log=log)
     return make_views, compiled_fn, dict(augmentation=make_views is not eager_views, model=compiled_fn is not step_fn)
 
 
@@ -1029,7 +1168,7 @@ PROGRESS_EVERY_S = 60  # between progress lines inside an epoch
 def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=None, rank=0, world=1, log=print):
     """SimCLR pre-training: SGD with momentum; the learning rate set before every step by lr_at (warm-up, then
     cosine to lr/50). Under torchrun each rank augments its own B/world images of every global batch of B."""
-    device = images.device
+    device = next(model.parameters()).device  # the images may live in host memory (--data-on host)
     amp = autocast_for(device, args.precision)
     N, B, b = len(images), args.batch_size, args.batch_size // world
     steps_per_epoch = N // B if not args.dry_run else min(2, N // B)
@@ -1043,16 +1182,17 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
     if world > 1:  # gradients are averaged over ranks by DistributedDataParallel
         step_fn = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
                                                       else None)
-    make_views, step_fn, _ = step_functions(step_fn, model, images, b, args, amp, log)
+    make_views, step_fn, _ = step_functions(step_fn, model, to_device(images[:b], device), args, amp, log)
     t_start = time.time()
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0, t_shown, loss_sum = time.time(), time.time(), torch.zeros((), device=device)
         first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, found without a sync
         # the same order on every rank (a function of seed and epoch alone); each rank takes its slice of a batch
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch)).to(device)
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        perm = perm.to(images.device)  # the indices go where the images are
         for step in range(steps_per_epoch):
-            x = images[perm[step * B + rank * b:step * B + (rank + 1) * b]]  # (b, 3, H, W) uint8
+            x = to_device(images[perm[step * B + rank * b:step * B + (rank + 1) * b]], device)  # (b, 3, H, W) uint8
             for group in opt.param_groups:
                 group["lr"] = lr(epoch * steps_per_epoch + step)
             loss = sgd_step(step_fn, make_views(x), opt, args.tau, amp, rank, world)
@@ -1088,7 +1228,8 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
             continue  # only rank 0 writes files
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(m) + "\n")
-        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, rng=rngs, config=vars(args)), os.path.join(out, "checkpoint.pt"))
+        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, rng=rngs,
+                         config=vars(args)), os.path.join(out, "checkpoint.pt"))
     return model
 
 
@@ -1163,7 +1304,7 @@ def bench(model, images, args, device, log=print):
     B, cuda = args.batch_size, device.type == "cuda"
     opt = torch.optim.SGD(param_groups(model, args.wd, args.decay_norm_and_bias), lr=args.lr, momentum=args.momentum,
                           **({"fused": True} if cuda else {}))
-    make_views, step_fn, compiled = step_functions(model, model, images, B, args, amp, log)
+    make_views, step_fn, compiled = step_functions(model, model, images[:B], args, amp, log)
     batch = lambda i: images[torch.randint(len(images), (B,), device=device)]  # (B, 3, H, W) uint8
     fixed_views = make_views(batch(0))  # (2B, 3, H, W): the train step alone reuses one batch of views
 
@@ -1265,7 +1406,8 @@ def main(argv=None):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # a long timeout: the other processes wait while rank 0 decodes the data and trains the autoencoder
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
     log = print if rank == 0 else (lambda *a, **k: None)
     if not args.resume and not args.bench and rank == 0 and os.path.exists(os.path.join(args.out, "config.json")):
         die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
@@ -1274,19 +1416,27 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     seed_everything(args.seed)
 
-    # -- data: once, onto the device
+    # -- data: once into memory, then onto the device (or kept in host memory when it does not fit)
     t0 = time.time()
+    if rank != 0:
+        dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
     data = load_dataset(args.dataset, args.data_dir, args.img_size, download=not args.no_download,
-                        stl10_pretrain=args.stl10_pretrain, seed=args.seed,
-                        shapes_n=(args.subset, args.subset) if args.subset else DATASETS["shapes"]["n"])
-    if args.subset:
-        data = {k: (v[:args.subset] if torch.is_tensor(v) else v) for k, v in data.items()}
-    classes = data["classes"]
-    images = data["pretrain"].to(device)
-    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
-    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
-    log(f"data: {args.dataset}, {len(images)} pre-training / {len(train_x)} train / {len(test_x)} test images "
-        f"of {args.img_size}px, {classes} classes, on {device} ({time.time() - t0:.1f}s)")
+                        stl10_pretrain=args.stl10_pretrain, seed=args.seed, subset=args.subset)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    classes, n_train = data["classes"], len(data["train_y"])
+    data_on = where_data_fits(data["pretrain"].nbytes + data["test_x"].nbytes, device, args.data_on)
+    try:
+        images = data["pretrain"].to(device) if data_on == "device" else data["pretrain"]  # one copy: the
+        test_x = data["test_x"].to(device) if data_on == "device" else data["test_x"]
+    except torch.OutOfMemoryError:
+        die(f"the images do not fit on {device}; run with --data-on host (or auto) to keep them in host memory")
+    train_x = images[:n_train]  # labelled train images are the first pre-training images
+    train_y, test_y = data["train_y"].to(device), data["test_y"].to(device)
+    log(f"data: {args.dataset}, {len(images)} pre-training / {n_train} train / {len(test_x)} test images "
+        f"of {args.img_size}px, {classes} classes, {(images.nbytes + test_x.nbytes) / 2 ** 30:.2f} GiB "
+        + (f"on {device}" if data_on == "device" else f"in host memory, each batch copied to {device}")
+        + f" ({time.time() - t0:.1f}s)")
     if len(images) < args.batch_size:
         die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
 
@@ -1303,8 +1453,11 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if not args.resume and not args.bench:
-            with open(os.path.join(args.out, "config.json"), "w") as f:
-                json.dump(vars(args), f, indent=2)
+            try:  # "x": created by this run only, even when another run was started with the same --out
+                with open(os.path.join(args.out, "config.json"), "x") as f:
+                    json.dump(vars(args), f, indent=2)
+            except FileExistsError:
+                die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
 
     # -- model: backbone, (autoencoder), projection head
     embedding = None
@@ -1321,13 +1474,17 @@ def main(argv=None):
         if os.path.exists(ae_path) and not args.dry_run:
             ae.load_state_dict(torch.load(ae_path, map_location="cpu"))
             log(f"autoencoder: reusing {ae_path}")
-        else:  # every rank trains the same AE from the same seed; DDP then broadcasts rank 0's weights
-            ae, mse = train_autoencoder(images, args.proj_hidden, args.ae_epochs, device, log=log, save=rank == 0,
+        elif rank == 0:  # trained once; under torchrun the other processes receive its embedding below
+            ae, mse = train_autoencoder(images, args.proj_hidden, args.ae_epochs, device, log=log,
                                         ckpt=os.path.join(args.out, "ae_checkpoint.pt"))
             log(f"autoencoder: best validation MSE {mse:.5f}")
-            if not args.dry_run and rank == 0:
+            if not args.dry_run:
                 os.makedirs(args.ae_dir, exist_ok=True)
                 save_atomic(ae.state_dict(), ae_path)
+        if world > 1:
+            ae = ae.to(device)
+            for p in ae.embedding.parameters():
+                dist.broadcast(p.data, src=0)  # rank 0's embedding, to every process
         embedding = ae.embedding
     seed_everything(args.seed)  # the same initial weights whether the AE was trained now or read from the cache
     backbone = make_backbone(args.arch, args.stem, args.pretrained)
@@ -1356,8 +1513,10 @@ def main(argv=None):
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
             model.load_state_dict(ckpt["model"])
             start_epoch, opt_state = ckpt["epoch"], ckpt["optimizer"]
-            if len(ckpt["rng"]) != world:
-                raise ValueError(f"saved by {len(ckpt['rng'])} process(es), resumed with {world}")
+            if len(ckpt["rng"]) != world:  # every process has its own augmentation stream
+                n = len(ckpt["rng"])
+                die(f"{ckpt_path} was saved by {n} process(es) and is resumed by {world}; resume it with " +
+                    (f"torchrun --nproc_per_node {n}" if n > 1 else "python, not torchrun"))
             set_rng_state(ckpt["rng"][rank])
         except Exception as e:
             die(f"cannot resume from {ckpt_path}: the file is corrupt or from another model "
@@ -1392,27 +1551,38 @@ def main(argv=None):
             return None  # evaluation runs once, on rank 0
     torch.save(model.backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
 
-    # -- evaluation, next to the baselines
+    # -- evaluation, next to the baselines; results.json is rewritten as soon as each number exists
+    save_results = lambda: write_atomic(os.path.join(args.out, "results.json"),
+                                        lambda f: f.write(json.dumps(results, indent=2).encode()))
     evaluate_features = lambda f: evaluate(extract_features(f, train_x), train_y,
                                            extract_features(f, test_x), test_y, classes,
                                            args.eval, args.probe_steps, args.knn_k, args.batch_size)
     results = dict(evaluate_features(model.backbone), eval_protocol=args.eval, pretrain_seconds=train_s)
+    save_results()
     rows = [(f"SimCLR {args.arch}, {args.head} head ({args.act})", results)]
     if not args.no_baselines:
-        torch.manual_seed(args.seed + 1)
-        random_init = make_backbone(args.arch, args.stem, args.pretrained).to(device)
-        results["random_init"] = evaluate_features(random_init)
-        pixels = lambda x: x.float().flatten(1) / 255  # (N, 3HW)
-        results["raw_pixels"] = evaluate(pixels(train_x), train_y, pixels(test_x), test_y, classes,
-                                         args.eval, args.probe_steps, args.knn_k, args.batch_size)
-        rows = [("raw pixels", results["raw_pixels"]),
-                (f"{'ImageNet-init' if args.pretrained else 'random-init'} {args.arch}", results["random_init"])] + rows
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        def random_init():
+            torch.manual_seed(args.seed + 1)
+            return evaluate_features(make_backbone(args.arch, args.stem, args.pretrained).to(device))
+        pixels = lambda x: pixel_features(x, device)  # (N, 3 s^2), s = min(image side, 32)
+        baselines = [("raw_pixels", f"raw pixels ({min(args.img_size, RAW_PIXELS_MAX)}px)",
+                      lambda: evaluate(pixels(train_x), train_y, pixels(test_x), test_y, classes, args.eval,
+                                       args.probe_steps, args.knn_k, args.batch_size)),
+                     ("random_init", f"{'ImageNet-init' if args.pretrained else 'random-init'} {args.arch}",
+                      random_init)]
+        for i, (key, name, run) in enumerate(baselines):
+            try:
+                results[key] = run()
+            except (torch.OutOfMemoryError, MemoryError) as e:  # a skipped baseline, never a lost run
+                results[key] = dict(skipped=f"out of memory ({type(e).__name__})")
+                log(f"note: the {name} baseline ran out of memory; skipped")
+            save_results()
+            rows.insert(i, (name, results[key]))
     print(f"\ntop-1 on the {'test split' if args.eval == 'standard' else '20% of the test split (the paper protocol)'}:"
           f"{'linear':>12}{'kNN':>9}")
     for name, r in rows:
-        print(f"  {name:<44}{100 * r['linear_top1']:>6.1f}%{100 * r['knn_top1']:>8.1f}%")
+        print(f"  {name:<44}" + (f"{r['skipped']:>17}" if "skipped" in r else
+                                 f"{100 * r['linear_top1']:>6.1f}%{100 * r['knn_top1']:>8.1f}%"))
     print(f"outputs in {args.out}/")
     return results
 

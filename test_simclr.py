@@ -395,7 +395,7 @@ def test_cifar_loads_from_python_pickles(tmp_path, no_checksums, name):
     assert torch.equal(d["train_x"][0], torch.from_numpy(imgs[files[0]][0].reshape(3, 32, 32)))
     assert torch.equal(d["test_x"][2], torch.from_numpy(imgs[list(imgs)[-1]][2].reshape(3, 32, 32)))
     assert d["train_y"][:3].tolist() == [0, 1, 0]
-    assert d["pretrain"] is d["train_x"]
+    assert d["pretrain"].data_ptr() == d["train_x"].data_ptr() and len(d["pretrain"]) == len(d["train_x"])
 
 
 @pytest.mark.parametrize("pretrain", ["train+unlabeled", "train"])
@@ -414,6 +414,11 @@ def test_stl10_loads_from_binary_files(tmp_path, no_checksums, pretrain):
     assert torch.equal(d["test_x"], torch.from_numpy(arrays["test"]))
     assert d["train_y"].tolist() == [0, 9]
     assert len(d["pretrain"]) == (2 + 4 if pretrain == "train+unlabeled" else 2)
+    assert d["train_x"].data_ptr() == d["pretrain"].data_ptr()  # one tensor in memory: train_x is its first rows
+    if pretrain == "train+unlabeled":
+        assert torch.equal(d["pretrain"][2:], torch.from_numpy(arrays["unlabeled"]))
+        d = simclr.load_dataset("stl10", str(tmp_path), 96, download=False, stl10_pretrain=pretrain, subset=1)
+        assert len(d["train_x"]) == 1 and len(d["pretrain"]) == 1 + 2  # half the train split: half the unlabeled
 
 
 def write_idx(path, arr):
@@ -511,6 +516,75 @@ def test_folder_dataset_converts_grayscale_and_rgba(tmp_path):
     assert d["train_y"].tolist() == [0, 1]
 
 
+def make_folder(root, n=3, size=(12, 10)):
+    for split in ("train", "test"):
+        for c, colour in (("a", (250, 0, 0)), ("b", (0, 0, 250))):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", size, tuple(max(0, v - 20 * i) for v in colour)).save(root / split / c / f"{i}.png")
+
+
+def test_folder_cache_is_keyed_by_the_files_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
+    make_folder(tmp_path)
+    decoded = []
+    real = simclr.pil_to_uint8
+    monkeypatch.setattr(simclr, "pil_to_uint8", lambda *a: decoded.append(1) or real(*a))
+    first = simclr.load_dataset("folder", str(tmp_path), 8, download=False)
+    again = simclr.load_dataset("folder", str(tmp_path), 8, download=False)
+    assert len(decoded) == 2 and torch.equal(first["test_x"], again["test_x"])  # train + test once: then the cache
+    (cache,) = [f for f in os.listdir(tmp_path) if f.endswith(".pt")]
+    (tmp_path / cache).write_bytes(b"cut short")
+    rebuilt = simclr.load_dataset("folder", str(tmp_path), 8, download=False)
+    assert len(decoded) == 4 and torch.equal(rebuilt["train_x"], first["train_x"])
+    out = capsys.readouterr().out
+    assert cache in out and "cannot be read" in out
+    Image.new("RGB", (12, 10), (0, 250, 0)).save(tmp_path / "train" / "a" / "new.png")  # a file added: a new key
+    assert len(simclr.load_dataset("folder", str(tmp_path), 8, download=False)["train_y"]) == 7
+    assert len(decoded) == 6
+
+
+CONCURRENT_LOAD = """
+import sys, hashlib, simclr
+simclr.FASHION_MNIST_LOCAL = sys.argv[2]
+h = hashlib.sha1()
+for name in ("fashion-mnist", "folder"):
+    d = simclr.load_dataset(name, sys.argv[1] + ("/folder" if name == "folder" else ""), 8, download=False)
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        h.update(d[k].numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_processes_preparing_one_data_directory_at_once_all_succeed(tmp_path):
+    """Four processes started together on an empty --data-dir: each un-gzips Fashion-MNIST and decodes (and caches)
+    a folder dataset; none may fail or read another's half-written file, and all must load the same data."""
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for prefix in ("train", "t10k"):
+        for kind, arr in (("images-idx3", random_uint8(300, 28, 28)), ("labels-idx1", np.arange(300) % 10)):
+            write_idx(tmp_path / "idx", arr.astype(np.uint8))
+            with open(tmp_path / "idx", "rb") as src, gzip.open(gz / f"{prefix}-{kind}-ubyte.gz", "wb") as dst:
+                dst.write(src.read())
+    make_folder(tmp_path / "data" / "folder", n=20, size=(64, 48))
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_LOAD, str(tmp_path / "data"), str(gz)], cwd=HERE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
+    assert len({out for out, _ in outs}) == 1
+    assert not [f for f in os.listdir(tmp_path / "data" / "FashionMNIST" / "raw") if f.endswith(".tmp")]
+
+
+def test_subset_is_class_stratified_seeded_and_the_right_size():
+    y = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)  # sorted by class, like Imagenette's folders
+    idx = simclr.stratified(y, 50, torch.Generator().manual_seed(0))
+    assert len(idx) == 50 and len(set(idx.tolist())) == 50
+    assert torch.bincount(y[idx]).tolist() == [30, 15, 5]  # each class keeps its share
+    assert torch.equal(idx, simclr.stratified(y, 50, torch.Generator().manual_seed(0)))
+    assert not torch.equal(idx, simclr.stratified(y, 50, torch.Generator().manual_seed(1)))
+    odd = simclr.stratified(torch.tensor([0, 0, 1, 1, 2, 2, 2]), 4, torch.Generator().manual_seed(0))
+    assert sorted(torch.bincount(torch.tensor([0, 0, 1, 1, 2, 2, 2])[odd], minlength=3).tolist()) == [1, 1, 2]
+
+
 def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         simclr.load_dataset("cifar10", str(tmp_path), 32, download=False)
@@ -527,6 +601,16 @@ def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsy
     (["--tau", "0"], "--tau must be > 0"),
     (["--head", "ae", "--arch", "resnet50"], "512-d backbone"),
     (["--no-freeze"], "only applies to --head ae"),
+    (["--batch-size", "1", "--dry-run"], "--batch-size must be at least 2"),  # before --dry-run replaces it
+    (["--epochs", "-3", "--dry-run"], "--epochs must be >= 0 (got -3)"),
+    (["--lr", "nan"], "--lr must be > 0 (got nan)"),
+    (["--lr", "inf"], "--lr must be > 0 (got inf)"),
+    (["--crop-min", "0"], "--crop-min must be in (0, 1]"),
+    (["--blur-prob", "1.5"], "--blur-prob must be in [0, 1]"),
+    (["--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--img-size", "0"], "--img-size must be at least 8"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
+    (["--knn-k", "0"], "--knn-k must be >= 1"),
 ])
 def test_bad_flags_exit_with_a_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -741,6 +825,78 @@ def test_run_saved_before_newer_flags_existed_resumes(tmp_path):
     assert "top-1" in run_script("simclr.py", "--resume", str(out))
 
 
+def test_resume_with_another_number_of_processes_says_so(tmp_path):
+    out = tmp_path / "run"
+    run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt["rng"] = ckpt["rng"] * 2  # as if saved by 2 processes
+    torch.save(ckpt, out / "checkpoint.pt")
+    err = run_failing("--resume", str(out))
+    assert "saved by 2 process(es) and is resumed by 1" in err and "torchrun --nproc_per_node 2" in err
+    assert "corrupt" not in err
+
+
+def test_results_are_written_before_the_baselines_and_a_baseline_out_of_memory_is_skipped(tmp_path, monkeypatch,
+                                                                                          capsys):
+    def no_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(simclr, "pixel_features", no_memory)
+    res = simclr.main([*TINY[:-3], "--epochs", "1", "--out", str(tmp_path / "a")])  # TINY with the baselines
+    assert res["raw_pixels"] == {"skipped": "out of memory (OutOfMemoryError)"} and "linear_top1" in res["random_init"]
+    assert json.loads((tmp_path / "a" / "results.json").read_text()) == json.loads(json.dumps(res))
+    assert "raw pixels (16px)" in capsys.readouterr().out
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # killed during the baselines
+    monkeypatch.setattr(simclr, "make_backbone", lambda *a, real=simclr.make_backbone: (
+        crash() if crashes.append(1) or len(crashes) > 1 else real(*a)))
+    crashes = []
+    with pytest.raises(KeyboardInterrupt):
+        simclr.main([*TINY[:-3], "--epochs", "1", "--out", str(tmp_path / "b")])
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert 0 <= saved["linear_top1"] <= 1 and "random_init" not in saved  # SimCLR's own numbers were kept
+
+
+def test_raw_pixel_features_are_block_means_at_most_32px():
+    x = torch.randint(0, 256, (5, 3, 96, 96), dtype=torch.uint8)
+    blocks = x.float().div(255).view(5, 3, 32, 3, 32, 3).mean((3, 5))  # 3x3 block means: (5, 3, 32, 32)
+    torch.testing.assert_close(simclr.pixel_features(x, torch.device("cpu"), batch=2), blocks.flatten(1))
+    small = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    assert torch.equal(simclr.pixel_features(small, torch.device("cpu")), small.float().flatten(1) / 255)
+
+
+def test_data_too_big_for_the_gpu_stays_in_host_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2 ** 30, 80 * 2 ** 30))  # 10 GiB free
+    gpu = torch.device("cuda", 0)
+    assert simclr.where_data_fits(4 * 2 ** 30, gpu) == "device"
+    assert simclr.where_data_fits(6 * 2 ** 30, gpu) == "host"  # more than half the free memory
+    assert simclr.where_data_fits(6 * 2 ** 30, gpu, "device") == "device"  # as asked
+    assert simclr.where_data_fits(10 ** 12, torch.device("cpu")) == "device"  # the CPU's memory is the host's
+
+
+def test_images_in_host_memory_give_the_same_run_as_on_the_device(tmp_path):
+    runs = {}
+    for where in ("device", "host"):
+        out = tmp_path / where
+        run_script("simclr.py", *TINY, "--epochs", "2", "--data-on", where, "--head", "ae", "--ae-epochs", "2",
+                   "--ae-dir", str(tmp_path / where / "ae"), "--out", str(out))
+        runs[where] = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[where].append(json.loads((out / "results.json").read_text())["linear_top1"])
+    assert runs["host"] == runs["device"]
+
+
+def test_autoencoder_checkpoint_is_written_at_the_end_and_every_few_minutes(tmp_path, monkeypatch):
+    x, _ = simclr.make_shapes(200, 8, seed=0)
+    saves = []
+    monkeypatch.setattr(simclr, "save_atomic", lambda obj, path: saves.append(obj))
+    simclr.train_autoencoder(x, 16, 5, "cpu", lr=1e-3, ckpt=str(tmp_path / "ae.pt"), log=lambda s: None)
+    assert [s["epoch"] for s in saves] == [5]  # not every epoch
+    monkeypatch.setattr(simclr, "AE_SAVE_EVERY_S", -1)
+    saves.clear()
+    simclr.train_autoencoder(x, 16, 3, "cpu", lr=1e-3, ckpt=str(tmp_path / "ae2.pt"), log=lambda s: None)
+    assert [s["epoch"] for s in saves] == [1, 2, 3]
+
+
 def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
     out = tmp_path / "run"
     run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out))
@@ -779,6 +935,13 @@ def test_images_smaller_than_the_crop_are_upscaled_with_a_note(tmp_path, capsys)
     assert "smaller than 32px" in capsys.readouterr().out
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ddp_worker(rank, world, port, path):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -799,11 +962,7 @@ def test_distributed_nt_xent_equals_single_process_on_the_global_batch(tmp_path)
     """2 gloo processes: the summed shares equal the single-process loss on the concatenated batch, and each
     rank's embedding gradients equal the matching rows of the single-process gradients (negatives gathered
     with gradient; a gather without gradient gives wrong gradients here)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(8, 5, generator=g).requires_grad_(), torch.randn(8, 5, generator=g).requires_grad_()
     loss = naive_nt_xent(z1, z2, 0.3)
@@ -813,13 +972,6 @@ def test_distributed_nt_xent_equals_single_process_on_the_global_batch(tmp_path)
         assert r["total"].item() == pytest.approx(loss.item(), rel=1e-5)
         torch.testing.assert_close(r["ga"], z1.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(r["gb"], z2.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sync_bn_worker(rank, world, port, path):
@@ -860,6 +1012,29 @@ def test_global_batchnorm_on_cpu_processes_equals_batchnorm_on_the_global_batch(
     for i in range(2):
         close(r[i]["mean"], bn.running_mean)
         close(r[i]["var"], bn.running_var)
+
+
+def _main_worker(rank, world, port, path):
+    """simclr.main as one of `world` torchrun processes, recording what it trained."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two processes on two cores
+    calls, real = [], simclr.train_autoencoder
+    simclr.train_autoencoder = lambda *a, **k: calls.append(rank) or real(*a, **k)
+    models, real_train = [], simclr.train
+    simclr.train = lambda model, *a, **k: models.append(model) or real_train(model, *a, **k)
+    simclr.main([*TINY, "--head", "ae", "--ae-epochs", "1", "--epochs", "1", "--out", os.path.join(path, "run"),
+                 "--ae-dir", os.path.join(path, "ae")])
+    bn = sorted({type(m).__name__ for m in models[0].modules() if "BatchNorm" in type(m).__name__})
+    torch.save(dict(ae_trained=calls, bn=bn, embedding=models[0].head[0].weight.detach()),
+               os.path.join(path, f"rank{rank}.pt"))
+
+
+def test_under_torchrun_the_autoencoder_is_trained_once_and_batchnorm_is_global(tmp_path):
+    torch.multiprocessing.spawn(_main_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    assert r[0]["ae_trained"] == [0] and r[1]["ae_trained"] == []  # rank 1 received rank 0's embedding
+    assert torch.equal(r[0]["embedding"], r[1]["embedding"])
+    assert r[0]["bn"] == r[1]["bn"] == ["SyncBatchNormCPU"]  # by default: SimCLR's global BN
 
 
 def test_torchrun_two_processes_end_to_end(tmp_path):
