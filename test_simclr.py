@@ -889,7 +889,7 @@ def test_covariance_selectivity_grows(tmp_path, one_thread):
     assert h[-1]["selectivity"] > h[0]["selectivity"] + 0.05, h
 
 
-# ---- collapse: Calder & Lee 2025 ---------------------------------------------------------------------------------
+# ---- clusters: Calder & Lee 2025 ---------------------------------------------------------------------------------
 
 
 def _gaussian_nce_naive(z1, z2, tau):
@@ -909,7 +909,7 @@ def test_gaussian_nce_matches_naive_loop():
     assert math.isclose(got, _gaussian_nce_naive(z1[:, 0].tolist(), z2[:, 0].tolist(), 0.3), rel_tol=1e-10)
 
 
-def test_collapse_trivial_embedding_loss_no_worse_than_clustered(one_thread):
+def test_clusters_trivial_embedding_loss_no_worse_than_clustered(one_thread):
     g = torch.Generator().manual_seed(0)
     X, lab = toy_theory.clusters(30, 0.8, g)  # N = 120, k = 97 is coprime to 120
     X1, X2 = toy_theory.augment_diag(X, g), toy_theory.augment_diag(X, g)
@@ -933,6 +933,68 @@ def test_collapse_trivial_embedding_loss_no_worse_than_clustered(one_thread):
     perm = torch.randperm(len(X), generator=g)
     assert math.isclose(toy_theory.gaussian_nce(z1, z2, tau).item(), toy_theory.gaussian_nce(z1[perm], z2[perm], tau).item(),
                         rel_tol=1e-12)
+
+
+def _nt_xent_naive(z1, z2, tau):
+    """NT-Xent over 2N views, one anchor at a time, in plain Python: normalise, skip the anchor itself."""
+    views = [[x / math.sqrt(sum(x * x for x in v)) for x in v] for v in z1 + z2]
+    N, total = len(z1), 0.0
+    for i in range(2 * N):
+        sims = {j: sum(a * b for a, b in zip(views[i], views[j])) / tau for j in range(2 * N) if j != i}
+        total += -sims[(i + N) % (2 * N)] + math.log(sum(math.exp(s) for s in sims.values()))
+    return total / (2 * N)
+
+
+def test_toy_nt_xent_matches_naive_loop():
+    g = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    got = toy_theory.nt_xent(z1, z2, 0.2).item()
+    assert math.isclose(got, _nt_xent_naive(z1.tolist(), z2.tolist(), 0.2), rel_tol=1e-10)
+
+
+def test_clusters_circle_equally_spaced_ignores_the_order(one_thread):
+    """Part (a) on the circle: equally spaced angles, by rank(u) or scrambled, give the same NT-Xent (naive loop),
+    lower than the 3 groups collapsed to 3 points; the scrambled one carries no group information."""
+    g = torch.Generator().manual_seed(0)
+    X, lab = toy_theory.clusters(20, 0.8, g)  # N = 80, k = 97 is coprime to 80
+    groups = toy_theory.invariant_groups(lab)
+    centre_x1_minus_x2 = torch.tensor([0, -2, 0, 2])  # of the centres (1, 1), (-1, 1), (-1, -1), (1, -1)
+    assert torch.equal(groups, (centre_x1_minus_x2[lab] + 2) // 2)  # groups: u of the centre, in increasing order
+    X1, X2 = toy_theory.augment_diag(X, g), toy_theory.augment_diag(X, g)
+    u = toy_theory.u_coord(X)
+    mono = [toy_theory.circle_embedding(V, u, 1) for V in (X1, X2)]
+    scr = [toy_theory.circle_embedding(V, u, 97) for V in (X1, X2)]
+    assert torch.allclose(mono[0].norm(dim=1), torch.ones(80, dtype=torch.float64))
+    l_mono, l_scr = (_nt_xent_naive(a.tolist(), b.tolist(), 0.2) for a, b in (mono, scr))
+    assert math.isclose(l_mono, l_scr, rel_tol=1e-9)
+    three = [[math.cos(2 * math.pi / 3 * c), math.sin(2 * math.pi / 3 * c)] for c in groups.tolist()]
+    assert _nt_xent_naive(three, three, 0.2) > l_mono + 0.1
+    assert toy_theory.fisher_ratio(scr[0], groups) < 0.05 < 1.0 < toy_theory.fisher_ratio(mono[0], groups)
+
+
+def test_circle_measures_against_closed_forms():
+    N = 12
+    theta = torch.arange(N, dtype=torch.float64) * 2 * math.pi / N
+    z = torch.stack([theta.cos(), theta.sin()], 1)
+    assert math.isclose(toy_theory.largest_gap(z), 2 * math.pi / N, rel_tol=1e-9)
+    assert math.isclose(toy_theory.largest_gap(z[[0, 1, 2, 7]]), 5 * 2 * math.pi / N, rel_tol=1e-9)  # 2 -> 7
+    ref = np.log(np.mean([np.exp(-2 * np.sum((z[i].numpy() - z[j].numpy()) ** 2))
+                          for i in range(N) for j in range(N) if i != j]))
+    assert math.isclose(toy_theory.uniformity(z), ref, rel_tol=1e-12)
+
+
+def test_clusters_training_makes_clusters_early(one_thread):
+    """Calder & Lee's second claim, its early half: within 150 full-batch steps from random init, the latents on the
+    circle cluster by group far beyond the uniform circle's Fisher ratio, with an empty arc of 2.5 rad or more."""
+    args = toy_theory.get_args(["clusters", "--steps", "150"])
+    X, lab = toy_theory.clusters(50, 0.8, torch.Generator().manual_seed(0))
+    groups = toy_theory.invariant_groups(lab)
+    uniform = toy_theory.fisher_ratio(toy_theory.circle_embedding(X, toy_theory.u_coord(X)), groups)
+    for seed in range(2):
+        _, hist = toy_theory.train_on_circle(X, groups, args, seed, set(range(0, 151, 5)))
+        peak = max(h["fisher"] for h in hist)
+        assert peak > 2 * uniform and peak > 2 * hist[0]["fisher"], (hist[0]["fisher"], peak, uniform)
+        assert max(h["gap"] for h in hist) > 2.5  # radians; equally spaced latents leave 2 pi / 200 = 0.03
 
 
 def test_fisher_ratio_against_closed_form():
@@ -1043,7 +1105,7 @@ def test_toy_theory_bad_flags_exit_with_a_message(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["cnn", "collapse", "covariance", "hltm"])
+@pytest.mark.parametrize("cmd", ["cnn", "clusters", "covariance", "hltm"])
 def test_toy_theory_smoke(cmd, tmp_path):
     out = tmp_path / cmd
     r = subprocess.run([sys.executable, os.path.join(HERE, "toy_theory.py"), cmd, "--quick", "--out", str(out)],

@@ -3,8 +3,8 @@
 Four experiments, each reproducing one theoretical claim on a toy model, each a subcommand:
 
     python toy_theory.py cnn          # Zhang & Cao 2024 (arXiv:2409.18685): pre-training removes the n*SNR^q label need
-    python toy_theory.py collapse     # Calder & Lee 2025 (arXiv:2503.10812): the loss has trivial minimisers;
-                                      #   training dynamics, not the loss, produce clusters
+    python toy_theory.py clusters     # Calder & Lee 2025 (arXiv:2503.10812): the loss has trivial minimisers;
+                                      #   in training, clusters appear, persist, then fade towards one
     python toy_theory.py covariance   # Tian, Yu, Chen & Ganguli 2020 (arXiv:2010.00578): the covariance operator
     python toy_theory.py hltm         # the same paper, Sec. 6: hidden nodes learn the latents of a latent tree
 
@@ -21,9 +21,10 @@ What each experiment shows (numbers: README.md, "Toy theory"):
   cnn        supervised GD from random init memorises noise when n*SNR^q is small (test error ~0.5), while
              SimCLR pre-training of the linear CNN on n0 unlabelled samples (n0*SNR^2 large) aligns the filters
              with +-mu by a power iteration (Lemmas 5.1-5.2) and fine-tuning then generalises from 10 labels.
-  collapse   (a) an embedding that ignores the clusters has exactly the same contrastive loss as one that
-             respects them; (b) a one-hidden-layer net trained on the loss shows cluster structure early and
-             keeps it for a long time.
+  clusters   (a) an embedding that ignores the clusters has exactly the same contrastive loss as one that
+             respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle clusters its latents
+             early, keeps the clusters for a while, then spreads them to the uniform circle, a trivial minimiser,
+             keeping only the order of the invariant coordinate.
   covariance (a) for f(x) = W x, -grad L_simp = 4 W Cov_z0[E_aug x | z0], exactly (float64 round-off);
              (b) a 1-layer conv net on the "11" / "101" objects of Tian et al.'s Fig. 3 becomes object-selective.
   hltm       a tree-shaped ReLU net trained with NT-Xent on pairs that share only the root of a hierarchical latent
@@ -88,15 +89,16 @@ def get_args(argv=None):
     s.add_argument("--n-test", type=int, default=2000, help="test samples (default: 2000)")
     s.add_argument("--seeds", type=int, default=3, help="seeds per cell (default: 3)")
 
-    s = sub.add_parser("collapse", help="Calder & Lee 2025: trivial minimisers and clustering during training")
+    s = sub.add_parser("clusters", help="Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade")
     common(s)
     s.add_argument("--per-cluster", type=int, default=50, help="points per cluster, 4 clusters (default: 50)")
     s.add_argument("--radius", type=float, default=0.8, help="cluster disk radius, centres (+-1,+-1) (default: 0.8)")
-    s.add_argument("--tau", type=float, default=0.1, help="Gaussian-kernel temperature (default: 0.1)")
+    s.add_argument("--kernel-tau", type=float, default=0.1, help="Gaussian-kernel temperature of part (a) (default: 0.1)")
+    s.add_argument("--tau", type=float, default=0.2, help="NT-Xent temperature on the circle (default: 0.2)")
     s.add_argument("--hidden", type=int, default=100, help="hidden width (default: 100)")
-    s.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate, full batch; 3e-3 already spikes (default: 1e-3)")
-    s.add_argument("--steps", type=int, default=40000, help="training steps (default: 40000)")
-    s.add_argument("--log-every", type=int, default=2500, help="steps between measurements (default: 2500)")
+    s.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, full batch (default: 0.05)")
+    s.add_argument("--steps", type=int, default=8000, help="training steps, logged 8 times per decade (default: 8000)")
+    s.add_argument("--seeds", type=int, default=3, help="networks (init and views), one per seed (default: 3)")
     s.add_argument("--k-scramble", type=int, default=97, help="multiplier of the scrambling map r -> k r mod N (default: 97)")
 
     s = sub.add_parser("covariance", help="Tian et al. 2020: covariance operator and object selectivity")
@@ -147,8 +149,8 @@ def get_args(argv=None):
         if args.cmd == "cnn":
             args.d, args.snrs, args.ns, args.n0, args.n0s = 100, [0.1, 0.5], [10], 300, [25, 300]
             args.n0_n, args.seeds, args.n_test, args.pre_steps, args.steps = 10, 1, 500, 60, 150
-        elif args.cmd == "collapse":
-            args.per_cluster, args.steps, args.log_every = 20, 400, 100
+        elif args.cmd == "clusters":
+            args.per_cluster, args.steps, args.seeds = 20, 300, 1
         elif args.cmd == "hltm":
             args.depth, args.steps, args.log_every, args.n_eval, args.seeds = 3, 200, 100, 1024, 1
         else:
@@ -175,6 +177,16 @@ def save_summary(out, summary):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+
+
+def nt_xent(h1, h2, tau):
+    """SimCLR's NT-Xent (Eq. 1 of arXiv:2002.05709) on 2N views, self-similarity masked with -inf."""
+    z = F.normalize(torch.cat([h1, h2]), dim=1)  # (2N, C)
+    sim = z @ z.T / tau
+    sim.fill_diagonal_(float("-inf"))
+    N = len(h1)
+    target = torch.cat([torch.arange(N, 2 * N), torch.arange(N)])
+    return F.cross_entropy(sim, target)
 
 
 def print_table(header, rows):
@@ -354,21 +366,35 @@ def save_fig(fig, path):
 
 
 # =====================================================================================================
-# 2. collapse -- trivial minimisers and training dynamics (Calder & Lee 2025, arXiv:2503.10812)
+# 2. clusters -- trivial minimisers; clusters appear in training, then fade (Calder & Lee 2025, arXiv:2503.10812)
 # =====================================================================================================
-# Setup of the exploratory script described in SPEC Sec. 5: 4 clusters uniform in disks of radius 0.8 centred at
-# (+-1, +-1); augmentation adds ONE N(0,1) scalar s to both coordinates, x -> x + s (1, 1); a 1-D embedding.
-# Loss (Gaussian-kernel InfoNCE, i.e. SimCLR's loss with similarity -|z - z'|^2):
+# Data, after an exploratory script by one of the authors: 4 clusters uniform in disks of radius 0.8 centred at
+# (+-1, +-1); augmentation adds ONE N(0,1) scalar s to both coordinates, x -> x + s (1, 1). It leaves
+# u(x) = (x_1 - x_2)/sqrt(2) unchanged, and u is the same for the clusters at (1, 1) and (-1, -1): what survives
+# augmentation tells apart 3 *groups* (u ~ -sqrt2, 0, +sqrt2), not 4 clusters, so the measures use the groups.
+#
+# (a) The loss alone does not pick a clustered minimiser. Two losses, one argument.
+# Gaussian-kernel InfoNCE on a 1-D latent (the exploratory script's loss: SimCLR's with similarity -|z - z'|^2):
 #     L = 1/N sum_i [ |z_i - z'_i|^2 / tau + log sum_j exp(-|z_i - z'_j|^2 / tau) ]         (z = f(x), z' = f(x'))
-# Derivation of the trivial minimisers (part a). The augmentation leaves u(x) = (x_1 - x_2)/sqrt(2) unchanged, so
-# any embedding z = g(u) has zero alignment term, and L = 1/N sum_i log sum_j exp(-|z_i - z_j|^2/tau) depends
+# Any embedding z = g(u) has zero alignment term, and L = 1/N sum_i log sum_j exp(-|z_i - z_j|^2/tau) depends
 # only on the *multiset* {z_i}. Every term is >= log 1 (the j = i term), so L >= 0, and an injective g scaled by
 # c -> infinity drives L -> 0: every injective invariant embedding is a minimising sequence. Take
 #     g_1(x) = c * rank(u(x))            (monotone in u: keeps the cluster order, "cluster-respecting")
 #     g_k(x) = c * (k * rank(u(x)) mod N)   (k coprime to N: a permutation of the same ranks, so the same multiset)
 # g_1 and g_k give the SAME loss at every scale c, exactly, yet g_k spreads every cluster over the whole range:
 # its latent distribution given the cluster is ~uniform, i.e. it carries no cluster information.
-# Collapsing each cluster to a point is strictly worse: L >= mean log(cluster size) > 0 for every c.
+# Collapsing each group to a point is strictly worse: L >= mean log(group size) > 0 for every c.
+# NT-Xent on latents normalised onto the unit circle (the paper's setting; its Fig. 1 plots NT-Xent against the
+# latent distribution): the same argument with angles 2 pi g_k(x) / N. Equally spaced angles are the N-point
+# version of the uniform distribution on the circle, which minimises the population loss (perfect alignment and
+# uniformity: Wang & Isola 2020, arXiv:2005.10242), the trivial minimiser of Calder & Lee.
+#
+# (b) Training dynamics (the paper's second claim): a one-hidden-layer net Linear(2, 100) -> LeakyReLU(0.2) ->
+# Linear(100, 2), its output normalised onto the circle, trained on NT-Xent by full-batch SGD with fresh views each
+# step, logged at log-spaced steps. Calder & Lee: clustering appears early and persists for a long time, though
+# training converges to a trivial minimiser. Measures: the Fisher ratio over the groups (reference: the uniform
+# circle's), the largest empty arc between neighbouring latents (a gap between clusters; 2 pi / N when equally
+# spaced), and Wang & Isola's uniformity log E exp(-2 |z - z'|^2) (the uniform circle's: log(e^-4 I_0(4)) = -1.574).
 
 
 def clusters(per_cluster, radius, g):
@@ -381,8 +407,13 @@ def clusters(per_cluster, radius, g):
     return X.double(), lab  # float64: the views' u must agree to ~1e-16 for the exact identity of part (a)
 
 
+def invariant_groups(lab):
+    """Cluster label -> group of u = (x_1 - x_2)/sqrt(2): 0 for (-1, 1), 1 for (1, 1) and (-1, -1), 2 for (1, -1)."""
+    return torch.tensor([1, 0, 1, 2])[lab]
+
+
 def augment_diag(X, g):
-    """x -> x + s (1, 1), s ~ N(0, 1): one scalar added to every coordinate (SPEC Sec. 5)."""
+    """x -> x + s (1, 1), s ~ N(0, 1): one scalar added to every coordinate."""
     return X + torch.randn(len(X), 1, generator=g, dtype=X.dtype)
 
 
@@ -404,13 +435,25 @@ def fisher_ratio(z, lab):
 
 
 def knn_accuracy(z, lab, k=10):
-    """Leave-one-out k-NN accuracy of the cluster label from the embedding (chance 0.25)."""
+    """Leave-one-out k-NN accuracy of the label from the embedding."""
     z = z.reshape(len(z), -1).double()
     D = torch.cdist(z, z)
     D.fill_diagonal_(float("inf"))
     nn_lab = lab[D.topk(k, largest=False).indices]  # (N, k)
     pred = torch.mode(nn_lab, dim=1).values
     return (pred == lab).double().mean().item()
+
+
+def largest_gap(z):
+    """The widest empty arc (radians) between neighbouring latents z (N, 2) on the circle."""
+    a = torch.sort(torch.atan2(z[:, 1], z[:, 0])).values
+    return torch.cat([a[1:] - a[:-1], a[:1] + 2 * math.pi - a[-1:]]).max().item()
+
+
+def uniformity(z, t=2.0):
+    """Wang & Isola's uniformity log E_{i != j} exp(-t |z_i - z_j|^2) (arXiv:2005.10242, Eq. 5 on samples)."""
+    d2 = torch.cdist(z, z)[~torch.eye(len(z), dtype=torch.bool)] ** 2  # (N (N - 1),)
+    return torch.log(torch.exp(-t * d2).mean()).item()
 
 
 def u_coord(X):
@@ -422,106 +465,158 @@ def u_coord(X):
 def rank_embedding(X, u_ref, c, k=1):
     """g_k(x) = c * (k * rank(u(x)) mod N), rank among the reference points; a function of x alone (see above)."""
     # the 1e-9 absorbs the float round-off of (x_1 + s) - (x_2 + s), so both views get the same rank
-    rank = torch.searchsorted(torch.sort(u_ref).values, u_coord(X) + 1e-9)  # in 1..N
+    rank = torch.searchsorted(torch.sort(u_ref).values, u_coord(X) + 1e-9) - 1  # in 0..N-1
     return (c * ((k * rank) % len(u_ref))).double()[:, None]  # (N, 1)
 
 
-def mlp(hidden, g_seed):
+def circle_embedding(X, u_ref, k=1):
+    """The angle 2 pi g_k(x) / N as a point on the unit circle: equally spaced latents, ordered by u if k = 1. (N, 2)"""
+    theta = rank_embedding(X, u_ref, 2 * math.pi / len(u_ref), k)  # (N, 1)
+    return torch.cat([theta.cos(), theta.sin()], 1)
+
+
+def mlp(hidden, out, g_seed):
     torch.manual_seed(g_seed)  # the init is part of the experiment: seeded here, from the one base seed
-    net = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, 1))
+    net = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, out))
     return net.double()
 
 
-def run_collapse(args):
-    g = generator(args.seed)
-    X, lab = clusters(args.per_cluster, args.radius, g)
-    N = len(X)
-    assert math.gcd(args.k_scramble, N) == 1, "k must be coprime to N for k*rank mod N to be a permutation"
-    X1, X2 = augment_diag(X, g), augment_diag(X, g)  # one fixed pair of views: the loss below is exact on it
-    u = u_coord(X)
-    centre_u = torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64)[lab]  # u of each cluster centre / sqrt 2
+def circle_measures(z, groups):
+    return dict(fisher=fisher_ratio(z, groups), gap=largest_gap(z), uniformity=uniformity(z),
+                knn=knn_accuracy(z, groups))
 
-    # ---- (a) the same loss, with and without clusters --------------------------------------------------------
-    rows, part_a = [], []
-    for spacing in [0.25, 1.0, 2.0]:  # distance between neighbouring ranks, in units of sqrt(tau)
-        c = spacing * math.sqrt(args.tau)
-        embs = {
-            "clusters -> 3 points": (lambda Z: c * N / 2 * (Z + 1)[:, None]),  # invariant, collapses clusters
-            "g_1 monotone rank": None,
-            f"g_{args.k_scramble} scrambled rank": None,
-        }
-        for name in embs:
-            if name.startswith("clusters"):
-                z1 = z2 = z = embs[name](centre_u)  # each cluster at one point, the same for both views
-            else:
-                k = 1 if name.startswith("g_1 ") else args.k_scramble
-                z1, z2, z = (rank_embedding(V, u, c, k) for V in (X1, X2, X))
-            loss = gaussian_nce(z1, z2, args.tau).item()
-            align = ((z1 - z2) ** 2).sum(1).mean().item() / args.tau
-            part_a.append(dict(embedding=name, spacing=spacing, loss=loss, align=align,
-                               fisher=fisher_ratio(z, lab), knn=knn_accuracy(z, lab)))
-            rows.append([name, spacing, f"{loss:.6f}", f"{align:.1e}", f"{fisher_ratio(z, lab):.2f}", f"{knn_accuracy(z, lab):.3f}"])
-    print(f"\n(a) Gaussian-kernel InfoNCE of hand-built embeddings, tau={args.tau}, N={N} (k-NN chance 0.25)")
-    print_table(["embedding", "spacing/sqrt(tau)", "loss", "align term", "Fisher ratio", "10-NN acc"], rows)
 
-    # ---- (b) training dynamics of a one-hidden-layer net -----------------------------------------------------
-    net = mlp(args.hidden, args.seed)
+def train_on_circle(X, groups, args, seed, log_at):
+    """Part (b): NT-Xent on normalised 2-D outputs, full-batch SGD, fresh views each step. Returns the net and the
+    measures at every step in log_at, with the latents' angles (for the figure)."""
+    net, g = mlp(args.hidden, 2, seed), generator(seed)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr)
-    hist, t0, loss = [], time.time(), None
-    print(f"\n(b) Linear(2,{args.hidden}) -> LeakyReLU(0.2) -> Linear({args.hidden},1), SGD lr {args.lr}, full batch, fresh views each step")
+    hist, loss = [], None
     for step in range(args.steps + 1):
-        if step % args.log_every == 0:
+        if step in log_at:
             with torch.no_grad():
-                z = net(X)
-            hist.append(dict(step=step, loss=None if loss is None else loss.item(), fisher=fisher_ratio(z, lab),
-                             knn=knn_accuracy(z, lab), spread=z.std().item()))
-            h = hist[-1]
-            loss_txt = "-" if h["loss"] is None else f"{h['loss']:.4f}"
-            print(f"step {step:6d}: loss {loss_txt}, Fisher {h['fisher']:.3f}, 10-NN {h['knn']:.3f}, "
-                  f"std(z) {h['spread']:.2f}, {time.time() - t0:.1f}s")
+                z = F.normalize(net(X), dim=1)  # (N, 2): the latents on the circle
+            hist.append(dict(step=step, loss=None if loss is None else loss.item(), **circle_measures(z, groups),
+                             angle=torch.atan2(z[:, 1], z[:, 0]).tolist()))
         if step == args.steps:
             break
-        loss = gaussian_nce(net(augment_diag(X, g)), net(augment_diag(X, g)), args.tau)
+        loss = nt_xent(net(augment_diag(X, g)), net(augment_diag(X, g)), args.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return net, hist
 
-    # the trained net's own pairs, re-assigned to the data points by a permutation that mixes clusters: the loss
-    # is a symmetric function of the pairs (z_i, z'_i), so it cannot change, while the clusters disappear
+
+def run_clusters(args):
+    g = generator(args.seed)
+    X, lab = clusters(args.per_cluster, args.radius, g)
+    groups = invariant_groups(lab)
+    N = len(X)
+    assert math.gcd(args.k_scramble, N) == 1, "k must be coprime to N for k*rank mod N to be a permutation"
+    X1, X2 = augment_diag(X, g), augment_diag(X, g)  # one fixed pair of views: the losses of (a) are exact on it
+    u = u_coord(X)
+    centre_u = (groups - 1).double()  # u of each group's centre / sqrt 2
+
+    # ---- (a) the same loss, with and without clusters --------------------------------------------------------
+    rows, part_a = [], []
+    scrambled = f"g_{args.k_scramble} scrambled rank"
+
+    def add_row(loss_name, name, spacing, z1, z2, z, loss):
+        align = ((z1 - z2) ** 2).sum(1).mean().item()
+        part_a.append(dict(loss_fn=loss_name, embedding=name, spacing=spacing, loss=loss, align=align,
+                           fisher=fisher_ratio(z, groups), knn=knn_accuracy(z, groups)))
+        rows.append([loss_name, name, spacing, f"{loss:.6f}", f"{align:.1e}", f"{part_a[-1]['fisher']:.2f}",
+                     f"{part_a[-1]['knn']:.3f}"])
+
+    for spacing in [0.25, 1.0, 2.0]:  # distance between neighbouring ranks, in units of sqrt(kernel tau)
+        c = spacing * math.sqrt(args.kernel_tau)
+        for name, k in [("groups -> 3 points", None), ("g_1 monotone rank", 1), (scrambled, args.k_scramble)]:
+            if k is None:
+                z1 = z2 = z = c * N / 2 * (centre_u + 1)[:, None]  # each group at one point, the same for both views
+            else:
+                z1, z2, z = (rank_embedding(V, u, c, k) for V in (X1, X2, X))
+            add_row("Gaussian kernel", name, spacing, z1, z2, z, gaussian_nce(z1, z2, args.kernel_tau).item())
+    for name, k in [("groups -> 3 points", None), ("g_1 monotone rank", 1), (scrambled, args.k_scramble)]:
+        if k is None:
+            angle = 2 * math.pi / 3 * centre_u[:, None]  # the 3 groups at 3 equally spaced points
+            z1 = z2 = z = torch.cat([angle.cos(), angle.sin()], 1)
+        else:
+            z1, z2, z = (circle_embedding(V, u, k) for V in (X1, X2, X))
+        add_row("NT-Xent, circle", name, "-", z1, z2, z, nt_xent(z1, z2, args.tau).item())
+    print(f"\n(a) hand-built augmentation-invariant embeddings, N={N}: Gaussian-kernel InfoNCE (tau={args.kernel_tau}) "
+          f"on a line, NT-Xent (tau={args.tau}) on the unit circle; Fisher ratio and 10-NN over the 3 groups")
+    print_table(["loss", "embedding", "spacing/sqrt(tau)", "loss value", "align", "Fisher ratio", "10-NN acc"], rows)
+
+    # ---- (b) training dynamics of a one-hidden-layer net on the circle ----------------------------------------
+    log_at = sorted({0, args.steps} | {round(10 ** (e / 8)) for e in range(8 * math.ceil(math.log10(args.steps + 1)) + 1)
+                                       if 10 ** (e / 8) <= args.steps})  # 8 per decade
+    ref = dict(uniform=circle_measures(circle_embedding(X, u), groups),
+               scrambled=circle_measures(circle_embedding(X, u, args.k_scramble), groups))
+    print(f"\n(b) Linear(2,{args.hidden}) -> LeakyReLU(0.2) -> Linear({args.hidden},2) -> unit circle, NT-Xent "
+          f"tau {args.tau}, SGD lr {args.lr}, full batch, fresh views each step, {args.seeds} seeds")
+    runs, t0 = [], time.time()
+    for s in range(args.seeds):
+        net, hist = train_on_circle(X, groups, args, args.seed + s, log_at)
+        runs.append(hist)
+        peak = max(hist, key=lambda h: h["fisher"])
+        print(f"seed {args.seed + s}: Fisher ratio {hist[0]['fisher']:.2f} at init, peak {peak['fisher']:.2f} at "
+              f"step {peak['step']}, {hist[-1]['fisher']:.2f} at the end; largest gap {hist[0]['gap']:.2f} -> "
+              f"{peak['gap']:.2f} -> {hist[-1]['gap']:.2f} rad, {time.time() - t0:.1f}s")
+    fmt = lambda xs, f: (f + " ± " + f) % mean_std(xs)
+    shown = [t for t in log_at if t in {0, args.steps} or any(t == round(10 ** (e / 2)) for e in range(12))]
+    table = []
+    for t in shown:
+        i = log_at.index(t)
+        table.append([t] + [fmt([r[i][key] for r in runs], f) for key, f in
+                            [("fisher", "%.2f"), ("gap", "%.2f"), ("uniformity", "%.3f"), ("knn", "%.3f")]])
+    table += [[name, f"{m['fisher']:.2f}", f"{m['gap']:.2f}", f"{m['uniformity']:.3f}", f"{m['knn']:.3f}"]
+              for name, m in [("equally spaced, by rank(u)", ref["uniform"]),
+                              (f"equally spaced, by {args.k_scramble} rank(u) mod N", ref["scrambled"])]]
+    print(f"\nmean ± std over {args.seeds} seeds; the last two rows are the trivial minimiser (a), for reference")
+    print_table(["step", "Fisher ratio (groups)", "largest gap (rad)", "uniformity", "10-NN acc (groups)"], table)
+
+    # the trained net's own pairs, re-assigned to the data points by a permutation that mixes groups: the loss
+    # is a symmetric function of the pairs (z_i, z'_i), so it cannot change, while the groups disappear
     with torch.no_grad():
-        z1, z2 = net(X1), net(X2)
+        z1, z2 = F.normalize(net(X1), dim=1), F.normalize(net(X2), dim=1)
     perm = torch.randperm(N, generator=g)
-    trained = dict(loss=gaussian_nce(z1, z2, args.tau).item(), fisher=fisher_ratio(z1, lab), knn=knn_accuracy(z1, lab))
-    permuted = dict(loss=gaussian_nce(z1[perm], z2[perm], args.tau).item(), fisher=fisher_ratio(z1[perm], lab),
-                    knn=knn_accuracy(z1[perm], lab))
-    ref = dict(u=fisher_ratio(u, lab), monotone_rank=fisher_ratio(rank_embedding(X, u, 1.0), lab),
-               scrambled_rank=fisher_ratio(rank_embedding(X, u, 1.0, args.k_scramble), lab))
-    print("\ntrained net vs the same pairs permuted across clusters (one fixed pair of views)")
+    trained = dict(loss=nt_xent(z1, z2, args.tau).item(), fisher=fisher_ratio(z1, groups), knn=knn_accuracy(z1, groups))
+    permuted = dict(loss=nt_xent(z1[perm], z2[perm], args.tau).item(), fisher=fisher_ratio(z1[perm], groups),
+                    knn=knn_accuracy(z1[perm], groups))
+    print(f"\nlast net vs the same pairs permuted across groups (one fixed pair of views)")
     print_table(["embedding", "loss", "Fisher ratio", "10-NN acc"],
-                [["trained net", f"{trained['loss']:.6f}", f"{trained['fisher']:.2f}", f"{trained['knn']:.3f}"],
-                 ["pairs permuted", f"{permuted['loss']:.6f}", f"{permuted['fisher']:.2f}", f"{permuted['knn']:.3f}"]])
-    print(f"reference Fisher ratios: input u {ref['u']:.2f}, monotone rank (uniform latents) {ref['monotone_rank']:.2f}, "
-          f"scrambled rank {ref['scrambled_rank']:.3f}")
+                [[name, f"{m['loss']:.6f}", f"{m['fisher']:.2f}", f"{m['knn']:.3f}"]
+                 for name, m in [("trained net", trained), ("pairs permuted", permuted)]])
 
-    summary = dict(config=vars(args), part_a=part_a, history=hist, trained=trained, permuted=permuted, reference=ref)
+    strip = lambda h: {k: v for k, v in h.items() if k != "angle"}
+    summary = dict(config=vars(args), part_a=part_a, reference=ref, runs=[[strip(h) for h in r] for r in runs],
+                   trained=trained, permuted=permuted)
     if plt is not None:
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw=dict(width_ratios=[1, 1, 1.5]))
         for name, k in [("monotone g_1", 1), (f"scrambled g_{args.k_scramble}", args.k_scramble)]:
             z = rank_embedding(X, u, 1.0, k)[:, 0]
-            ax[0].scatter(z, lab + (0.15 if k > 1 else -0.15), s=4, label=name)
-        ax[0].set(xlabel="embedding z", ylabel="cluster", title="(a) same loss, with and without clusters")
+            ax[0].scatter(z, groups + (0.15 if k > 1 else -0.15), s=4, label=name)
+        ax[0].set(xlabel="latent (rank)", ylabel="group", yticks=[0, 1, 2], title="(a) same loss, with and without clusters")
         ax[0].legend(fontsize=7)
-        st = [h["step"] for h in hist]
-        ax[1].plot(st, [h["fisher"] for h in hist], label="trained net")
-        for key, ls in [("monotone_rank", "--"), ("scrambled_rank", ":"), ("u", "-.")]:
-            ax[1].axhline(ref[key], ls=ls, color="gray", label=key)
-        ax[1].set(xlabel="step", ylabel="Fisher ratio (between/within)", title="(b) clustering during training")
+        for s, r in enumerate(runs):
+            ax[1].plot([h["step"] for h in r], [h["fisher"] for h in r], "-", label=f"seed {args.seed + s}")
+        ax[1].axhline(ref["uniform"]["fisher"], ls="--", color="gray", label="uniform circle, by rank(u)")
+        ax[1].set(xscale="symlog", xlim=(0, args.steps), xlabel="SGD step", ylabel="Fisher ratio over the groups",
+                  title="(b) clusters appear, then fade")
         ax[1].legend(fontsize=7)
-        with torch.no_grad():
-            z = net(X)[:, 0]
-        ax[2].hist([z[lab == c].numpy() for c in range(4)], bins=60, stacked=True, label=[f"cluster {c}" for c in range(4)])
-        ax[2].set(xlabel="embedding z", title=f"(b) embedding after {args.steps} steps")
-        ax[2].legend(fontsize=7)
+        # the latents on the circle at init, at the Fisher peak and at the end, first seed; each group drawn on its
+        # own radius (0.8, 1, 1.2) so that groups sharing an arc stay visible
+        peak = max(runs[0], key=lambda h: h["fisher"])
+        for j, h in enumerate([runs[0][0], peak, runs[0][-1]]):
+            angle = torch.tensor(h["angle"])
+            for c in range(3):
+                r = 0.8 + 0.2 * c
+                ax[2].scatter(3 * j + r * angle[groups == c].cos(), r * angle[groups == c].sin(), s=2, color=f"C{c}",
+                              label=f"group {c}" if j == 0 else None)
+            ax[2].text(3 * j, -1.55, f"step {h['step']}", ha="center", fontsize=8)
+        ax[2].set(aspect="equal", xticks=[], yticks=[], ylim=(-1.75, 1.9),
+                  title=f"(b) latents at init, Fisher peak, end (seed {args.seed})")
+        ax[2].legend(fontsize=7, ncol=3, loc="upper center", markerscale=3)
         fig.tight_layout()
         save_fig(fig, args.fig)
     return summary
@@ -573,16 +668,6 @@ def translated_objects(objects, L, noise, g):
 def conv_h(conv, X):
     """1-layer conv net: h = sum over positions of ReLU(conv(x)), a translation-invariant pooled code. (B, C)"""
     return torch.relu(conv(X)).sum(-1)
-
-
-def nt_xent(h1, h2, tau):
-    """SimCLR's NT-Xent (Eq. 1 of arXiv:2002.05709) on 2N views, self-similarity masked with -inf."""
-    z = F.normalize(torch.cat([h1, h2]), dim=1)  # (2N, C)
-    sim = z @ z.T / tau
-    sim.fill_diagonal_(float("-inf"))
-    N = len(h1)
-    target = torch.cat([torch.arange(N, 2 * N), torch.arange(N)])
-    return F.cross_entropy(sim, target)
 
 
 def selectivity(conv, L):
@@ -820,7 +905,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     t0 = time.time()
-    summary = {"cnn": run_cnn, "collapse": run_collapse, "covariance": run_covariance,
+    summary = {"cnn": run_cnn, "clusters": run_clusters, "covariance": run_covariance,
                "hltm": run_hltm}[args.cmd](args)
     summary["seconds"] = time.time() - t0
     save_summary(args.out, summary)
