@@ -882,11 +882,57 @@ def test_empirical_l_simp_matches_naive_loop():
     assert math.isclose(got, pos - neg, rel_tol=1e-12)
 
 
-def test_covariance_selectivity_grows(tmp_path, one_thread):
-    args = toy_theory.get_args(["covariance", "--steps", "300", "--log-every", "300", "--fig", str(tmp_path / "c.png")])
+def test_covariance_operator_layer_by_layer_relu_mlp():
+    """Theorem 3 for a 3-layer bias-free ReLU net: -grad_{W_l} E_emp[L_simp] == 4 V_z0[Kbar_l] vec(W_l) at every layer.
+    The right-hand side is built here in numpy, one sample at a time: K_l(x)[o, i, j] = J_l(x)[o, i] a_{l-1}(x)[j]
+    from the ReLU gates, then V as an explicit (n_l n_{l-1})^2 covariance matrix."""
+    rng = np.random.default_rng(5)
+    N, K, sizes = 7, 3, [6, 5, 4, 3]
+    Xa = rng.normal(size=(N, K, sizes[0])) + rng.normal(size=(N, 1, sizes[0]))
+    Wn = [rng.normal(size=(o, i)) / np.sqrt(i) for i, o in zip(sizes, sizes[1:])]
+    Ws = [torch.tensor(W, requires_grad=True) for W in Wn]
+    X = torch.tensor(Xa)
+    f = torch.relu(torch.relu(X @ Ws[0].T) @ Ws[1].T) @ Ws[2].T  # (N, K, 3), written out, not toy_theory.relu_mlp
+    grads = torch.autograd.grad(toy_theory.l_simp_of_outputs(f), Ws)
+    for l in range(3):
+        Kbar = np.zeros((N, sizes[l + 1] * sizes[l], sizes[-1]))  # (N, P, out): K_l as the paper writes it
+        for i in range(N):
+            for k in range(K):
+                a = [Xa[i, k]]
+                for W in Wn:
+                    a.append(W @ (np.maximum(a[-1], 0) if len(a) > 1 else a[-1]))  # pre-activations, a[0] = x
+                J = np.eye(sizes[-1])
+                for m in range(2, l, -1):  # back through W_m and the gate of layer m's input
+                    J = J @ Wn[m] @ np.diag((a[m] > 0).astype(float))
+                inp = a[l] if l == 0 else np.maximum(a[l], 0)
+                Kbar[i] += np.einsum("oi,j->ijo", J, inp).reshape(-1, sizes[-1]) / K
+        Kc = Kbar - Kbar.mean(0)
+        V = sum(Kc[i] @ Kc[i].T for i in range(N)) / N  # (P, P)
+        rhs = (4 * V @ Wn[l].reshape(-1)).reshape(Wn[l].shape)
+        np.testing.assert_allclose(-grads[l].numpy(), rhs, rtol=1e-9, atol=1e-12)
+        ours = toy_theory.covariance_operator([torch.tensor(W) for W in Wn], X, l)
+        np.testing.assert_allclose(ours.numpy(), rhs, rtol=1e-9, atol=1e-12)
+        assert np.abs(rhs).max() > 1e-3  # not a vacuous 0 == 0
+
+
+def test_object_only_nt_xent_matches_enumeration():
+    """The object-only bound against NT-Xent (naive loop) on every one of the 2^N batch compositions."""
+    import itertools
+    N, tau = 4, 0.5
+    for cos, codes in [(0.0, [[1.0, 0.0], [0.0, 1.0]]), (-1.0, [[1.0, 0.0], [-1.0, 0.0]])]:
+        losses = [_nt_xent_naive([codes[o] for o in objs], [codes[o] for o in objs], tau)
+                  for objs in itertools.product([0, 1], repeat=N)]
+        assert math.isclose(toy_theory.object_only_nt_xent(N, tau, cos), np.mean(losses), rel_tol=1e-12)
+
+
+def test_covariance_selectivity_grows_and_linear_control_does_not(tmp_path, one_thread):
+    args = toy_theory.get_args(["covariance", "--steps", "300", "--log-every", "300", "--seeds", "1",
+                                "--fig", str(tmp_path / "c.png")])
     s = toy_theory.run_covariance(args)
-    h = s["history"]
+    h = s["runs"][0]["relu"]["history"]
     assert h[-1]["selectivity"] > h[0]["selectivity"] + 0.05, h
+    # averaged over positions "11" and "101" differ only at the edges: no filter of the linear net becomes selective
+    assert max(s["runs"][0]["linear"]["sel"]) < 0.05, s["runs"][0]["linear"]["sel"]
 
 
 # ---- clusters: Calder & Lee 2025 ---------------------------------------------------------------------------------

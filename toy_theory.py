@@ -5,7 +5,8 @@ Four experiments, each reproducing one theoretical claim on a toy model, each a 
     python toy_theory.py cnn          # Zhang & Cao 2024 (arXiv:2409.18685): pre-training removes the n*SNR^q label need
     python toy_theory.py clusters     # Calder & Lee 2025 (arXiv:2503.10812): the loss has trivial minimisers;
                                       #   in training, clusters appear, persist, then fade towards one
-    python toy_theory.py covariance   # Tian, Yu, Chen & Ganguli 2020 (arXiv:2010.00578): the covariance operator
+    python toy_theory.py covariance   # Tian, Yu, Chen & Ganguli 2020 (arXiv:2010.00578): the covariance operator,
+                                      #   layer by layer, and the object selectivity it amplifies
     python toy_theory.py hltm         # the same paper, Sec. 6: hidden nodes learn the latents of a latent tree
 
     python toy_theory.py cnn --quick  # any subcommand: a seconds-long end-to-end run (used by the tests)
@@ -25,8 +26,11 @@ What each experiment shows (numbers: README.md, "Toy theory"):
              respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle clusters its latents
              early, keeps the clusters for a while, then spreads them to the uniform circle, a trivial minimiser,
              keeping only the order of the invariant coordinate.
-  covariance (a) for f(x) = W x, -grad L_simp = 4 W Cov_z0[E_aug x | z0], exactly (float64 round-off);
-             (b) a 1-layer conv net on the "11" / "101" objects of Tian et al.'s Fig. 3 becomes object-selective.
+  covariance (a) Theorem 3, -grad_{W_l} L_simp = 4 V_z0[Kbar_l] vec(W_l), checked against autograd layer by layer
+             on a bias-free 3-layer ReLU net (and f(x) = W x): exact, to float64 round-off;
+             (b) a 1-layer conv net on the "11" / "101" objects of Tian et al.'s Fig. 3: some filters become fully
+             object-selective, most often the one most selective at init, while many die; with a linear
+             activation (covariance operator ~0) nothing becomes selective.
   hltm       a tree-shaped ReLU net trained with NT-Xent on pairs that share only the root of a hierarchical latent
              tree model: its nodes come to correlate with latents it never sees, up to near the Bayes ceiling,
              while a control trained on pairs that share nothing shows no systematic gain.
@@ -103,18 +107,20 @@ def get_args(argv=None):
 
     s = sub.add_parser("covariance", help="Tian et al. 2020: covariance operator and object selectivity")
     common(s)
-    s.add_argument("--D", type=int, default=12, help="input dimension of the linear check (default: 12)")
-    s.add_argument("--N", type=int, default=16, help="latents z0 in the linear check (default: 16)")
-    s.add_argument("--K", type=int, default=5, help="augmentations per latent in the linear check (default: 5)")
+    s.add_argument("--D", type=int, default=12, help="input dimension of the Theorem 3 check (default: 12)")
+    s.add_argument("--widths", type=int, nargs="+", default=[10, 8, 6], help="layer widths of the ReLU MLP of the check (default: 10 8 6)")
+    s.add_argument("--N", type=int, default=16, help="latents z0 in the Theorem 3 check (default: 16)")
+    s.add_argument("--K", type=int, default=5, help="augmentations per latent in the Theorem 3 check (default: 5)")
     s.add_argument("--L", type=int, default=16, help="length of the 1-D signal (default: 16)")
     s.add_argument("--filters", type=int, default=16, help="conv filters (default: 16)")
     s.add_argument("--width", type=int, default=3, help="conv filter width (default: 3)")
     s.add_argument("--batch", type=int, default=128, help="SimCLR batch (default: 128)")
-    s.add_argument("--tau", type=float, default=0.5, help="InfoNCE temperature (default: 0.5)")
+    s.add_argument("--tau", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
     s.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
-    s.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
-    s.add_argument("--log-every", type=int, default=200, help="steps between measurements (default: 200)")
+    s.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
+    s.add_argument("--log-every", type=int, default=100, help="steps between measurements (default: 100)")
     s.add_argument("--noise", type=float, default=0.05, help="pixel noise std of each view (default: 0.05)")
+    s.add_argument("--seeds", type=int, default=5, help="networks, one init per seed, each with its linear control (default: 5)")
 
     s = sub.add_parser("hltm", help="Tian et al. 2020: latents of a hierarchical latent tree learned without labels")
     common(s)
@@ -154,7 +160,7 @@ def get_args(argv=None):
         elif args.cmd == "hltm":
             args.depth, args.steps, args.log_every, args.n_eval, args.seeds = 3, 200, 100, 1024, 1
         else:
-            args.steps, args.log_every = 100, 50
+            args.steps, args.log_every, args.seeds = 100, 50, 1
     return args
 
 
@@ -627,30 +633,68 @@ def run_clusters(args):
 # =====================================================================================================
 # L_simp (their Sec. 3, for one positive x+ and one negative x-):  L_simp = ||f(x1) - f(x+)||^2 - ||f(x1) - f(x-)||^2,
 # x1, x+ two augmentations of the same latent z0, x- an augmentation of an independent z0'.
-# For f(x) = W x (weights shared by both branches, gradient through both):
-#   grad_W ||W a||^2 = 2 W a a^T, and with xbar(z0) = E_aug[x | z0] (two augmentations independent given z0)
-#   E[(x1 - x+)(x1 - x+)^T] - E[(x1 - x-)(x1 - x-)^T] = -2 E_z0[xbar xbar^T] + 2 E[xbar] E[xbar]^T = -2 Cov_z0[xbar],
-# so  -grad_W E[L_simp] = 4 W Cov_z0[ E_aug x | z0 ]   (Theorem 3, with the constant for this L_simp).
-# Exact finite-sample version: take the expectation under the *empirical* distribution -- z0 uniform over N latents,
-# aug uniform over K stored augmentations, drawn independently (so k = k' and z0' = z0 are included). Then the
-# identity holds with the empirical conditional means and the biased (1/N) covariance, up to float round-off.
+# Theorem 3 for a bias-free ReLU net f(x) = W_L relu(... relu(W_1 x)). Write f = K_l(x)^T vec(W_l), where the
+# connection K_l(x) (their Definition 1) is, per output o, J_l(x)[o, i] a_{l-1}(x)[j]: a_{l-1} the input of layer l,
+# J_l = df / d(pre-activation of layer l). Both are constant in W_l almost everywhere (ReLU gates), so
+#   grad_{W_l} ||f(x) - f(x')||^2 = 2 (K_l(x) - K_l(x')) (K_l(x) - K_l(x'))^T vec(W_l),
+# and with Kbar_l(z0) = E_aug[K_l | z0] (two augmentations independent given z0)
+#   E[(K1 - K+)(K1 - K+)^T] - E[(K1 - K-)(K1 - K-)^T] = -2 E_z0[Kbar Kbar^T] + 2 E[Kbar] E[Kbar]^T = -2 V_z0[Kbar_l],
+# so  -grad_{W_l} E[L_simp] = 4 V_z0[ Kbar_l(z0) ] vec(W_l),  layer by layer (Theorem 3, the constant for this L_simp).
+# For one linear layer f(x) = W x, K = I (x) x and this is 4 W Cov_z0[ E_aug x | z0 ]. Exact finite-sample version:
+# take the expectation under the *empirical* distribution -- z0 uniform over N latents, aug uniform over K stored
+# augmentations, drawn independently (so k = k' and z0' = z0 are included). Then the identity holds with the
+# empirical conditional means and the biased (1/N) covariance, up to float round-off.
+
+
+def relu_mlp(Ws, X):
+    """Bias-free ReLU net f(x) = W_L relu(... relu(W_1 x)); a single layer is the linear f(x) = W x. X (..., D)."""
+    h = X
+    for l, W in enumerate(Ws):
+        h = (torch.relu(h) if l > 0 else h) @ W.T
+    return h
 
 
 def empirical_l_simp(W, Xa):
     """E_emp[L_simp] for f(x) = W x. Xa: (N, K, D), Xa[i, k] = k-th augmentation of latent i. Naive, no shortcut."""
-    N, K, D = Xa.shape
-    f = Xa @ W.T  # (N, K, out)
+    return l_simp_of_outputs(Xa @ W.T)
+
+
+def l_simp_of_outputs(f):
+    """E_emp[L_simp] from the outputs f (N, K, out) of every stored augmentation of every latent."""
+    N, K, _ = f.shape
     pos = ((f[:, :, None] - f[:, None, :]) ** 2).sum(-1).mean()  # over i and all (k, k'): (N, K, K)
     flat = f.reshape(N * K, -1)  # (N*K, out): negatives are any (z0', aug') pair, z0' = z0 included
     neg = (torch.cdist(flat, flat) ** 2).mean()
     return pos - neg
 
 
-def covariance_operator(W, Xa):
-    """4 W Cov_z0[E_aug x | z0] for the empirical distribution of Xa (N, K, D)."""
-    xbar = Xa.mean(1)  # (N, D): E_aug[x | z0]
-    xc = xbar - xbar.mean(0)
-    return 4 * W @ (xc.T @ xc / len(xbar))
+def connection(Ws, X, l):
+    """K_l(x) of the bias-free ReLU net for each row of X (B, D): (B, out, n_l, n_{l-1}), f = sum_ij K[:, i, j] W_l[i, j]."""
+    a, pre = [X], []  # a[k]: the input of layer k; pre[k]: its pre-activation
+    for W in Ws:
+        pre.append(a[-1] @ W.T)
+        a.append(torch.relu(pre[-1]))
+    J = torch.eye(Ws[-1].shape[0], dtype=X.dtype).expand(len(X), -1, -1)  # (B, out, out): df / df
+    for k in range(len(Ws) - 1, l, -1):  # back to layer l through each W_k and the ReLU gate in front of it
+        J = (J @ Ws[k]) * (pre[k - 1] > 0)[:, None, :]  # (B, out, n_{k-1})
+    return J[:, :, :, None] * a[l][:, None, None, :]  # (B, out, n_l, n_{l-1})
+
+
+def covariance_operator(Ws, Xa, l):
+    """4 V_z0[Kbar_l(z0)] vec(W_l), shaped like W_l, for the empirical distribution of Xa (N, K, D)."""
+    N, K, D = Xa.shape
+    Kc = connection(Ws, Xa.reshape(N * K, D), l)  # (N*K, out, n_l, n_{l-1})
+    Kc = Kc.reshape(N, K, *Kc.shape[1:]).mean(1)  # (N, out, n_l, n_{l-1}): Kbar_l(z0) = E_aug[K_l | z0]
+    Kc = Kc - Kc.mean(0)
+    proj = torch.einsum("noij,ij->no", Kc, Ws[l])  # (N, out): (Kbar - E Kbar)^T vec(W_l)
+    return 4 * torch.einsum("noij,no->ij", Kc, proj) / N
+
+
+# Fig. 3 of the paper: a 1-layer conv net on 1-D signals holding the object "11" or "101" at a random position;
+# augmentation = a new position (plus pixel noise). Summing over positions, the two objects differ only through
+# the windows that see both of their 1s: with a *linear* activation the pooled code is sum_taps(w) times the
+# object's mass (2 for both), apart from edge effects, so the covariance operator is ~0 and nothing can become
+# selective. The ReLU's gate makes K depend on the object, and the operator amplifies what differs.
 
 
 def translated_objects(objects, L, noise, g):
@@ -665,71 +709,169 @@ def translated_objects(objects, L, noise, g):
     return X
 
 
-def conv_h(conv, X):
-    """1-layer conv net: h = sum over positions of ReLU(conv(x)), a translation-invariant pooled code. (B, C)"""
-    return torch.relu(conv(X)).sum(-1)
+def conv_h(conv, X, act=torch.relu):
+    """1-layer conv net: h = sum over positions of act(conv(x)), a translation-invariant pooled code. (B, C)"""
+    return act(conv(X)).sum(-1)
 
 
-def selectivity(conv, L):
-    """Per filter |r(11) - r(101)| / (r(11) + r(101)), r(o) = mean pooled response over all clean positions of o."""
+def object_responses(conv, L, act=torch.relu):
+    """Per filter, the pooled response to "11" and "101" averaged over all their clean positions (rows 0, 1), and the
+    same for the pooled |activation| (rows 2, 3; equal to rows 0, 1 for a ReLU). (4, C)"""
     resp = []
-    for pat in ([1.0, 1.0], [1.0, 0.0, 1.0]):
-        X = torch.zeros(L - len(pat) + 1, 1, L)
-        for z in range(len(X)):
-            X[z, 0, z:z + len(pat)] = torch.tensor(pat)
-        with torch.no_grad():
-            resp.append(conv_h(conv, X).mean(0))  # (C,)
-    return ((resp[0] - resp[1]).abs() / (resp[0] + resp[1] + 1e-8)).numpy()
+    for pool in (act, lambda v: act(v).abs()):
+        for pat in ([1.0, 1.0], [1.0, 0.0, 1.0]):
+            X = torch.zeros(L - len(pat) + 1, 1, L)
+            for z in range(len(X)):
+                X[z, 0, z:z + len(pat)] = torch.tensor(pat)
+            with torch.no_grad():
+                resp.append(conv_h(conv, X, pool).mean(0))  # (C,)
+    return torch.stack(resp)
+
+
+def selectivity(conv, L, act=torch.relu):
+    """Per filter |r(11) - r(101)| / (|r|(11) + |r|(101)), |r| pooling |activation|: for a ReLU the usual
+    |r(11) - r(101)| / (r(11) + r(101)); for the linear control a filter whose signed responses cancel does not
+    count as selective. 0 for a filter that responds to neither object (a dead one)."""
+    r = object_responses(conv, L, act)
+    return ((r[0] - r[1]).abs() / (r[2] + r[3] + 1e-8)).numpy()
+
+
+def object_only_nt_xent(N, tau, cos):
+    """The NT-Xent of an encoder whose code depends on the object alone (the two codes at cosine `cos`), averaged
+    over the batch's composition, k ~ Binomial(N, 1/2) pairs holding "11". An anchor among the 2k views of its
+    object has the positive and 2k - 2 more views at logit 1/tau, and 2(N - k) at cos/tau."""
+    loss = 0.0
+    for k in range(N + 1):
+        for same in (2 * k, 2 * (N - k)):  # the views of the anchor's object; no anchor if 0
+            if same:
+                loss += math.comb(N, k) / 2 ** N * same / (2 * N) * math.log(
+                    same - 1 + (2 * N - same) * math.exp((cos - 1) / tau))
+    return loss
+
+
+def train_conv(args, seed, act):
+    """Fig. 3's net trained with NT-Xent from the seed's init, on the seed's stream of views. Returns the net and the
+    mean selectivity and mean loss (over the steps since the previous entry) every --log-every steps."""
+    torch.manual_seed(seed)  # the init: the same for the ReLU net and its linear control
+    conv = torch.nn.Conv1d(1, args.filters, args.width, bias=False)
+    g = generator(seed)
+    opt = torch.optim.SGD(conv.parameters(), lr=args.lr)
+    hist, losses = [], []
+    for step in range(args.steps + 1):
+        if step % args.log_every == 0 or step == args.steps:
+            hist.append(dict(step=step, selectivity=float(selectivity(conv, args.L, act).mean()),
+                             loss=float(np.mean(losses)) if losses else None))
+            losses = []
+        if step == args.steps:
+            break
+        obj = torch.randint(0, 2, (args.batch,), generator=g)
+        x1, x2 = translated_objects(obj, args.L, args.noise, g), translated_objects(obj, args.L, args.noise, g)
+        loss = nt_xent(conv_h(conv, x1, act), conv_h(conv, x2, act), args.tau)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return conv, hist
 
 
 def run_covariance(args):
     g = generator(args.seed)
-    # ---- (a) Theorem 3 checked against autograd, float64 -----------------------------------------------------
+    # ---- (a) Theorem 3 checked against autograd, layer by layer, float64 ---------------------------------------
     # latents z0: N random prototypes; augmentation: a random circular shift in {-1, 0, 1} plus pixel noise
     proto = torch.randn(args.N, args.D, generator=g, dtype=torch.float64)
     shifts = torch.randint(-1, 2, (args.N, args.K), generator=g)
     Xa = torch.stack([torch.stack([torch.roll(proto[i], int(shifts[i, k])) for k in range(args.K)]) for i in range(args.N)])
     Xa = Xa + 0.3 * torch.randn(Xa.shape, generator=g, dtype=torch.float64)  # (N, K, D)
-    W = torch.randn(args.D // 2, args.D, generator=g, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(empirical_l_simp(W, Xa), W)
-    op = covariance_operator(W.detach(), Xa)
-    abs_err = (-grad - op).abs().max().item()
-    rel_err = abs_err / op.abs().max().item()
-    print(f"\n(a) Theorem 3, f(x) = W x, W {tuple(W.shape)}, N={args.N} latents x K={args.K} augmentations, float64")
-    print_table(["quantity", "value"], [["max |-grad L_simp - 4 W Cov[xbar]|", f"{abs_err:.2e}"],
-                                        ["relative to max |4 W Cov[xbar]|", f"{rel_err:.2e}"],
-                                        ["max |grad|", f"{grad.abs().max().item():.3f}"]])
+    widths = [args.D] + args.widths
+    nets = {"linear f = W x": [torch.randn(args.D // 2, args.D, generator=g, dtype=torch.float64)],
+            f"ReLU MLP {'-'.join(map(str, widths))}, no bias": [
+                torch.randn(o, i, generator=g, dtype=torch.float64) / math.sqrt(i) for i, o in zip(widths, widths[1:])]}
+    rows, theorem3 = [], []
+    for name, Ws in nets.items():
+        Ws = [W.requires_grad_() for W in Ws]
+        grads = torch.autograd.grad(l_simp_of_outputs(relu_mlp(Ws, Xa)), Ws)
+        for l, (W, grad) in enumerate(zip(Ws, grads)):
+            op = covariance_operator([W.detach() for W in Ws], Xa, l)
+            abs_err = (-grad - op).abs().max().item()
+            theorem3.append(dict(net=name, layer=l + 1, shape=list(W.shape), abs_err=abs_err,
+                                 rel_err=abs_err / op.abs().max().item(), max_grad=grad.abs().max().item()))
+            rows.append([name, l + 1, tuple(W.shape), f"{abs_err:.2e}", f"{theorem3[-1]['rel_err']:.2e}",
+                         f"{theorem3[-1]['max_grad']:.3f}"])
+    print(f"\n(a) Theorem 3 against autograd, N={args.N} latents x K={args.K} augmentations, float64")
+    print_table(["net", "layer l", "W_l", "max |-grad - 4 V[Kbar_l] w_l|", "relative", "max |grad|"], rows)
 
-    # ---- (b) object selectivity of a 1-layer conv net, Fig. 3 ------------------------------------------------
-    torch.manual_seed(args.seed)
-    conv = torch.nn.Conv1d(1, args.filters, args.width, bias=False)
-    opt = torch.optim.SGD(conv.parameters(), lr=args.lr)
-    hist, t0, loss = [], time.time(), None
-    print(f"\n(b) conv1d({args.filters} filters, width {args.width}) -> ReLU -> sum pool, NT-Xent tau {args.tau}; "
+    # ---- (b) object selectivity of a 1-layer conv net, Fig. 3, and its linear-activation control --------------
+    print(f"\n(b) conv1d({args.filters} filters, width {args.width}, no bias) -> ReLU or identity -> sum pool, "
+          f"NT-Xent tau {args.tau}, batch {args.batch}, SGD lr {args.lr}, {args.steps} steps; "
           f"positive view = same object, new position")
-    for step in range(args.steps + 1):
-        if step % args.log_every == 0:
-            s = selectivity(conv, args.L)
-            hist.append(dict(step=step, selectivity=float(s.mean()), loss=None if loss is None else loss.item()))
-            loss_txt = "-" if hist[-1]["loss"] is None else f"{hist[-1]['loss']:.4f}"
-            print(f"step {step:5d}: loss {loss_txt}, mean selectivity {s.mean():.3f}, "
-                  f"filters > 0.5: {(s > 0.5).sum()}/{len(s)}, {time.time() - t0:.1f}s")
-        if step == args.steps:
-            break
-        obj = torch.randint(0, 2, (args.batch,), generator=g)
-        x1, x2 = translated_objects(obj, args.L, args.noise, g), translated_objects(obj, args.L, args.noise, g)
-        loss = nt_xent(conv_h(conv, x1), conv_h(conv, x2), args.tau)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    summary = dict(config=vars(args), theorem3=dict(abs_err=abs_err, rel_err=rel_err), history=hist,
-                   filters=conv.weight.detach()[:, 0].tolist())
+    runs, t0 = [], time.time()
+    for s in range(args.seeds):
+        seed = args.seed + s
+        run = dict(seed=seed)
+        for key, act in [("relu", torch.relu), ("linear", lambda x: x)]:
+            torch.manual_seed(seed)
+            init = torch.nn.Conv1d(1, args.filters, args.width, bias=False)  # the same init train_conv draws
+            conv, hist = train_conv(args, seed, act)
+            r = object_responses(conv, args.L, act)
+            run[key] = dict(history=hist, sel_init=selectivity(init, args.L, act).tolist(),
+                            sel=selectivity(conv, args.L, act).tolist(), live=(r[2:].sum(0) > 1e-6).tolist(),
+                            norm_init=init.weight.detach()[:, 0].norm(dim=1).tolist(),
+                            norm=conv.weight.detach()[:, 0].norm(dim=1).tolist(),
+                            filters=conv.weight.detach()[:, 0].tolist())
+        runs.append(run)
+        rl, ln = run["relu"], run["linear"]
+        top = int(np.argmax(rl["sel_init"]))
+        print(f"seed {seed}: ReLU loss {rl['history'][-1]['loss']:.3f}, mean selectivity {np.mean(rl['sel_init']):.3f} -> "
+              f"{np.mean(rl['sel']):.3f}, live {sum(rl['live'])}/{args.filters}; most selective filter at init "
+              f"{rl['sel_init'][top]:.2f} -> {rl['sel'][top]:.2f}, norm x{rl['norm'][top] / rl['norm_init'][top]:.2f} | "
+              f"linear loss {ln['history'][-1]['loss']:.3f}, max selectivity {max(ln['sel']):.3f}, {time.time() - t0:.1f}s")
+
+    def stats(key):
+        sel0, sel, live = (np.array([r[key][k] for r in runs]) for k in ("sel_init", "sel", "live"))  # (seeds, C)
+        top = sel0.argmax(1)  # each network's most selective filter at init
+        norm_ratio = np.array([r[key]["norm"][t] / r[key]["norm_init"][t] for r, t in zip(runs, top)])
+        return {f"NT-Xent, mean of the last {args.log_every} steps": ([r[key]["history"][-1]["loss"] for r in runs], "%.3f"),
+                "mean selectivity at init": (sel0.mean(1), "%.3f"), "mean selectivity, trained": (sel.mean(1), "%.3f"),
+                "live filters (respond to an object)": (live.sum(1), "%.1f"),
+                "mean selectivity of the live filters": ([s[l].mean() for s, l in zip(sel, live)], "%.3f"),
+                "filters with selectivity > 0.9": ((sel > 0.9).sum(1), "%.1f"),
+                "most selective filter at init (MSF): selectivity": (sel0.max(1), "%.3f"),
+                "MSF: selectivity, trained": (sel[np.arange(len(runs)), top], "%.3f"),
+                "MSF: norm, trained / init": (norm_ratio, "%.2f")}
+    table = {key: {k: (mean_std(v), f) for k, (v, f) in stats(key).items()} for key in ("relu", "linear")}
+    print(f"\nmean ± std over {args.seeds} networks of {args.filters} filters; the linear control starts from the same "
+          f"weights and sees the same views")
+    print_table(["", "ReLU", "linear control"], [[k] + [(f + " ± " + f) % table[key][k][0] for key in ("relu", "linear")]
+                                                for k, (_, f) in table["relu"].items()])
+    table = {key: {k: m for k, (m, _) in t.items()} for key, t in table.items()}
+    ref = dict(input_blind=math.log(2 * args.batch - 1), object_only=object_only_nt_xent(args.batch, args.tau, -1.0),
+               object_only_nonneg=object_only_nt_xent(args.batch, args.tau, 0.0))
+    print(f"NT-Xent of an encoder that ignores its input: log(2N - 1) = {ref['input_blind']:.3f}; the best encoder that "
+          f"sees only the object: {ref['object_only']:.3f} (codes at cosine -1), {ref['object_only_nonneg']:.3f} with "
+          f"non-negative codes like the ReLU net's (cosine 0)")
+
+    summary = dict(config=vars(args), theorem3=theorem3, table=table, reference=ref, runs=runs)
     if plt is not None:
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-        ax[0].plot([h["step"] for h in hist], [h["selectivity"] for h in hist], "o-")
-        ax[0].set(xlabel="step", ylabel="mean selectivity", title='(b) selectivity for "11" vs "101"')
-        ax[1].imshow(conv.weight.detach()[:, 0].numpy(), cmap="RdBu_r", aspect="auto")
-        ax[1].set(xlabel="tap", ylabel="filter", title="learned filters")
+        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+        steps = [h["step"] for h in runs[0]["relu"]["history"]]
+        for key, ls in [("relu", "-"), ("linear", "--")]:
+            for r in runs:
+                ax[0].plot(steps, [h["selectivity"] for h in r[key]["history"]], ls, color="C0" if key == "relu" else "C1",
+                           alpha=0.6, label=f"{key}" if r is runs[0] else None)
+        ax[0].set(xlabel="SGD step", ylabel="mean selectivity over filters", title='(b) selectivity for "11" vs "101"')
+        ax[0].legend(fontsize=7)
+        for key, colour in [("relu", "C0"), ("linear", "C1")]:
+            sel0 = np.concatenate([r[key]["sel_init"] for r in runs])
+            sel = np.concatenate([r[key]["sel"] for r in runs])
+            grow = np.concatenate([np.array(r[key]["norm"]) / np.array(r[key]["norm_init"]) for r in runs])
+            live = np.concatenate([r[key]["live"] for r in runs])
+            ax[1].scatter(sel0[live], sel[live], s=12 * grow[live], color=colour, alpha=0.6, label=f"{key}, live")
+            ax[1].scatter(sel0[~live], sel[~live], s=12, marker="x", color=colour, label=f"{key}, dead")
+        ax[1].set(xlabel="selectivity at init", ylabel="selectivity, trained",
+                  title="(b) every filter (area: norm growth)")
+        ax[1].legend(fontsize=7)
+        ax[2].imshow(np.array(runs[0]["relu"]["filters"]), cmap="RdBu_r", aspect="auto")
+        ax[2].set(xlabel="tap", ylabel="filter", title=f"learned ReLU filters, seed {args.seed}")
         fig.tight_layout()
         save_fig(fig, args.fig)
     return summary
