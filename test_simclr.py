@@ -851,6 +851,31 @@ def test_cnn_pretraining_beats_supervised_in_harmful_regime(one_thread):
     assert min(cos) > 0.9, cos  # the power iteration aligned the filters with +-mu (Lemmas 5.1-5.2)
 
 
+def test_cnn_grid_pretrains_once_per_snr_n0_seed(monkeypatch, one_thread):
+    """Every n of one (SNR, n0, seed) is fine-tuned from the same pre-trained filters: one pre-training, not one per n."""
+    calls, pretrain = [], toy_theory.cnn_pretrain
+    monkeypatch.setattr(toy_theory, "cnn_pretrain", lambda *a: calls.append(a[1:]) or pretrain(*a))
+    args = toy_theory.get_args(["cnn", "--d", "30", "--steps", "5", "--pre-steps", "3", "--n-test", "20"])
+    cells = toy_theory.cnn_grid(args, [0.1, 0.5], [2, 4, 8], [40], [0, 1])
+    assert sorted(calls) == [(0.1, 40, 0), (0.1, 40, 1), (0.5, 40, 0), (0.5, 40, 1)]
+    assert len(cells) == 12 and {(c["snr"], c["seed"], c["n"]) for c in cells} == {
+        (snr, seed, n) for snr in (0.1, 0.5) for seed in (0, 1) for n in (2, 4, 8)}
+    for c in cells:  # n * SNR^q and n0 * SNR^2 belong to the cell's own n and SNR
+        assert math.isclose(c["n_snr_q"], c["n"] * c["snr"] ** 3) and math.isclose(c["n0_snr2"], 40 * c["snr"] ** 2)
+
+
+@pytest.mark.parametrize("argv", [["cnn", "--part", "labels"], ["cnn", "--part", "scaling"]])
+def test_toy_theory_sweeps_run(argv, tmp_path, one_thread):
+    """The sweeps behind flags, end to end in-process with --quick (the subprocess smoke tests cover --part main)."""
+    s = toy_theory.main(argv + ["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "summary.json").exists()
+    if argv[-1] == "labels":
+        assert sorted({c["n"] for c in s["cells"]}) == [2, 16] and {c["d"] for c in s["cells"]} == {100}
+    elif argv[-1] == "scaling":
+        assert sorted({round(c["n0_snr2"], 9) for c in s["cells"]}) == [1, 16]
+        assert {c["n0"] for c in s["cells"]} == {25, 300} and {c["d"] for c in s["cells"]} == {100}
+
+
 # ---- covariance: Theorem 3 of Tian et al. 2020 -------------------------------------------------------------------
 
 

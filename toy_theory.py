@@ -9,6 +9,7 @@ Four experiments, each reproducing one theoretical claim on a toy model, each a 
                                       #   layer by layer, and the object selectivity it amplifies
     python toy_theory.py hltm         # the same paper, Sec. 6: hidden nodes learn the latents of a latent tree
 
+    python toy_theory.py cnn --part labels    # the sweeps behind flags: cnn --part labels | scaling
     python toy_theory.py cnn --quick  # any subcommand: a seconds-long end-to-end run (used by the tests)
     python toy_theory.py cnn --fig assets/toy_cnn.png   # where the figure goes (default: <out>/<subcommand>.png)
 
@@ -16,12 +17,14 @@ SimCLR itself: Chen et al. 2020, arXiv:2002.05709. The companion `simclr.py` tra
 
 Each subcommand prints a small table, writes `summary.json` under `--out` (default runs/toy/<subcommand>),
 and a PNG when matplotlib is installed. Only torch and numpy are required.
-Every default run takes under two minutes on one CPU thread (timings are in README.md).
+Every default run takes under two minutes on one CPU thread, a sweep behind --part up to three (README.md).
 
 What each experiment shows (numbers: README.md, "Toy theory"):
-  cnn        supervised GD from random init memorises noise when n*SNR^q is small (test error ~0.5), while
-             SimCLR pre-training of the linear CNN on n0 unlabelled samples (n0*SNR^2 large) aligns the filters
-             with +-mu by a power iteration (Lemmas 5.1-5.2) and fine-tuning then generalises from 10 labels.
+  cnn        supervised GD from random init memorises noise when n*SNR^q is small (test error ~0.5, training
+             loss ~0), while SimCLR pre-training of the linear CNN on n0 unlabelled samples (n0*SNR^2 large) aligns
+             the filters with +-mu by a power iteration (Lemmas 5.1-5.2) and fine-tuning then generalises from
+             2 labels. --part labels: test error against n; --part scaling: the alignment is a function of
+             n0*SNR^2 when d >> n0, and of n0*SNR^2 / (1 + 2 sqrt(n0/d)) in general.
   clusters   (a) an embedding that ignores the clusters has exactly the same contrastive loss as one that
              respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle clusters its latents
              early, keeps the clusters for a while, then spreads them to the uniform circle, a trivial minimiser,
@@ -92,6 +95,17 @@ def get_args(argv=None):
     s.add_argument("--pre-steps", type=int, default=60, help="pre-training GD steps (default: 60)")
     s.add_argument("--n-test", type=int, default=2000, help="test samples (default: 2000)")
     s.add_argument("--seeds", type=int, default=3, help="seeds per cell (default: 3)")
+    s.add_argument("--part", choices=["main", "labels", "scaling"], default="main",
+                   help="main: the tables below; labels: test error against n at --label-snr; scaling: "
+                        "max |cos| against n0*SNR^2 at each --scaling-ds (default: main)")
+    s.add_argument("--label-snr", type=float, default=0.2, help="SNR of --part labels (default: 0.2)")
+    s.add_argument("--label-ns", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128, 256, 512],
+                   help="labelled n of --part labels (default: 2 4 ... 512)")
+    s.add_argument("--label-d", type=int, default=2000, help="patch dimension of --part labels, d > n (default: 2000)")
+    s.add_argument("--label-seeds", type=int, default=5, help="seeds of --part labels (default: 5)")
+    s.add_argument("--scaling-ds", type=int, nargs="+", default=[200, 2000], help="d of --part scaling (default: 200 2000)")
+    s.add_argument("--scaling-n0snr2", type=float, nargs="+", default=[0.25, 1, 4, 16, 64],
+                   help="n0*SNR^2 grid of --part scaling, at each of --n0s (default: 0.25 1 4 16 64)")
 
     s = sub.add_parser("clusters", help="Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade")
     common(s)
@@ -155,6 +169,7 @@ def get_args(argv=None):
         if args.cmd == "cnn":
             args.d, args.snrs, args.ns, args.n0, args.n0s = 100, [0.1, 0.5], [10], 300, [25, 300]
             args.n0_n, args.seeds, args.n_test, args.pre_steps, args.steps = 10, 1, 500, 60, 150
+            args.label_ns, args.label_d, args.label_seeds, args.scaling_ds, args.scaling_n0snr2 = [2, 16], 100, 1, [100], [1, 16]
         elif args.cmd == "clusters":
             args.per_cluster, args.steps, args.seeds = 20, 300, 1
         elif args.cmd == "hltm":
@@ -193,6 +208,10 @@ def nt_xent(h1, h2, tau):
     N = len(h1)
     target = torch.cat([torch.arange(N, 2 * N), torch.arange(N)])
     return F.cross_entropy(sim, target)
+
+
+def mean_std(xs):
+    return float(np.mean(xs)), float(np.std(xs))
 
 
 def print_table(header, rows):
@@ -281,8 +300,9 @@ def pretrain_linear_cnn(X, Xp, mu, m, tau, eta, steps, sigma0, g):
     return W.detach(), cos, losses
 
 
-def cnn_cell(args, snr, n, n0, seed):
-    """One (SNR, n, n0, seed) cell: supervised-from-random vs pre-train + fine-tune, same data, same steps."""
+def cnn_pretrain(args, snr, n0, seed):
+    """SimCLR pre-training for one (SNR, n0, seed), shared by every n it is fine-tuned on. Returns the 2m filters,
+    ready for fine-tuning, and the |cos(w_r, mu)| curve of pre-training."""
     g = generator(seed)
     mu = cnn_mu(args.d, snr, args.sigma_p)
     # pre-training set: n0 unlabelled x_i and their positive views, fresh draws with the same (hidden) label
@@ -291,48 +311,78 @@ def cnn_cell(args, snr, n, n0, seed):
     # step as a fixed fraction of the top eigenvalue lambda_1 = 2||mu||^2/tau of the power iteration (Lemma 5.1), so
     # every SNR gets the same number of power steps; the tiny init keeps us in the linear (power-method) phase longer.
     eta0 = args.pre_rate * args.tau / (2 * mu.norm().item() ** 2)
-    Wp, cos, pre_loss = pretrain_linear_cnn(X0, X0p, mu, args.m, args.tau, eta0, args.pre_steps, args.pre_sigma0, g)
+    Wp, cos, _ = pretrain_linear_cnn(X0, X0p, mu, args.m, args.tau, eta0, args.pre_steps, args.pre_sigma0, g)
     # Fine-tuning starts from the pre-trained *directions* at the norm of the random init (sigma0 sqrt d), so the
     # comparison is direction vs direction, not a bigger init vs a smaller one. Random split into W_{+1}, W_{-1}.
     Wp = Wp / Wp.norm(dim=1, keepdim=True) * args.sigma0 * math.sqrt(args.d)
-    Wp = Wp[torch.randperm(2 * args.m, generator=g)]
+    return Wp[torch.randperm(2 * args.m, generator=g)], cos
+
+
+def cnn_finetune(args, snr, n, Wp, seed):
+    """Supervised-from-random vs fine-tuning from Wp on the same n labelled samples, the same steps; test error and
+    final training loss of both. The labelled data come from their own stream, one per (seed, n)."""
+    g = generator(100_003 * seed + n)
+    mu = cnn_mu(args.d, snr, args.sigma_p)
     y, yt = cnn_labels(n, g), cnn_labels(args.n_test, g)
     X, Xt = cnn_data(y, mu, args.sigma_p, g), cnn_data(yt, mu, args.sigma_p, g)
     W0 = args.sigma0 * torch.randn(2 * args.m, args.d, generator=g, dtype=torch.float64)
     Ws, loss_s = train_logistic(W0, X, y, args.q, args.m, args.eta, args.steps)
     Wf, loss_f = train_logistic(Wp, X, y, args.q, args.m, args.eta, args.steps)
-    return dict(snr=snr, n=n, n0=n0, seed=seed, n_snr_q=n * snr**args.q, n0_snr2=n0 * snr**2,
-                err_sup=test_error(Ws, Xt, yt, args.q, args.m), err_ft=test_error(Wf, Xt, yt, args.q, args.m),
-                train_loss_sup=loss_s, train_loss_ft=loss_f, cos=cos, pre_loss=pre_loss)
+    return dict(err_sup=test_error(Ws, Xt, yt, args.q, args.m), err_ft=test_error(Wf, Xt, yt, args.q, args.m),
+                train_loss_sup=loss_s, train_loss_ft=loss_f)
 
 
-def mean_std(xs):
-    return float(np.mean(xs)), float(np.std(xs))
+def cnn_cell(args, snr, n, n0, seed):
+    """One (SNR, n, n0, seed) cell: pre-train on n0, then supervised-from-random vs fine-tuning on n labels."""
+    Wp, cos = cnn_pretrain(args, snr, n0, seed)
+    return dict(snr=snr, n=n, n0=n0, seed=seed, d=args.d, n_snr_q=n * snr ** args.q, n0_snr2=n0 * snr ** 2, cos=cos,
+                **cnn_finetune(args, snr, n, Wp, seed))
+
+
+def cnn_grid(args, snrs, ns, n0s, seeds):
+    """Every (SNR, n0, seed) pre-trained once and fine-tuned on every n. Returns the cells, loop order SNR, n0, seed, n."""
+    cells = []
+    for snr in snrs:
+        for n0 in n0s:
+            for seed in seeds:
+                Wp, cos = cnn_pretrain(args, snr, n0, seed)
+                cells += [dict(snr=snr, n=n, n0=n0, seed=seed, d=args.d, n_snr_q=n * snr ** args.q,
+                               n0_snr2=n0 * snr ** 2, cos=cos, **cnn_finetune(args, snr, n, Wp, seed)) for n in ns]
+    return cells
+
+
+def cnn_summary(cells, key):
+    return "%.3f ± %.3f" % mean_std([c[key] for c in cells])
 
 
 def run_cnn(args):
-    cells, rows = [], []
+    return {"main": cnn_main, "labels": cnn_labels_sweep, "scaling": cnn_scaling_sweep}[args.part](args)
+
+
+def cnn_main(args):
+    seeds = [args.seed + s for s in range(args.seeds)]
+    cells = cnn_grid(args, args.snrs, args.ns, [args.n0], seeds)
+    rows = []
     for snr in args.snrs:
         for n in args.ns:
-            runs = [cnn_cell(args, snr, n, args.n0, args.seed + s) for s in range(args.seeds)]
-            cells += runs
-            es, ef = mean_std([r["err_sup"] for r in runs]), mean_std([r["err_ft"] for r in runs])
-            rows.append([snr, n, f"{n * snr ** args.q:.3g}", f"{args.n0 * snr ** 2:.3g}",
-                         f"{es[0]:.3f} ± {es[1]:.3f}", f"{ef[0]:.3f} ± {ef[1]:.3f}",
-                         f"{np.mean([r['cos'][-1] for r in runs]):.3f}"])
-    print(f"\nTest error, mean ± std over {args.seeds} seeds (d={args.d}, m={args.m}, q={args.q}, n0={args.n0})")
-    print_table(["SNR", "n", "n*SNR^q", "n0*SNR^2", "supervised", "SimCLR + fine-tune", "|cos(w,mu)|"], rows)
+            c = [r for r in cells if r["snr"] == snr and r["n"] == n]
+            rows.append([snr, n, f"{n * snr ** args.q:.3g}", f"{args.n0 * snr ** 2:.3g}", cnn_summary(c, "err_sup"),
+                         f"{np.mean([r['train_loss_sup'] for r in c]):.0e}", cnn_summary(c, "err_ft"),
+                         f"{np.mean([r['train_loss_ft'] for r in c]):.0e}", f"{np.mean([r['cos'][-1] for r in c]):.3f}"])
+    print(f"\nTest error, mean ± std over {args.seeds} seeds, and final training loss, mean "
+          f"(d={args.d}, m={args.m}, q={args.q}, n0={args.n0}, {args.steps} GD steps)")
+    print_table(["SNR", "n", "n*SNR^q", "n0*SNR^2", "supervised", "train loss", "SimCLR + fine-tune", "train loss",
+                 "|cos(w,mu)|"], rows)
 
-    sweep, rows0 = [], []
+    sweep = cnn_grid(args, [args.n0_snr], [args.n0_n], args.n0s, [args.seed + 100 + s for s in range(args.seeds)])
+    rows0 = []
     for n0 in args.n0s:
-        runs = [cnn_cell(args, args.n0_snr, args.n0_n, n0, args.seed + 100 + s) for s in range(args.seeds)]
-        sweep += runs
-        ef = mean_std([r["err_ft"] for r in runs])
-        rows0.append([n0, f"{n0 * args.n0_snr ** 2:.3g}", f"{np.mean([max(r['cos']) for r in runs]):.3f}",
-                      f"{np.mean([r['cos'][-1] for r in runs]):.3f}", f"{ef[0]:.3f} ± {ef[1]:.3f}",
-                      f"{np.mean([r['err_sup'] for r in runs]):.3f}"])
-    print(f"\nn0 sweep at SNR={args.n0_snr}, n={args.n0_n}: pre-training needs n0*SNR^2 large")
-    print_table(["n0", "n0*SNR^2", "max |cos|", "final |cos|", "SimCLR + fine-tune", "supervised"], rows0)
+        c = [r for r in sweep if r["n0"] == n0]
+        rows0.append([n0, f"{n0 * args.n0_snr ** 2:.3g}", f"{np.mean([max(r['cos']) for r in c]):.3f}",
+                      f"{np.mean([r['cos'][-1] for r in c]):.3f}", cnn_summary(c, "err_ft")])
+    print(f"\nn0 sweep at SNR={args.n0_snr}, n={args.n0_n}, d={args.d}: pre-training needs n0*SNR^2 large "
+          f"(supervised on the same labels: {cnn_summary(c, 'err_sup')})")
+    print_table(["n0", "n0*SNR^2", "max |cos|", "final |cos|", "SimCLR + fine-tune"], rows0)
 
     # the power-method alignment over pre-training steps (Lemmas 5.1-5.2), one curve per SNR, first seed
     curves = {str(r["snr"]): r["cos"] for r in cells if r["seed"] == args.seed and r["n"] == args.ns[0]}
@@ -340,7 +390,7 @@ def run_cnn(args):
     print("\n|cos(w_r, mu)| (mean over 2m filters) during pre-training, n0 =", args.n0)
     print_table(["step"] + [f"SNR {s}" for s in curves], [[t] + [f"{c[t]:.3f}" for c in curves.values()] for t in steps_shown])
 
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("cos", "pre_loss")}
+    strip = lambda r: {k: v for k, v in r.items() if k != "cos"}
     summary = dict(config=vars(args), cells=[strip(r) for r in cells], n0_sweep=[strip(r) for r in sweep],
                    cos_curves=curves, n0_sweep_cos={str(r["n0"]): r["cos"] for r in sweep if r["seed"] == args.seed + 100})
     if plt is not None:
@@ -359,6 +409,92 @@ def run_cnn(args):
             ax[2].plot(c, label=f"n0={k}")
         ax[2].set(xlabel="pre-training step", ylabel="mean |cos(w_r, mu)|", title=f"n0 sweep, SNR={args.n0_snr}")
         ax[2].legend(fontsize=7)
+        fig.tight_layout()
+        save_fig(fig, args.fig)
+    return summary
+
+
+def cnn_labels_sweep(args):
+    """Label complexity: test error against n at one SNR, supervised vs SimCLR + fine-tuning (Cao et al. 2022's
+    n SNR^q threshold against Zhang & Cao's claim that pre-training removes it)."""
+    snr, seeds, t0 = args.label_snr, [args.seed + s for s in range(args.label_seeds)], time.time()
+    cells = cnn_grid(argparse.Namespace(**{**vars(args), "d": args.label_d}), [snr], args.label_ns, [args.n0], seeds)
+    rows = []
+    for n in args.label_ns:
+        c = [r for r in cells if r["n"] == n]
+        rows.append([n, f"{n * snr ** args.q:.3g}", cnn_summary(c, "err_sup"),
+                     f"{np.mean([r['train_loss_sup'] for r in c]):.0e}", cnn_summary(c, "err_ft"),
+                     f"{np.mean([r['train_loss_ft'] for r in c]):.0e}"])
+    print(f"\nLabel complexity at SNR={snr}: test error, mean ± std over {len(seeds)} seeds, and final training loss, "
+          f"mean (d={args.label_d}, m={args.m}, q={args.q}, "
+          f"n0={args.n0}, |cos(w,mu)| after pre-training {np.mean([r['cos'][-1] for r in cells]):.3f}), "
+          f"{time.time() - t0:.0f}s")
+    print_table(["n", "n*SNR^q", "supervised", "train loss", "SimCLR + fine-tune", "train loss"], rows)
+    summary = dict(config=vars(args), cells=[{k: v for k, v in r.items() if k != "cos"} for r in cells])
+    if plt is not None:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+        for key, name, style, colour in [("sup", "supervised", "o--", "C0"), ("ft", "SimCLR + fine-tune", "s-", "C1")]:
+            m = [mean_std([r["err_" + key] for r in cells if r["n"] == n]) for n in args.label_ns]
+            ax[0].errorbar(args.label_ns, [v[0] for v in m], [v[1] for v in m], fmt=style, color=colour, capsize=3,
+                           label=name)
+            loss = np.maximum([[r["train_loss_" + key] for r in cells if r["n"] == n] for n in args.label_ns], 1e-12)
+            ax[1].plot(np.repeat(args.label_ns, len(seeds)), loss.flatten(), style[0], color=colour, ms=3, alpha=0.5)
+            ax[1].plot(args.label_ns, np.median(loss, 1), style[1:], color=colour, label=f"{name}, median")
+        for a in ax:
+            a.axvline(snr ** -args.q, color="gray", ls=":", label=f"n SNR^{args.q} = 1")
+            a.set(xscale="log", xlabel="labelled n")
+        ax[0].set(ylabel="test error", title=f"label complexity, SNR={snr}, d={args.label_d}, {len(seeds)} seeds")
+        ax[1].set(yscale="log", ylabel="final training loss (floored at 1e-12)", title="both fit their labels")
+        ax[1].legend(fontsize=7)
+        ax[0].legend(fontsize=7)
+        fig.tight_layout()
+        save_fig(fig, args.fig)
+    return summary
+
+
+def cnn_scaling_sweep(args):
+    """Which combination of n0 and SNR pre-training needs. In the power iteration the signal eigenvalue is
+    ||mu||^2 = SNR^2 sigma_p^2 d against a noise bulk ~ sigma_p^2 (d/n0 + 2 sqrt(d/n0)): their ratio is
+    n0 SNR^2 / (1 + 2 sqrt(n0/d)), which is n0 SNR^2 only when d >> n0. So at each d, n0 SNR^2 is held on a grid
+    while n0 varies: where the curves for different n0 fall on one another, n0 SNR^2 is the quantity that matters."""
+    seeds = [args.seed + s for s in range(args.seeds)]
+    cells, t0 = [], time.time()
+    for d in args.scaling_ds:
+        for n0 in args.n0s:
+            snrs = [math.sqrt(c / n0) for c in args.scaling_n0snr2]  # n0 SNR^2 = c
+            cells += cnn_grid(argparse.Namespace(**{**vars(args), "d": d}), snrs, [args.n0_n], [n0], seeds)
+        print(f"d={d}: {time.time() - t0:.0f}s")
+    rows = []
+    for d in args.scaling_ds:
+        for n0 in args.n0s:
+            c = [r for r in cells if r["d"] == d and r["n0"] == n0]
+            rows.append([d, n0, f"{d / n0:.3g}"] + [
+                f"{np.mean([max(r['cos']) for r in c if math.isclose(r['n0_snr2'], k)]):.2f}" for k in args.scaling_n0snr2])
+    print(f"\nmax |cos(w_r, mu)| in pre-training, mean over {args.seeds} seeds, columns n0*SNR^2")
+    print_table(["d", "n0", "d/n0"] + [f"{k:g}" for k in args.scaling_n0snr2], rows)
+    rows = [[d, n0] + [cnn_summary([r for r in cells if r["d"] == d and r["n0"] == n0
+                                    and math.isclose(r["n0_snr2"], k)], "err_ft") for k in args.scaling_n0snr2]
+            for d in args.scaling_ds for n0 in args.n0s]
+    print(f"\nSimCLR + fine-tune test error at n={args.n0_n}, mean ± std over {args.seeds} seeds, columns n0*SNR^2")
+    print_table(["d", "n0"] + [f"{k:g}" for k in args.scaling_n0snr2], rows)
+    summary = dict(config=vars(args), cells=[{k: v for k, v in r.items() if k != "cos"} | dict(max_cos=max(r["cos"]))
+                                             for r in cells])
+    if plt is not None:
+        fig, ax = plt.subplots(1, len(args.scaling_ds) + 1, figsize=(4.6 * (len(args.scaling_ds) + 1), 3.8))
+        for j, d in enumerate(args.scaling_ds):
+            for i, n0 in enumerate(args.n0s):
+                c = np.array(args.scaling_n0snr2)
+                cos = [np.mean([max(r["cos"]) for r in cells if r["d"] == d and r["n0"] == n0
+                                and math.isclose(r["n0_snr2"], k)]) for k in c]
+                ax[j].plot(c, cos, "o-", color=f"C{i}", label=f"n0={n0}")
+                ax[-1].plot(c / (1 + 2 * math.sqrt(n0 / d)), cos, "o-" if j else "s--", color=f"C{i}", ms=4,
+                            label=f"d={d}, n0={n0}")
+            ax[j].set(xscale="log", xlabel="n0 SNR^2", ylabel="max |cos(w_r, mu)| in pre-training", title=f"d={d}",
+                      ylim=(0, 1.02))
+            ax[j].legend(fontsize=7)
+        ax[-1].set(xscale="log", xlabel="n0 SNR^2 / (1 + 2 sqrt(n0/d))", ylim=(0, 1.02),
+                   title="against the power iteration's signal/noise")
+        ax[-1].legend(fontsize=6, ncol=2)
         fig.tight_layout()
         save_fig(fig, args.fig)
     return summary
