@@ -864,7 +864,7 @@ def test_cnn_grid_pretrains_once_per_snr_n0_seed(monkeypatch, one_thread):
         assert math.isclose(c["n_snr_q"], c["n"] * c["snr"] ** 3) and math.isclose(c["n0_snr2"], 40 * c["snr"] ** 2)
 
 
-@pytest.mark.parametrize("argv", [["cnn", "--part", "labels"], ["cnn", "--part", "scaling"]])
+@pytest.mark.parametrize("argv", [["cnn", "--part", "labels"], ["cnn", "--part", "scaling"], ["hltm", "--part", "width"]])
 def test_toy_theory_sweeps_run(argv, tmp_path, one_thread):
     """The sweeps behind flags, end to end in-process with --quick (the subprocess smoke tests cover --part main)."""
     s = toy_theory.main(argv + ["--quick", "--out", str(tmp_path)])
@@ -1144,6 +1144,35 @@ def test_best_abs_corr_matches_numpy():
     for i in range(2):
         ref = [abs(np.corrcoef(z[:, i].numpy(), h[:, i, k].numpy())[0, 1]) for k in range(3 if i == 0 else 2)]
         assert math.isclose(got[i].item(), max(ref), rel_tol=1e-9)
+
+
+def test_abs_corr_every_node_matches_numpy():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randint(0, 2, (200, 3), generator=g)
+    h = torch.randn(200, 3, 4, generator=g) + z[:, :, None] * torch.tensor([0.5, -2.0, 0.0, 1.0])
+    got = toy_theory.abs_corr(z, h)
+    for i in range(3):
+        for k in range(4):
+            ref = abs(np.corrcoef(z[:, i].numpy(), h[:, i, k].numpy())[0, 1])
+            assert math.isclose(got[i, k].item(), ref, rel_tol=1e-9)
+
+
+def test_hltm_width_sweep_trains_each_width_on_the_same_trees(monkeypatch, one_thread):
+    widths, train = [], toy_theory.hltm_train
+    monkeypatch.setattr(toy_theory, "hltm_train", lambda deltas, a, *rest: widths.append(a.hid) or train(deltas, a, *rest))
+    args = toy_theory.get_args(["hltm", "--part", "width", "--hids", "1", "3", "--depth", "2", "--seeds", "2",
+                                "--steps", "20", "--n-eval", "512"])
+    plt, toy_theory.plt = toy_theory.plt, None  # no figure
+    try:
+        sweep = toy_theory.hltm_width_sweep(args)["sweep"]
+    finally:
+        toy_theory.plt = plt
+    assert widths == [1, 1, 3, 3] and [r["hid"] for r in sweep] == widths
+    for a, b in zip(sweep[:2], sweep[2:]):  # seed by seed: the same tree, so the same Bayes ceiling
+        assert a["seed"] == b["seed"] and a["ceiling"] == b["ceiling"]
+    for r in sweep:
+        assert len(r["init"]) == len(r["trained"]) == 2
+        assert max(r["trained"]) <= max(r["ceiling"]) + 0.05  # 512 samples: sampling error ~0.04
 
 
 def test_hltm_simclr_learns_the_root_without_labels(one_thread):

@@ -9,7 +9,7 @@ Four experiments, each reproducing one theoretical claim on a toy model, each a 
                                       #   layer by layer, and the object selectivity it amplifies
     python toy_theory.py hltm         # the same paper, Sec. 6: hidden nodes learn the latents of a latent tree
 
-    python toy_theory.py cnn --part labels    # the sweeps behind flags: cnn --part labels | scaling
+    python toy_theory.py cnn --part labels    # the sweeps behind flags: cnn --part labels | scaling, hltm --part width
     python toy_theory.py cnn --quick  # any subcommand: a seconds-long end-to-end run (used by the tests)
     python toy_theory.py cnn --fig assets/toy_cnn.png   # where the figure goes (default: <out>/<subcommand>.png)
 
@@ -36,7 +36,8 @@ What each experiment shows (numbers: README.md, "Toy theory"):
              activation (covariance operator ~0) nothing becomes selective.
   hltm       a tree-shaped ReLU net trained with NT-Xent on pairs that share only the root of a hierarchical latent
              tree model: its nodes come to correlate with latents it never sees, up to near the Bayes ceiling,
-             while a control trained on pairs that share nothing shows no systematic gain.
+             while a control trained on pairs that share nothing shows no systematic gain; the node best at init
+             ends best far more often than chance. --part width: fewer nodes per latent, weaker learning.
 """
 
 import argparse
@@ -151,14 +152,19 @@ def get_args(argv=None):
     s.add_argument("--log-every", type=int, default=250, help="steps between measurements (default: 250)")
     s.add_argument("--n-eval", type=int, default=8192, help="fresh samples the correlations are measured on (default: 8192)")
     s.add_argument("--seeds", type=int, default=5, help="trees (and networks), one per seed (default: 5)")
+    s.add_argument("--part", choices=["main", "width"], default="main",
+                   help="main: SimCLR vs control vs ceiling at --hid; width: SimCLR at each of --hids (default: main)")
+    s.add_argument("--hids", type=int, nargs="+", default=[1, 2, 5, 10, 20],
+                   help="nodes per latent of --part width (default: 1 2 5 10 20)")
 
     args = p.parse_args(argv)
     # flags no run can use: argparse's usage line and a message (exit 2), never a traceback
     if getattr(args, "log_every", 1) < 1 or getattr(args, "seeds", 1) < 1 or getattr(args, "steps", 0) < 0:
         p.error("--log-every and --seeds must be at least 1, --steps at least 0")
     if args.cmd == "hltm":
-        if min(args.depth, args.children, args.hid) < 1 or args.batch < 2 or args.n_eval < 2:
-            p.error("hltm: --depth, --children and --hid must be at least 1, --batch and --n-eval at least 2")
+        if min(args.depth, args.children, args.hid, *args.hids) < 1 or args.batch < 2 or args.n_eval < 2:
+            p.error("hltm: --depth, --children and --hid must be at least 1, as must every --hids; "
+                    "--batch and --n-eval at least 2")
         if not 0 <= args.delta_lo <= args.delta_hi <= 1:
             p.error(f"hltm: need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
                     "delta is the correlation between a latent and its parent")
@@ -173,7 +179,7 @@ def get_args(argv=None):
         elif args.cmd == "clusters":
             args.per_cluster, args.steps, args.seeds = 20, 300, 1
         elif args.cmd == "hltm":
-            args.depth, args.steps, args.log_every, args.n_eval, args.seeds = 3, 200, 100, 1024, 1
+            args.depth, args.steps, args.log_every, args.n_eval, args.seeds, args.hids = 3, 200, 100, 1024, 1, [1, 4]
         else:
             args.steps, args.log_every, args.seeds = 100, 50, 1
     return args
@@ -1086,18 +1092,28 @@ def hltm_forward(Ws, bs, x):
     return hs[::-1]
 
 
-def best_abs_corr(z, h):
-    """Per latent, the best |Pearson correlation| between z (B, n) and any of its hid nodes h (B, n, hid): (n,)."""
+def abs_corr(z, h):
+    """|Pearson correlation| between z (B, n) and each of its hid nodes h (B, n, hid): (n, hid)."""
     zc, hc = z.double() - z.double().mean(0), h.double() - h.double().mean(0)
     cov = (zc[:, :, None] * hc).mean(0)  # (n, hid)
     std = zc.pow(2).mean(0).sqrt()[:, None] * hc.pow(2).mean(0).sqrt()  # (n, hid)
-    return (cov.abs() / std.clamp_min(1e-12)).amax(1)  # a dead node (std 0) has correlation 0
+    return cov.abs() / std.clamp_min(1e-12)  # a dead node (std 0) has correlation 0
+
+
+def best_abs_corr(z, h):
+    """Per latent, the best |Pearson correlation| between z (B, n) and any of its hid nodes h (B, n, hid): (n,)."""
+    return abs_corr(z, h).amax(1)
+
+
+def hltm_node_corrs(Ws, bs, z_eval):
+    """|corr(z_mu, node)| of every node at every non-leaf latent's place, root level first: [(1, hid), (C, hid), ...]."""
+    with torch.no_grad():
+        hs = hltm_forward(Ws, bs, z_eval[-1])
+    return [abs_corr(z, h) for z, h in zip(z_eval[:-1], hs)]
 
 
 def hltm_level_corrs(Ws, bs, z_eval):
-    with torch.no_grad():
-        hs = hltm_forward(Ws, bs, z_eval[-1])
-    return [best_abs_corr(z, h).mean().item() for z, h in zip(z_eval[:-1], hs)]
+    return [c.amax(1).mean().item() for c in hltm_node_corrs(Ws, bs, z_eval)]
 
 
 def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
@@ -1121,22 +1137,36 @@ def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
     return Ws, bs, hist, loss.item()
 
 
+def hltm_tree(args, seed):
+    """One seed's tree, its evaluation samples and the Bayes ceiling of every level."""
+    g = generator(seed)
+    deltas = hltm_deltas(args.depth, args.children, args.delta_lo, args.delta_hi, g)
+    z_eval = hltm_sample(deltas, torch.randint(0, 2, (args.n_eval,), generator=g), g)
+    ceiling = [best_abs_corr(z, p[:, :, None]).mean().item()
+               for z, p in zip(z_eval[:-1], hltm_posterior(deltas, z_eval[-1]))]
+    return deltas, z_eval, ceiling
+
+
 def run_hltm(args):
+    print(f"tree: depth {args.depth}, {args.children} children, |delta| ~ U[{args.delta_lo}, {args.delta_hi}], "
+          f"{args.children ** args.depth} leaves; NT-Xent tau {args.tau}, batch {args.batch}, SGD lr {args.lr}, "
+          f"{args.steps} steps")
+    return {"main": hltm_main, "width": hltm_width_sweep}[args.part](args)
+
+
+def hltm_main(args):
     levels = list(range(args.depth))  # non-leaf levels, root = 0
     log_at = sorted(set(range(0, args.steps + 1, args.log_every)) | {args.steps})
-    runs = []
-    print(f"tree: depth {args.depth}, {args.children} children, |delta| ~ U[{args.delta_lo}, {args.delta_hi}], "
-          f"{args.children ** args.depth} leaves; network: {args.hid} nodes per latent; NT-Xent tau {args.tau}, "
-          f"batch {args.batch}, SGD lr {args.lr}, {args.steps} steps")
+    runs, nodes = [], []
+    print(f"network: {args.hid} nodes per latent")
     for s in range(args.seeds):
-        g = generator(args.seed + s)
-        deltas = hltm_deltas(args.depth, args.children, args.delta_lo, args.delta_hi, g)
-        z_eval = hltm_sample(deltas, torch.randint(0, 2, (args.n_eval,), generator=g), g)
-        ceiling = [best_abs_corr(z, p[:, :, None]).mean().item()
-                   for z, p in zip(z_eval[:-1], hltm_posterior(deltas, z_eval[-1]))]
-        t0 = time.time()
-        _, _, hist, loss = hltm_train(deltas, args, generator(args.seed + s + 1000), True, log_at, z_eval)
-        _, _, hist_ctrl, loss_ctrl = hltm_train(deltas, args, generator(args.seed + s + 1000), False, log_at, z_eval)
+        deltas, z_eval, ceiling = hltm_tree(args, args.seed + s)
+        t0, g_net = time.time(), args.seed + s + 1000
+        Ws, bs, hist, loss = hltm_train(deltas, args, generator(g_net), True, log_at, z_eval)
+        _, _, hist_ctrl, loss_ctrl = hltm_train(deltas, args, generator(g_net), False, log_at, z_eval)
+        # every node's |corr| with its latent at init (hltm_train's first draw from the same seed) and trained
+        nodes.append((hltm_node_corrs(*hltm_init(args.depth, args.children, args.hid, generator(g_net)), z_eval),
+                      hltm_node_corrs(Ws, bs, z_eval)))
         runs.append(dict(seed=args.seed + s, ceiling=ceiling, history=hist, control=hist_ctrl, loss=loss,
                          loss_control=loss_ctrl))
         print(f"seed {args.seed + s}: best |corr| per level (root first) init "
@@ -1144,7 +1174,7 @@ def run_hltm(args):
               + " ".join(f"{c:.2f}" for c in hist[-1]["corr"]) + " | control "
               + " ".join(f"{c:.2f}" for c in hist_ctrl[-1]["corr"]) + f", {time.time() - t0:.1f}s")
     fmt = lambda xs: "%.3f +- %.3f" % mean_std(xs)
-    rows, table = [], []
+    rows, table, luck = [], [], []
     for l in levels:
         init = [r["history"][0]["corr"][l] for r in runs]
         trained = [r["history"][-1]["corr"][l] for r in runs]
@@ -1153,24 +1183,78 @@ def run_hltm(args):
         table.append(dict(level=l, latents=args.children ** l, init=mean_std(init), trained=mean_std(trained),
                           control=mean_std(control), ceiling=mean_std(ceiling)))
         rows.append([l, args.children ** l, fmt(init), fmt(trained), fmt(control), fmt(ceiling)])
+        # Theorem 5's "lucky node": does the node that ends best start best? and do good starts end well?
+        c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents * seeds, hid)
+        luck.append(dict(level=l, kept=(c0.argmax(1) == c1.argmax(1)).double().mean().item(),
+                         corr=float(np.corrcoef(c0.flatten(), c1.flatten())[0, 1]), latents=len(c0)))
     print(f"\nbest |corr(z_mu, node)| per level, mean +- std over {args.seeds} seeds (level 0 = root; "
           f"level {args.depth - 1} sits just above the leaves)")
     print_table(["level", "latents", "init", "SimCLR", "control: no shared root", "Bayes ceiling"], rows)
+    print(f"\nluck: the trained best node was the best at init (chance 1/{args.hid} = {1 / args.hid:.2f}), and the "
+          f"Pearson correlation of init and trained |corr| over all {args.hid} nodes of every latent, {args.seeds} seeds")
+    print_table(["level", "latents x seeds", "best node kept", "corr(init, trained)"],
+                [[d["level"], d["latents"], f"{d['kept']:.2f}", f"{d['corr']:.2f}"] for d in luck])
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
         for l in levels:
             colour = f"C{l}"
             steps = [h["step"] for h in runs[0]["history"]]
-            ax.plot(steps, np.mean([[h["corr"][l] for h in r["history"]] for r in runs], 0), "-", color=colour,
-                    label=f"level {l}")
-            ax.plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in runs], 0), ":", color=colour)
-            ax.plot(steps[-1] * (1.03 + 0.025 * l), table[l]["ceiling"][0], "<", color=colour, ms=7, clip_on=False)
-        ax.set(xlabel="SGD step", ylabel="best |corr(z, node)|",
-               title="HLTM: solid SimCLR, dotted control, \u25c0 Bayes ceiling")
-        ax.legend(fontsize=8, ncol=2)
+            ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["history"]] for r in runs], 0), "-", color=colour,
+                       label=f"level {l}")
+            ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in runs], 0), ":", color=colour)
+            ax[0].plot(steps[-1] * (1.03 + 0.025 * l), table[l]["ceiling"][0], "<", color=colour, ms=7, clip_on=False)
+            if l < args.depth - 1:  # the bottom level has nothing left to learn (its init sits at the ceiling)
+                c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents, hid)
+                ax[1].scatter(c0.flatten(), c1.flatten(), s=5, color=colour, alpha=0.4, label=f"level {l}")
+                best = c0.argmax(1, keepdim=True)  # each latent's luckiest node at init
+                ax[1].scatter(c0.gather(1, best), c1.gather(1, best), s=22, color=colour, edgecolors="k")
+        ax[0].set(xlabel="SGD step", ylabel="best |corr(z, node)|",
+                  title="HLTM: solid SimCLR, dotted control, \u25c0 Bayes ceiling")
+        ax[0].legend(fontsize=8, ncol=2)
+        ax[1].plot([0, 1], [0, 1], color="gray", lw=0.8)
+        ax[1].set(xlabel="|corr(z, node)| at init", ylabel="|corr(z, node)|, trained",
+                  title=f"every node above the bottom level, {args.seeds} seeds (ringed: best at init)")
+        ax[1].legend(fontsize=8, markerscale=3)
         fig.tight_layout()
         save_fig(fig, args.fig)
-    return dict(config=vars(args), table=table, runs=runs)
+    return dict(config=vars(args), table=table, luck=luck, runs=runs)
+
+
+def hltm_width_sweep(args):
+    """Theorem 5's lucky node needs enough nodes per latent: the same trees, networks of each width in --hids."""
+    rows, sweep, t0 = [], [], time.time()
+    trees = [hltm_tree(args, args.seed + s) for s in range(args.seeds)]
+    for hid in args.hids:
+        a = argparse.Namespace(**{**vars(args), "hid": hid})
+        for s, (deltas, z_eval, ceiling) in enumerate(trees):
+            _, _, hist, loss = hltm_train(deltas, a, generator(args.seed + s + 1000), True, (0, args.steps), z_eval)
+            sweep.append(dict(hid=hid, seed=args.seed + s, init=hist[0]["corr"], trained=hist[-1]["corr"],
+                              ceiling=ceiling, loss=loss))
+        c = [r for r in sweep if r["hid"] == hid]
+        above = lambda key: [np.mean(r[key][:-1]) for r in c]  # the levels above the bottom one, where there is room
+        stuck = sum(abs(r["loss"] - math.log(2 * args.batch - 1)) < 1e-3 for r in c)  # the loss of a constant output
+        rows.append([hid] + ["%.3f +- %.3f" % mean_std(x) for x in
+                             ([r["init"][0] for r in c], [r["trained"][0] for r in c], above("init"), above("trained"))]
+                    + [f"{stuck}/{len(c)}"])
+        print(f"hid {hid}: {time.time() - t0:.0f}s")
+    ceil = mean_std([r["ceiling"][0] for r in sweep[:args.seeds]])
+    print(f"\nbest |corr(z_mu, node)|, mean +- std over {args.seeds} trees (the same trees for every width); Bayes "
+          f"ceiling at the root {ceil[0]:.3f} +- {ceil[1]:.3f}")
+    print_table(["nodes per latent", "root: init", "root: SimCLR", f"levels 0-{args.depth - 2}: init",
+                 f"levels 0-{args.depth - 2}: SimCLR", "loss stuck at log(2N-1)"], rows)
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for key, style in [("init", "o:"), ("trained", "s-")]:
+            m = [mean_std([r[key][0] for r in sweep if r["hid"] == hid]) for hid in args.hids]
+            ax.errorbar(args.hids, [v[0] for v in m], [v[1] for v in m], fmt=style, capsize=3,
+                        label="root, " + ("init" if key == "init" else "SimCLR"))
+        ax.axhline(ceil[0], color="gray", ls="--", label="Bayes ceiling")
+        ax.set(xscale="log", xlabel="nodes per latent", ylabel="best |corr(z_root, node)|",
+               title=f"HLTM width sweep, {args.seeds} trees")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_fig(fig, args.fig)
+    return dict(config=vars(args), sweep=sweep)
 
 
 # =====================================================================================================
