@@ -15,7 +15,7 @@ Four experiments, each reproducing one theoretical claim on a toy model, each a 
 
 SimCLR itself: Chen et al. 2020, arXiv:2002.05709. The companion `simclr.py` trains the real thing.
 
-Each subcommand prints a small table, writes `summary.json` under `--out` (default runs/toy/<subcommand>),
+Each subcommand prints a small table, writes `summary.json` under `--out` (default runs/toy/<subcommand>[_<part>]),
 and a PNG when matplotlib is installed. Only torch and numpy are required.
 Every default run takes under two minutes on one CPU thread, a sweep behind --part up to three (README.md).
 
@@ -70,8 +70,8 @@ def get_args(argv=None):
 
     def common(s):
         s.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
-        s.add_argument("--out", type=str, default=None, help="output folder (default: runs/toy/<subcommand>)")
-        s.add_argument("--fig", type=str, default=None, help="PNG path (default: <out>/<subcommand>.png)")
+        s.add_argument("--out", type=str, default=None, help="output folder (default: runs/toy/<subcommand>[_<part>])")
+        s.add_argument("--fig", type=str, default=None, help="PNG path (default: <out>/<subcommand>[_<part>].png)")
         s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
         s.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds (default: off)")
 
@@ -169,8 +169,9 @@ def get_args(argv=None):
             p.error(f"hltm: need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
                     "delta is the correlation between a latent and its parent")
     # derived values, in one place
-    args.out = args.out or os.path.join("runs", "toy", args.cmd)
-    args.fig = args.fig or os.path.join(args.out, args.cmd + ".png")
+    name = args.cmd if getattr(args, "part", "main") == "main" else f"{args.cmd}_{args.part}"  # e.g. cnn_labels
+    args.out = args.out or os.path.join("runs", "toy", name)
+    args.fig = args.fig or os.path.join(args.out, name + ".png")
     if args.quick:
         if args.cmd == "cnn":
             args.d, args.snrs, args.ns, args.n0, args.n0s = 100, [0.1, 0.5], [10], 300, [25, 300]
