@@ -11,7 +11,7 @@ Four experiments, each reproducing one theoretical claim on a toy model, each a 
 
     python toy_theory.py cnn --part labels    # the sweeps behind flags: cnn --part labels | scaling, hltm --part width
     python toy_theory.py cnn --quick  # any subcommand: a seconds-long end-to-end run (used by the tests)
-    python toy_theory.py cnn --fig assets/toy_cnn.png   # where the figure goes (default: <out>/<subcommand>.png)
+    python toy_theory.py cnn --fig assets/toy_cnn.png   # the figure (default: <out>/<subcommand>[_<part>].png)
 
 SimCLR itself: Chen et al. 2020, arXiv:2002.05709. The companion `simclr.py` trains the real thing.
 
@@ -97,8 +97,8 @@ def get_args(argv=None):
     s.add_argument("--n-test", type=int, default=2000, help="test samples (default: 2000)")
     s.add_argument("--seeds", type=int, default=3, help="seeds per cell (default: 3)")
     s.add_argument("--part", choices=["main", "labels", "scaling"], default="main",
-                   help="main: the tables below; labels: test error against n at --label-snr; scaling: "
-                        "max |cos| against n0*SNR^2 at each --scaling-ds (default: main)")
+                   help="main: an SNR x n grid, an n0 sweep and the power iteration; labels: test error against n "
+                        "at --label-snr; scaling: max |cos| against n0*SNR^2 at each --scaling-ds (default: main)")
     s.add_argument("--label-snr", type=float, default=0.2, help="SNR of --part labels (default: 0.2)")
     s.add_argument("--label-ns", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128, 256, 512],
                    help="labelled n of --part labels (default: 2 4 ... 512)")
