@@ -1213,6 +1213,31 @@ def test_cnn_pretraining_beats_supervised_in_harmful_regime(one_thread):
     assert min(cos) > 0.9, cos  # the power iteration aligned the filters with +-mu (Lemmas 5.1-5.2)
 
 
+def test_cnn_grid_pretrains_once_per_snr_n0_seed(monkeypatch, one_thread):
+    """Every n of one (SNR, n0, seed) is fine-tuned from the same pre-trained filters: one pre-training, not one per n."""
+    calls, pretrain = [], toy_theory.cnn_pretrain
+    monkeypatch.setattr(toy_theory, "cnn_pretrain", lambda *a: calls.append(a[1:]) or pretrain(*a))
+    args = toy_theory.get_args(["cnn", "--d", "30", "--steps", "5", "--pre-steps", "3", "--n-test", "20"])
+    cells = toy_theory.cnn_grid(args, [0.1, 0.5], [2, 4, 8], [40], [0, 1])
+    assert sorted(calls) == [(0.1, 40, 0), (0.1, 40, 1), (0.5, 40, 0), (0.5, 40, 1)]
+    assert len(cells) == 12 and {(c["snr"], c["seed"], c["n"]) for c in cells} == {
+        (snr, seed, n) for snr in (0.1, 0.5) for seed in (0, 1) for n in (2, 4, 8)}
+    for c in cells:  # n * SNR^q and n0 * SNR^2 belong to the cell's own n and SNR
+        assert math.isclose(c["n_snr_q"], c["n"] * c["snr"] ** 3) and math.isclose(c["n0_snr2"], 40 * c["snr"] ** 2)
+
+
+@pytest.mark.parametrize("argv", [["cnn", "--part", "labels"], ["cnn", "--part", "scaling"], ["hltm", "--part", "width"]])
+def test_toy_theory_sweeps_run(argv, tmp_path, one_thread):
+    """The sweeps behind flags, end to end in-process with --quick (the subprocess smoke tests cover --part main)."""
+    s = toy_theory.main(argv + ["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "summary.json").exists()
+    if argv[-1] == "labels":
+        assert sorted({c["n"] for c in s["cells"]}) == [2, 16] and {c["d"] for c in s["cells"]} == {100}
+    elif argv[-1] == "scaling":
+        assert sorted({round(c["n0_snr2"], 9) for c in s["cells"]}) == [1, 16]
+        assert {c["n0"] for c in s["cells"]} == {25, 300} and {c["d"] for c in s["cells"]} == {100}
+
+
 # ---- covariance: Theorem 3 of Tian et al. 2020 -------------------------------------------------------------------
 
 
@@ -1244,14 +1269,60 @@ def test_empirical_l_simp_matches_naive_loop():
     assert math.isclose(got, pos - neg, rel_tol=1e-12)
 
 
-def test_covariance_selectivity_grows(tmp_path, one_thread):
-    args = toy_theory.get_args(["covariance", "--steps", "300", "--log-every", "300", "--fig", str(tmp_path / "c.png")])
+def test_covariance_operator_layer_by_layer_relu_mlp():
+    """Theorem 3 for a 3-layer bias-free ReLU net: -grad_{W_l} E_emp[L_simp] == 4 V_z0[Kbar_l] vec(W_l) at every layer.
+    The right-hand side is built here in numpy, one sample at a time: K_l(x)[o, i, j] = J_l(x)[o, i] a_{l-1}(x)[j]
+    from the ReLU gates, then V as an explicit (n_l n_{l-1})^2 covariance matrix."""
+    rng = np.random.default_rng(5)
+    N, K, sizes = 7, 3, [6, 5, 4, 3]
+    Xa = rng.normal(size=(N, K, sizes[0])) + rng.normal(size=(N, 1, sizes[0]))
+    Wn = [rng.normal(size=(o, i)) / np.sqrt(i) for i, o in zip(sizes, sizes[1:])]
+    Ws = [torch.tensor(W, requires_grad=True) for W in Wn]
+    X = torch.tensor(Xa)
+    f = torch.relu(torch.relu(X @ Ws[0].T) @ Ws[1].T) @ Ws[2].T  # (N, K, 3), written out, not toy_theory.relu_mlp
+    grads = torch.autograd.grad(toy_theory.l_simp_of_outputs(f), Ws)
+    for l in range(3):
+        Kbar = np.zeros((N, sizes[l + 1] * sizes[l], sizes[-1]))  # (N, P, out): K_l as the paper writes it
+        for i in range(N):
+            for k in range(K):
+                a = [Xa[i, k]]
+                for W in Wn:
+                    a.append(W @ (np.maximum(a[-1], 0) if len(a) > 1 else a[-1]))  # pre-activations, a[0] = x
+                J = np.eye(sizes[-1])
+                for m in range(2, l, -1):  # back through W_m and the gate of layer m's input
+                    J = J @ Wn[m] @ np.diag((a[m] > 0).astype(float))
+                inp = a[l] if l == 0 else np.maximum(a[l], 0)
+                Kbar[i] += np.einsum("oi,j->ijo", J, inp).reshape(-1, sizes[-1]) / K
+        Kc = Kbar - Kbar.mean(0)
+        V = sum(Kc[i] @ Kc[i].T for i in range(N)) / N  # (P, P)
+        rhs = (4 * V @ Wn[l].reshape(-1)).reshape(Wn[l].shape)
+        np.testing.assert_allclose(-grads[l].numpy(), rhs, rtol=1e-9, atol=1e-12)
+        ours = toy_theory.covariance_operator([torch.tensor(W) for W in Wn], X, l)
+        np.testing.assert_allclose(ours.numpy(), rhs, rtol=1e-9, atol=1e-12)
+        assert np.abs(rhs).max() > 1e-3  # not a vacuous 0 == 0
+
+
+def test_object_only_nt_xent_matches_enumeration():
+    """The object-only bound against NT-Xent (naive loop) on every one of the 2^N batch compositions."""
+    import itertools
+    N, tau = 4, 0.5
+    for cos, codes in [(0.0, [[1.0, 0.0], [0.0, 1.0]]), (-1.0, [[1.0, 0.0], [-1.0, 0.0]])]:
+        losses = [_nt_xent_naive([codes[o] for o in objs], [codes[o] for o in objs], tau)
+                  for objs in itertools.product([0, 1], repeat=N)]
+        assert math.isclose(toy_theory.object_only_nt_xent(N, tau, cos), np.mean(losses), rel_tol=1e-12)
+
+
+def test_covariance_selectivity_grows_and_linear_control_does_not(tmp_path, one_thread):
+    args = toy_theory.get_args(["covariance", "--steps", "300", "--log-every", "300", "--seeds", "1",
+                                "--fig", str(tmp_path / "c.png")])
     s = toy_theory.run_covariance(args)
-    h = s["history"]
+    h = s["runs"][0]["relu"]["history"]
     assert h[-1]["selectivity"] > h[0]["selectivity"] + 0.05, h
+    # averaged over positions "11" and "101" differ only at the edges: no filter of the linear net becomes selective
+    assert max(s["runs"][0]["linear"]["sel"]) < 0.05, s["runs"][0]["linear"]["sel"]
 
 
-# ---- collapse: Calder & Lee 2025 ---------------------------------------------------------------------------------
+# ---- clusters: Calder & Lee 2025 ---------------------------------------------------------------------------------
 
 
 def _gaussian_nce_naive(z1, z2, tau):
@@ -1271,7 +1342,7 @@ def test_gaussian_nce_matches_naive_loop():
     assert math.isclose(got, _gaussian_nce_naive(z1[:, 0].tolist(), z2[:, 0].tolist(), 0.3), rel_tol=1e-10)
 
 
-def test_collapse_trivial_embedding_loss_no_worse_than_clustered(one_thread):
+def test_clusters_trivial_embedding_loss_no_worse_than_clustered(one_thread):
     g = torch.Generator().manual_seed(0)
     X, lab = toy_theory.clusters(30, 0.8, g)  # N = 120, k = 97 is coprime to 120
     X1, X2 = toy_theory.augment_diag(X, g), toy_theory.augment_diag(X, g)
@@ -1295,6 +1366,68 @@ def test_collapse_trivial_embedding_loss_no_worse_than_clustered(one_thread):
     perm = torch.randperm(len(X), generator=g)
     assert math.isclose(toy_theory.gaussian_nce(z1, z2, tau).item(), toy_theory.gaussian_nce(z1[perm], z2[perm], tau).item(),
                         rel_tol=1e-12)
+
+
+def _nt_xent_naive(z1, z2, tau):
+    """NT-Xent over 2N views, one anchor at a time, in plain Python: normalise, skip the anchor itself."""
+    views = [[x / math.sqrt(sum(x * x for x in v)) for x in v] for v in z1 + z2]
+    N, total = len(z1), 0.0
+    for i in range(2 * N):
+        sims = {j: sum(a * b for a, b in zip(views[i], views[j])) / tau for j in range(2 * N) if j != i}
+        total += -sims[(i + N) % (2 * N)] + math.log(sum(math.exp(s) for s in sims.values()))
+    return total / (2 * N)
+
+
+def test_toy_nt_xent_matches_naive_loop():
+    g = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    got = toy_theory.nt_xent(z1, z2, 0.2).item()
+    assert math.isclose(got, _nt_xent_naive(z1.tolist(), z2.tolist(), 0.2), rel_tol=1e-10)
+
+
+def test_clusters_circle_equally_spaced_ignores_the_order(one_thread):
+    """Part (a) on the circle: equally spaced angles, by rank(u) or scrambled, give the same NT-Xent (naive loop),
+    lower than the 3 groups collapsed to 3 points; the scrambled one carries no group information."""
+    g = torch.Generator().manual_seed(0)
+    X, lab = toy_theory.clusters(20, 0.8, g)  # N = 80, k = 97 is coprime to 80
+    groups = toy_theory.invariant_groups(lab)
+    centre_x1_minus_x2 = torch.tensor([0, -2, 0, 2])  # of the centres (1, 1), (-1, 1), (-1, -1), (1, -1)
+    assert torch.equal(groups, (centre_x1_minus_x2[lab] + 2) // 2)  # groups: u of the centre, in increasing order
+    X1, X2 = toy_theory.augment_diag(X, g), toy_theory.augment_diag(X, g)
+    u = toy_theory.u_coord(X)
+    mono = [toy_theory.circle_embedding(V, u, 1) for V in (X1, X2)]
+    scr = [toy_theory.circle_embedding(V, u, 97) for V in (X1, X2)]
+    assert torch.allclose(mono[0].norm(dim=1), torch.ones(80, dtype=torch.float64))
+    l_mono, l_scr = (_nt_xent_naive(a.tolist(), b.tolist(), 0.2) for a, b in (mono, scr))
+    assert math.isclose(l_mono, l_scr, rel_tol=1e-9)
+    three = [[math.cos(2 * math.pi / 3 * c), math.sin(2 * math.pi / 3 * c)] for c in groups.tolist()]
+    assert _nt_xent_naive(three, three, 0.2) > l_mono + 0.1
+    assert toy_theory.fisher_ratio(scr[0], groups) < 0.05 < 1.0 < toy_theory.fisher_ratio(mono[0], groups)
+
+
+def test_circle_measures_against_closed_forms():
+    N = 12
+    theta = torch.arange(N, dtype=torch.float64) * 2 * math.pi / N
+    z = torch.stack([theta.cos(), theta.sin()], 1)
+    assert math.isclose(toy_theory.largest_gap(z), 2 * math.pi / N, rel_tol=1e-9)
+    assert math.isclose(toy_theory.largest_gap(z[[0, 1, 2, 7]]), 5 * 2 * math.pi / N, rel_tol=1e-9)  # 2 -> 7
+    ref = np.log(np.mean([np.exp(-2 * np.sum((z[i].numpy() - z[j].numpy()) ** 2))
+                          for i in range(N) for j in range(N) if i != j]))
+    assert math.isclose(toy_theory.uniformity(z), ref, rel_tol=1e-12)
+
+
+def test_clusters_training_makes_clusters_early(one_thread):
+    """Calder & Lee's second claim, its early half: within 150 full-batch steps from random init, the latents on the
+    circle cluster by group far beyond the uniform circle's Fisher ratio, with an empty arc of 2.5 rad or more."""
+    args = toy_theory.get_args(["clusters", "--steps", "150"])
+    X, lab = toy_theory.clusters(50, 0.8, torch.Generator().manual_seed(0))
+    groups = toy_theory.invariant_groups(lab)
+    uniform = toy_theory.fisher_ratio(toy_theory.circle_embedding(X, toy_theory.u_coord(X)), groups)
+    for seed in range(2):
+        _, hist = toy_theory.train_on_circle(X, groups, args, seed, set(range(0, 151, 5)))
+        peak = max(h["fisher"] for h in hist)
+        assert peak > 2 * uniform and peak > 2 * hist[0]["fisher"], (hist[0]["fisher"], peak, uniform)
+        assert max(h["gap"] for h in hist) > 2.5  # radians; equally spaced latents leave 2 pi / 200 = 0.03
 
 
 def test_fisher_ratio_against_closed_form():
@@ -1375,6 +1508,35 @@ def test_best_abs_corr_matches_numpy():
         assert math.isclose(got[i].item(), max(ref), rel_tol=1e-9)
 
 
+def test_abs_corr_every_node_matches_numpy():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randint(0, 2, (200, 3), generator=g)
+    h = torch.randn(200, 3, 4, generator=g) + z[:, :, None] * torch.tensor([0.5, -2.0, 0.0, 1.0])
+    got = toy_theory.abs_corr(z, h)
+    for i in range(3):
+        for k in range(4):
+            ref = abs(np.corrcoef(z[:, i].numpy(), h[:, i, k].numpy())[0, 1])
+            assert math.isclose(got[i, k].item(), ref, rel_tol=1e-9)
+
+
+def test_hltm_width_sweep_trains_each_width_on_the_same_trees(monkeypatch, one_thread):
+    widths, train = [], toy_theory.hltm_train
+    monkeypatch.setattr(toy_theory, "hltm_train", lambda deltas, a, *rest: widths.append(a.hid) or train(deltas, a, *rest))
+    args = toy_theory.get_args(["hltm", "--part", "width", "--hids", "1", "3", "--depth", "2", "--seeds", "2",
+                                "--steps", "20", "--n-eval", "512"])
+    plt, toy_theory.plt = toy_theory.plt, None  # no figure
+    try:
+        sweep = toy_theory.hltm_width_sweep(args)["sweep"]
+    finally:
+        toy_theory.plt = plt
+    assert widths == [1, 1, 3, 3] and [r["hid"] for r in sweep] == widths
+    for a, b in zip(sweep[:2], sweep[2:]):  # seed by seed: the same tree, so the same Bayes ceiling
+        assert a["seed"] == b["seed"] and a["ceiling"] == b["ceiling"]
+    for r in sweep:
+        assert len(r["init"]) == len(r["trained"]) == 2
+        assert max(r["trained"]) <= max(r["ceiling"]) + 0.05  # 512 samples: sampling error ~0.04
+
+
 def test_hltm_simclr_learns_the_root_without_labels(one_thread):
     """Theorems 5-6 in numbers: trained on pairs sharing the root, the root block's best node correlates with z_root
     far more than at init and than a control trained on pairs sharing nothing, and never beats the Bayes ceiling."""
@@ -1405,7 +1567,7 @@ def test_toy_theory_bad_flags_exit_with_a_message(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["cnn", "collapse", "covariance", "hltm"])
+@pytest.mark.parametrize("cmd", ["cnn", "clusters", "covariance", "hltm"])
 def test_toy_theory_smoke(cmd, tmp_path):
     out = tmp_path / cmd
     r = subprocess.run([sys.executable, os.path.join(HERE, "toy_theory.py"), cmd, "--quick", "--out", str(out)],

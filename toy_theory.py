@@ -3,32 +3,41 @@
 Four experiments, each reproducing one theoretical claim on a toy model, each a subcommand:
 
     python toy_theory.py cnn          # Zhang & Cao 2024 (arXiv:2409.18685): pre-training removes the n*SNR^q label need
-    python toy_theory.py collapse     # Calder & Lee 2025 (arXiv:2503.10812): the loss has trivial minimisers;
-                                      #   training dynamics, not the loss, produce clusters
-    python toy_theory.py covariance   # Tian, Yu, Chen & Ganguli 2020 (arXiv:2010.00578): the covariance operator
+    python toy_theory.py clusters     # Calder & Lee 2025 (arXiv:2503.10812): the loss has trivial minimisers;
+                                      #   in training, clusters appear, persist, then fade towards one
+    python toy_theory.py covariance   # Tian, Yu, Chen & Ganguli 2020 (arXiv:2010.00578): the covariance operator,
+                                      #   layer by layer, and the object selectivity it amplifies
     python toy_theory.py hltm         # the same paper, Sec. 6: hidden nodes learn the latents of a latent tree
 
+    python toy_theory.py cnn --part labels    # the sweeps behind flags: cnn --part labels | scaling, hltm --part width
     python toy_theory.py cnn --quick  # any subcommand: a seconds-long end-to-end run (used by the tests)
-    python toy_theory.py cnn --fig assets/toy_cnn.png   # where the figure goes (default: <out>/<subcommand>.png)
+    python toy_theory.py cnn --fig assets/toy_cnn.png   # the figure (default: <out>/<subcommand>[_<part>].png)
 
 SimCLR itself: Chen et al. 2020, arXiv:2002.05709. The companion `simclr.py` trains the real thing.
 
-Each subcommand prints a small table, writes `summary.json` under `--out` (default runs/toy/<subcommand>),
+Each subcommand prints a small table, writes `summary.json` under `--out` (default runs/toy/<subcommand>[_<part>]),
 and a PNG when matplotlib is installed. Only torch and numpy are required.
-Every default run takes under two minutes on one CPU thread (timings are in README.md).
+Every default run takes under two minutes on one CPU thread, a sweep behind --part up to three (README.md).
 
 What each experiment shows (numbers: README.md, "Toy theory"):
-  cnn        supervised GD from random init memorises noise when n*SNR^q is small (test error ~0.5), while
-             SimCLR pre-training of the linear CNN on n0 unlabelled samples (n0*SNR^2 large) aligns the filters
-             with +-mu by a power iteration (Lemmas 5.1-5.2) and fine-tuning then generalises from 10 labels.
-  collapse   (a) an embedding that ignores the clusters has exactly the same contrastive loss as one that
-             respects them; (b) a one-hidden-layer net trained on the loss shows cluster structure early and
-             keeps it for a long time.
-  covariance (a) for f(x) = W x, -grad L_simp = 4 W Cov_z0[E_aug x | z0], exactly (float64 round-off);
-             (b) a 1-layer conv net on the "11" / "101" objects of Tian et al.'s Fig. 3 becomes object-selective.
+  cnn        supervised GD from random init memorises noise when n*SNR^q is small (test error ~0.5, training
+             loss ~0), while SimCLR pre-training of the linear CNN on n0 unlabelled samples (n0*SNR^2 large) aligns
+             the filters with +-mu by a power iteration (Lemmas 5.1-5.2) and fine-tuning then generalises from
+             2 labels. --part labels: test error against n; --part scaling: the alignment is a function of
+             n0*SNR^2 when d >> n0, and of n0*SNR^2 / (1 + 2 sqrt(n0/d)) in general.
+  clusters   (a) an embedding that ignores the clusters has exactly the same contrastive loss as one that
+             respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle clusters its latents
+             early, keeps the clusters for a while, then spreads them to the uniform circle, a trivial minimiser,
+             keeping only the order of the invariant coordinate.
+  covariance (a) Theorem 3, -grad_{W_l} L_simp = 4 V_z0[Kbar_l] vec(W_l), checked against autograd layer by layer
+             on a bias-free 3-layer ReLU net (and f(x) = W x): exact, to float64 round-off;
+             (b) a 1-layer conv net on the "11" / "101" objects of Tian et al.'s Fig. 3: some filters become fully
+             object-selective, most often the one most selective at init, while many die; with a linear
+             activation (covariance operator ~0) nothing becomes selective.
   hltm       a tree-shaped ReLU net trained with NT-Xent on pairs that share only the root of a hierarchical latent
              tree model: its nodes come to correlate with latents it never sees, up to near the Bayes ceiling,
-             while a control trained on pairs that share nothing shows no systematic gain.
+             while a control trained on pairs that share nothing shows no systematic gain; the node best at init
+             ends best far more often than chance. --part width: fewer nodes per latent, weaker learning.
 """
 
 import argparse
@@ -61,8 +70,8 @@ def get_args(argv=None):
 
     def common(s):
         s.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
-        s.add_argument("--out", type=str, default=None, help="output folder (default: runs/toy/<subcommand>)")
-        s.add_argument("--fig", type=str, default=None, help="PNG path (default: <out>/<subcommand>.png)")
+        s.add_argument("--out", type=str, default=None, help="output folder (default: runs/toy/<subcommand>[_<part>])")
+        s.add_argument("--fig", type=str, default=None, help="PNG path (default: <out>/<subcommand>[_<part>].png)")
         s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
         s.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds (default: off)")
 
@@ -87,32 +96,46 @@ def get_args(argv=None):
     s.add_argument("--pre-steps", type=int, default=60, help="pre-training GD steps (default: 60)")
     s.add_argument("--n-test", type=int, default=2000, help="test samples (default: 2000)")
     s.add_argument("--seeds", type=int, default=3, help="seeds per cell (default: 3)")
+    s.add_argument("--part", choices=["main", "labels", "scaling"], default="main",
+                   help="main: an SNR x n grid, an n0 sweep and the power iteration; labels: test error against n "
+                        "at --label-snr; scaling: max |cos| against n0*SNR^2 at each --scaling-ds (default: main)")
+    s.add_argument("--label-snr", type=float, default=0.2, help="SNR of --part labels (default: 0.2)")
+    s.add_argument("--label-ns", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128, 256, 512],
+                   help="labelled n of --part labels (default: 2 4 ... 512)")
+    s.add_argument("--label-d", type=int, default=2000, help="patch dimension of --part labels, d > n (default: 2000)")
+    s.add_argument("--label-seeds", type=int, default=5, help="seeds of --part labels (default: 5)")
+    s.add_argument("--scaling-ds", type=int, nargs="+", default=[200, 2000], help="d of --part scaling (default: 200 2000)")
+    s.add_argument("--scaling-n0snr2", type=float, nargs="+", default=[0.25, 1, 4, 16, 64],
+                   help="n0*SNR^2 grid of --part scaling, at each of --n0s (default: 0.25 1 4 16 64)")
 
-    s = sub.add_parser("collapse", help="Calder & Lee 2025: trivial minimisers and clustering during training")
+    s = sub.add_parser("clusters", help="Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade")
     common(s)
     s.add_argument("--per-cluster", type=int, default=50, help="points per cluster, 4 clusters (default: 50)")
     s.add_argument("--radius", type=float, default=0.8, help="cluster disk radius, centres (+-1,+-1) (default: 0.8)")
-    s.add_argument("--tau", type=float, default=0.1, help="Gaussian-kernel temperature (default: 0.1)")
+    s.add_argument("--kernel-tau", type=float, default=0.1, help="Gaussian-kernel temperature of part (a) (default: 0.1)")
+    s.add_argument("--tau", type=float, default=0.2, help="NT-Xent temperature on the circle (default: 0.2)")
     s.add_argument("--hidden", type=int, default=100, help="hidden width (default: 100)")
-    s.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate, full batch; 3e-3 already spikes (default: 1e-3)")
-    s.add_argument("--steps", type=int, default=40000, help="training steps (default: 40000)")
-    s.add_argument("--log-every", type=int, default=2500, help="steps between measurements (default: 2500)")
+    s.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, full batch (default: 0.05)")
+    s.add_argument("--steps", type=int, default=8000, help="training steps, logged 8 times per decade (default: 8000)")
+    s.add_argument("--seeds", type=int, default=3, help="networks (init and views), one per seed (default: 3)")
     s.add_argument("--k-scramble", type=int, default=97, help="multiplier of the scrambling map r -> k r mod N (default: 97)")
 
     s = sub.add_parser("covariance", help="Tian et al. 2020: covariance operator and object selectivity")
     common(s)
-    s.add_argument("--D", type=int, default=12, help="input dimension of the linear check (default: 12)")
-    s.add_argument("--N", type=int, default=16, help="latents z0 in the linear check (default: 16)")
-    s.add_argument("--K", type=int, default=5, help="augmentations per latent in the linear check (default: 5)")
+    s.add_argument("--D", type=int, default=12, help="input dimension of the Theorem 3 check (default: 12)")
+    s.add_argument("--widths", type=int, nargs="+", default=[10, 8, 6], help="layer widths of the ReLU MLP of the check (default: 10 8 6)")
+    s.add_argument("--N", type=int, default=16, help="latents z0 in the Theorem 3 check (default: 16)")
+    s.add_argument("--K", type=int, default=5, help="augmentations per latent in the Theorem 3 check (default: 5)")
     s.add_argument("--L", type=int, default=16, help="length of the 1-D signal (default: 16)")
     s.add_argument("--filters", type=int, default=16, help="conv filters (default: 16)")
     s.add_argument("--width", type=int, default=3, help="conv filter width (default: 3)")
     s.add_argument("--batch", type=int, default=128, help="SimCLR batch (default: 128)")
-    s.add_argument("--tau", type=float, default=0.5, help="InfoNCE temperature (default: 0.5)")
+    s.add_argument("--tau", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
     s.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
-    s.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
-    s.add_argument("--log-every", type=int, default=200, help="steps between measurements (default: 200)")
+    s.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
+    s.add_argument("--log-every", type=int, default=100, help="steps between measurements (default: 100)")
     s.add_argument("--noise", type=float, default=0.05, help="pixel noise std of each view (default: 0.05)")
+    s.add_argument("--seeds", type=int, default=5, help="networks, one init per seed, each with its linear control (default: 5)")
 
     s = sub.add_parser("hltm", help="Tian et al. 2020: latents of a hierarchical latent tree learned without labels")
     common(s)
@@ -129,30 +152,37 @@ def get_args(argv=None):
     s.add_argument("--log-every", type=int, default=250, help="steps between measurements (default: 250)")
     s.add_argument("--n-eval", type=int, default=8192, help="fresh samples the correlations are measured on (default: 8192)")
     s.add_argument("--seeds", type=int, default=5, help="trees (and networks), one per seed (default: 5)")
+    s.add_argument("--part", choices=["main", "width"], default="main",
+                   help="main: SimCLR vs control vs ceiling at --hid; width: SimCLR at each of --hids (default: main)")
+    s.add_argument("--hids", type=int, nargs="+", default=[1, 2, 5, 10, 20],
+                   help="nodes per latent of --part width (default: 1 2 5 10 20)")
 
     args = p.parse_args(argv)
     # flags no run can use: argparse's usage line and a message (exit 2), never a traceback
     if getattr(args, "log_every", 1) < 1 or getattr(args, "seeds", 1) < 1 or getattr(args, "steps", 0) < 0:
         p.error("--log-every and --seeds must be at least 1, --steps at least 0")
     if args.cmd == "hltm":
-        if min(args.depth, args.children, args.hid) < 1 or args.batch < 2 or args.n_eval < 2:
-            p.error("hltm: --depth, --children and --hid must be at least 1, --batch and --n-eval at least 2")
+        if min(args.depth, args.children, args.hid, *args.hids) < 1 or args.batch < 2 or args.n_eval < 2:
+            p.error("hltm: --depth, --children and --hid must be at least 1, as must every --hids; "
+                    "--batch and --n-eval at least 2")
         if not 0 <= args.delta_lo <= args.delta_hi <= 1:
             p.error(f"hltm: need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
                     "delta is the correlation between a latent and its parent")
     # derived values, in one place
-    args.out = args.out or os.path.join("runs", "toy", args.cmd)
-    args.fig = args.fig or os.path.join(args.out, args.cmd + ".png")
+    name = args.cmd if getattr(args, "part", "main") == "main" else f"{args.cmd}_{args.part}"  # e.g. cnn_labels
+    args.out = args.out or os.path.join("runs", "toy", name)
+    args.fig = args.fig or os.path.join(args.out, name + ".png")
     if args.quick:
         if args.cmd == "cnn":
             args.d, args.snrs, args.ns, args.n0, args.n0s = 100, [0.1, 0.5], [10], 300, [25, 300]
             args.n0_n, args.seeds, args.n_test, args.pre_steps, args.steps = 10, 1, 500, 60, 150
-        elif args.cmd == "collapse":
-            args.per_cluster, args.steps, args.log_every = 20, 400, 100
+            args.label_ns, args.label_d, args.label_seeds, args.scaling_ds, args.scaling_n0snr2 = [2, 16], 100, 1, [100], [1, 16]
+        elif args.cmd == "clusters":
+            args.per_cluster, args.steps, args.seeds = 20, 300, 1
         elif args.cmd == "hltm":
-            args.depth, args.steps, args.log_every, args.n_eval, args.seeds = 3, 200, 100, 1024, 1
+            args.depth, args.steps, args.log_every, args.n_eval, args.seeds, args.hids = 3, 200, 100, 1024, 1, [1, 4]
         else:
-            args.steps, args.log_every = 100, 50
+            args.steps, args.log_every, args.seeds = 100, 50, 1
     return args
 
 
@@ -175,6 +205,20 @@ def save_summary(out, summary):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+
+
+def nt_xent(h1, h2, tau):
+    """SimCLR's NT-Xent (Eq. 1 of arXiv:2002.05709) on 2N views, self-similarity masked with -inf."""
+    z = F.normalize(torch.cat([h1, h2]), dim=1)  # (2N, C)
+    sim = z @ z.T / tau
+    sim.fill_diagonal_(float("-inf"))
+    N = len(h1)
+    target = torch.cat([torch.arange(N, 2 * N), torch.arange(N)])
+    return F.cross_entropy(sim, target)
+
+
+def mean_std(xs):
+    return float(np.mean(xs)), float(np.std(xs))
 
 
 def print_table(header, rows):
@@ -263,8 +307,9 @@ def pretrain_linear_cnn(X, Xp, mu, m, tau, eta, steps, sigma0, g):
     return W.detach(), cos, losses
 
 
-def cnn_cell(args, snr, n, n0, seed):
-    """One (SNR, n, n0, seed) cell: supervised-from-random vs pre-train + fine-tune, same data, same steps."""
+def cnn_pretrain(args, snr, n0, seed):
+    """SimCLR pre-training for one (SNR, n0, seed), shared by every n it is fine-tuned on. Returns the 2m filters,
+    ready for fine-tuning, and the |cos(w_r, mu)| curve of pre-training."""
     g = generator(seed)
     mu = cnn_mu(args.d, snr, args.sigma_p)
     # pre-training set: n0 unlabelled x_i and their positive views, fresh draws with the same (hidden) label
@@ -273,48 +318,78 @@ def cnn_cell(args, snr, n, n0, seed):
     # step as a fixed fraction of the top eigenvalue lambda_1 = 2||mu||^2/tau of the power iteration (Lemma 5.1), so
     # every SNR gets the same number of power steps; the tiny init keeps us in the linear (power-method) phase longer.
     eta0 = args.pre_rate * args.tau / (2 * mu.norm().item() ** 2)
-    Wp, cos, pre_loss = pretrain_linear_cnn(X0, X0p, mu, args.m, args.tau, eta0, args.pre_steps, args.pre_sigma0, g)
+    Wp, cos, _ = pretrain_linear_cnn(X0, X0p, mu, args.m, args.tau, eta0, args.pre_steps, args.pre_sigma0, g)
     # Fine-tuning starts from the pre-trained *directions* at the norm of the random init (sigma0 sqrt d), so the
     # comparison is direction vs direction, not a bigger init vs a smaller one. Random split into W_{+1}, W_{-1}.
     Wp = Wp / Wp.norm(dim=1, keepdim=True) * args.sigma0 * math.sqrt(args.d)
-    Wp = Wp[torch.randperm(2 * args.m, generator=g)]
+    return Wp[torch.randperm(2 * args.m, generator=g)], cos
+
+
+def cnn_finetune(args, snr, n, Wp, seed):
+    """Supervised-from-random vs fine-tuning from Wp on the same n labelled samples, the same steps; test error and
+    final training loss of both. The labelled data come from their own stream, one per (seed, n)."""
+    g = generator(100_003 * seed + n)
+    mu = cnn_mu(args.d, snr, args.sigma_p)
     y, yt = cnn_labels(n, g), cnn_labels(args.n_test, g)
     X, Xt = cnn_data(y, mu, args.sigma_p, g), cnn_data(yt, mu, args.sigma_p, g)
     W0 = args.sigma0 * torch.randn(2 * args.m, args.d, generator=g, dtype=torch.float64)
     Ws, loss_s = train_logistic(W0, X, y, args.q, args.m, args.eta, args.steps)
     Wf, loss_f = train_logistic(Wp, X, y, args.q, args.m, args.eta, args.steps)
-    return dict(snr=snr, n=n, n0=n0, seed=seed, n_snr_q=n * snr**args.q, n0_snr2=n0 * snr**2,
-                err_sup=test_error(Ws, Xt, yt, args.q, args.m), err_ft=test_error(Wf, Xt, yt, args.q, args.m),
-                train_loss_sup=loss_s, train_loss_ft=loss_f, cos=cos, pre_loss=pre_loss)
+    return dict(err_sup=test_error(Ws, Xt, yt, args.q, args.m), err_ft=test_error(Wf, Xt, yt, args.q, args.m),
+                train_loss_sup=loss_s, train_loss_ft=loss_f)
 
 
-def mean_std(xs):
-    return float(np.mean(xs)), float(np.std(xs))
+def cnn_cell(args, snr, n, n0, seed):
+    """One (SNR, n, n0, seed) cell: pre-train on n0, then supervised-from-random vs fine-tuning on n labels."""
+    Wp, cos = cnn_pretrain(args, snr, n0, seed)
+    return dict(snr=snr, n=n, n0=n0, seed=seed, d=args.d, n_snr_q=n * snr ** args.q, n0_snr2=n0 * snr ** 2, cos=cos,
+                **cnn_finetune(args, snr, n, Wp, seed))
+
+
+def cnn_grid(args, snrs, ns, n0s, seeds):
+    """Every (SNR, n0, seed) pre-trained once and fine-tuned on every n. Returns the cells, loop order SNR, n0, seed, n."""
+    cells = []
+    for snr in snrs:
+        for n0 in n0s:
+            for seed in seeds:
+                Wp, cos = cnn_pretrain(args, snr, n0, seed)
+                cells += [dict(snr=snr, n=n, n0=n0, seed=seed, d=args.d, n_snr_q=n * snr ** args.q,
+                               n0_snr2=n0 * snr ** 2, cos=cos, **cnn_finetune(args, snr, n, Wp, seed)) for n in ns]
+    return cells
+
+
+def cnn_summary(cells, key):
+    return "%.3f ± %.3f" % mean_std([c[key] for c in cells])
 
 
 def run_cnn(args):
-    cells, rows = [], []
+    return {"main": cnn_main, "labels": cnn_labels_sweep, "scaling": cnn_scaling_sweep}[args.part](args)
+
+
+def cnn_main(args):
+    seeds = [args.seed + s for s in range(args.seeds)]
+    cells = cnn_grid(args, args.snrs, args.ns, [args.n0], seeds)
+    rows = []
     for snr in args.snrs:
         for n in args.ns:
-            runs = [cnn_cell(args, snr, n, args.n0, args.seed + s) for s in range(args.seeds)]
-            cells += runs
-            es, ef = mean_std([r["err_sup"] for r in runs]), mean_std([r["err_ft"] for r in runs])
-            rows.append([snr, n, f"{n * snr ** args.q:.3g}", f"{args.n0 * snr ** 2:.3g}",
-                         f"{es[0]:.3f} ± {es[1]:.3f}", f"{ef[0]:.3f} ± {ef[1]:.3f}",
-                         f"{np.mean([r['cos'][-1] for r in runs]):.3f}"])
-    print(f"\nTest error, mean ± std over {args.seeds} seeds (d={args.d}, m={args.m}, q={args.q}, n0={args.n0})")
-    print_table(["SNR", "n", "n*SNR^q", "n0*SNR^2", "supervised", "SimCLR + fine-tune", "|cos(w,mu)|"], rows)
+            c = [r for r in cells if r["snr"] == snr and r["n"] == n]
+            rows.append([snr, n, f"{n * snr ** args.q:.3g}", f"{args.n0 * snr ** 2:.3g}", cnn_summary(c, "err_sup"),
+                         f"{np.mean([r['train_loss_sup'] for r in c]):.0e}", cnn_summary(c, "err_ft"),
+                         f"{np.mean([r['train_loss_ft'] for r in c]):.0e}", f"{np.mean([r['cos'][-1] for r in c]):.3f}"])
+    print(f"\nTest error, mean ± std over {args.seeds} seeds, and final training loss, mean "
+          f"(d={args.d}, m={args.m}, q={args.q}, n0={args.n0}, {args.steps} GD steps)")
+    print_table(["SNR", "n", "n*SNR^q", "n0*SNR^2", "supervised", "train loss", "SimCLR + fine-tune", "train loss",
+                 "|cos(w,mu)|"], rows)
 
-    sweep, rows0 = [], []
+    sweep = cnn_grid(args, [args.n0_snr], [args.n0_n], args.n0s, [args.seed + 100 + s for s in range(args.seeds)])
+    rows0 = []
     for n0 in args.n0s:
-        runs = [cnn_cell(args, args.n0_snr, args.n0_n, n0, args.seed + 100 + s) for s in range(args.seeds)]
-        sweep += runs
-        ef = mean_std([r["err_ft"] for r in runs])
-        rows0.append([n0, f"{n0 * args.n0_snr ** 2:.3g}", f"{np.mean([max(r['cos']) for r in runs]):.3f}",
-                      f"{np.mean([r['cos'][-1] for r in runs]):.3f}", f"{ef[0]:.3f} ± {ef[1]:.3f}",
-                      f"{np.mean([r['err_sup'] for r in runs]):.3f}"])
-    print(f"\nn0 sweep at SNR={args.n0_snr}, n={args.n0_n}: pre-training needs n0*SNR^2 large")
-    print_table(["n0", "n0*SNR^2", "max |cos|", "final |cos|", "SimCLR + fine-tune", "supervised"], rows0)
+        c = [r for r in sweep if r["n0"] == n0]
+        rows0.append([n0, f"{n0 * args.n0_snr ** 2:.3g}", f"{np.mean([max(r['cos']) for r in c]):.3f}",
+                      f"{np.mean([r['cos'][-1] for r in c]):.3f}", cnn_summary(c, "err_ft")])
+    print(f"\nn0 sweep at SNR={args.n0_snr}, n={args.n0_n}, d={args.d}: pre-training needs n0*SNR^2 large "
+          f"(supervised on the same labels: {cnn_summary(c, 'err_sup')})")
+    print_table(["n0", "n0*SNR^2", "max |cos|", "final |cos|", "SimCLR + fine-tune"], rows0)
 
     # the power-method alignment over pre-training steps (Lemmas 5.1-5.2), one curve per SNR, first seed
     curves = {str(r["snr"]): r["cos"] for r in cells if r["seed"] == args.seed and r["n"] == args.ns[0]}
@@ -322,7 +397,7 @@ def run_cnn(args):
     print("\n|cos(w_r, mu)| (mean over 2m filters) during pre-training, n0 =", args.n0)
     print_table(["step"] + [f"SNR {s}" for s in curves], [[t] + [f"{c[t]:.3f}" for c in curves.values()] for t in steps_shown])
 
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("cos", "pre_loss")}
+    strip = lambda r: {k: v for k, v in r.items() if k != "cos"}
     summary = dict(config=vars(args), cells=[strip(r) for r in cells], n0_sweep=[strip(r) for r in sweep],
                    cos_curves=curves, n0_sweep_cos={str(r["n0"]): r["cos"] for r in sweep if r["seed"] == args.seed + 100})
     if plt is not None:
@@ -346,6 +421,92 @@ def run_cnn(args):
     return summary
 
 
+def cnn_labels_sweep(args):
+    """Label complexity: test error against n at one SNR, supervised vs SimCLR + fine-tuning (Cao et al. 2022's
+    n SNR^q threshold against Zhang & Cao's claim that pre-training removes it)."""
+    snr, seeds, t0 = args.label_snr, [args.seed + s for s in range(args.label_seeds)], time.time()
+    cells = cnn_grid(argparse.Namespace(**{**vars(args), "d": args.label_d}), [snr], args.label_ns, [args.n0], seeds)
+    rows = []
+    for n in args.label_ns:
+        c = [r for r in cells if r["n"] == n]
+        rows.append([n, f"{n * snr ** args.q:.3g}", cnn_summary(c, "err_sup"),
+                     f"{np.mean([r['train_loss_sup'] for r in c]):.0e}", cnn_summary(c, "err_ft"),
+                     f"{np.mean([r['train_loss_ft'] for r in c]):.0e}"])
+    print(f"\nLabel complexity at SNR={snr}: test error, mean ± std over {len(seeds)} seeds, and final training loss, "
+          f"mean (d={args.label_d}, m={args.m}, q={args.q}, "
+          f"n0={args.n0}, |cos(w,mu)| after pre-training {np.mean([r['cos'][-1] for r in cells]):.3f}), "
+          f"{time.time() - t0:.0f}s")
+    print_table(["n", "n*SNR^q", "supervised", "train loss", "SimCLR + fine-tune", "train loss"], rows)
+    summary = dict(config=vars(args), cells=[{k: v for k, v in r.items() if k != "cos"} for r in cells])
+    if plt is not None:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+        for key, name, style, colour in [("sup", "supervised", "o--", "C0"), ("ft", "SimCLR + fine-tune", "s-", "C1")]:
+            m = [mean_std([r["err_" + key] for r in cells if r["n"] == n]) for n in args.label_ns]
+            ax[0].errorbar(args.label_ns, [v[0] for v in m], [v[1] for v in m], fmt=style, color=colour, capsize=3,
+                           label=name)
+            loss = np.maximum([[r["train_loss_" + key] for r in cells if r["n"] == n] for n in args.label_ns], 1e-12)
+            ax[1].plot(np.repeat(args.label_ns, len(seeds)), loss.flatten(), style[0], color=colour, ms=3, alpha=0.5)
+            ax[1].plot(args.label_ns, np.median(loss, 1), style[1:], color=colour, label=f"{name}, median")
+        for a in ax:
+            a.axvline(snr ** -args.q, color="gray", ls=":", label=f"n SNR^{args.q} = 1")
+            a.set(xscale="log", xlabel="labelled n")
+        ax[0].set(ylabel="test error", title=f"label complexity, SNR={snr}, d={args.label_d}, {len(seeds)} seeds")
+        ax[1].set(yscale="log", ylabel="final training loss (floored at 1e-12)", title="both fit their labels")
+        ax[1].legend(fontsize=7)
+        ax[0].legend(fontsize=7)
+        fig.tight_layout()
+        save_fig(fig, args.fig)
+    return summary
+
+
+def cnn_scaling_sweep(args):
+    """Which combination of n0 and SNR pre-training needs. In the power iteration the signal eigenvalue is
+    ||mu||^2 = SNR^2 sigma_p^2 d against a noise bulk ~ sigma_p^2 (d/n0 + 2 sqrt(d/n0)): their ratio is
+    n0 SNR^2 / (1 + 2 sqrt(n0/d)), which is n0 SNR^2 only when d >> n0. So at each d, n0 SNR^2 is held on a grid
+    while n0 varies: where the curves for different n0 fall on one another, n0 SNR^2 is the quantity that matters."""
+    seeds = [args.seed + s for s in range(args.seeds)]
+    cells, t0 = [], time.time()
+    for d in args.scaling_ds:
+        for n0 in args.n0s:
+            snrs = [math.sqrt(c / n0) for c in args.scaling_n0snr2]  # n0 SNR^2 = c
+            cells += cnn_grid(argparse.Namespace(**{**vars(args), "d": d}), snrs, [args.n0_n], [n0], seeds)
+        print(f"d={d}: {time.time() - t0:.0f}s")
+    rows = []
+    for d in args.scaling_ds:
+        for n0 in args.n0s:
+            c = [r for r in cells if r["d"] == d and r["n0"] == n0]
+            rows.append([d, n0, f"{d / n0:.3g}"] + [
+                f"{np.mean([max(r['cos']) for r in c if math.isclose(r['n0_snr2'], k)]):.2f}" for k in args.scaling_n0snr2])
+    print(f"\nmax |cos(w_r, mu)| in pre-training, mean over {args.seeds} seeds, columns n0*SNR^2")
+    print_table(["d", "n0", "d/n0"] + [f"{k:g}" for k in args.scaling_n0snr2], rows)
+    rows = [[d, n0] + [cnn_summary([r for r in cells if r["d"] == d and r["n0"] == n0
+                                    and math.isclose(r["n0_snr2"], k)], "err_ft") for k in args.scaling_n0snr2]
+            for d in args.scaling_ds for n0 in args.n0s]
+    print(f"\nSimCLR + fine-tune test error at n={args.n0_n}, mean ± std over {args.seeds} seeds, columns n0*SNR^2")
+    print_table(["d", "n0"] + [f"{k:g}" for k in args.scaling_n0snr2], rows)
+    summary = dict(config=vars(args), cells=[{k: v for k, v in r.items() if k != "cos"} | dict(max_cos=max(r["cos"]))
+                                             for r in cells])
+    if plt is not None:
+        fig, ax = plt.subplots(1, len(args.scaling_ds) + 1, figsize=(4.6 * (len(args.scaling_ds) + 1), 3.8))
+        for j, d in enumerate(args.scaling_ds):
+            for i, n0 in enumerate(args.n0s):
+                c = np.array(args.scaling_n0snr2)
+                cos = [np.mean([max(r["cos"]) for r in cells if r["d"] == d and r["n0"] == n0
+                                and math.isclose(r["n0_snr2"], k)]) for k in c]
+                ax[j].plot(c, cos, "o-", color=f"C{i}", label=f"n0={n0}")
+                ax[-1].plot(c / (1 + 2 * math.sqrt(n0 / d)), cos, "o-" if j else "s--", color=f"C{i}", ms=4,
+                            label=f"d={d}, n0={n0}")
+            ax[j].set(xscale="log", xlabel="n0 SNR^2", ylabel="max |cos(w_r, mu)| in pre-training", title=f"d={d}",
+                      ylim=(0, 1.02))
+            ax[j].legend(fontsize=7)
+        ax[-1].set(xscale="log", xlabel="n0 SNR^2 / (1 + 2 sqrt(n0/d))", ylim=(0, 1.02),
+                   title="against the power iteration's signal/noise")
+        ax[-1].legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        save_fig(fig, args.fig)
+    return summary
+
+
 def save_fig(fig, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -354,21 +515,35 @@ def save_fig(fig, path):
 
 
 # =====================================================================================================
-# 2. collapse -- trivial minimisers and training dynamics (Calder & Lee 2025, arXiv:2503.10812)
+# 2. clusters -- trivial minimisers; clusters appear in training, then fade (Calder & Lee 2025, arXiv:2503.10812)
 # =====================================================================================================
-# Setup of the exploratory script described in SPEC Sec. 5: 4 clusters uniform in disks of radius 0.8 centred at
-# (+-1, +-1); augmentation adds ONE N(0,1) scalar s to both coordinates, x -> x + s (1, 1); a 1-D embedding.
-# Loss (Gaussian-kernel InfoNCE, i.e. SimCLR's loss with similarity -|z - z'|^2):
+# Data, after an exploratory script by one of the authors: 4 clusters uniform in disks of radius 0.8 centred at
+# (+-1, +-1); augmentation adds ONE N(0,1) scalar s to both coordinates, x -> x + s (1, 1). It leaves
+# u(x) = (x_1 - x_2)/sqrt(2) unchanged, and u is the same for the clusters at (1, 1) and (-1, -1): what survives
+# augmentation tells apart 3 *groups* (u ~ -sqrt2, 0, +sqrt2), not 4 clusters, so the measures use the groups.
+#
+# (a) The loss alone does not pick a clustered minimiser. Two losses, one argument.
+# Gaussian-kernel InfoNCE on a 1-D latent (the exploratory script's loss: SimCLR's with similarity -|z - z'|^2):
 #     L = 1/N sum_i [ |z_i - z'_i|^2 / tau + log sum_j exp(-|z_i - z'_j|^2 / tau) ]         (z = f(x), z' = f(x'))
-# Derivation of the trivial minimisers (part a). The augmentation leaves u(x) = (x_1 - x_2)/sqrt(2) unchanged, so
-# any embedding z = g(u) has zero alignment term, and L = 1/N sum_i log sum_j exp(-|z_i - z_j|^2/tau) depends
+# Any embedding z = g(u) has zero alignment term, and L = 1/N sum_i log sum_j exp(-|z_i - z_j|^2/tau) depends
 # only on the *multiset* {z_i}. Every term is >= log 1 (the j = i term), so L >= 0, and an injective g scaled by
 # c -> infinity drives L -> 0: every injective invariant embedding is a minimising sequence. Take
 #     g_1(x) = c * rank(u(x))            (monotone in u: keeps the cluster order, "cluster-respecting")
 #     g_k(x) = c * (k * rank(u(x)) mod N)   (k coprime to N: a permutation of the same ranks, so the same multiset)
 # g_1 and g_k give the SAME loss at every scale c, exactly, yet g_k spreads every cluster over the whole range:
 # its latent distribution given the cluster is ~uniform, i.e. it carries no cluster information.
-# Collapsing each cluster to a point is strictly worse: L >= mean log(cluster size) > 0 for every c.
+# Collapsing each group to a point is strictly worse: L >= mean log(group size) > 0 for every c.
+# NT-Xent on latents normalised onto the unit circle (the paper's setting; its Fig. 1 plots NT-Xent against the
+# latent distribution): the same argument with angles 2 pi g_k(x) / N. Equally spaced angles are the N-point
+# version of the uniform distribution on the circle, which minimises the population loss (perfect alignment and
+# uniformity: Wang & Isola 2020, arXiv:2005.10242), the trivial minimiser of Calder & Lee.
+#
+# (b) Training dynamics (the paper's second claim): a one-hidden-layer net Linear(2, 100) -> LeakyReLU(0.2) ->
+# Linear(100, 2), its output normalised onto the circle, trained on NT-Xent by full-batch SGD with fresh views each
+# step, logged at log-spaced steps. Calder & Lee: clustering appears early and persists for a long time, though
+# training converges to a trivial minimiser. Measures: the Fisher ratio over the groups (reference: the uniform
+# circle's), the largest empty arc between neighbouring latents (a gap between clusters; 2 pi / N when equally
+# spaced), and Wang & Isola's uniformity log E exp(-2 |z - z'|^2) (the uniform circle's: log(e^-4 I_0(4)) = -1.574).
 
 
 def clusters(per_cluster, radius, g):
@@ -381,8 +556,13 @@ def clusters(per_cluster, radius, g):
     return X.double(), lab  # float64: the views' u must agree to ~1e-16 for the exact identity of part (a)
 
 
+def invariant_groups(lab):
+    """Cluster label -> group of u = (x_1 - x_2)/sqrt(2): 0 for (-1, 1), 1 for (1, 1) and (-1, -1), 2 for (1, -1)."""
+    return torch.tensor([1, 0, 1, 2])[lab]
+
+
 def augment_diag(X, g):
-    """x -> x + s (1, 1), s ~ N(0, 1): one scalar added to every coordinate (SPEC Sec. 5)."""
+    """x -> x + s (1, 1), s ~ N(0, 1): one scalar added to every coordinate."""
     return X + torch.randn(len(X), 1, generator=g, dtype=X.dtype)
 
 
@@ -404,13 +584,25 @@ def fisher_ratio(z, lab):
 
 
 def knn_accuracy(z, lab, k=10):
-    """Leave-one-out k-NN accuracy of the cluster label from the embedding (chance 0.25)."""
+    """Leave-one-out k-NN accuracy of the label from the embedding."""
     z = z.reshape(len(z), -1).double()
     D = torch.cdist(z, z)
     D.fill_diagonal_(float("inf"))
     nn_lab = lab[D.topk(k, largest=False).indices]  # (N, k)
     pred = torch.mode(nn_lab, dim=1).values
     return (pred == lab).double().mean().item()
+
+
+def largest_gap(z):
+    """The widest empty arc (radians) between neighbouring latents z (N, 2) on the circle."""
+    a = torch.sort(torch.atan2(z[:, 1], z[:, 0])).values
+    return torch.cat([a[1:] - a[:-1], a[:1] + 2 * math.pi - a[-1:]]).max().item()
+
+
+def uniformity(z, t=2.0):
+    """Wang & Isola's uniformity log E_{i != j} exp(-t |z_i - z_j|^2) (arXiv:2005.10242, Eq. 5 on samples)."""
+    d2 = torch.cdist(z, z)[~torch.eye(len(z), dtype=torch.bool)] ** 2  # (N (N - 1),)
+    return torch.log(torch.exp(-t * d2).mean()).item()
 
 
 def u_coord(X):
@@ -422,106 +614,158 @@ def u_coord(X):
 def rank_embedding(X, u_ref, c, k=1):
     """g_k(x) = c * (k * rank(u(x)) mod N), rank among the reference points; a function of x alone (see above)."""
     # the 1e-9 absorbs the float round-off of (x_1 + s) - (x_2 + s), so both views get the same rank
-    rank = torch.searchsorted(torch.sort(u_ref).values, u_coord(X) + 1e-9)  # in 1..N
+    rank = torch.searchsorted(torch.sort(u_ref).values, u_coord(X) + 1e-9) - 1  # in 0..N-1
     return (c * ((k * rank) % len(u_ref))).double()[:, None]  # (N, 1)
 
 
-def mlp(hidden, g_seed):
+def circle_embedding(X, u_ref, k=1):
+    """The angle 2 pi g_k(x) / N as a point on the unit circle: equally spaced latents, ordered by u if k = 1. (N, 2)"""
+    theta = rank_embedding(X, u_ref, 2 * math.pi / len(u_ref), k)  # (N, 1)
+    return torch.cat([theta.cos(), theta.sin()], 1)
+
+
+def mlp(hidden, out, g_seed):
     torch.manual_seed(g_seed)  # the init is part of the experiment: seeded here, from the one base seed
-    net = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, 1))
+    net = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, out))
     return net.double()
 
 
-def run_collapse(args):
-    g = generator(args.seed)
-    X, lab = clusters(args.per_cluster, args.radius, g)
-    N = len(X)
-    assert math.gcd(args.k_scramble, N) == 1, "k must be coprime to N for k*rank mod N to be a permutation"
-    X1, X2 = augment_diag(X, g), augment_diag(X, g)  # one fixed pair of views: the loss below is exact on it
-    u = u_coord(X)
-    centre_u = torch.tensor([0.0, -1.0, 0.0, 1.0], dtype=torch.float64)[lab]  # u of each cluster centre / sqrt 2
+def circle_measures(z, groups):
+    return dict(fisher=fisher_ratio(z, groups), gap=largest_gap(z), uniformity=uniformity(z),
+                knn=knn_accuracy(z, groups))
 
-    # ---- (a) the same loss, with and without clusters --------------------------------------------------------
-    rows, part_a = [], []
-    for spacing in [0.25, 1.0, 2.0]:  # distance between neighbouring ranks, in units of sqrt(tau)
-        c = spacing * math.sqrt(args.tau)
-        embs = {
-            "clusters -> 3 points": (lambda Z: c * N / 2 * (Z + 1)[:, None]),  # invariant, collapses clusters
-            "g_1 monotone rank": None,
-            f"g_{args.k_scramble} scrambled rank": None,
-        }
-        for name in embs:
-            if name.startswith("clusters"):
-                z1 = z2 = z = embs[name](centre_u)  # each cluster at one point, the same for both views
-            else:
-                k = 1 if name.startswith("g_1 ") else args.k_scramble
-                z1, z2, z = (rank_embedding(V, u, c, k) for V in (X1, X2, X))
-            loss = gaussian_nce(z1, z2, args.tau).item()
-            align = ((z1 - z2) ** 2).sum(1).mean().item() / args.tau
-            part_a.append(dict(embedding=name, spacing=spacing, loss=loss, align=align,
-                               fisher=fisher_ratio(z, lab), knn=knn_accuracy(z, lab)))
-            rows.append([name, spacing, f"{loss:.6f}", f"{align:.1e}", f"{fisher_ratio(z, lab):.2f}", f"{knn_accuracy(z, lab):.3f}"])
-    print(f"\n(a) Gaussian-kernel InfoNCE of hand-built embeddings, tau={args.tau}, N={N} (k-NN chance 0.25)")
-    print_table(["embedding", "spacing/sqrt(tau)", "loss", "align term", "Fisher ratio", "10-NN acc"], rows)
 
-    # ---- (b) training dynamics of a one-hidden-layer net -----------------------------------------------------
-    net = mlp(args.hidden, args.seed)
+def train_on_circle(X, groups, args, seed, log_at):
+    """Part (b): NT-Xent on normalised 2-D outputs, full-batch SGD, fresh views each step. Returns the net and the
+    measures at every step in log_at, with the latents' angles (for the figure)."""
+    net, g = mlp(args.hidden, 2, seed), generator(seed)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr)
-    hist, t0, loss = [], time.time(), None
-    print(f"\n(b) Linear(2,{args.hidden}) -> LeakyReLU(0.2) -> Linear({args.hidden},1), SGD lr {args.lr}, full batch, fresh views each step")
+    hist, loss = [], None
     for step in range(args.steps + 1):
-        if step % args.log_every == 0:
+        if step in log_at:
             with torch.no_grad():
-                z = net(X)
-            hist.append(dict(step=step, loss=None if loss is None else loss.item(), fisher=fisher_ratio(z, lab),
-                             knn=knn_accuracy(z, lab), spread=z.std().item()))
-            h = hist[-1]
-            loss_txt = "-" if h["loss"] is None else f"{h['loss']:.4f}"
-            print(f"step {step:6d}: loss {loss_txt}, Fisher {h['fisher']:.3f}, 10-NN {h['knn']:.3f}, "
-                  f"std(z) {h['spread']:.2f}, {time.time() - t0:.1f}s")
+                z = F.normalize(net(X), dim=1)  # (N, 2): the latents on the circle
+            hist.append(dict(step=step, loss=None if loss is None else loss.item(), **circle_measures(z, groups),
+                             angle=torch.atan2(z[:, 1], z[:, 0]).tolist()))
         if step == args.steps:
             break
-        loss = gaussian_nce(net(augment_diag(X, g)), net(augment_diag(X, g)), args.tau)
+        loss = nt_xent(net(augment_diag(X, g)), net(augment_diag(X, g)), args.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return net, hist
 
-    # the trained net's own pairs, re-assigned to the data points by a permutation that mixes clusters: the loss
-    # is a symmetric function of the pairs (z_i, z'_i), so it cannot change, while the clusters disappear
+
+def run_clusters(args):
+    g = generator(args.seed)
+    X, lab = clusters(args.per_cluster, args.radius, g)
+    groups = invariant_groups(lab)
+    N = len(X)
+    assert math.gcd(args.k_scramble, N) == 1, "k must be coprime to N for k*rank mod N to be a permutation"
+    X1, X2 = augment_diag(X, g), augment_diag(X, g)  # one fixed pair of views: the losses of (a) are exact on it
+    u = u_coord(X)
+    centre_u = (groups - 1).double()  # u of each group's centre / sqrt 2
+
+    # ---- (a) the same loss, with and without clusters --------------------------------------------------------
+    rows, part_a = [], []
+    scrambled = f"g_{args.k_scramble} scrambled rank"
+
+    def add_row(loss_name, name, spacing, z1, z2, z, loss):
+        align = ((z1 - z2) ** 2).sum(1).mean().item()
+        part_a.append(dict(loss_fn=loss_name, embedding=name, spacing=spacing, loss=loss, align=align,
+                           fisher=fisher_ratio(z, groups), knn=knn_accuracy(z, groups)))
+        rows.append([loss_name, name, spacing, f"{loss:.6f}", f"{align:.1e}", f"{part_a[-1]['fisher']:.2f}",
+                     f"{part_a[-1]['knn']:.3f}"])
+
+    for spacing in [0.25, 1.0, 2.0]:  # distance between neighbouring ranks, in units of sqrt(kernel tau)
+        c = spacing * math.sqrt(args.kernel_tau)
+        for name, k in [("groups -> 3 points", None), ("g_1 monotone rank", 1), (scrambled, args.k_scramble)]:
+            if k is None:
+                z1 = z2 = z = c * N / 2 * (centre_u + 1)[:, None]  # each group at one point, the same for both views
+            else:
+                z1, z2, z = (rank_embedding(V, u, c, k) for V in (X1, X2, X))
+            add_row("Gaussian kernel", name, spacing, z1, z2, z, gaussian_nce(z1, z2, args.kernel_tau).item())
+    for name, k in [("groups -> 3 points", None), ("g_1 monotone rank", 1), (scrambled, args.k_scramble)]:
+        if k is None:
+            angle = 2 * math.pi / 3 * centre_u[:, None]  # the 3 groups at 3 equally spaced points
+            z1 = z2 = z = torch.cat([angle.cos(), angle.sin()], 1)
+        else:
+            z1, z2, z = (circle_embedding(V, u, k) for V in (X1, X2, X))
+        add_row("NT-Xent, circle", name, "-", z1, z2, z, nt_xent(z1, z2, args.tau).item())
+    print(f"\n(a) hand-built augmentation-invariant embeddings, N={N}: Gaussian-kernel InfoNCE (tau={args.kernel_tau}) "
+          f"on a line, NT-Xent (tau={args.tau}) on the unit circle; Fisher ratio and 10-NN over the 3 groups")
+    print_table(["loss", "embedding", "spacing/sqrt(tau)", "loss value", "align", "Fisher ratio", "10-NN acc"], rows)
+
+    # ---- (b) training dynamics of a one-hidden-layer net on the circle ----------------------------------------
+    log_at = sorted({0, args.steps} | {round(10 ** (e / 8)) for e in range(8 * math.ceil(math.log10(args.steps + 1)) + 1)
+                                       if 10 ** (e / 8) <= args.steps})  # 8 per decade
+    ref = dict(uniform=circle_measures(circle_embedding(X, u), groups),
+               scrambled=circle_measures(circle_embedding(X, u, args.k_scramble), groups))
+    print(f"\n(b) Linear(2,{args.hidden}) -> LeakyReLU(0.2) -> Linear({args.hidden},2) -> unit circle, NT-Xent "
+          f"tau {args.tau}, SGD lr {args.lr}, full batch, fresh views each step, {args.seeds} seeds")
+    runs, t0 = [], time.time()
+    for s in range(args.seeds):
+        net, hist = train_on_circle(X, groups, args, args.seed + s, log_at)
+        runs.append(hist)
+        peak = max(hist, key=lambda h: h["fisher"])
+        print(f"seed {args.seed + s}: Fisher ratio {hist[0]['fisher']:.2f} at init, peak {peak['fisher']:.2f} at "
+              f"step {peak['step']}, {hist[-1]['fisher']:.2f} at the end; largest gap {hist[0]['gap']:.2f} -> "
+              f"{peak['gap']:.2f} -> {hist[-1]['gap']:.2f} rad, {time.time() - t0:.1f}s")
+    fmt = lambda xs, f: (f + " ± " + f) % mean_std(xs)
+    shown = [t for t in log_at if t in {0, args.steps} or any(t == round(10 ** (e / 2)) for e in range(12))]
+    table = []
+    for t in shown:
+        i = log_at.index(t)
+        table.append([t] + [fmt([r[i][key] for r in runs], f) for key, f in
+                            [("fisher", "%.2f"), ("gap", "%.2f"), ("uniformity", "%.3f"), ("knn", "%.3f")]])
+    table += [[name, f"{m['fisher']:.2f}", f"{m['gap']:.2f}", f"{m['uniformity']:.3f}", f"{m['knn']:.3f}"]
+              for name, m in [("equally spaced, by rank(u)", ref["uniform"]),
+                              (f"equally spaced, by {args.k_scramble} rank(u) mod N", ref["scrambled"])]]
+    print(f"\nmean ± std over {args.seeds} seeds; the last two rows are the trivial minimiser (a), for reference")
+    print_table(["step", "Fisher ratio (groups)", "largest gap (rad)", "uniformity", "10-NN acc (groups)"], table)
+
+    # the trained net's own pairs, re-assigned to the data points by a permutation that mixes groups: the loss
+    # is a symmetric function of the pairs (z_i, z'_i), so it cannot change, while the groups disappear
     with torch.no_grad():
-        z1, z2 = net(X1), net(X2)
+        z1, z2 = F.normalize(net(X1), dim=1), F.normalize(net(X2), dim=1)
     perm = torch.randperm(N, generator=g)
-    trained = dict(loss=gaussian_nce(z1, z2, args.tau).item(), fisher=fisher_ratio(z1, lab), knn=knn_accuracy(z1, lab))
-    permuted = dict(loss=gaussian_nce(z1[perm], z2[perm], args.tau).item(), fisher=fisher_ratio(z1[perm], lab),
-                    knn=knn_accuracy(z1[perm], lab))
-    ref = dict(u=fisher_ratio(u, lab), monotone_rank=fisher_ratio(rank_embedding(X, u, 1.0), lab),
-               scrambled_rank=fisher_ratio(rank_embedding(X, u, 1.0, args.k_scramble), lab))
-    print("\ntrained net vs the same pairs permuted across clusters (one fixed pair of views)")
+    trained = dict(loss=nt_xent(z1, z2, args.tau).item(), fisher=fisher_ratio(z1, groups), knn=knn_accuracy(z1, groups))
+    permuted = dict(loss=nt_xent(z1[perm], z2[perm], args.tau).item(), fisher=fisher_ratio(z1[perm], groups),
+                    knn=knn_accuracy(z1[perm], groups))
+    print(f"\nlast net vs the same pairs permuted across groups (one fixed pair of views)")
     print_table(["embedding", "loss", "Fisher ratio", "10-NN acc"],
-                [["trained net", f"{trained['loss']:.6f}", f"{trained['fisher']:.2f}", f"{trained['knn']:.3f}"],
-                 ["pairs permuted", f"{permuted['loss']:.6f}", f"{permuted['fisher']:.2f}", f"{permuted['knn']:.3f}"]])
-    print(f"reference Fisher ratios: input u {ref['u']:.2f}, monotone rank (uniform latents) {ref['monotone_rank']:.2f}, "
-          f"scrambled rank {ref['scrambled_rank']:.3f}")
+                [[name, f"{m['loss']:.6f}", f"{m['fisher']:.2f}", f"{m['knn']:.3f}"]
+                 for name, m in [("trained net", trained), ("pairs permuted", permuted)]])
 
-    summary = dict(config=vars(args), part_a=part_a, history=hist, trained=trained, permuted=permuted, reference=ref)
+    strip = lambda h: {k: v for k, v in h.items() if k != "angle"}
+    summary = dict(config=vars(args), part_a=part_a, reference=ref, runs=[[strip(h) for h in r] for r in runs],
+                   trained=trained, permuted=permuted)
     if plt is not None:
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw=dict(width_ratios=[1, 1, 1.5]))
         for name, k in [("monotone g_1", 1), (f"scrambled g_{args.k_scramble}", args.k_scramble)]:
             z = rank_embedding(X, u, 1.0, k)[:, 0]
-            ax[0].scatter(z, lab + (0.15 if k > 1 else -0.15), s=4, label=name)
-        ax[0].set(xlabel="embedding z", ylabel="cluster", title="(a) same loss, with and without clusters")
+            ax[0].scatter(z, groups + (0.15 if k > 1 else -0.15), s=4, label=name)
+        ax[0].set(xlabel="latent (rank)", ylabel="group", yticks=[0, 1, 2], title="(a) same loss, with and without clusters")
         ax[0].legend(fontsize=7)
-        st = [h["step"] for h in hist]
-        ax[1].plot(st, [h["fisher"] for h in hist], label="trained net")
-        for key, ls in [("monotone_rank", "--"), ("scrambled_rank", ":"), ("u", "-.")]:
-            ax[1].axhline(ref[key], ls=ls, color="gray", label=key)
-        ax[1].set(xlabel="step", ylabel="Fisher ratio (between/within)", title="(b) clustering during training")
+        for s, r in enumerate(runs):
+            ax[1].plot([h["step"] for h in r], [h["fisher"] for h in r], "-", label=f"seed {args.seed + s}")
+        ax[1].axhline(ref["uniform"]["fisher"], ls="--", color="gray", label="uniform circle, by rank(u)")
+        ax[1].set(xscale="symlog", xlim=(0, args.steps), xlabel="SGD step", ylabel="Fisher ratio over the groups",
+                  title="(b) clusters appear, then fade")
         ax[1].legend(fontsize=7)
-        with torch.no_grad():
-            z = net(X)[:, 0]
-        ax[2].hist([z[lab == c].numpy() for c in range(4)], bins=60, stacked=True, label=[f"cluster {c}" for c in range(4)])
-        ax[2].set(xlabel="embedding z", title=f"(b) embedding after {args.steps} steps")
-        ax[2].legend(fontsize=7)
+        # the latents on the circle at init, at the Fisher peak and at the end, first seed; each group drawn on its
+        # own radius (0.8, 1, 1.2) so that groups sharing an arc stay visible
+        peak = max(runs[0], key=lambda h: h["fisher"])
+        for j, h in enumerate([runs[0][0], peak, runs[0][-1]]):
+            angle = torch.tensor(h["angle"])
+            for c in range(3):
+                r = 0.8 + 0.2 * c
+                ax[2].scatter(3 * j + r * angle[groups == c].cos(), r * angle[groups == c].sin(), s=2, color=f"C{c}",
+                              label=f"group {c}" if j == 0 else None)
+            ax[2].text(3 * j, -1.55, f"step {h['step']}", ha="center", fontsize=8)
+        ax[2].set(aspect="equal", xticks=[], yticks=[], ylim=(-1.75, 1.9),
+                  title=f"(b) latents at init, Fisher peak, end (seed {args.seed})")
+        ax[2].legend(fontsize=7, ncol=3, loc="upper center", markerscale=3)
         fig.tight_layout()
         save_fig(fig, args.fig)
     return summary
@@ -532,30 +776,68 @@ def run_collapse(args):
 # =====================================================================================================
 # L_simp (their Sec. 3, for one positive x+ and one negative x-):  L_simp = ||f(x1) - f(x+)||^2 - ||f(x1) - f(x-)||^2,
 # x1, x+ two augmentations of the same latent z0, x- an augmentation of an independent z0'.
-# For f(x) = W x (weights shared by both branches, gradient through both):
-#   grad_W ||W a||^2 = 2 W a a^T, and with xbar(z0) = E_aug[x | z0] (two augmentations independent given z0)
-#   E[(x1 - x+)(x1 - x+)^T] - E[(x1 - x-)(x1 - x-)^T] = -2 E_z0[xbar xbar^T] + 2 E[xbar] E[xbar]^T = -2 Cov_z0[xbar],
-# so  -grad_W E[L_simp] = 4 W Cov_z0[ E_aug x | z0 ]   (Theorem 3, with the constant for this L_simp).
-# Exact finite-sample version: take the expectation under the *empirical* distribution -- z0 uniform over N latents,
-# aug uniform over K stored augmentations, drawn independently (so k = k' and z0' = z0 are included). Then the
-# identity holds with the empirical conditional means and the biased (1/N) covariance, up to float round-off.
+# Theorem 3 for a bias-free ReLU net f(x) = W_L relu(... relu(W_1 x)). Write f = K_l(x)^T vec(W_l), where the
+# connection K_l(x) (their Definition 1) is, per output o, J_l(x)[o, i] a_{l-1}(x)[j]: a_{l-1} the input of layer l,
+# J_l = df / d(pre-activation of layer l). Both are constant in W_l almost everywhere (ReLU gates), so
+#   grad_{W_l} ||f(x) - f(x')||^2 = 2 (K_l(x) - K_l(x')) (K_l(x) - K_l(x'))^T vec(W_l),
+# and with Kbar_l(z0) = E_aug[K_l | z0] (two augmentations independent given z0)
+#   E[(K1 - K+)(K1 - K+)^T] - E[(K1 - K-)(K1 - K-)^T] = -2 E_z0[Kbar Kbar^T] + 2 E[Kbar] E[Kbar]^T = -2 V_z0[Kbar_l],
+# so  -grad_{W_l} E[L_simp] = 4 V_z0[ Kbar_l(z0) ] vec(W_l),  layer by layer (Theorem 3, the constant for this L_simp).
+# For one linear layer f(x) = W x, K = I (x) x and this is 4 W Cov_z0[ E_aug x | z0 ]. Exact finite-sample version:
+# take the expectation under the *empirical* distribution -- z0 uniform over N latents, aug uniform over K stored
+# augmentations, drawn independently (so k = k' and z0' = z0 are included). Then the identity holds with the
+# empirical conditional means and the biased (1/N) covariance, up to float round-off.
+
+
+def relu_mlp(Ws, X):
+    """Bias-free ReLU net f(x) = W_L relu(... relu(W_1 x)); a single layer is the linear f(x) = W x. X (..., D)."""
+    h = X
+    for l, W in enumerate(Ws):
+        h = (torch.relu(h) if l > 0 else h) @ W.T
+    return h
 
 
 def empirical_l_simp(W, Xa):
     """E_emp[L_simp] for f(x) = W x. Xa: (N, K, D), Xa[i, k] = k-th augmentation of latent i. Naive, no shortcut."""
-    N, K, D = Xa.shape
-    f = Xa @ W.T  # (N, K, out)
+    return l_simp_of_outputs(Xa @ W.T)
+
+
+def l_simp_of_outputs(f):
+    """E_emp[L_simp] from the outputs f (N, K, out) of every stored augmentation of every latent."""
+    N, K, _ = f.shape
     pos = ((f[:, :, None] - f[:, None, :]) ** 2).sum(-1).mean()  # over i and all (k, k'): (N, K, K)
     flat = f.reshape(N * K, -1)  # (N*K, out): negatives are any (z0', aug') pair, z0' = z0 included
     neg = (torch.cdist(flat, flat) ** 2).mean()
     return pos - neg
 
 
-def covariance_operator(W, Xa):
-    """4 W Cov_z0[E_aug x | z0] for the empirical distribution of Xa (N, K, D)."""
-    xbar = Xa.mean(1)  # (N, D): E_aug[x | z0]
-    xc = xbar - xbar.mean(0)
-    return 4 * W @ (xc.T @ xc / len(xbar))
+def connection(Ws, X, l):
+    """K_l(x) of the bias-free ReLU net for each row of X (B, D): (B, out, n_l, n_{l-1}), f = sum_ij K[:, i, j] W_l[i, j]."""
+    a, pre = [X], []  # a[k]: the input of layer k; pre[k]: its pre-activation
+    for W in Ws:
+        pre.append(a[-1] @ W.T)
+        a.append(torch.relu(pre[-1]))
+    J = torch.eye(Ws[-1].shape[0], dtype=X.dtype).expand(len(X), -1, -1)  # (B, out, out): df / df
+    for k in range(len(Ws) - 1, l, -1):  # back to layer l through each W_k and the ReLU gate in front of it
+        J = (J @ Ws[k]) * (pre[k - 1] > 0)[:, None, :]  # (B, out, n_{k-1})
+    return J[:, :, :, None] * a[l][:, None, None, :]  # (B, out, n_l, n_{l-1})
+
+
+def covariance_operator(Ws, Xa, l):
+    """4 V_z0[Kbar_l(z0)] vec(W_l), shaped like W_l, for the empirical distribution of Xa (N, K, D)."""
+    N, K, D = Xa.shape
+    Kc = connection(Ws, Xa.reshape(N * K, D), l)  # (N*K, out, n_l, n_{l-1})
+    Kc = Kc.reshape(N, K, *Kc.shape[1:]).mean(1)  # (N, out, n_l, n_{l-1}): Kbar_l(z0) = E_aug[K_l | z0]
+    Kc = Kc - Kc.mean(0)
+    proj = torch.einsum("noij,ij->no", Kc, Ws[l])  # (N, out): (Kbar - E Kbar)^T vec(W_l)
+    return 4 * torch.einsum("noij,no->ij", Kc, proj) / N
+
+
+# Fig. 3 of the paper: a 1-layer conv net on 1-D signals holding the object "11" or "101" at a random position;
+# augmentation = a new position (plus pixel noise). Summing over positions, the two objects differ only through
+# the windows that see both of their 1s: with a *linear* activation the pooled code is sum_taps(w) times the
+# object's mass (2 for both), apart from edge effects, so the covariance operator is ~0 and nothing can become
+# selective. The ReLU's gate makes K depend on the object, and the operator amplifies what differs.
 
 
 def translated_objects(objects, L, noise, g):
@@ -570,81 +852,169 @@ def translated_objects(objects, L, noise, g):
     return X
 
 
-def conv_h(conv, X):
-    """1-layer conv net: h = sum over positions of ReLU(conv(x)), a translation-invariant pooled code. (B, C)"""
-    return torch.relu(conv(X)).sum(-1)
+def conv_h(conv, X, act=torch.relu):
+    """1-layer conv net: h = sum over positions of act(conv(x)), a translation-invariant pooled code. (B, C)"""
+    return act(conv(X)).sum(-1)
 
 
-def nt_xent(h1, h2, tau):
-    """SimCLR's NT-Xent (Eq. 1 of arXiv:2002.05709) on 2N views, self-similarity masked with -inf."""
-    z = F.normalize(torch.cat([h1, h2]), dim=1)  # (2N, C)
-    sim = z @ z.T / tau
-    sim.fill_diagonal_(float("-inf"))
-    N = len(h1)
-    target = torch.cat([torch.arange(N, 2 * N), torch.arange(N)])
-    return F.cross_entropy(sim, target)
-
-
-def selectivity(conv, L):
-    """Per filter |r(11) - r(101)| / (r(11) + r(101)), r(o) = mean pooled response over all clean positions of o."""
+def object_responses(conv, L, act=torch.relu):
+    """Per filter, the pooled response to "11" and "101" averaged over all their clean positions (rows 0, 1), and the
+    same for the pooled |activation| (rows 2, 3; equal to rows 0, 1 for a ReLU). (4, C)"""
     resp = []
-    for pat in ([1.0, 1.0], [1.0, 0.0, 1.0]):
-        X = torch.zeros(L - len(pat) + 1, 1, L)
-        for z in range(len(X)):
-            X[z, 0, z:z + len(pat)] = torch.tensor(pat)
-        with torch.no_grad():
-            resp.append(conv_h(conv, X).mean(0))  # (C,)
-    return ((resp[0] - resp[1]).abs() / (resp[0] + resp[1] + 1e-8)).numpy()
+    for pool in (act, lambda v: act(v).abs()):
+        for pat in ([1.0, 1.0], [1.0, 0.0, 1.0]):
+            X = torch.zeros(L - len(pat) + 1, 1, L)
+            for z in range(len(X)):
+                X[z, 0, z:z + len(pat)] = torch.tensor(pat)
+            with torch.no_grad():
+                resp.append(conv_h(conv, X, pool).mean(0))  # (C,)
+    return torch.stack(resp)
+
+
+def selectivity(conv, L, act=torch.relu):
+    """Per filter |r(11) - r(101)| / (|r|(11) + |r|(101)), |r| pooling |activation|: for a ReLU the usual
+    |r(11) - r(101)| / (r(11) + r(101)); for the linear control a filter whose signed responses cancel does not
+    count as selective. 0 for a filter that responds to neither object (a dead one)."""
+    r = object_responses(conv, L, act)
+    return ((r[0] - r[1]).abs() / (r[2] + r[3] + 1e-8)).numpy()
+
+
+def object_only_nt_xent(N, tau, cos):
+    """The NT-Xent of an encoder whose code depends on the object alone (the two codes at cosine `cos`), averaged
+    over the batch's composition, k ~ Binomial(N, 1/2) pairs holding "11". An anchor among the 2k views of its
+    object has the positive and 2k - 2 more views at logit 1/tau, and 2(N - k) at cos/tau."""
+    loss = 0.0
+    for k in range(N + 1):
+        for same in (2 * k, 2 * (N - k)):  # the views of the anchor's object; no anchor if 0
+            if same:
+                loss += math.comb(N, k) / 2 ** N * same / (2 * N) * math.log(
+                    same - 1 + (2 * N - same) * math.exp((cos - 1) / tau))
+    return loss
+
+
+def train_conv(args, seed, act):
+    """Fig. 3's net trained with NT-Xent from the seed's init, on the seed's stream of views. Returns the net and the
+    mean selectivity and mean loss (over the steps since the previous entry) every --log-every steps."""
+    torch.manual_seed(seed)  # the init: the same for the ReLU net and its linear control
+    conv = torch.nn.Conv1d(1, args.filters, args.width, bias=False)
+    g = generator(seed)
+    opt = torch.optim.SGD(conv.parameters(), lr=args.lr)
+    hist, losses = [], []
+    for step in range(args.steps + 1):
+        if step % args.log_every == 0 or step == args.steps:
+            hist.append(dict(step=step, selectivity=float(selectivity(conv, args.L, act).mean()),
+                             loss=float(np.mean(losses)) if losses else None))
+            losses = []
+        if step == args.steps:
+            break
+        obj = torch.randint(0, 2, (args.batch,), generator=g)
+        x1, x2 = translated_objects(obj, args.L, args.noise, g), translated_objects(obj, args.L, args.noise, g)
+        loss = nt_xent(conv_h(conv, x1, act), conv_h(conv, x2, act), args.tau)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return conv, hist
 
 
 def run_covariance(args):
     g = generator(args.seed)
-    # ---- (a) Theorem 3 checked against autograd, float64 -----------------------------------------------------
+    # ---- (a) Theorem 3 checked against autograd, layer by layer, float64 ---------------------------------------
     # latents z0: N random prototypes; augmentation: a random circular shift in {-1, 0, 1} plus pixel noise
     proto = torch.randn(args.N, args.D, generator=g, dtype=torch.float64)
     shifts = torch.randint(-1, 2, (args.N, args.K), generator=g)
     Xa = torch.stack([torch.stack([torch.roll(proto[i], int(shifts[i, k])) for k in range(args.K)]) for i in range(args.N)])
     Xa = Xa + 0.3 * torch.randn(Xa.shape, generator=g, dtype=torch.float64)  # (N, K, D)
-    W = torch.randn(args.D // 2, args.D, generator=g, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(empirical_l_simp(W, Xa), W)
-    op = covariance_operator(W.detach(), Xa)
-    abs_err = (-grad - op).abs().max().item()
-    rel_err = abs_err / op.abs().max().item()
-    print(f"\n(a) Theorem 3, f(x) = W x, W {tuple(W.shape)}, N={args.N} latents x K={args.K} augmentations, float64")
-    print_table(["quantity", "value"], [["max |-grad L_simp - 4 W Cov[xbar]|", f"{abs_err:.2e}"],
-                                        ["relative to max |4 W Cov[xbar]|", f"{rel_err:.2e}"],
-                                        ["max |grad|", f"{grad.abs().max().item():.3f}"]])
+    widths = [args.D] + args.widths
+    nets = {"linear f = W x": [torch.randn(args.D // 2, args.D, generator=g, dtype=torch.float64)],
+            f"ReLU MLP {'-'.join(map(str, widths))}, no bias": [
+                torch.randn(o, i, generator=g, dtype=torch.float64) / math.sqrt(i) for i, o in zip(widths, widths[1:])]}
+    rows, theorem3 = [], []
+    for name, Ws in nets.items():
+        Ws = [W.requires_grad_() for W in Ws]
+        grads = torch.autograd.grad(l_simp_of_outputs(relu_mlp(Ws, Xa)), Ws)
+        for l, (W, grad) in enumerate(zip(Ws, grads)):
+            op = covariance_operator([W.detach() for W in Ws], Xa, l)
+            abs_err = (-grad - op).abs().max().item()
+            theorem3.append(dict(net=name, layer=l + 1, shape=list(W.shape), abs_err=abs_err,
+                                 rel_err=abs_err / op.abs().max().item(), max_grad=grad.abs().max().item()))
+            rows.append([name, l + 1, tuple(W.shape), f"{abs_err:.2e}", f"{theorem3[-1]['rel_err']:.2e}",
+                         f"{theorem3[-1]['max_grad']:.3f}"])
+    print(f"\n(a) Theorem 3 against autograd, N={args.N} latents x K={args.K} augmentations, float64")
+    print_table(["net", "layer l", "W_l", "max |-grad - 4 V[Kbar_l] w_l|", "relative", "max |grad|"], rows)
 
-    # ---- (b) object selectivity of a 1-layer conv net, Fig. 3 ------------------------------------------------
-    torch.manual_seed(args.seed)
-    conv = torch.nn.Conv1d(1, args.filters, args.width, bias=False)
-    opt = torch.optim.SGD(conv.parameters(), lr=args.lr)
-    hist, t0, loss = [], time.time(), None
-    print(f"\n(b) conv1d({args.filters} filters, width {args.width}) -> ReLU -> sum pool, NT-Xent tau {args.tau}; "
+    # ---- (b) object selectivity of a 1-layer conv net, Fig. 3, and its linear-activation control --------------
+    print(f"\n(b) conv1d({args.filters} filters, width {args.width}, no bias) -> ReLU or identity -> sum pool, "
+          f"NT-Xent tau {args.tau}, batch {args.batch}, SGD lr {args.lr}, {args.steps} steps; "
           f"positive view = same object, new position")
-    for step in range(args.steps + 1):
-        if step % args.log_every == 0:
-            s = selectivity(conv, args.L)
-            hist.append(dict(step=step, selectivity=float(s.mean()), loss=None if loss is None else loss.item()))
-            loss_txt = "-" if hist[-1]["loss"] is None else f"{hist[-1]['loss']:.4f}"
-            print(f"step {step:5d}: loss {loss_txt}, mean selectivity {s.mean():.3f}, "
-                  f"filters > 0.5: {(s > 0.5).sum()}/{len(s)}, {time.time() - t0:.1f}s")
-        if step == args.steps:
-            break
-        obj = torch.randint(0, 2, (args.batch,), generator=g)
-        x1, x2 = translated_objects(obj, args.L, args.noise, g), translated_objects(obj, args.L, args.noise, g)
-        loss = nt_xent(conv_h(conv, x1), conv_h(conv, x2), args.tau)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    summary = dict(config=vars(args), theorem3=dict(abs_err=abs_err, rel_err=rel_err), history=hist,
-                   filters=conv.weight.detach()[:, 0].tolist())
+    runs, t0 = [], time.time()
+    for s in range(args.seeds):
+        seed = args.seed + s
+        run = dict(seed=seed)
+        for key, act in [("relu", torch.relu), ("linear", lambda x: x)]:
+            torch.manual_seed(seed)
+            init = torch.nn.Conv1d(1, args.filters, args.width, bias=False)  # the same init train_conv draws
+            conv, hist = train_conv(args, seed, act)
+            r = object_responses(conv, args.L, act)
+            run[key] = dict(history=hist, sel_init=selectivity(init, args.L, act).tolist(),
+                            sel=selectivity(conv, args.L, act).tolist(), live=(r[2:].sum(0) > 1e-6).tolist(),
+                            norm_init=init.weight.detach()[:, 0].norm(dim=1).tolist(),
+                            norm=conv.weight.detach()[:, 0].norm(dim=1).tolist(),
+                            filters=conv.weight.detach()[:, 0].tolist())
+        runs.append(run)
+        rl, ln = run["relu"], run["linear"]
+        top = int(np.argmax(rl["sel_init"]))
+        print(f"seed {seed}: ReLU loss {rl['history'][-1]['loss']:.3f}, mean selectivity {np.mean(rl['sel_init']):.3f} -> "
+              f"{np.mean(rl['sel']):.3f}, live {sum(rl['live'])}/{args.filters}; most selective filter at init "
+              f"{rl['sel_init'][top]:.2f} -> {rl['sel'][top]:.2f}, norm x{rl['norm'][top] / rl['norm_init'][top]:.2f} | "
+              f"linear loss {ln['history'][-1]['loss']:.3f}, max selectivity {max(ln['sel']):.3f}, {time.time() - t0:.1f}s")
+
+    def stats(key):
+        sel0, sel, live = (np.array([r[key][k] for r in runs]) for k in ("sel_init", "sel", "live"))  # (seeds, C)
+        top = sel0.argmax(1)  # each network's most selective filter at init
+        norm_ratio = np.array([r[key]["norm"][t] / r[key]["norm_init"][t] for r, t in zip(runs, top)])
+        return {f"NT-Xent, mean of the last {args.log_every} steps": ([r[key]["history"][-1]["loss"] for r in runs], "%.3f"),
+                "mean selectivity at init": (sel0.mean(1), "%.3f"), "mean selectivity, trained": (sel.mean(1), "%.3f"),
+                "live filters (respond to an object)": (live.sum(1), "%.1f"),
+                "mean selectivity of the live filters": ([s[l].mean() for s, l in zip(sel, live)], "%.3f"),
+                "filters with selectivity > 0.9": ((sel > 0.9).sum(1), "%.1f"),
+                "most selective filter at init (MSF): selectivity": (sel0.max(1), "%.3f"),
+                "MSF: selectivity, trained": (sel[np.arange(len(runs)), top], "%.3f"),
+                "MSF: norm, trained / init": (norm_ratio, "%.2f")}
+    table = {key: {k: (mean_std(v), f) for k, (v, f) in stats(key).items()} for key in ("relu", "linear")}
+    print(f"\nmean ± std over {args.seeds} networks of {args.filters} filters; the linear control starts from the same "
+          f"weights and sees the same views")
+    print_table(["", "ReLU", "linear control"], [[k] + [(f + " ± " + f) % table[key][k][0] for key in ("relu", "linear")]
+                                                for k, (_, f) in table["relu"].items()])
+    table = {key: {k: m for k, (m, _) in t.items()} for key, t in table.items()}
+    ref = dict(input_blind=math.log(2 * args.batch - 1), object_only=object_only_nt_xent(args.batch, args.tau, -1.0),
+               object_only_nonneg=object_only_nt_xent(args.batch, args.tau, 0.0))
+    print(f"NT-Xent of an encoder that ignores its input: log(2N - 1) = {ref['input_blind']:.3f}; the best encoder that "
+          f"sees only the object: {ref['object_only']:.3f} (codes at cosine -1), {ref['object_only_nonneg']:.3f} with "
+          f"non-negative codes like the ReLU net's (cosine 0)")
+
+    summary = dict(config=vars(args), theorem3=theorem3, table=table, reference=ref, runs=runs)
     if plt is not None:
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-        ax[0].plot([h["step"] for h in hist], [h["selectivity"] for h in hist], "o-")
-        ax[0].set(xlabel="step", ylabel="mean selectivity", title='(b) selectivity for "11" vs "101"')
-        ax[1].imshow(conv.weight.detach()[:, 0].numpy(), cmap="RdBu_r", aspect="auto")
-        ax[1].set(xlabel="tap", ylabel="filter", title="learned filters")
+        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+        steps = [h["step"] for h in runs[0]["relu"]["history"]]
+        for key, ls in [("relu", "-"), ("linear", "--")]:
+            for r in runs:
+                ax[0].plot(steps, [h["selectivity"] for h in r[key]["history"]], ls, color="C0" if key == "relu" else "C1",
+                           alpha=0.6, label=f"{key}" if r is runs[0] else None)
+        ax[0].set(xlabel="SGD step", ylabel="mean selectivity over filters", title='(b) selectivity for "11" vs "101"')
+        ax[0].legend(fontsize=7)
+        for key, colour in [("relu", "C0"), ("linear", "C1")]:
+            sel0 = np.concatenate([r[key]["sel_init"] for r in runs])
+            sel = np.concatenate([r[key]["sel"] for r in runs])
+            grow = np.concatenate([np.array(r[key]["norm"]) / np.array(r[key]["norm_init"]) for r in runs])
+            live = np.concatenate([r[key]["live"] for r in runs])
+            ax[1].scatter(sel0[live], sel[live], s=12 * grow[live], color=colour, alpha=0.6, label=f"{key}, live")
+            ax[1].scatter(sel0[~live], sel[~live], s=12, marker="x", color=colour, label=f"{key}, dead")
+        ax[1].set(xlabel="selectivity at init", ylabel="selectivity, trained",
+                  title="(b) every filter (area: norm growth)")
+        ax[1].legend(fontsize=7)
+        ax[2].imshow(np.array(runs[0]["relu"]["filters"]), cmap="RdBu_r", aspect="auto")
+        ax[2].set(xlabel="tap", ylabel="filter", title=f"learned ReLU filters, seed {args.seed}")
         fig.tight_layout()
         save_fig(fig, args.fig)
     return summary
@@ -723,18 +1093,28 @@ def hltm_forward(Ws, bs, x):
     return hs[::-1]
 
 
-def best_abs_corr(z, h):
-    """Per latent, the best |Pearson correlation| between z (B, n) and any of its hid nodes h (B, n, hid): (n,)."""
+def abs_corr(z, h):
+    """|Pearson correlation| between z (B, n) and each of its hid nodes h (B, n, hid): (n, hid)."""
     zc, hc = z.double() - z.double().mean(0), h.double() - h.double().mean(0)
     cov = (zc[:, :, None] * hc).mean(0)  # (n, hid)
     std = zc.pow(2).mean(0).sqrt()[:, None] * hc.pow(2).mean(0).sqrt()  # (n, hid)
-    return (cov.abs() / std.clamp_min(1e-12)).amax(1)  # a dead node (std 0) has correlation 0
+    return cov.abs() / std.clamp_min(1e-12)  # a dead node (std 0) has correlation 0
+
+
+def best_abs_corr(z, h):
+    """Per latent, the best |Pearson correlation| between z (B, n) and any of its hid nodes h (B, n, hid): (n,)."""
+    return abs_corr(z, h).amax(1)
+
+
+def hltm_node_corrs(Ws, bs, z_eval):
+    """|corr(z_mu, node)| of every node at every non-leaf latent's place, root level first: [(1, hid), (C, hid), ...]."""
+    with torch.no_grad():
+        hs = hltm_forward(Ws, bs, z_eval[-1])
+    return [abs_corr(z, h) for z, h in zip(z_eval[:-1], hs)]
 
 
 def hltm_level_corrs(Ws, bs, z_eval):
-    with torch.no_grad():
-        hs = hltm_forward(Ws, bs, z_eval[-1])
-    return [best_abs_corr(z, h).mean().item() for z, h in zip(z_eval[:-1], hs)]
+    return [c.amax(1).mean().item() for c in hltm_node_corrs(Ws, bs, z_eval)]
 
 
 def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
@@ -758,22 +1138,36 @@ def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
     return Ws, bs, hist, loss.item()
 
 
+def hltm_tree(args, seed):
+    """One seed's tree, its evaluation samples and the Bayes ceiling of every level."""
+    g = generator(seed)
+    deltas = hltm_deltas(args.depth, args.children, args.delta_lo, args.delta_hi, g)
+    z_eval = hltm_sample(deltas, torch.randint(0, 2, (args.n_eval,), generator=g), g)
+    ceiling = [best_abs_corr(z, p[:, :, None]).mean().item()
+               for z, p in zip(z_eval[:-1], hltm_posterior(deltas, z_eval[-1]))]
+    return deltas, z_eval, ceiling
+
+
 def run_hltm(args):
+    print(f"tree: depth {args.depth}, {args.children} children, |delta| ~ U[{args.delta_lo}, {args.delta_hi}], "
+          f"{args.children ** args.depth} leaves; NT-Xent tau {args.tau}, batch {args.batch}, SGD lr {args.lr}, "
+          f"{args.steps} steps")
+    return {"main": hltm_main, "width": hltm_width_sweep}[args.part](args)
+
+
+def hltm_main(args):
     levels = list(range(args.depth))  # non-leaf levels, root = 0
     log_at = sorted(set(range(0, args.steps + 1, args.log_every)) | {args.steps})
-    runs = []
-    print(f"tree: depth {args.depth}, {args.children} children, |delta| ~ U[{args.delta_lo}, {args.delta_hi}], "
-          f"{args.children ** args.depth} leaves; network: {args.hid} nodes per latent; NT-Xent tau {args.tau}, "
-          f"batch {args.batch}, SGD lr {args.lr}, {args.steps} steps")
+    runs, nodes = [], []
+    print(f"network: {args.hid} nodes per latent")
     for s in range(args.seeds):
-        g = generator(args.seed + s)
-        deltas = hltm_deltas(args.depth, args.children, args.delta_lo, args.delta_hi, g)
-        z_eval = hltm_sample(deltas, torch.randint(0, 2, (args.n_eval,), generator=g), g)
-        ceiling = [best_abs_corr(z, p[:, :, None]).mean().item()
-                   for z, p in zip(z_eval[:-1], hltm_posterior(deltas, z_eval[-1]))]
-        t0 = time.time()
-        _, _, hist, loss = hltm_train(deltas, args, generator(args.seed + s + 1000), True, log_at, z_eval)
-        _, _, hist_ctrl, loss_ctrl = hltm_train(deltas, args, generator(args.seed + s + 1000), False, log_at, z_eval)
+        deltas, z_eval, ceiling = hltm_tree(args, args.seed + s)
+        t0, g_net = time.time(), args.seed + s + 1000
+        Ws, bs, hist, loss = hltm_train(deltas, args, generator(g_net), True, log_at, z_eval)
+        _, _, hist_ctrl, loss_ctrl = hltm_train(deltas, args, generator(g_net), False, log_at, z_eval)
+        # every node's |corr| with its latent at init (hltm_train's first draw from the same seed) and trained
+        nodes.append((hltm_node_corrs(*hltm_init(args.depth, args.children, args.hid, generator(g_net)), z_eval),
+                      hltm_node_corrs(Ws, bs, z_eval)))
         runs.append(dict(seed=args.seed + s, ceiling=ceiling, history=hist, control=hist_ctrl, loss=loss,
                          loss_control=loss_ctrl))
         print(f"seed {args.seed + s}: best |corr| per level (root first) init "
@@ -781,7 +1175,7 @@ def run_hltm(args):
               + " ".join(f"{c:.2f}" for c in hist[-1]["corr"]) + " | control "
               + " ".join(f"{c:.2f}" for c in hist_ctrl[-1]["corr"]) + f", {time.time() - t0:.1f}s")
     fmt = lambda xs: "%.3f +- %.3f" % mean_std(xs)
-    rows, table = [], []
+    rows, table, luck = [], [], []
     for l in levels:
         init = [r["history"][0]["corr"][l] for r in runs]
         trained = [r["history"][-1]["corr"][l] for r in runs]
@@ -790,24 +1184,78 @@ def run_hltm(args):
         table.append(dict(level=l, latents=args.children ** l, init=mean_std(init), trained=mean_std(trained),
                           control=mean_std(control), ceiling=mean_std(ceiling)))
         rows.append([l, args.children ** l, fmt(init), fmt(trained), fmt(control), fmt(ceiling)])
+        # Theorem 5's "lucky node": does the node that ends best start best? and do good starts end well?
+        c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents * seeds, hid)
+        luck.append(dict(level=l, kept=(c0.argmax(1) == c1.argmax(1)).double().mean().item(),
+                         corr=float(np.corrcoef(c0.flatten(), c1.flatten())[0, 1]), latents=len(c0)))
     print(f"\nbest |corr(z_mu, node)| per level, mean +- std over {args.seeds} seeds (level 0 = root; "
           f"level {args.depth - 1} sits just above the leaves)")
     print_table(["level", "latents", "init", "SimCLR", "control: no shared root", "Bayes ceiling"], rows)
+    print(f"\nluck: the trained best node was the best at init (chance 1/{args.hid} = {1 / args.hid:.2f}), and the "
+          f"Pearson correlation of init and trained |corr| over all {args.hid} nodes of every latent, {args.seeds} seeds")
+    print_table(["level", "latents x seeds", "best node kept", "corr(init, trained)"],
+                [[d["level"], d["latents"], f"{d['kept']:.2f}", f"{d['corr']:.2f}"] for d in luck])
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
         for l in levels:
             colour = f"C{l}"
             steps = [h["step"] for h in runs[0]["history"]]
-            ax.plot(steps, np.mean([[h["corr"][l] for h in r["history"]] for r in runs], 0), "-", color=colour,
-                    label=f"level {l}")
-            ax.plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in runs], 0), ":", color=colour)
-            ax.plot(steps[-1] * (1.03 + 0.025 * l), table[l]["ceiling"][0], "<", color=colour, ms=7, clip_on=False)
-        ax.set(xlabel="SGD step", ylabel="best |corr(z, node)|",
-               title="HLTM: solid SimCLR, dotted control, \u25c0 Bayes ceiling")
-        ax.legend(fontsize=8, ncol=2)
+            ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["history"]] for r in runs], 0), "-", color=colour,
+                       label=f"level {l}")
+            ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in runs], 0), ":", color=colour)
+            ax[0].plot(steps[-1] * (1.03 + 0.025 * l), table[l]["ceiling"][0], "<", color=colour, ms=7, clip_on=False)
+            if l < args.depth - 1:  # the bottom level has nothing left to learn (its init sits at the ceiling)
+                c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents, hid)
+                ax[1].scatter(c0.flatten(), c1.flatten(), s=5, color=colour, alpha=0.4, label=f"level {l}")
+                best = c0.argmax(1, keepdim=True)  # each latent's luckiest node at init
+                ax[1].scatter(c0.gather(1, best), c1.gather(1, best), s=22, color=colour, edgecolors="k")
+        ax[0].set(xlabel="SGD step", ylabel="best |corr(z, node)|",
+                  title="HLTM: solid SimCLR, dotted control, \u25c0 Bayes ceiling")
+        ax[0].legend(fontsize=8, ncol=2)
+        ax[1].plot([0, 1], [0, 1], color="gray", lw=0.8)
+        ax[1].set(xlabel="|corr(z, node)| at init", ylabel="|corr(z, node)|, trained",
+                  title=f"every node above the bottom level, {args.seeds} seeds (ringed: best at init)")
+        ax[1].legend(fontsize=8, markerscale=3)
         fig.tight_layout()
         save_fig(fig, args.fig)
-    return dict(config=vars(args), table=table, runs=runs)
+    return dict(config=vars(args), table=table, luck=luck, runs=runs)
+
+
+def hltm_width_sweep(args):
+    """Theorem 5's lucky node needs enough nodes per latent: the same trees, networks of each width in --hids."""
+    rows, sweep, t0 = [], [], time.time()
+    trees = [hltm_tree(args, args.seed + s) for s in range(args.seeds)]
+    for hid in args.hids:
+        a = argparse.Namespace(**{**vars(args), "hid": hid})
+        for s, (deltas, z_eval, ceiling) in enumerate(trees):
+            _, _, hist, loss = hltm_train(deltas, a, generator(args.seed + s + 1000), True, (0, args.steps), z_eval)
+            sweep.append(dict(hid=hid, seed=args.seed + s, init=hist[0]["corr"], trained=hist[-1]["corr"],
+                              ceiling=ceiling, loss=loss))
+        c = [r for r in sweep if r["hid"] == hid]
+        above = lambda key: [np.mean(r[key][:-1]) for r in c]  # the levels above the bottom one, where there is room
+        stuck = sum(abs(r["loss"] - math.log(2 * args.batch - 1)) < 1e-3 for r in c)  # the loss of a constant output
+        rows.append([hid] + ["%.3f +- %.3f" % mean_std(x) for x in
+                             ([r["init"][0] for r in c], [r["trained"][0] for r in c], above("init"), above("trained"))]
+                    + [f"{stuck}/{len(c)}"])
+        print(f"hid {hid}: {time.time() - t0:.0f}s")
+    ceil = mean_std([r["ceiling"][0] for r in sweep[:args.seeds]])
+    print(f"\nbest |corr(z_mu, node)|, mean +- std over {args.seeds} trees (the same trees for every width); Bayes "
+          f"ceiling at the root {ceil[0]:.3f} +- {ceil[1]:.3f}")
+    print_table(["nodes per latent", "root: init", "root: SimCLR", f"levels 0-{args.depth - 2}: init",
+                 f"levels 0-{args.depth - 2}: SimCLR", "loss stuck at log(2N-1)"], rows)
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for key, style in [("init", "o:"), ("trained", "s-")]:
+            m = [mean_std([r[key][0] for r in sweep if r["hid"] == hid]) for hid in args.hids]
+            ax.errorbar(args.hids, [v[0] for v in m], [v[1] for v in m], fmt=style, capsize=3,
+                        label="root, " + ("init" if key == "init" else "SimCLR"))
+        ax.axhline(ceil[0], color="gray", ls="--", label="Bayes ceiling")
+        ax.set(xscale="log", xlabel="nodes per latent", ylabel="best |corr(z_root, node)|",
+               title=f"HLTM width sweep, {args.seeds} trees")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_fig(fig, args.fig)
+    return dict(config=vars(args), sweep=sweep)
 
 
 # =====================================================================================================
@@ -820,7 +1268,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     t0 = time.time()
-    summary = {"cnn": run_cnn, "collapse": run_collapse, "covariance": run_covariance,
+    summary = {"cnn": run_cnn, "clusters": run_clusters, "covariance": run_covariance,
                "hltm": run_hltm}[args.cmd](args)
     summary["seconds"] = time.time() - t0
     save_summary(args.out, summary)
