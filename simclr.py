@@ -1193,14 +1193,15 @@ def save_plot(path, panels, log=print):
     except ImportError:
         log(f"note: {os.path.basename(path)} not drawn: matplotlib is not installed (pip install matplotlib)")
         return False
-    fig = Figure(figsize=(3.4 * len(panels), 2.8), layout="constrained")
+    legend = any(len(p["lines"]) > 1 for p in panels)  # to the right of the chart, never over its lines
+    fig = Figure(figsize=(3.4 * len(panels) + 2.2 * legend, 2.8), layout="constrained")
     for ax, p in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for label, xs, ys, yerr in p["lines"]:
             ax.errorbar(xs, ys, yerr=yerr, label=label, marker="o", markersize=3, capsize=2)
         ax.set(title=p["title"], xlabel=p["xlabel"], xscale="log" if p.get("logx") else "linear")
         ax.grid(alpha=0.3)
         if len(p["lines"]) > 1:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=90))
     return True
 
@@ -1569,12 +1570,15 @@ def label_efficiency(features, train_x, train_y, test_x, test_y, classes, args, 
     for row in table["rows"]:
         print(f"  {name(row['amount']):<10}{row['labels']:>8}{row['draws']:>6}" +
               "".join(f"{pm(row[k]):>{max(16, len(v) + 2)}}" for k, v in methods.items()))
-    rows = table["rows"]
-    save_plot(os.path.join(args.out, "label_efficiency.png"), [dict(
-        title="top-1 on the test split (%)", xlabel="labelled train images", logx=True,
-        lines=[(v, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows], [100 * r[k]["std"] for r in rows])
-               for k, v in methods.items()])], log)
+    plot_label_efficiency(table["rows"], methods, os.path.join(args.out, "label_efficiency.png"), log)
     return table
+
+
+def plot_label_efficiency(rows, methods, png, log=print):
+    """label_efficiency.png: each method's top-1 (mean +- std over the draws) against the number of labels."""
+    save_plot(png, [dict(title="top-1 on the test split (%)", xlabel="labelled train images", logx=True,
+                         lines=[(name, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows],
+                                 [100 * r[k]["std"] for r in rows]) for k, name in methods.items()])], log)
 
 
 def pictures(features, train_x, test_x, test_y, args, random_name, log=print):
