@@ -886,13 +886,13 @@ def test_recipes_resolve_to_their_sources_and_typed_flags_win(tmp_path):
     resolve = lambda *argv: simclr.resolve_args(simclr.build_parser().parse_args([*argv, "--out", str(tmp_path)]))
     a = resolve("--dataset", "cifar10")  # simclr recipe, from scratch
     assert (a.pretrained, a.stem, a.eval, a.decay_norm_and_bias) == (False, "cifar", "standard", False)
-    assert a.warmup_epochs == 10 and a.lr == pytest.approx(0.3 * 1280 / 256)  # 150 epochs: SimCLR's 10
+    assert a.warmup_epochs == 10 and a.lr == pytest.approx(0.3 * (1280 / 256) ** 0.5)  # 150 epochs: SimCLR's 10
     assert resolve("--epochs", "20").warmup_epochs == 2  # a short run: a tenth of it
     p = resolve("--dataset", "stl10", "--recipe", "paper")  # Sec. 4 of 2408.14514
     assert (p.pretrained, p.arch, p.stem, p.warmup_epochs, p.eval, p.stl10_pretrain, p.tau, p.crop_min) == \
         (True, "resnet34", "imagenet", 0, "paper", "train", 0.5, 0.08)
     assert p.decay_norm_and_bias and p.lr == pytest.approx(0.3 * 500 / 256) and p.epochs == 150
-    assert resolve("--recipe", "paper").lr == pytest.approx(0.3 * 64 / 256)  # not shapes' own 0.15
+    assert resolve("--recipe", "paper").lr == pytest.approx(0.3 * 64 / 256) and resolve().lr == pytest.approx(0.15)
     assert resolve("--recipe", "paper", "--eval", "standard", "--warmup-epochs", "2").eval == "standard"
 
 
@@ -934,15 +934,17 @@ def test_run_saved_before_newer_flags_existed_resumes(tmp_path):
     assert "top-1" in run_script("simclr.py", "--resume", str(out))
 
 
-def test_resume_with_another_number_of_processes_says_so(tmp_path):
+def test_resume_with_another_number_of_processes_says_so(tmp_path, capsys):
     out = tmp_path / "run"
-    run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out))
+    simclr.main([*TINY, "--epochs", "1", "--out", str(out)])
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     ckpt["rng"] = ckpt["rng"] * 2  # as if saved by 2 processes
     torch.save(ckpt, out / "checkpoint.pt")
-    err = run_failing("--resume", str(out))
+    with pytest.raises(SystemExit) as e:
+        simclr.main(["--resume", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "corrupt" not in err
     assert "saved by 2 process(es) and is resumed by 1" in err and "torchrun --nproc_per_node 2" in err
-    assert "corrupt" not in err
 
 
 def test_results_are_written_before_the_baselines_and_a_baseline_out_of_memory_is_skipped(tmp_path, monkeypatch,
@@ -987,10 +989,10 @@ def test_images_in_host_memory_give_the_same_run_as_on_the_device(tmp_path):
     runs = {}
     for where in ("device", "host"):
         out = tmp_path / where
-        run_script("simclr.py", *TINY, "--epochs", "2", "--data-on", where, "--head", "ae", "--ae-epochs", "2",
-                   "--ae-dir", str(tmp_path / where / "ae"), "--out", str(out))
+        res = simclr.main([*TINY, "--epochs", "2", "--data-on", where, "--head", "ae", "--ae-epochs", "2",
+                           "--ae-dir", str(tmp_path / where / "ae"), "--out", str(out)])
         runs[where] = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
-        runs[where].append(json.loads((out / "results.json").read_text())["linear_top1"])
+        runs[where].append(res["linear_top1"])
     assert runs["host"] == runs["device"]
 
 
