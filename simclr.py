@@ -7,6 +7,7 @@ SimCLR with an autoencoder projection head: one file, read top to bottom.
     python simclr.py --dry-run                                # every stage for a couple of steps, in seconds
     python simclr.py --show-augs augs.png                     # look at what the network is asked to match
     python simclr.py --bench                                  # img/s: this pipeline vs the classic DataLoader one
+    python simclr.py --label-fractions 0.01,0.1,1             # few labels: SimCLR against supervised from scratch
 
 Papers:
   SimCLR: Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations", arXiv:2002.05709
@@ -20,7 +21,10 @@ What happens when you run it:
   3. a ResNet is trained with the NT-Xent loss on two augmented views of every image, the augmentations done
      in batches on the device, each image with its own random parameters (SGD, a linear warm-up, then cosine);
   4. the frozen backbone is evaluated with a linear probe and a weighted kNN, next to two baselines (a linear
-     probe on raw pixels and on a randomly initialised backbone), so you can see what SimCLR learned.
+     probe on raw pixels and on a randomly initialised backbone), so you can see what SimCLR learned;
+  5. the run draws its curves (curves.png) and, for 8 test images, their nearest training images by SimCLR's
+     features and by a random backbone's (neighbours.png); with --label-fractions, the probes and supervised
+     training from scratch are compared on a few labels (label_efficiency.png).
 
 Result: `python simclr.py` (about 6 minutes on a 2-core CPU) reaches 77.5 +- 1.9% linear / 46.9 +- 2.1% kNN top-1
 on the embedded shapes over 3 seeds, against 53.1 / 30.5% for a randomly initialised ResNet18 and 16.7 / 30.5% for
@@ -159,6 +163,23 @@ def build_parser():
     a("--knn-every", type=int, default=5, help="kNN monitor every this many epochs (0: only at the end)")
     a("--knn-k", type=int, default=200, help="neighbours of the weighted kNN")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
+    a("--label-fractions", default=None, metavar="F,F,...",
+      help="what pre-training buys with few labels: for each fraction of the train labels (in (0, 1], e.g. "
+           "0.01,0.1,1), the probes trained on a class-balanced seeded draw of that many, next to the random-init "
+           "backbone's probe and supervised training from scratch on the same labels (results.json, "
+           "label_efficiency.png; standard protocol only; default: off)")
+    a("--labels-per-class", default=None, metavar="K,K,...",
+      help="the same with exactly K labelled train images of every class, in place of --label-fractions "
+           "(default: off)")
+    a("--label-draws", type=int, default=3,
+      help="draws of every label set smaller than the train split (mean +- std over them; the whole split: one)")
+    a("--sup-steps", type=int, default=500,
+      help="SGD steps of the supervised-from-scratch baseline, batch min(256, labels): the same budget for every "
+           "label set")
+    a("--show-neighbours", default=None, metavar="FILE.png",
+      help="save 8 test images with their 8 nearest train images by SimCLR's h and by a random-init backbone's h "
+           "(every run writes it as neighbours.png): at the end of the run, or with --resume DIR of DIR's last "
+           "checkpoint, then exit without training or evaluating")
     # run
     a("--device", default=None, help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
     a("--precision", default="auto", choices=("auto", "bf16", "fp32"),
@@ -209,6 +230,7 @@ NUMBER_RULES = [
     ("knn_k", lambda v: v >= 1, ">= 1"), ("knn_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
     ("subset", lambda v: v >= 2, "at least 2"), ("bench_steps", lambda v: v >= 1, ">= 1"),
     ("workers", lambda v: v >= 0, ">= 0"), ("peak_tflops", lambda v: v > 0, "> 0"),
+    ("label_draws", lambda v: 1 <= v <= 1000, "in 1..1000"), ("sup_steps", lambda v: v >= 1, ">= 1"),
 ]
 
 
@@ -217,6 +239,19 @@ def check_numbers(args):
         v = getattr(args, key)
         if v is not None and not (math.isfinite(v) and ok(v)):
             die(f"--{key.replace('_', '-')} must be {rule} (got {v})")
+
+
+def number_list(text, flag, kind, ok, rule):
+    """A comma-separated flag ('0.01,0.1,1') -> its sorted distinct values, each checked by ok."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        die(f"{flag} takes comma-separated {'integers' if kind is int else 'numbers'}, e.g. "
+            f"{'10,100' if kind is int else '0.01,0.1,1'} (got {text!r})")
+    bad = [v for v in values if not (math.isfinite(v) and ok(v))]
+    if bad:
+        die(f"{flag} values must be {rule} (got {bad[0]})")
+    return sorted(set(values))
 
 
 def resolve_args(args):
@@ -234,12 +269,22 @@ def resolve_args(args):
     args.decay_norm_and_bias = recipe["decay_norm_and_bias"]
     if args.arch not in ARCHS:
         die(f"unknown arch '{args.arch}'; choose one of: {', '.join(ARCHS)}")
+    if args.label_fractions and args.labels_per_class:
+        die("--label-fractions and --labels-per-class exclude each other: give fractions of the train labels, or "
+            "counts per class")
+    args.label_amounts = (  # the label sets of the few-labels stage: fractions, or counts per class; [] when off
+        number_list(args.label_fractions, "--label-fractions", float, lambda v: 0 < v <= 1, "in (0, 1]")
+        if args.label_fractions else number_list(args.labels_per_class, "--labels-per-class", int,
+                                                 lambda v: v >= 1, "at least 1") if args.labels_per_class else [])
+    if args.label_amounts and args.eval == "paper":  # its probe trains on the test split: no train labels to draw
+        die("--label-fractions / --labels-per-class train the probes on train-split labels (the standard protocol); "
+            "--eval paper (also set by --recipe paper) trains its probe on the test split. Add --eval standard.")
     args.img_size = args.img_size or d["img"]
     args.batch_size = args.batch_size or d["batch"]
     args.epochs = args.epochs if args.epochs is not None else d["epochs"]
     args.ae_epochs = args.ae_epochs if args.ae_epochs is not None else d["ae_epochs"]
     if args.dry_run:
-        args.batch_size, args.epochs, args.ae_epochs, args.probe_steps = 16, 1, 1, 5
+        args.batch_size, args.epochs, args.ae_epochs, args.probe_steps, args.sup_steps = 16, 1, 1, 5, 2
         args.subset = args.subset or 64
     B = args.batch_size  # SimCLR's two scaling rules (its Appendix B.1), anchored at 0.3 for B = 256
     args.lr = args.lr or (0.3 * B / 256 if recipe["lr_scaling"] == "linear" else 0.3 * math.sqrt(B / 256))
@@ -742,6 +787,18 @@ def augment(x, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
     return x
 
 
+def flip_and_crop(x, pad):
+    """The standard supervised augmentation (the CIFAR recipe of He et al. 2016, arXiv:1512.03385 Sec. 4.2: pad 4
+    px of 32, a random crop of the original size, a horizontal flip w.p. 0.5), for the supervised baseline. In a
+    batch on the device through resized_crop at scale 1: x (N, 3, H, H) floats -> same shape. The padding reflects
+    the border where He et al. add zeros: no black frame for the network to learn."""
+    N, _, H, _ = x.shape
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (N, 3, H + 2 pad, H + 2 pad)
+    top, left = torch.randint(0, 2 * pad + 1, (2, N), device=x.device)
+    side = torch.full((N,), H, device=x.device)
+    return resized_crop(x, top, left, side, side, H, flip=torch.rand(N, device=x.device) < 0.5)  # (N, 3, H, H)
+
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _STATS = {}  # per device: copying constants from the host in every step would make the CPU wait for the GPU
 
@@ -1004,14 +1061,19 @@ def linear_probe(train_h, train_y, test_h, test_y, classes, steps=200, wd=1e-4):
 
 
 @torch.no_grad()
+def nearest(query_h, pool_h, k):
+    """The k rows of pool_h most cosine-similar to each row of query_h, most similar first: (similarities,
+    indices), each (Q, k)."""
+    return (F.normalize(query_h, dim=1) @ F.normalize(pool_h, dim=1).T).topk(min(k, len(pool_h)), dim=1)
+
+
+@torch.no_grad()
 def knn_top1(train_h, train_y, test_h, test_y, classes, k=200, T=0.1):
     """Weighted kNN monitor (Wu et al. 2018): cosine similarity, the k nearest train features vote with
     weight exp(sim / T)."""
-    train_h, test_h = F.normalize(train_h, dim=1), F.normalize(test_h, dim=1)
-    k = min(k, len(train_h))
     correct = 0
     for i in range(0, len(test_h), 1024):
-        sim, idx = (test_h[i:i + 1024] @ train_h.T).topk(k, dim=1)  # (b, k)
+        sim, idx = nearest(test_h[i:i + 1024], train_h, k)  # (b, k)
         votes = torch.zeros(len(sim), classes, device=sim.device)
         votes.scatter_add_(1, train_y[idx], (sim / T).exp())  # (b, classes)
         correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
@@ -1070,6 +1132,106 @@ def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", pro
     (tr_h, tr_y), (va_h, va_y), (te_h, te_y) = ((test_h[i], test_y[i]) for i in (perm[:a], perm[a:b], perm[b:]))
     return dict(linear_top1=paper_probe(tr_h, tr_y, va_h, va_y, te_h, te_y, classes),
                 knn_top1=knn_top1(tr_h, tr_y, te_h, te_y, classes, knn_k))
+
+
+# Few labels (--label-fractions): SimCLR's semi-supervised question (Sec. 6 and Table 7 of SimCLR: class-balanced
+# draws of 1% and 10% of the labels), asked of the frozen backbone (SimCLR fine-tuned it), next to supervised
+# training from scratch on the same labels.
+
+def label_draw(y, amount, per_class, seed, draw):
+    """Sorted indices of one draw of labelled train images from the labels y: a fraction `amount` of them (never
+    fewer images than classes), every class keeping its share up to rounding (stratified), or with per_class exactly
+    `amount` images of every class. The generator is seeded by (seed, draw) alone, so draw d of a small label set is a
+    subset of draw d of a larger one (the same shuffle of each class, cut shorter): differences between label
+    sets are not differences between draws."""
+    g = torch.Generator().manual_seed(1000 * seed + draw)  # --label-draws is at most 1000: no two seeds meet
+    classes = y.unique()
+    if not per_class:
+        return stratified(y, max(len(classes), round(amount * len(y))), g)
+    idx = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int((y == c).sum()), generator=g)[:amount]]
+           for c in classes]
+    return torch.cat(idx).sort().values
+
+
+def supervised_from_scratch(train_x, train_y, test_x, test_y, classes, arch, stem, steps, seed, device,
+                            precision="fp32", batch=256):
+    """The supervised baseline: the same backbone (random init from `seed`) and a linear layer on h, trained
+    together with cross-entropy on the labelled uint8 images train_x (n, 3, H, H) for a fixed number of steps (not
+    epochs: the same budget for every number of labels), each step min(batch, n) of them drawn without
+    replacement under flip_and_crop. SGD, momentum 0.9, lr 0.1 per 128 images (He et al. 2016's CIFAR ResNets,
+    arXiv:1512.03385 Sec. 4.2, scaled linearly with the batch as Goyal et al. 2017, arXiv:1706.02677), cosine decay
+    to 0 without warm-up (lr_at), weight decay 5e-4 on conv and linear weights (Zagoruyko & Komodakis 2016,
+    arXiv:1605.07146), bf16 autocast as the pre-training. Returns top-1 on test_x, in eval mode."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
+        torch.manual_seed(seed)  # the init, the batches and the crops: one run per seed
+        backbone = make_backbone(arch, stem).to(device)
+        fc = nn.Linear(2048 if arch == "resnet50" else 512, classes).to(device)
+        net, amp = nn.Sequential(backbone, fc).train(), autocast_for(device, precision)
+        n = len(train_y)
+        b = min(batch, n)
+        opt = torch.optim.SGD(param_groups(net, 5e-4), lr=0.1 * b / 128, momentum=0.9)
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, 0, 0.1 * b / 128, 0.0)
+            idx = torch.randperm(n)[:b]
+            x = to_device(train_x[idx.to(train_x.device)], device).float() / 255  # (b, 3, H, H) in [0, 1]
+            x = normalize(flip_and_crop(x, pad=x.shape[-1] // 8))  # 4 px of 32, as He et al.
+            with amp():
+                loss = F.cross_entropy(net(x), train_y[idx.to(train_y.device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return (fc(extract_features(backbone, test_x)).argmax(1) == test_y).float().mean().item()
+
+
+# Pictures. matplotlib is optional (STYLE: only torch, torchvision and numpy are required): without it the plots
+# are skipped with a note; the neighbour grid needs only torchvision's save_image.
+
+def save_plot(path, panels, log=print):
+    """A row of line charts into the PNG `path`, small (90 dpi). panels: dicts of title, xlabel, logx and lines,
+    each line (label, xs, ys, yerr or None). Returns whether it was drawn."""
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend, no global state
+    except ImportError:
+        log(f"note: {os.path.basename(path)} not drawn: matplotlib is not installed (pip install matplotlib)")
+        return False
+    legend = any(len(p["lines"]) > 1 for p in panels)  # to the right of the chart, never over its lines
+    fig = Figure(figsize=(3.4 * len(panels) + 2.2 * legend, 2.8), layout="constrained")
+    for ax, p in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for label, xs, ys, yerr in p["lines"]:
+            ax.errorbar(xs, ys, yerr=yerr, label=label, marker="o", markersize=3, capsize=2)
+        ax.set(title=p["title"], xlabel=p["xlabel"], xscale="log" if p.get("logx") else "linear")
+        ax.grid(alpha=0.3)
+        if len(p["lines"]) > 1:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    return True
+
+
+def plot_curves(metrics_path, png, log=print):
+    """curves.png: the loss, the learning rate and the kNN monitor against the epoch, from metrics.jsonl (which a
+    resumed run continues, each epoch once: trim_metrics)."""
+    if not os.path.exists(metrics_path):
+        log(f"note: no epoch was trained, so no {os.path.basename(png)}")
+        return
+    with open(metrics_path) as f:
+        m = [json.loads(line) for line in f]
+    epochs, knn = [r["epoch"] for r in m], [r for r in m if "knn_top1" in r]
+    save_plot(png, [dict(title="NT-Xent loss", xlabel="epoch", lines=[("", epochs, [r["loss"] for r in m], None)]),
+                    dict(title="learning rate (end of epoch)", xlabel="epoch",
+                         lines=[("", epochs, [r["lr"] for r in m], None)]),
+                    dict(title="kNN monitor, top-1 %" if knn else "kNN monitor: off (--knn-every)", xlabel="epoch",
+                         lines=[("", [r["epoch"] for r in knn], [100 * r["knn_top1"] for r in knn], None)])], log)
+
+
+def neighbour_grid(query, simclr_nb, random_nb):
+    """The tiles of the neighbour picture, one row per query: the query, a gap, its neighbours by SimCLR's h, a gap,
+    its neighbours by the random-init backbone's h. query (Q, 3, H, W), *_nb (Q, k, 3, H, W), floats in [0, 1]
+    -> (Q (2k + 3), 3, H, W), for save_image(nrow=2k + 3)."""
+    gap = torch.ones_like(query)[:, None]  # (Q, 1, 3, H, W): white, as save_image's padding below
+    return torch.cat([query[:, None], gap, simclr_nb, gap, random_nb], 1).flatten(0, 1)  # (Q, 2k+3, ...) -> rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1371,6 +1533,79 @@ def bench(model, images, args, device, log=print):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 
+def label_efficiency(features, train_x, train_y, test_x, test_y, classes, args, device, random_name, results,
+                     save_results, log=print):
+    """The few-labels stage (--label-fractions / --labels-per-class). For every label set and draw (label_draw):
+    SimCLR's linear probe and kNN and the random-init backbone's probe, trained on the features of the drawn images
+    (already extracted for the whole train split), and supervised_from_scratch on the same images; each measured on
+    the whole test split. results.json gets every number as soon as it exists; then the table and
+    label_efficiency.png."""
+    per_class, y = args.labels_per_class is not None, train_y.cpu()
+    methods = dict(simclr_linear="SimCLR linear", simclr_knn="SimCLR kNN", random_init_linear=f"{random_name} linear",
+                   supervised=f"supervised ({args.sup_steps} steps)")
+    (h_train, h_test), (r_train, r_test) = features("simclr"), features("random_init")
+    table = results["label_efficiency"] = dict(unit="labels per class" if per_class else "fraction of the labels",
+                                               sup_steps=args.sup_steps, rows=[])
+    name = lambda amount: f"{amount}/class" if per_class else f"{100 * amount:g}%"
+    for amount in args.label_amounts:
+        n = len(label_draw(y, amount, per_class, args.seed, 0))
+        row = dict(amount=amount, labels=n, draws=1 if n == len(y) else args.label_draws)  # the whole split: once
+        table["rows"].append(row)
+        for d in range(row["draws"]):
+            t0 = time.time()
+            idx = label_draw(y, amount, per_class, args.seed, d).to(h_train.device)
+            labels = train_y[idx]
+            run = dict(simclr_linear=linear_probe(h_train[idx], labels, h_test, test_y, classes, args.probe_steps),
+                       simclr_knn=knn_top1(h_train[idx], labels, h_test, test_y, classes, args.knn_k),
+                       random_init_linear=linear_probe(r_train[idx], labels, r_test, test_y, classes, args.probe_steps),
+                       supervised=supervised_from_scratch(train_x[idx.to(train_x.device)], labels, test_x, test_y,
+                                                          classes, args.arch, args.stem, args.sup_steps,
+                                                          1000 * args.seed + d, device, args.precision))
+            for key, acc in run.items():  # mean and sample std over the draws so far
+                runs = row.get(key, dict(runs=[]))["runs"] + [acc]
+                row[key] = dict(mean=float(np.mean(runs)), std=float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
+                                runs=runs)
+            save_results()
+            log(f"few labels: {name(amount)} ({n} images), draw {d + 1}/{row['draws']}: " +
+                ", ".join(f"{methods[k]} {100 * v:.1f}%" for k, v in run.items()) + f" ({time.time() - t0:.0f}s)")
+    pm = lambda r: f"{100 * r['mean']:.1f} +- {100 * r['std']:.1f}" if len(r["runs"]) > 1 else f"{100 * r['mean']:.1f}"
+    print(f"\nfew labels: top-1 on the test split, mean +- std over the draws (%)\n  {'labels':<10}{'images':>8}"
+          f"{'draws':>6}" + "".join(f"{v:>{max(16, len(v) + 2)}}" for v in methods.values()))
+    for row in table["rows"]:
+        print(f"  {name(row['amount']):<10}{row['labels']:>8}{row['draws']:>6}" +
+              "".join(f"{pm(row[k]):>{max(16, len(v) + 2)}}" for k, v in methods.items()))
+    plot_label_efficiency(table["rows"], methods, os.path.join(args.out, "label_efficiency.png"), log)
+    return table
+
+
+def plot_label_efficiency(rows, methods, png, log=print):
+    """label_efficiency.png: each method's top-1 (mean +- std over the draws) against the number of labels."""
+    save_plot(png, [dict(title="top-1 on the test split (%)", xlabel="labelled train images", logx=True,
+                         lines=[(name, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows],
+                                 [100 * r[k]["std"] for r in rows]) for k, name in methods.items()])], log)
+
+
+def pictures(features, train_x, test_x, test_y, args, random_name, log=print):
+    """Every run's pictures, into its output directory: curves.png, and neighbours.png (also to --show-neighbours):
+    8 test images drawn with the seed (of different classes while there are 8), each with its 8 nearest train
+    images by cosine similarity of SimCLR's h, then of the random-init backbone's h."""
+    plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"), log)
+    q = stratified(test_y.cpu(), 8, torch.Generator().manual_seed(args.seed))
+    as_float = lambda x: x.cpu().float() / 255  # uint8 -> [0, 1], on the host, where save_image writes from
+    neighbours = [as_float(train_x[nearest(h_test[q.to(h_test.device)], h_train, 8)[1].to(train_x.device)])
+                  for h_train, h_test in map(features, ("simclr", "random_init"))]  # (8, k, 3, H, W) each
+    tiles = neighbour_grid(as_float(test_x[q.to(test_x.device)]), *neighbours)
+    if tiles.shape[-1] > 64:  # large images: a picture of about a thousand pixels across, not thousands
+        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)
+    paths = [os.path.join(args.out, "neighbours.png")] + ([args.show_neighbours] if args.show_neighbours else [])
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, lambda f: torchvision.utils.save_image(tiles, f, format="png", padding=2, pad_value=1,
+                                                                  nrow=2 * neighbours[0].shape[1] + 3))
+    log(f"saved {' and '.join(paths)}: each row a test image, then its nearest train images by SimCLR's h, then by "
+        f"the {random_name}'s")
+
+
 def explicit_flags(parser, argv):
     """The flags the user typed (as dests), to compare a --resume against the saved config."""
     typed = {a.split("=")[0] for a in argv if a.startswith("--")}
@@ -1388,7 +1623,7 @@ def main(argv=None):
         cfg = json.load(open(cfg_path))
         cfg.setdefault("warmup_epochs", 0.0)  # a run saved before --recipe existed: no warm-up, weight decay on every
         cfg.setdefault("decay_norm_and_bias", True)  # parameter, as it started
-        typed = explicit_flags(parser, argv) - {"resume", "device", "out"}
+        typed = explicit_flags(parser, argv) - {"resume", "device", "out", "show_neighbours"}
         saved = {k: v for k, v in cfg.items() if k in vars(args) and k not in typed}  # the flags not typed
         given = resolve_args(argparse.Namespace(**{**vars(args), **saved, "resume": None, "out": args.resume}))
         differ = [f"--{k.replace('_', '-')}: saved {cfg.get(k)!r}, given {getattr(given, k)!r}"
@@ -1396,7 +1631,8 @@ def main(argv=None):
         if differ:
             die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ))
         args = argparse.Namespace(**{**vars(given), **cfg, "resume": args.resume, "out": args.resume,  # flags
-                                      "device": args.device or cfg["device"]})  # newer than the run: defaults
+                                      "device": args.device or cfg["device"],  # newer than the run: defaults
+                                      "show_neighbours": args.show_neighbours})
     else:
         args = resolve_args(args)
 
@@ -1442,6 +1678,9 @@ def main(argv=None):
         + f" ({time.time() - t0:.1f}s)")
     if len(images) < args.batch_size:
         die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
+    smallest = int(data["train_y"].unique(return_counts=True)[1].min())
+    if args.labels_per_class and max(args.label_amounts) > smallest:
+        die(f"--labels-per-class {max(args.label_amounts)}: the smallest class has {smallest} train images")
 
     if args.show_augs:
         x = images[:8].float() / 255
@@ -1530,6 +1769,21 @@ def main(argv=None):
         if dropped:
             log(f"metrics.jsonl: dropped {dropped} line(s) written after the checkpoint of epoch {start_epoch}")
 
+    # -- features of the trained backbone and of a random-init one, each extracted once, when first needed
+    h = {}
+
+    def features(name):  # "simclr" or "random_init" -> (train_h, test_h)
+        if name not in h:
+            f = model.backbone
+            if name == "random_init":
+                torch.manual_seed(args.seed + 1)  # its weights: the same whichever stage asks first
+                f = make_backbone(args.arch, args.stem, args.pretrained).to(device)
+            h[name] = extract_features(f, train_x), extract_features(f, test_x)
+        return h[name]
+    random_name = f"{'ImageNet-init' if args.pretrained else 'random-init'} {args.arch}"
+    if args.resume and args.show_neighbours:  # a look at a saved run: its pictures, no training, no evaluation
+        return pictures(features, train_x, test_x, test_y, args, random_name, log)
+
     # -- pre-training
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"SimCLR: {args.arch} ({args.stem} stem{', ImageNet weights' if args.pretrained else ''}) + {args.head} head "
@@ -1557,22 +1811,16 @@ def main(argv=None):
     # -- evaluation, next to the baselines; results.json is rewritten as soon as each number exists
     save_results = lambda: write_atomic(os.path.join(args.out, "results.json"),
                                         lambda f: f.write(json.dumps(results, indent=2).encode()))
-    evaluate_features = lambda f: evaluate(extract_features(f, train_x), train_y,
-                                           extract_features(f, test_x), test_y, classes,
-                                           args.eval, args.probe_steps, args.knn_k, args.batch_size)
-    results = dict(evaluate_features(model.backbone), eval_protocol=args.eval, pretrain_seconds=train_s)
+    evaluate_h = lambda h_train, h_test: evaluate(h_train, train_y, h_test, test_y, classes, args.eval,
+                                                  args.probe_steps, args.knn_k, args.batch_size)
+    results = dict(evaluate_h(*features("simclr")), eval_protocol=args.eval, pretrain_seconds=train_s)
     save_results()
     rows = [(f"SimCLR {args.arch}, {args.head} head ({args.act})", results)]
     if not args.no_baselines:
-        def random_init():
-            torch.manual_seed(args.seed + 1)
-            return evaluate_features(make_backbone(args.arch, args.stem, args.pretrained).to(device))
         pixels = lambda x: pixel_features(x, device)  # (N, 3 s^2), s = min(image side, 32)
         baselines = [("raw_pixels", f"raw pixels ({min(args.img_size, RAW_PIXELS_MAX)}px)",
-                      lambda: evaluate(pixels(train_x), train_y, pixels(test_x), test_y, classes, args.eval,
-                                       args.probe_steps, args.knn_k, args.batch_size)),
-                     ("random_init", f"{'ImageNet-init' if args.pretrained else 'random-init'} {args.arch}",
-                      random_init)]
+                      lambda: evaluate_h(pixels(train_x), pixels(test_x))),
+                     ("random_init", random_name, lambda: evaluate_h(*features("random_init")))]
         for i, (key, name, run) in enumerate(baselines):
             try:
                 results[key] = run()
@@ -1586,6 +1834,10 @@ def main(argv=None):
     for name, r in rows:
         print(f"  {name:<44}" + (f"{r['skipped']:>17}" if "skipped" in r else
                                  f"{100 * r['linear_top1']:>6.1f}%{100 * r['knn_top1']:>8.1f}%"))
+    pictures(features, train_x, test_x, test_y, args, random_name, log)
+    if args.label_amounts:
+        label_efficiency(features, train_x, train_y, test_x, test_y, classes, args, device, random_name, results,
+                         save_results, log)
     print(f"outputs in {args.out}/")
     return results
 

@@ -353,6 +353,74 @@ def test_extract_features_uses_eval_mode_and_restores_train_mode():
     assert net.training
 
 
+def test_nearest_neighbours_match_a_brute_force_loop_over_all_pairs():
+    g = torch.Generator().manual_seed(0)
+    q, pool = torch.randn(5, 7, generator=g).double(), torch.randn(40, 7, generator=g).double()
+    sim, idx = simclr.nearest(q, pool, 8)
+    for i in range(5):
+        cos = [(q[i] @ pool[j] / (q[i].norm() * pool[j].norm())).item() for j in range(40)]
+        order = sorted(range(40), key=lambda j: -cos[j])[:8]
+        assert idx[i].tolist() == order
+        assert sim[i].tolist() == pytest.approx([cos[j] for j in order], abs=1e-12)
+    assert simclr.nearest(q, pool[:3], 8)[1].shape == (5, 3)  # fewer than k in the pool: all of them
+
+
+def test_label_draws_are_class_balanced_deterministic_nested_and_differ_between_draws():
+    y = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    draw = lambda amount, seed=0, d=0, per_class=False: simclr.label_draw(y, amount, per_class, seed, d)
+    a = draw(0.1)
+    assert len(set(a.tolist())) == 100 and torch.bincount(y[a]).tolist() == [60, 30, 10]  # each class its share
+    assert torch.bincount(y[draw(7, per_class=True)]).tolist() == [7, 7, 7]  # exactly K of every class
+    assert torch.equal(a, draw(0.1))  # seeded: the same draw every time
+    assert not torch.equal(a, draw(0.1, d=1)) and not torch.equal(a, draw(0.1, seed=1))  # other draws differ
+    assert set(draw(0.02).tolist()) < set(a.tolist())  # nested: 1% of draw 0 is inside 10% of draw 0
+    assert len(draw(0.001)) == 3 and torch.equal(draw(1.0), torch.arange(1000))
+
+
+def test_flip_and_crop_is_a_crop_of_the_reflect_padded_image_flipped_or_not():
+    x, pad = images(24, size=16), 2
+    torch.manual_seed(0)
+    out = simclr.flip_and_crop(x, pad)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    seen = set()
+    for i in range(len(x)):  # every offset and flip, searched: exactly one reproduces the output
+        found = [(t, l, f) for t in range(2 * pad + 1) for l in range(2 * pad + 1) for f in (False, True)
+                 if torch.allclose(out[i], padded[i, :, t:t + 16, l:l + 16].flip(-1) if f else
+                                   padded[i, :, t:t + 16, l:l + 16], atol=1e-5)]
+        assert len(found) == 1, i
+        seen.add(found[0])
+    assert {f for _, _, f in seen} == {False, True} and len({(t, l) for t, l, _ in seen}) > 8
+
+
+def colour_classes(y, g, size=16):
+    """uint8 images whose class is their colour, under pixel noise: unchanged by flips and crops."""
+    colour = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0]])[y]  # (n, 3)
+    x = 0.6 * colour[:, :, None, None] + 0.4 * torch.rand(len(y), 3, size, size, generator=g)
+    return (x * 255).to(torch.uint8)
+
+
+def test_supervised_from_scratch_learns_a_separable_problem_and_fails_on_noise():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (48 + 90,), generator=g)  # 48 labelled images, 90 test images
+    run = lambda x: simclr.supervised_from_scratch(x[:48], y[:48], x[48:], y[48:], 3, "resnet18", "imagenet",
+                                                   steps=30, seed=0, device="cpu")
+    state = torch.get_rng_state()
+    assert run(colour_classes(y, g)) > 0.95
+    assert torch.equal(torch.get_rng_state(), state)  # seeded on its own: the caller's RNG untouched
+    assert run((torch.rand(len(y), 3, 16, 16, generator=g) * 255).to(torch.uint8)) < 0.55  # noise: chance is 1/3
+
+
+def test_curves_are_drawn_from_every_line_of_metrics(tmp_path, monkeypatch):
+    lines = [dict(epoch=e, loss=5 - e, lr=0.1 * e, **(dict(knn_top1=0.1 * e) if e % 2 == 0 else {})) for e in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    drawn = {}
+    monkeypatch.setattr(simclr, "save_plot", lambda path, panels, log=print: drawn.update(path=path, panels=panels))
+    simclr.plot_curves(str(tmp_path / "metrics.jsonl"), "c.png")
+    (_, *loss), (_, *lr), (_, *knn) = (p["lines"][0] for p in drawn["panels"])
+    assert loss == [[1, 2, 3, 4], [4, 3, 2, 1], None] and lr[1] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert knn[0] == [2, 4] and knn[1] == pytest.approx([20, 40])
+
+
 # ---------------------------------------------------------------- data: shapes and real on-disk formats
 
 def test_shapes_are_deterministic_balanced_and_varied():
@@ -611,6 +679,16 @@ def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsy
     (["--img-size", "0"], "--img-size must be at least 8"),
     (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
     (["--knn-k", "0"], "--knn-k must be >= 1"),
+    (["--label-fractions", "0.1", "--labels-per-class", "5"], "exclude each other"),
+    (["--label-fractions", "0"], "--label-fractions values must be in (0, 1] (got 0.0)"),
+    (["--label-fractions", "0.1,1.5"], "--label-fractions values must be in (0, 1] (got 1.5)"),
+    (["--label-fractions", "0.1,,1"], "--label-fractions takes comma-separated numbers"),
+    (["--labels-per-class", "2.5"], "--labels-per-class takes comma-separated integers"),
+    (["--labels-per-class", "0,10"], "--labels-per-class values must be at least 1 (got 0)"),
+    (["--label-fractions", "0.1", "--recipe", "paper"], "Add --eval standard"),
+    (["--label-draws", "0"], "--label-draws must be in 1..1000"),
+    (["--sup-steps", "0"], "--sup-steps must be >= 1"),
+    (["--labels-per-class", "10,1000", "--subset", "100"], "--labels-per-class 1000: the smallest class has"),
 ])
 def test_bad_flags_exit_with_a_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -656,7 +734,8 @@ def test_dry_run_end_to_end_writes_every_output(tmp_path, extra):
     out = tmp_path / "run"
     stdout = run_script("simclr.py", "--dry-run", "--out", str(out), "--ae-dir", str(tmp_path / "ae"), *extra)
     assert "raw pixels" in stdout and "random-init" in stdout and "SimCLR" in stdout
-    for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt", "results.json"):
+    for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt", "results.json", "curves.png",
+              "neighbours.png"):
         assert (out / f).exists(), f
     res = json.loads((out / "results.json").read_text())
     for r in (res, res["raw_pixels"], res["random_init"]):
@@ -683,6 +762,36 @@ def test_show_augs_writes_a_grid(tmp_path):
     run_script("simclr.py", "--dry-run", "--show-augs", str(png), "--out", str(tmp_path / "run"))
     im = Image.open(png)
     assert im.size[0] > im.size[1] > 0  # 8 columns, 3 rows
+
+
+def test_few_labels_table_and_pictures_with_and_without_matplotlib(tmp_path, monkeypatch, capsys):
+    flags = [*TINY, "--epochs", "2", "--knn-every", "1", "--label-fractions", "0.1,1", "--label-draws", "2",
+             "--sup-steps", "2"]
+    out = tmp_path / "run"
+    res = simclr.main([*flags, "--out", str(out)])
+    rows = res["label_efficiency"]["rows"]
+    assert [(r["amount"], r["labels"], r["draws"]) for r in rows] == [(0.1, 10, 2), (1.0, 96, 1)]
+    for r in rows:
+        for key in ("simclr_linear", "simclr_knn", "random_init_linear", "supervised"):
+            assert len(r[key]["runs"]) == r["draws"] and 0 <= r[key]["mean"] <= 1
+    assert rows[1]["simclr_linear"]["mean"] == res["linear_top1"]  # all the labels: the run's own probe
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(res))
+    for f in ("curves.png", "label_efficiency.png", "neighbours.png"):
+        Image.open(out / f).verify()
+    assert Image.open(out / "neighbours.png").size == (19 * 18 + 2, 8 * 18 + 2)  # 8 rows of 1 + gap + 8 + gap + 8
+    assert "supervised (2 steps)" in capsys.readouterr().out
+    # --show-neighbours of a saved run: the same picture, without training or evaluating again
+    before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "results.json")}
+    simclr.main(["--resume", str(out), "--show-neighbours", str(tmp_path / "look" / "nb.png")])
+    assert (tmp_path / "look" / "nb.png").read_bytes() == (out / "neighbours.png").read_bytes()
+    assert before == {f: (out / f).read_bytes() for f in before}
+    # without matplotlib: a note for each plot, the run goes on, the neighbours are still drawn
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib..." now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    simclr.main([*flags, "--out", str(tmp_path / "bare")])
+    notes = [l for l in capsys.readouterr().out.splitlines() if "matplotlib is not installed" in l]
+    assert [n.split()[1] for n in notes] == ["curves.png", "label_efficiency.png"]
+    assert sorted(f for f in os.listdir(tmp_path / "bare") if f.endswith(".png")) == ["neighbours.png"]
 
 
 
