@@ -702,18 +702,6 @@ def blend(x, f, target):
     return (f * x + (1 - f) * target).clamp(0, 1)
 
 
-def adjust_brightness(x, f):
-    return blend(x, f, 0)  # towards black
-
-
-def adjust_contrast(x, f):
-    return blend(x, f, gray(x).mean((1, 2, 3), keepdim=True))  # towards the mean grey level
-
-
-def adjust_saturation(x, f):
-    return blend(x, f, gray(x))  # towards the grey image
-
-
 def adjust_hue(x, f):
     """Rotate the hue by f turns (|f| <= 0.5): RGB -> HSV, shift H, HSV -> RGB. HSV keeps max = V and
     max - min = V S, so only H needs computing and each channel comes back in closed form."""
@@ -739,7 +727,7 @@ def color_jitter(x, factors, order):
         for step in steps:
             op = order[:, step].view(-1, 1, 1, 1)  # which op each image applies at this step
             f = torch.where(active(step), factors.gather(1, order[:, step:step + 1]).squeeze(1), 1.0)  # (N,)
-            g = gray(x)
+            g = gray(x)  # blend towards black (brightness), the mean grey level (contrast), the grey image (saturation)
             x = blend(x, f, torch.where(op == 0, 0, torch.where(op == 1, g.mean((1, 2, 3), keepdim=True), g)))
         return x
 

@@ -81,18 +81,24 @@ def per_image(fn, x, *params):
     return torch.stack([fn(x[i], *[p[i].item() for p in params]) for i in range(len(x))])
 
 
-@pytest.mark.parametrize("ours,theirs,lo,hi", [
-    (simclr.adjust_brightness, TF.adjust_brightness, 0.2, 1.8),
-    (simclr.adjust_contrast, TF.adjust_contrast, 0.2, 1.8),
-    (simclr.adjust_saturation, TF.adjust_saturation, 0.2, 1.8),
-    (simclr.adjust_hue, TF.adjust_hue, -0.5, 0.5),
-])
-def test_colour_ops_match_torchvision(ours, theirs, lo, hi):
+JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)  # color_jitter's order
+
+
+@pytest.mark.parametrize("op,lo,hi", [(0, 0.2, 1.8), (1, 0.2, 1.8), (2, 0.2, 1.8), (3, -0.5, 0.5)])
+def test_each_colour_jitter_op_matches_torchvision(op, lo, hi):
+    """color_jitter (what augment calls) with one op's factor drawn over its whole range and the others neutral
+    (1, and hue 0): at whichever step of the random order the op comes, it is torchvision's op."""
     x = images(8)
     x[0] = x[0, :1]  # a grey image (hue undefined) and a saturated corner case
     x[1, :, :5] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
     f = lo + (hi - lo) * torch.rand(8, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(ours(x, f), per_image(theirs, x, f), atol=2e-5, rtol=0)
+    factors = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(8, 1)  # (8, 4)
+    factors[:, op] = f
+    others = [o for o in range(4) if o != op]
+    orders = [others[:i % 4] + [op] + others[i % 4:] for i in range(4)]  # the op at step 0, 1, 2, 3
+    order = torch.tensor(orders + [o[::-1] for o in orders])  # (8, 4): and at 3, 2, 1, 0, the others reversed
+    torch.testing.assert_close(simclr.color_jitter(x, factors, order), per_image(JITTER_OPS[op], x, f),
+                               atol=2e-5, rtol=0)
 
 
 def test_colour_jitter_random_order_matches_torchvision_sequence():
@@ -100,12 +106,11 @@ def test_colour_jitter_random_order_matches_torchvision_sequence():
     g = torch.Generator().manual_seed(2)
     factors = torch.tensor([0.2, 0.2, 0.2, -0.2]) + torch.rand(N, 4, generator=g) * torch.tensor([1.6] * 3 + [0.4])
     order = torch.rand(N, 4, generator=g).argsort(1)
-    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     expected = []
     for i in range(N):
         y = x[i]
         for op in order[i]:
-            y = ops[op](y, factors[i, op].item())
+            y = JITTER_OPS[op](y, factors[i, op].item())
         expected.append(y)
     torch.testing.assert_close(simclr.color_jitter(x, factors, order), torch.stack(expected), atol=5e-5, rtol=0)
 
