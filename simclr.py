@@ -397,28 +397,29 @@ SHAPE_NAMES = ("circle", "square", "triangle", "star", "cross", "ring", "ellipse
 
 
 def shape_mask(u, v, cls):
-    """Inside-test of shape `cls` in its own coordinates u, v (about [-1, 1]); returns a bool tensor like u."""
+    """Inside-test of shape SHAPE_NAMES[cls] in its own coordinates u, v (about [-1, 1]); a bool tensor like u."""
     rho, phi = torch.sqrt(u * u + v * v), torch.atan2(v, u)
-    if cls == 0:
+    shape = SHAPE_NAMES[cls]
+    if shape == "circle":
         return rho < 1
-    if cls == 1:
+    if shape == "square":
         return torch.maximum(u.abs(), v.abs()) < 0.8
-    if cls == 2:  # equilateral triangle with apothem 0.5 (polar form of a regular polygon)
+    if shape == "triangle":  # equilateral, with apothem 0.5 (polar form of a regular polygon)
         sector = 2 * math.pi / 3
         return rho * torch.cos(torch.remainder(phi, sector) - sector / 2) < 0.5
-    if cls == 3:
-        return rho < 0.6 + 0.4 * torch.cos(5 * phi)  # five-pointed star
-    if cls == 4:
+    if shape == "star":
+        return rho < 0.6 + 0.4 * torch.cos(5 * phi)  # five-pointed
+    if shape == "cross":
         return ((u.abs() < 0.28) | (v.abs() < 0.28)) & (torch.maximum(u.abs(), v.abs()) < 0.95)
-    if cls == 5:
+    if shape == "ring":
         return (rho < 1) & (rho > 0.6)
-    if cls == 6:
+    if shape == "ellipse":
         return u * u + (v / 0.45) ** 2 < 1
-    if cls == 7:
+    if shape == "crescent":
         return (rho < 1) & ((u - 0.5) ** 2 + v * v > 0.75 ** 2)
-    if cls == 8:
+    if shape == "half-disc":
         return (rho < 1) & (v < 0.1)
-    return ((u > -0.8) & (u < -0.3) & (v.abs() < 0.9)) | ((v > 0.4) & (v < 0.9) & (u.abs() < 0.8))
+    return ((u > -0.8) & (u < -0.3) & (v.abs() < 0.9)) | ((v > 0.4) & (v < 0.9) & (u.abs() < 0.8))  # "L"
 
 
 # What the two views of an image share, beyond its class, is what SimCLR learns first. A unique random colour
