@@ -106,10 +106,23 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
+    """Every flag once, with its default in its help, in the groups that --help shows. Each *_flags(a) below declares
+    one group's flags, `a` being that group's add_argument."""
     p = argparse.ArgumentParser(description="SimCLR with an optional autoencoder projection head (arXiv:2408.14514).",
                                 formatter_class=HelpWithDefaults, allow_abbrev=False)
-    a = p.add_argument
-    # data
+    for title, add_flags in [("data", data_flags),
+                             ("augmentations (Sec. 3 of SimCLR; the paper's values)", augmentation_flags),
+                             ("model: backbone f, projection head g, autoencoder", model_flags),
+                             ("optimisation (Sec. B.1 of SimCLR; Sec. 4 of the paper)", optimisation_flags),
+                             ("evaluation", evaluation_flags),
+                             ("few labels and pictures", few_labels_and_pictures_flags),
+                             ("run: device, precision, processes, output", run_flags),
+                             ("benchmark", bench_flags)]:
+        add_flags(p.add_argument_group(title).add_argument)
+    return p
+
+
+def data_flags(a):
     a("--dataset", default="shapes", help=f"one of: {', '.join(DATASETS)}")
     a("--data-dir", default="data", help="where datasets are read from (and downloaded to)")
     a("--no-download", action="store_true", help="never download; fail with a list of the files to put in place")
@@ -120,13 +133,17 @@ def build_parser():
     a("--data-on", default="auto", choices=("auto", "device", "host"),
       help="where the uint8 images live: on the training device, or in host memory with each batch copied over; "
            "auto: on the device when they take at most half of its free memory")
-    # augmentations (Sec. 3 of SimCLR; the paper's values)
+
+
+def augmentation_flags(a):
     a("--crop-min", type=float, default=None, help="smallest crop area of RandomResizedCrop (default: 0.08; shapes 0.3)")
     a("--jitter-prob", type=float, default=0.8, help="probability of colour jitter (0.8, 0.8, 0.8, 0.2)")
     a("--gray-prob", type=float, default=0.2, help="probability of grayscale")
     a("--blur-prob", type=float, default=0.5, help="probability of Gaussian blur (kernel ~10%% of the image)")
     a("--show-augs", default=None, metavar="FILE.png", help="save a grid of images and their two views, then exit")
-    # model
+
+
+def model_flags(a):
     a("--arch", default=None, help=f"backbone, one of: {', '.join(ARCHS)} (default: resnet34; shapes: resnet18)")
     a("--stem", default=None, choices=("auto", "imagenet", "cifar"),
       help="auto: ImageNet's 7x7 stem and maxpool with --pretrained or for images over 64 px, else a 3x3 stride-1 "
@@ -140,7 +157,9 @@ def build_parser():
     a("--no-freeze", action="store_true", help="let the AE embedding train (ablation; frozen by default)")
     a("--ae-epochs", type=int, default=None, help="autoencoder epochs (default: per dataset)")
     a("--ae-dir", default="runs/autoencoders", help="cache of trained autoencoders, one per dataset and d")
-    # optimisation (Sec. B.1 of SimCLR; Sec. 4 of the paper)
+
+
+def optimisation_flags(a):
     a("--recipe", default="simclr", choices=tuple(RECIPES),
       help="simclr: from scratch, with a linear warm-up and BatchNorm and biases out of weight decay; paper: the "
            "protocol of 2408.14514 (ImageNet weights, no warm-up, its probe; see RECIPES)")
@@ -155,7 +174,9 @@ def build_parser():
     a("--wd", type=float, default=1e-5, help="weight decay")
     a("--lr-min-ratio", type=float, default=1 / 50, help="cosine schedule ends at lr * this")
     a("--tau", type=float, default=None, help="NT-Xent temperature (default: 0.5, the paper's; shapes: 0.2)")
-    # evaluation
+
+
+def evaluation_flags(a):
     a("--eval", default=None, choices=("standard", "paper"),
       help="standard: L-BFGS probe on the train split's features, top-1 on the test split; paper: the paper's SGD "
            "probe on a 70/10/20 split of the test split's features (default: standard; recipe paper: paper)")
@@ -163,6 +184,9 @@ def build_parser():
     a("--knn-every", type=int, default=5, help="kNN monitor every this many epochs (0: only at the end)")
     a("--knn-k", type=int, default=200, help="neighbours of the weighted kNN")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
+
+
+def few_labels_and_pictures_flags(a):
     a("--label-fractions", default=None, metavar="F,F,...",
       help="what pre-training buys with few labels: for each fraction of the train labels (in (0, 1], e.g. "
            "0.01,0.1,1), the probes trained on a class-balanced seeded draw of that many, next to the random-init "
@@ -180,7 +204,9 @@ def build_parser():
       help="save 8 test images with their 8 nearest train images by SimCLR's h and by a random-init backbone's h "
            "(every run writes it as neighbours.png): at the end of the run, or with --resume DIR of DIR's last "
            "checkpoint, then exit without training or evaluating")
-    # run
+
+
+def run_flags(a):
     a("--device", default=None, help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
     a("--precision", default="auto", choices=("auto", "bf16", "fp32"),
       help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX; not for tiny images), "
@@ -197,7 +223,9 @@ def build_parser():
            "unlabeled images), for quick experiments")
     a("--no-sync-bn", action="store_true",
       help="under torchrun: BatchNorm statistics per process instead of over the global batch")
-    # benchmark
+
+
+def bench_flags(a):
     a("--bench", action="store_true", help="measure img/s of this pipeline against the classic DataLoader one, "
                                            "write bench.json to --out, then exit (no training)")
     a("--bench-steps", type=int, default=20,
@@ -207,7 +235,6 @@ def build_parser():
            "may use)")
     a("--peak-tflops", type=float, default=None,
       help="the device's dense bf16 peak, for the MFU of --bench (default: known for H100, H200, A100)")
-    return p
 
 
 def die(msg):
