@@ -152,11 +152,15 @@ def model_flags(a):
       help="start from torchvision's ImageNet weights, as the paper did (implied by --recipe paper)")
     a("--head", default="mlp", choices=("mlp", "ae"), help="projection head: random MLP, or AE embedding first")
     a("--act", default="relu", choices=tuple(ACTIVATIONS), help="activation between the two head layers")
-    a("--proj-hidden", type=int, default=512, help="head width h (for --head ae: the AE embedding width d)")
+    a("--proj-hidden", type=int, default=None,
+      help="hidden width h of the MLP head (default: 512; the ae head's hidden width is the embedding's, --ae-dim)")
     a("--proj-out", type=int, default=128, help="output width of the projection head")
+    a("--ae-dim", type=int, default=None,
+      help="width d of the autoencoder's embedding, the ae head's hidden width (the paper: 128, 256 or 512; "
+           "default: 512)")
     a("--no-freeze", action="store_true", help="let the AE embedding train (ablation; frozen by default)")
     a("--ae-epochs", type=int, default=None, help="autoencoder epochs (default: per dataset)")
-    a("--ae-dir", default="runs/autoencoders", help="cache of trained autoencoders, one per dataset and d")
+    a("--ae-dir", default="runs/autoencoders", help="cache of trained autoencoders, one per dataset, d and seed")
 
 
 def optimisation_flags(a):
@@ -253,7 +257,8 @@ NUMBER_RULES = [
     ("crop_min", lambda v: 0 < v <= 1, "in (0, 1]"), ("jitter_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("gray_prob", lambda v: 0 <= v <= 1, "in [0, 1]"), ("blur_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("img_size", lambda v: v >= 8, "at least 8"), ("proj_hidden", lambda v: v >= 1, ">= 1"),
-    ("proj_out", lambda v: v >= 1, ">= 1"), ("probe_steps", lambda v: v >= 1, ">= 1"),
+    ("proj_out", lambda v: v >= 1, ">= 1"), ("ae_dim", lambda v: v >= 1, ">= 1"),
+    ("probe_steps", lambda v: v >= 1, ">= 1"),
     ("knn_k", lambda v: v >= 1, ">= 1"), ("knn_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
     ("subset", lambda v: v >= 2, "at least 2"), ("bench_steps", lambda v: v >= 1, ">= 1"),
     ("workers", lambda v: v >= 0, ">= 0"), ("peak_tflops", lambda v: v > 0, "> 0"),
@@ -321,6 +326,14 @@ def resolve_args(args):
         args.stem = "imagenet" if args.pretrained or args.img_size > 64 else "cifar"
     if args.head == "mlp" and args.no_freeze:
         die("--no-freeze only applies to --head ae (the MLP head has nothing frozen)")
+    if args.head == "mlp" and args.ae_dim is not None:
+        die("--ae-dim only applies to --head ae (the MLP head's hidden width is --proj-hidden)")
+    if args.head == "ae" and args.proj_hidden is not None:  # it was d before --ae-dim existed: never ignore it
+        die(f"--proj-hidden is the MLP head's hidden width; the ae head's is the width d of the autoencoder's "
+            f"embedding: use --ae-dim {args.proj_hidden}")
+    # one width per head: h of the MLP head, or d of the autoencoder whose embedding is the ae head's first layer
+    args.proj_hidden = (args.proj_hidden or 512) if args.head == "mlp" else None
+    args.ae_dim = (args.ae_dim or 512) if args.head == "ae" else None
     if args.head == "ae" and args.arch == "resnet50":
         die("--head ae needs a 512-d backbone (resnet18/34): the AE's hidden layer is 512 wide, resnet50 gives "
             "2048 features. Use --arch resnet34 or --head mlp.")
@@ -1639,6 +1652,9 @@ def main(argv=None):
         cfg = json.load(open(cfg_path))
         cfg.setdefault("warmup_epochs", 0.0)  # a run saved before --recipe existed: no warm-up, weight decay on every
         cfg.setdefault("decay_norm_and_bias", True)  # parameter, as it started
+        cfg.setdefault("ae_dim", cfg.get("proj_hidden") if cfg.get("head") == "ae" else None)  # before --ae-dim,
+        if cfg["ae_dim"] is not None:  # --proj-hidden was also the ae head's d; now the ae head has no h of its own
+            cfg["proj_hidden"] = None
         typed = explicit_flags(parser, argv) - {"resume", "device", "out", "show_neighbours"}
         saved = {k: v for k, v in cfg.items() if k in vars(args) and k not in typed}  # the flags not typed
         given = resolve_args(argparse.Namespace(**{**vars(args), **saved, "resume": None, "out": args.resume}))
@@ -1722,18 +1738,18 @@ def main(argv=None):
     if args.head == "ae":
         # the seed too: it draws the AE's initial weights (and, for shapes, the images), so a run's result does
         # not depend on which seed happened to fill the cache first
-        tag = f"{args.dataset}-{args.img_size}px-d{args.proj_hidden}-e{args.ae_epochs}-s{args.seed}"
+        tag = f"{args.dataset}-{args.img_size}px-d{args.ae_dim}-e{args.ae_epochs}-s{args.seed}"
         tag += (f"-n{args.subset}" if args.subset else "") + ("-train" if args.dataset == "stl10" and
                                                                args.stl10_pretrain == "train" else "")
         if args.dataset == "folder":
             tag += "-" + os.path.abspath(args.data_dir).strip("/").replace("/", "_")
         ae_path = os.path.join(args.ae_dir, f"ae-{tag}.pt")
-        ae = AutoEncoder(images[0].numel(), args.proj_hidden)
+        ae = AutoEncoder(images[0].numel(), args.ae_dim)
         if os.path.exists(ae_path) and not args.dry_run:
             ae.load_state_dict(torch.load(ae_path, map_location="cpu"))
             log(f"autoencoder: reusing {ae_path}")
         elif rank == 0:  # trained once; under torchrun the other processes receive its embedding below
-            ae, mse = train_autoencoder(images, args.proj_hidden, args.ae_epochs, device, log=log,
+            ae, mse = train_autoencoder(images, args.ae_dim, args.ae_epochs, device, log=log,
                                         ckpt=os.path.join(args.out, "ae_checkpoint.pt"))
             log(f"autoencoder: best validation MSE {mse:.5f}")
             if not args.dry_run:

@@ -674,6 +674,9 @@ def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsy
     (["--tau", "0"], "--tau must be > 0"),
     (["--head", "ae", "--arch", "resnet50"], "512-d backbone"),
     (["--no-freeze"], "only applies to --head ae"),
+    (["--ae-dim", "128"], "--ae-dim only applies to --head ae"),
+    (["--head", "ae", "--proj-hidden", "128"], "use --ae-dim 128"),  # it set d before --ae-dim: never ignored
+    (["--head", "ae", "--ae-dim", "0"], "--ae-dim must be >= 1"),
     (["--batch-size", "1", "--dry-run"], "--batch-size must be at least 2"),  # before --dry-run replaces it
     (["--epochs", "-3", "--dry-run"], "--epochs must be >= 0 (got -3)"),
     (["--lr", "nan"], "--lr must be > 0 (got nan)"),
@@ -937,6 +940,23 @@ def test_run_saved_before_newer_flags_existed_resumes(tmp_path):
         del cfg[newer]
     (out / "config.json").write_text(json.dumps(cfg))
     assert "top-1" in run_script("simclr.py", "--resume", str(out))
+
+
+def test_ae_run_saved_before_ae_dim_existed_resumes_with_its_proj_hidden_as_d(tmp_path, capsys):
+    """Before --ae-dim, --proj-hidden was also the ae head's width d: an old config.json resumes with that d (the
+    checkpoint's 512 -> 64 head loads, the cached autoencoder of that d is found) and says proj_hidden no more."""
+    out, ae_dir = tmp_path / "run", str(tmp_path / "ae")
+    simclr.main([*TINY, "--head", "ae", "--ae-dim", "64", "--ae-epochs", "1", "--epochs", "1", "--ae-dir", ae_dir,
+                 "--out", str(out)])
+    assert os.listdir(ae_dir) == ["ae-shapes-16px-d64-e1-s0-n96.pt"]  # the cache's name keeps its d
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["ae_dim"], cfg["proj_hidden"]) == (64, None)  # one width per head
+    cfg["proj_hidden"] = cfg.pop("ae_dim")  # as an older simclr.py saved it
+    (out / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert "linear_top1" in simclr.main(["--resume", str(out)])
+    printed = capsys.readouterr().out
+    assert "autoencoder: reusing" in printed and "-d64-" in printed and "resumed" in printed
 
 
 def test_resume_with_another_number_of_processes_says_so(tmp_path, capsys):
