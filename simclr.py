@@ -409,6 +409,11 @@ def save_atomic(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
+def write_results(results, out):
+    """results.json, rewritten as soon as each number exists: a run stopped later keeps what it measured."""
+    write_atomic(os.path.join(out, "results.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))
+
+
 def trim_metrics(path, epoch):
     """Keep the metrics.jsonl lines of epochs up to the checkpoint's. An epoch's line is appended just before its
     checkpoint is saved; a run killed between the two (or mid-line) would otherwise log that epoch twice.
@@ -1562,13 +1567,292 @@ def bench(model, images, args, device, log=print):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 
-def label_efficiency(features, train_x, train_y, test_x, test_y, classes, args, device, random_name, results,
-                     save_results, log=print):
+def parse_args(argv):
+    """The flags, with the values computed from them (resolve_args); with --resume, the saved run's config, which the
+    flags typed now must match."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.resume:
+        return resolve_args(args)
+    cfg_path = os.path.join(args.resume, "config.json")
+    if not os.path.exists(cfg_path):
+        die(f"--resume {args.resume}: no config.json there; is it a run directory?")
+    cfg = json.load(open(cfg_path))
+    cfg.setdefault("warmup_epochs", 0.0)  # a run saved before --recipe existed: no warm-up, weight decay on every
+    cfg.setdefault("decay_norm_and_bias", True)  # parameter, as it started
+    # a run saved before --ae-dim existed: its --proj-hidden was also the ae head's width d
+    cfg.setdefault("ae_dim", cfg.get("proj_hidden") if cfg.get("head") == "ae" else None)
+    if cfg["ae_dim"] is not None:
+        cfg["proj_hidden"] = None  # the ae head has no h of its own
+    typed = explicit_flags(parser, argv) - {"resume", "device", "out", "show_neighbours"}
+    saved = {k: v for k, v in cfg.items() if k in vars(args) and k not in typed}  # the flags not typed
+    given = resolve_args(argparse.Namespace(**{**vars(args), **saved, "resume": None, "out": args.resume}))
+    differ = [f"--{k.replace('_', '-')}: saved {cfg.get(k)!r}, given {getattr(given, k)!r}"
+              for k in sorted(typed) if cfg.get(k) != getattr(given, k)]
+    if differ:
+        die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ))
+    return argparse.Namespace(**{**vars(given), **cfg, "resume": args.resume, "out": args.resume,  # flags newer
+                                 "device": args.device or cfg["device"],  # than the run: their defaults
+                                 "show_neighbours": args.show_neighbours})
+
+
+def explicit_flags(parser, argv):
+    """The flags the user typed (as dests), to compare a --resume against the saved config."""
+    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
+    return {act.dest for act in parser._actions if typed & set(act.option_strings)}
+
+
+def setup(args):
+    """Device and processes, in one place, and the seed. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK.
+    Returns (device, rank, world)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device)
+    if world > 1:
+        if args.batch_size % world:
+            die(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        # a long timeout: the other processes wait while rank 0 decodes the data and trains the autoencoder
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+    if not args.resume and not args.bench and rank == 0 and os.path.exists(os.path.join(args.out, "config.json")):
+        die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(args.seed)
+    return device, rank, world
+
+
+def prepare_data(args, device, rank, world, log=print):
+    """The images, once into memory, then onto the device (or kept in host memory when they do not fit):
+    dict(images, train_x, train_y, test_x, test_y, classes). The labelled train images are the first pre-training
+    images: train_x is a view of `images`, one copy."""
+    t0 = time.time()
+    if rank != 0:
+        dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
+    data = load_dataset(args.dataset, args.data_dir, args.img_size, download=not args.no_download,
+                        stl10_pretrain=args.stl10_pretrain, seed=args.seed, subset=args.subset)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    data_on = where_data_fits(data["pretrain"].nbytes + data["test_x"].nbytes, device, args.data_on)
+    try:
+        images = data["pretrain"].to(device) if data_on == "device" else data["pretrain"]
+        test_x = data["test_x"].to(device) if data_on == "device" else data["test_x"]
+    except torch.OutOfMemoryError:
+        die(f"the images do not fit on {device}; run with --data-on host (or auto) to keep them in host memory")
+    n_train = len(data["train_y"])
+    log(f"data: {args.dataset}, {len(images)} pre-training / {n_train} train / {len(test_x)} test images "
+        f"of {args.img_size}px, {data['classes']} classes, {(images.nbytes + test_x.nbytes) / 2 ** 30:.2f} GiB "
+        + (f"on {device}" if data_on == "device" else f"in host memory, each batch copied to {device}")
+        + f" ({time.time() - t0:.1f}s)")
+    if len(images) < args.batch_size:
+        die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
+    smallest = int(data["train_y"].unique(return_counts=True)[1].min())
+    if args.labels_per_class and max(args.label_amounts) > smallest:
+        die(f"--labels-per-class {max(args.label_amounts)}: the smallest class has {smallest} train images")
+    return dict(images=images, train_x=images[:n_train], train_y=data["train_y"].to(device), test_x=test_x,
+                test_y=data["test_y"].to(device), classes=data["classes"])
+
+
+def show_augs(images, args, log=print):
+    """--show-augs: 8 images (top row) and two augmented views of each (rows 2 and 3), into one PNG."""
+    x = images[:8].float() / 255
+    grid = torch.cat([x, augment(x, args.crop_min, args.jitter_prob, args.gray_prob, args.blur_prob),
+                      augment(x, args.crop_min, args.jitter_prob, args.gray_prob, args.blur_prob)])
+    os.makedirs(os.path.dirname(os.path.abspath(args.show_augs)), exist_ok=True)
+    grid = F.interpolate(grid, scale_factor=max(1, 96 // args.img_size), mode="nearest")  # small: enlarge
+    torchvision.utils.save_image(grid, args.show_augs, nrow=8, padding=2)
+    log(f"saved {args.show_augs}: originals (top row) and two augmented views (rows 2 and 3)")
+
+
+def open_run_dir(args):
+    """The output directory, with the whole config saved in it (not for --bench, nor again for --resume)."""
+    os.makedirs(args.out, exist_ok=True)
+    if not args.resume and not args.bench:
+        try:  # "x": created by this run only, even when another run was started with the same --out
+            with open(os.path.join(args.out, "config.json"), "x") as f:
+                json.dump(vars(args), f, indent=2)
+        except FileExistsError:
+            die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
+
+
+def autoencoder_embedding(images, args, device, rank, world, log=print):
+    """The ae head's first layer: the 512 -> d embedding of an autoencoder trained on the images (train_autoencoder),
+    read from the cache in --ae-dir when it holds one of this dataset, d and seed. Under torchrun rank 0 trains it
+    and the other processes receive its embedding."""
+    # the seed too: it draws the AE's initial weights (and, for shapes, the images), so a run's result does not
+    # depend on which seed happened to fill the cache first
+    tag = f"{args.dataset}-{args.img_size}px-d{args.ae_dim}-e{args.ae_epochs}-s{args.seed}"
+    tag += (f"-n{args.subset}" if args.subset else "") + ("-train" if args.dataset == "stl10" and
+                                                           args.stl10_pretrain == "train" else "")
+    if args.dataset == "folder":
+        tag += "-" + os.path.abspath(args.data_dir).strip("/").replace("/", "_")
+    ae_path = os.path.join(args.ae_dir, f"ae-{tag}.pt")
+    ae = AutoEncoder(images[0].numel(), args.ae_dim)
+    if os.path.exists(ae_path) and not args.dry_run:
+        ae.load_state_dict(torch.load(ae_path, map_location="cpu"))
+        log(f"autoencoder: reusing {ae_path}")
+    elif rank == 0:  # trained once; under torchrun the other processes receive its embedding below
+        ae, mse = train_autoencoder(images, args.ae_dim, args.ae_epochs, device, log=log,
+                                    ckpt=os.path.join(args.out, "ae_checkpoint.pt"))
+        log(f"autoencoder: best validation MSE {mse:.5f}")
+        if not args.dry_run:
+            os.makedirs(args.ae_dir, exist_ok=True)
+            save_atomic(ae.state_dict(), ae_path)
+    if world > 1:
+        ae = ae.to(device)
+        for p in ae.embedding.parameters():
+            dist.broadcast(p.data, src=0)  # rank 0's embedding, to every process
+    return ae.embedding
+
+
+def build_model(args, embedding, device, world):
+    """z = g(f(x)): the backbone f and the projection head g (its first layer the AE embedding for --head ae), with
+    global BatchNorm under torchrun, on the device."""
+    backbone = make_backbone(args.arch, args.stem, args.pretrained)
+    feat_dim = 2048 if args.arch == "resnet50" else 512
+    head = projection_head(feat_dim, args.proj_hidden, args.proj_out, args.act, embedding, not args.no_freeze)
+    model = SimCLR(backbone, head)
+    if world > 1 and not args.no_sync_bn:
+        model = sync_batchnorm(model, device)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def run_bench(model, images, args, device, world, log=print):
+    """--bench: bench's table, into bench.json in --out."""
+    if world > 1:
+        die("--bench runs in one process: start it with python, not torchrun")
+    result = bench(model, images, args, device, log)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    log(f"wrote {os.path.join(args.out, 'bench.json')}")
+    return result
+
+
+def resume_checkpoint(model, args, rank, world, log=print):
+    """With --resume, the saved run's model weights and this process's RNG states, read from its checkpoint.pt.
+    Returns (the epoch to start from, the optimizer's state or None)."""
+    start_epoch, opt_state = 0, None
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if args.resume and os.path.exists(ckpt_path):
+        try:  # everything is read and checked before anything is used: never a half-loaded run
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
+            model.load_state_dict(ckpt["model"])
+            start_epoch, opt_state = ckpt["epoch"], ckpt["optimizer"]
+            if len(ckpt["rng"]) != world:  # every process has its own augmentation stream
+                n = len(ckpt["rng"])
+                die(f"{ckpt_path} was saved by {n} process(es) and is resumed by {world}; resume it with " +
+                    (f"torchrun --nproc_per_node {n}" if n > 1 else "python, not torchrun"))
+            set_rng_state(ckpt["rng"][rank])
+        except Exception as e:
+            die(f"cannot resume from {ckpt_path}: the file is corrupt or from another model "
+                f"({type(e).__name__}: {str(e)[:300]}). Delete it to restart the run from scratch.")
+        log(f"resumed {ckpt_path} at epoch {start_epoch}")
+    if args.resume and rank == 0:
+        dropped = trim_metrics(os.path.join(args.out, "metrics.jsonl"), start_epoch)
+        if dropped:
+            log(f"metrics.jsonl: dropped {dropped} line(s) written after the checkpoint of epoch {start_epoch}")
+    return start_epoch, opt_state
+
+
+def feature_cache(model, train_x, test_x, args, device):
+    """features(name): the (train_h, test_h) of the trained backbone ("simclr") or of a random-init one
+    ("random_init"), each extracted once, when first needed."""
+    h = {}
+
+    def features(name):
+        if name not in h:
+            f = model.backbone
+            if name == "random_init":
+                torch.manual_seed(args.seed + 1)  # its weights: the same whichever stage asks first
+                f = make_backbone(args.arch, args.stem, args.pretrained).to(device)
+            h[name] = extract_features(f, train_x), extract_features(f, test_x)
+        return h[name]
+    return features
+
+
+def pretrain(model, data, args, start_epoch, opt_state, rank, world, log=print):
+    """SimCLR pre-training (train), with a kNN monitor on the train and test images. Returns its seconds."""
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"SimCLR: {args.arch} ({args.stem} stem{', ImageNet weights' if args.pretrained else ''}) + {args.head} head "
+        f"({args.act}, {'frozen' if args.head == 'ae' and not args.no_freeze else 'trained'}), "
+        f"{n_params / 1e6:.1f}M trainable parameters, {args.epochs} epochs of batch {args.batch_size}, tau {args.tau}, "
+        f"{args.precision}" + (f", {world} processes with {'per-process' if args.no_sync_bn else 'global'} "
+                               f"BatchNorm" if world > 1 else ""))
+    log(f"recipe {args.recipe}: SGD (momentum {args.momentum}), lr {args.lr:.3g} after {args.warmup_epochs:g} "
+        f"epochs of linear warm-up, cosine to {args.lr * args.lr_min_ratio:.3g}; weight decay {args.wd:g} on "
+        f"{'every parameter' if args.decay_norm_and_bias else 'conv and linear weights (not BatchNorm, not biases)'}")
+    if args.pretrained and args.stem == "cifar":
+        log("note: --stem cifar replaces the ImageNet 7x7 conv1 with a random 3x3 conv (re-initialised); the other "
+            "layers keep their ImageNet weights")
+    knn = lambda f: knn_top1(extract_features(f, data["train_x"]), data["train_y"],
+                             extract_features(f, data["test_x"]), data["test_y"], data["classes"], args.knn_k)
+    t0 = time.time()
+    train(model, data["images"], args, args.out, knn, start_epoch, opt_state, rank, world, log)
+    return time.time() - t0
+
+
+def evaluate_with_baselines(features, data, args, device, train_s, random_name, log=print):
+    """The frozen backbone's linear and kNN top-1, next to the raw-pixel and random-init baselines, into results.json
+    as soon as each number exists; then the table. Returns the results."""
+    evaluate_h = lambda h_train, h_test: evaluate(h_train, data["train_y"], h_test, data["test_y"], data["classes"],
+                                                  args.eval, args.probe_steps, args.knn_k, args.batch_size)
+    results = dict(evaluate_h(*features("simclr")), eval_protocol=args.eval, pretrain_seconds=train_s)
+    write_results(results, args.out)
+    rows = [(f"SimCLR {args.arch}, {args.head} head ({args.act})", results)]
+    if not args.no_baselines:
+        pixels = lambda x: pixel_features(x, device)  # (N, 3 s^2), s = min(image side, 32)
+        baselines = [("raw_pixels", f"raw pixels ({min(args.img_size, RAW_PIXELS_MAX)}px)",
+                      lambda: evaluate_h(pixels(data["train_x"]), pixels(data["test_x"]))),
+                     ("random_init", random_name, lambda: evaluate_h(*features("random_init")))]
+        for i, (key, name, run) in enumerate(baselines):
+            try:
+                results[key] = run()
+            except (torch.OutOfMemoryError, MemoryError) as e:  # a skipped baseline, never a lost run
+                results[key] = dict(skipped=f"out of memory ({type(e).__name__})")
+                log(f"note: the {name} baseline ran out of memory; skipped")
+            write_results(results, args.out)
+            rows.insert(i, (name, results[key]))
+    print(f"\ntop-1 on the {'test split' if args.eval == 'standard' else '20% of the test split (the paper protocol)'}:"
+          f"{'linear':>12}{'kNN':>9}")
+    for name, r in rows:
+        print(f"  {name:<44}" + (f"{r['skipped']:>17}" if "skipped" in r else
+                                 f"{100 * r['linear_top1']:>6.1f}%{100 * r['knn_top1']:>8.1f}%"))
+    return results
+
+
+def pictures(features, data, args, random_name, log=print):
+    """Every run's pictures, into its output directory: curves.png, and neighbours.png (also to --show-neighbours):
+    8 test images drawn with the seed (of different classes while there are 8), each with its 8 nearest train
+    images by cosine similarity of SimCLR's h, then of the random-init backbone's h."""
+    plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"), log)
+    train_x, test_x, test_y = data["train_x"], data["test_x"], data["test_y"]
+    q = stratified(test_y.cpu(), 8, torch.Generator().manual_seed(args.seed))
+    as_float = lambda x: x.cpu().float() / 255  # uint8 -> [0, 1], on the host, where save_image writes from
+    neighbours = [as_float(train_x[nearest(h_test[q.to(h_test.device)], h_train, 8)[1].to(train_x.device)])
+                  for h_train, h_test in map(features, ("simclr", "random_init"))]  # (8, k, 3, H, W) each
+    tiles = neighbour_grid(as_float(test_x[q.to(test_x.device)]), *neighbours)
+    if tiles.shape[-1] > 64:  # large images: a picture of about a thousand pixels across, not thousands
+        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)
+    paths = [os.path.join(args.out, "neighbours.png")] + ([args.show_neighbours] if args.show_neighbours else [])
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, lambda f: torchvision.utils.save_image(tiles, f, format="png", padding=2, pad_value=1,
+                                                                  nrow=2 * neighbours[0].shape[1] + 3))
+    log(f"saved {' and '.join(paths)}: each row a test image, then its nearest train images by SimCLR's h, then by "
+        f"the {random_name}'s")
+
+
+def label_efficiency(features, data, args, device, random_name, results, log=print):
     """The few-labels stage (--label-fractions / --labels-per-class). For every label set and draw (label_draw):
     SimCLR's linear probe and kNN and the random-init backbone's probe, trained on the features of the drawn images
     (already extracted for the whole train split), and supervised_from_scratch on the same images; each measured on
     the whole test split. results.json gets every number as soon as it exists; then the table and
     label_efficiency.png."""
+    train_x, train_y, test_x, test_y, classes = (data[k] for k in ("train_x", "train_y", "test_x", "test_y", "classes"))
     per_class, y = args.labels_per_class is not None, train_y.cpu()
     methods = dict(simclr_linear="SimCLR linear", simclr_knn="SimCLR kNN", random_init_linear=f"{random_name} linear",
                    supervised=f"supervised ({args.sup_steps} steps)")
@@ -1594,7 +1878,7 @@ def label_efficiency(features, train_x, train_y, test_x, test_y, classes, args, 
                 runs = row.get(key, dict(runs=[]))["runs"] + [acc]
                 row[key] = dict(mean=float(np.mean(runs)), std=float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
                                 runs=runs)
-            save_results()
+            write_results(results, args.out)
             log(f"few labels: {name(amount)} ({n} images), draw {d + 1}/{row['draws']}: " +
                 ", ".join(f"{methods[k]} {100 * v:.1f}%" for k, v in run.items()) + f" ({time.time() - t0:.0f}s)")
     pm = lambda r: f"{100 * r['mean']:.1f} +- {100 * r['std']:.1f}" if len(r["runs"]) > 1 else f"{100 * r['mean']:.1f}"
@@ -1614,262 +1898,36 @@ def plot_label_efficiency(rows, methods, png, log=print):
                                  [100 * r[k]["std"] for r in rows]) for k, name in methods.items()])], log)
 
 
-def pictures(features, train_x, test_x, test_y, args, random_name, log=print):
-    """Every run's pictures, into its output directory: curves.png, and neighbours.png (also to --show-neighbours):
-    8 test images drawn with the seed (of different classes while there are 8), each with its 8 nearest train
-    images by cosine similarity of SimCLR's h, then of the random-init backbone's h."""
-    plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"), log)
-    q = stratified(test_y.cpu(), 8, torch.Generator().manual_seed(args.seed))
-    as_float = lambda x: x.cpu().float() / 255  # uint8 -> [0, 1], on the host, where save_image writes from
-    neighbours = [as_float(train_x[nearest(h_test[q.to(h_test.device)], h_train, 8)[1].to(train_x.device)])
-                  for h_train, h_test in map(features, ("simclr", "random_init"))]  # (8, k, 3, H, W) each
-    tiles = neighbour_grid(as_float(test_x[q.to(test_x.device)]), *neighbours)
-    if tiles.shape[-1] > 64:  # large images: a picture of about a thousand pixels across, not thousands
-        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)
-    paths = [os.path.join(args.out, "neighbours.png")] + ([args.show_neighbours] if args.show_neighbours else [])
-    for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_atomic(path, lambda f: torchvision.utils.save_image(tiles, f, format="png", padding=2, pad_value=1,
-                                                                  nrow=2 * neighbours[0].shape[1] + 3))
-    log(f"saved {' and '.join(paths)}: each row a test image, then its nearest train images by SimCLR's h, then by "
-        f"the {random_name}'s")
-
-
-def explicit_flags(parser, argv):
-    """The flags the user typed (as dests), to compare a --resume against the saved config."""
-    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
-    return {act.dest for act in parser._actions if typed & set(act.option_strings)}
-
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.resume:
-        cfg_path = os.path.join(args.resume, "config.json")
-        if not os.path.exists(cfg_path):
-            die(f"--resume {args.resume}: no config.json there; is it a run directory?")
-        cfg = json.load(open(cfg_path))
-        cfg.setdefault("warmup_epochs", 0.0)  # a run saved before --recipe existed: no warm-up, weight decay on every
-        cfg.setdefault("decay_norm_and_bias", True)  # parameter, as it started
-        cfg.setdefault("ae_dim", cfg.get("proj_hidden") if cfg.get("head") == "ae" else None)  # before --ae-dim,
-        if cfg["ae_dim"] is not None:  # --proj-hidden was also the ae head's d; now the ae head has no h of its own
-            cfg["proj_hidden"] = None
-        typed = explicit_flags(parser, argv) - {"resume", "device", "out", "show_neighbours"}
-        saved = {k: v for k, v in cfg.items() if k in vars(args) and k not in typed}  # the flags not typed
-        given = resolve_args(argparse.Namespace(**{**vars(args), **saved, "resume": None, "out": args.resume}))
-        differ = [f"--{k.replace('_', '-')}: saved {cfg.get(k)!r}, given {getattr(given, k)!r}"
-                  for k in sorted(typed) if cfg.get(k) != getattr(given, k)]
-        if differ:
-            die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ))
-        args = argparse.Namespace(**{**vars(given), **cfg, "resume": args.resume, "out": args.resume,  # flags
-                                      "device": args.device or cfg["device"],  # newer than the run: defaults
-                                      "show_neighbours": args.show_neighbours})
-    else:
-        args = resolve_args(args)
-
-    # -- device, precision and processes, in one place. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(args.device)
-    if world > 1:
-        if args.batch_size % world:
-            die(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        # a long timeout: the other processes wait while rank 0 decodes the data and trains the autoencoder
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
-    log = print if rank == 0 else (lambda *a, **k: None)
-    if not args.resume and not args.bench and rank == 0 and os.path.exists(os.path.join(args.out, "config.json")):
-        die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
-    amp = autocast_for(device, args.precision)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    seed_everything(args.seed)
-
-    # -- data: once into memory, then onto the device (or kept in host memory when it does not fit)
-    t0 = time.time()
-    if rank != 0:
-        dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
-    data = load_dataset(args.dataset, args.data_dir, args.img_size, download=not args.no_download,
-                        stl10_pretrain=args.stl10_pretrain, seed=args.seed, subset=args.subset)
-    if world > 1 and rank == 0:
-        dist.barrier()
-    classes, n_train = data["classes"], len(data["train_y"])
-    data_on = where_data_fits(data["pretrain"].nbytes + data["test_x"].nbytes, device, args.data_on)
-    try:
-        images = data["pretrain"].to(device) if data_on == "device" else data["pretrain"]  # one copy: the
-        test_x = data["test_x"].to(device) if data_on == "device" else data["test_x"]
-    except torch.OutOfMemoryError:
-        die(f"the images do not fit on {device}; run with --data-on host (or auto) to keep them in host memory")
-    train_x = images[:n_train]  # labelled train images are the first pre-training images
-    train_y, test_y = data["train_y"].to(device), data["test_y"].to(device)
-    log(f"data: {args.dataset}, {len(images)} pre-training / {n_train} train / {len(test_x)} test images "
-        f"of {args.img_size}px, {classes} classes, {(images.nbytes + test_x.nbytes) / 2 ** 30:.2f} GiB "
-        + (f"on {device}" if data_on == "device" else f"in host memory, each batch copied to {device}")
-        + f" ({time.time() - t0:.1f}s)")
-    if len(images) < args.batch_size:
-        die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
-    smallest = int(data["train_y"].unique(return_counts=True)[1].min())
-    if args.labels_per_class and max(args.label_amounts) > smallest:
-        die(f"--labels-per-class {max(args.label_amounts)}: the smallest class has {smallest} train images")
-
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device, rank, world = setup(args)
+    log = print if rank == 0 else (lambda *a, **k: None)  # under torchrun, rank 0 speaks for all
+    data = prepare_data(args, device, rank, world, log)
     if args.show_augs:
-        x = images[:8].float() / 255
-        grid = torch.cat([x, augment(x, args.crop_min, args.jitter_prob, args.gray_prob, args.blur_prob),
-                          augment(x, args.crop_min, args.jitter_prob, args.gray_prob, args.blur_prob)])
-        os.makedirs(os.path.dirname(os.path.abspath(args.show_augs)), exist_ok=True)
-        grid = F.interpolate(grid, scale_factor=max(1, 96 // args.img_size), mode="nearest")  # small: enlarge
-        torchvision.utils.save_image(grid, args.show_augs, nrow=8, padding=2)
-        log(f"saved {args.show_augs}: originals (top row) and two augmented views (rows 2 and 3)")
-        return
-
+        return show_augs(data["images"], args, log)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        if not args.resume and not args.bench:
-            try:  # "x": created by this run only, even when another run was started with the same --out
-                with open(os.path.join(args.out, "config.json"), "x") as f:
-                    json.dump(vars(args), f, indent=2)
-            except FileExistsError:
-                die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
-
-    # -- model: backbone, (autoencoder), projection head
-    embedding = None
-    if args.head == "ae":
-        # the seed too: it draws the AE's initial weights (and, for shapes, the images), so a run's result does
-        # not depend on which seed happened to fill the cache first
-        tag = f"{args.dataset}-{args.img_size}px-d{args.ae_dim}-e{args.ae_epochs}-s{args.seed}"
-        tag += (f"-n{args.subset}" if args.subset else "") + ("-train" if args.dataset == "stl10" and
-                                                               args.stl10_pretrain == "train" else "")
-        if args.dataset == "folder":
-            tag += "-" + os.path.abspath(args.data_dir).strip("/").replace("/", "_")
-        ae_path = os.path.join(args.ae_dir, f"ae-{tag}.pt")
-        ae = AutoEncoder(images[0].numel(), args.ae_dim)
-        if os.path.exists(ae_path) and not args.dry_run:
-            ae.load_state_dict(torch.load(ae_path, map_location="cpu"))
-            log(f"autoencoder: reusing {ae_path}")
-        elif rank == 0:  # trained once; under torchrun the other processes receive its embedding below
-            ae, mse = train_autoencoder(images, args.ae_dim, args.ae_epochs, device, log=log,
-                                        ckpt=os.path.join(args.out, "ae_checkpoint.pt"))
-            log(f"autoencoder: best validation MSE {mse:.5f}")
-            if not args.dry_run:
-                os.makedirs(args.ae_dir, exist_ok=True)
-                save_atomic(ae.state_dict(), ae_path)
-        if world > 1:
-            ae = ae.to(device)
-            for p in ae.embedding.parameters():
-                dist.broadcast(p.data, src=0)  # rank 0's embedding, to every process
-        embedding = ae.embedding
+        open_run_dir(args)
+    embedding = autoencoder_embedding(data["images"], args, device, rank, world, log) if args.head == "ae" else None
     seed_everything(args.seed)  # the same initial weights whether the AE was trained now or read from the cache
-    backbone = make_backbone(args.arch, args.stem, args.pretrained)
-    feat_dim = 2048 if args.arch == "resnet50" else 512
-    head = projection_head(feat_dim, args.proj_hidden, args.proj_out, args.act, embedding, not args.no_freeze)
-    model = SimCLR(backbone, head)
-    if world > 1 and not args.no_sync_bn:
-        model = sync_batchnorm(model, device)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(args, embedding, device, world)
     seed_everything(args.seed + rank)  # each rank draws its own augmentations
     if args.bench:
-        if world > 1:
-            die("--bench runs in one process: start it with python, not torchrun")
-        result = bench(model, images, args, device, log)
-        with open(os.path.join(args.out, "bench.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        log(f"wrote {os.path.join(args.out, 'bench.json')}")
-        return result
-
-    start_epoch, opt_state = 0, None
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    if args.resume and os.path.exists(ckpt_path):
-        try:  # everything is read and checked before anything is used: never a half-loaded run
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-            model.load_state_dict(ckpt["model"])
-            start_epoch, opt_state = ckpt["epoch"], ckpt["optimizer"]
-            if len(ckpt["rng"]) != world:  # every process has its own augmentation stream
-                n = len(ckpt["rng"])
-                die(f"{ckpt_path} was saved by {n} process(es) and is resumed by {world}; resume it with " +
-                    (f"torchrun --nproc_per_node {n}" if n > 1 else "python, not torchrun"))
-            set_rng_state(ckpt["rng"][rank])
-        except Exception as e:
-            die(f"cannot resume from {ckpt_path}: the file is corrupt or from another model "
-                f"({type(e).__name__}: {str(e)[:300]}). Delete it to restart the run from scratch.")
-        log(f"resumed {ckpt_path} at epoch {start_epoch}")
-    if args.resume and rank == 0:
-        dropped = trim_metrics(os.path.join(args.out, "metrics.jsonl"), start_epoch)
-        if dropped:
-            log(f"metrics.jsonl: dropped {dropped} line(s) written after the checkpoint of epoch {start_epoch}")
-
-    # -- features of the trained backbone and of a random-init one, each extracted once, when first needed
-    h = {}
-
-    def features(name):  # "simclr" or "random_init" -> (train_h, test_h)
-        if name not in h:
-            f = model.backbone
-            if name == "random_init":
-                torch.manual_seed(args.seed + 1)  # its weights: the same whichever stage asks first
-                f = make_backbone(args.arch, args.stem, args.pretrained).to(device)
-            h[name] = extract_features(f, train_x), extract_features(f, test_x)
-        return h[name]
+        return run_bench(model, data["images"], args, device, world, log)
+    start_epoch, opt_state = resume_checkpoint(model, args, rank, world, log)
+    features = feature_cache(model, data["train_x"], data["test_x"], args, device)
     random_name = f"{'ImageNet-init' if args.pretrained else 'random-init'} {args.arch}"
     if args.resume and args.show_neighbours:  # a look at a saved run: its pictures, no training, no evaluation
-        return pictures(features, train_x, test_x, test_y, args, random_name, log)
-
-    # -- pre-training
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"SimCLR: {args.arch} ({args.stem} stem{', ImageNet weights' if args.pretrained else ''}) + {args.head} head "
-        f"({args.act}, {'frozen' if args.head == 'ae' and not args.no_freeze else 'trained'}), "
-        f"{n_params / 1e6:.1f}M trainable parameters, {args.epochs} epochs of batch {args.batch_size}, tau {args.tau}, "
-        f"{args.precision}" + (f", {world} processes with {'per-process' if args.no_sync_bn else 'global'} "
-                               f"BatchNorm" if world > 1 else ""))
-    log(f"recipe {args.recipe}: SGD (momentum {args.momentum}), lr {args.lr:.3g} after {args.warmup_epochs:g} "
-        f"epochs of linear warm-up, cosine to {args.lr * args.lr_min_ratio:.3g}; weight decay {args.wd:g} on "
-        f"{'every parameter' if args.decay_norm_and_bias else 'conv and linear weights (not BatchNorm, not biases)'}")
-    if args.pretrained and args.stem == "cifar":
-        log("note: --stem cifar replaces the ImageNet 7x7 conv1 with a random 3x3 conv (re-initialised); the other "
-            "layers keep their ImageNet weights")
-    knn = lambda f: knn_top1(extract_features(f, train_x), train_y,
-                             extract_features(f, test_x), test_y, classes, args.knn_k)
-    t0 = time.time()
-    train(model, images, args, args.out, knn, start_epoch, opt_state, rank, world, log)
-    train_s = time.time() - t0
+        return pictures(features, data, args, random_name, log)
+    train_s = pretrain(model, data, args, start_epoch, opt_state, rank, world, log)
     if world > 1:
         dist.destroy_process_group()
         if rank != 0:
             return None  # evaluation runs once, on rank 0
     torch.save(model.backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
-
-    # -- evaluation, next to the baselines; results.json is rewritten as soon as each number exists
-    save_results = lambda: write_atomic(os.path.join(args.out, "results.json"),
-                                        lambda f: f.write(json.dumps(results, indent=2).encode()))
-    evaluate_h = lambda h_train, h_test: evaluate(h_train, train_y, h_test, test_y, classes, args.eval,
-                                                  args.probe_steps, args.knn_k, args.batch_size)
-    results = dict(evaluate_h(*features("simclr")), eval_protocol=args.eval, pretrain_seconds=train_s)
-    save_results()
-    rows = [(f"SimCLR {args.arch}, {args.head} head ({args.act})", results)]
-    if not args.no_baselines:
-        pixels = lambda x: pixel_features(x, device)  # (N, 3 s^2), s = min(image side, 32)
-        baselines = [("raw_pixels", f"raw pixels ({min(args.img_size, RAW_PIXELS_MAX)}px)",
-                      lambda: evaluate_h(pixels(train_x), pixels(test_x))),
-                     ("random_init", random_name, lambda: evaluate_h(*features("random_init")))]
-        for i, (key, name, run) in enumerate(baselines):
-            try:
-                results[key] = run()
-            except (torch.OutOfMemoryError, MemoryError) as e:  # a skipped baseline, never a lost run
-                results[key] = dict(skipped=f"out of memory ({type(e).__name__})")
-                log(f"note: the {name} baseline ran out of memory; skipped")
-            save_results()
-            rows.insert(i, (name, results[key]))
-    print(f"\ntop-1 on the {'test split' if args.eval == 'standard' else '20% of the test split (the paper protocol)'}:"
-          f"{'linear':>12}{'kNN':>9}")
-    for name, r in rows:
-        print(f"  {name:<44}" + (f"{r['skipped']:>17}" if "skipped" in r else
-                                 f"{100 * r['linear_top1']:>6.1f}%{100 * r['knn_top1']:>8.1f}%"))
-    pictures(features, train_x, test_x, test_y, args, random_name, log)
+    results = evaluate_with_baselines(features, data, args, device, train_s, random_name, log)
+    pictures(features, data, args, random_name, log)
     if args.label_amounts:
-        label_efficiency(features, train_x, train_y, test_x, test_y, classes, args, device, random_name, results,
-                         save_results, log)
+        label_efficiency(features, data, args, device, random_name, results, log)
     print(f"outputs in {args.out}/")
     return results
 
