@@ -897,7 +897,8 @@ class AutoEncoder(nn.Module):
 
 def projection_head(feat_dim, hidden, out, act, embedding=None, freeze=True):
     """g(h) = W2 act(W1 h): Linear(feat_dim, hidden) -> act -> Linear(hidden, out). With `embedding` (the
-    autoencoder's 512 -> d layer) W1 is a copy of it, frozen unless freeze=False (Sec. 3 of the paper)."""
+    autoencoder's 512 -> d layer) W1 is a copy of it, frozen unless freeze=False (Sec. 3 of the paper), and the
+    hidden width is its d (`hidden` is not used)."""
     if embedding is None:
         first = nn.Linear(feat_dim, hidden)
     else:
