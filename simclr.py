@@ -1191,10 +1191,12 @@ def supervised_from_scratch(train_x, train_y, test_x, test_y, classes, arch, ste
     """The supervised baseline: the same backbone (random init from `seed`) and a linear layer on h, trained
     together with cross-entropy on the labelled uint8 images train_x (n, 3, H, H) for a fixed number of steps (not
     epochs: the same budget for every number of labels), each step min(batch, n) of them drawn without
-    replacement under flip_and_crop. SGD, momentum 0.9, lr 0.1 per 128 images (He et al. 2016's CIFAR ResNets,
-    arXiv:1512.03385 Sec. 4.2, scaled linearly with the batch as Goyal et al. 2017, arXiv:1706.02677), cosine decay
-    to 0 without warm-up (lr_at), weight decay 5e-4 on conv and linear weights (Zagoruyko & Komodakis 2016,
-    arXiv:1605.07146), bf16 autocast as the pre-training. Returns top-1 on test_x, in eval mode."""
+    replacement under flip_and_crop. SGD, momentum 0.9, lr 0.05 per 128 images (scaled linearly with the batch,
+    Goyal et al. 2017, arXiv:1706.02677) after a linear warm-up over the first tenth of the steps (Goyal et al.),
+    then cosine decay to 0 (lr_at); weight decay 5e-4 on conv and linear weights (Zagoruyko & Komodakis 2016,
+    arXiv:1605.07146); bf16 autocast as the pre-training. He et al.'s 0.1 per 128 (arXiv:1512.03385 Sec. 4.2)
+    diverged at this budget: on shapes with all 5,000 labels and 500 steps, train accuracy 37% without warm-up and
+    61% with it, against 99.9% at 0.05 (README, "Few labels"). Returns top-1 on test_x, in eval mode."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
         torch.manual_seed(seed)  # the init, the batches and the crops: one run per seed
@@ -1203,10 +1205,11 @@ def supervised_from_scratch(train_x, train_y, test_x, test_y, classes, arch, ste
         net, amp = nn.Sequential(backbone, fc).train(), autocast_for(device, precision)
         n = len(train_y)
         b = min(batch, n)
-        opt = torch.optim.SGD(param_groups(net, 5e-4), lr=0.1 * b / 128, momentum=0.9)
+        peak = 0.05 * b / 128
+        opt = torch.optim.SGD(param_groups(net, 5e-4), lr=peak, momentum=0.9)
         for step in range(steps):
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, 0, 0.1 * b / 128, 0.0)
+                group["lr"] = lr_at(step, steps, steps // 10, peak, 0.0)
             idx = torch.randperm(n)[:b]
             x = to_device(train_x[idx.to(train_x.device)], device).float() / 255  # (b, 3, H, H) in [0, 1]
             x = normalize(flip_and_crop(x, pad=x.shape[-1] // 8))  # 4 px of 32, as He et al.
