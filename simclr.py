@@ -65,8 +65,7 @@ import torchvision.transforms.v2  # not imported by "import torchvision"
 # 2-core CPU: ResNet18 with the ImageNet stem (~8x cheaper than the CIFAR stem at 32 px), 5000 training images,
 # crops of at least 30% (a crop keeps part of the shape), tau 0.2, batch 64 (on a CPU, more steps beat bigger
 # batches; the recipe's lr is then 0.15, and 0.3 learned slower) and 20 epochs: about 6 minutes on a 2-core CPU with
-# bf16, in which SimCLR clearly beats a random-init backbone in both linear and kNN accuracy (README, "The first
-# run").
+# bf16, in which SimCLR clearly beats a random-init backbone in both linear and kNN accuracy (README, "Results").
 # Keys not given fall back to the flags' global defaults.
 DATASETS = {
     "shapes":        dict(img=32, batch=64, epochs=20, ae_epochs=10, n=(5000, 2000),
