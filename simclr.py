@@ -1578,7 +1578,8 @@ def parse_args(argv):
     cfg_path = os.path.join(args.resume, "config.json")
     if not os.path.exists(cfg_path):
         die(f"--resume {args.resume}: no config.json there; is it a run directory?")
-    cfg = json.load(open(cfg_path))
+    with open(cfg_path) as f:
+        cfg = json.load(f)
     cfg.setdefault("warmup_epochs", 0.0)  # a run saved before --recipe existed: no warm-up, weight decay on every
     cfg.setdefault("decay_norm_and_bias", True)  # parameter, as it started
     # a run saved before --ae-dim existed: its --proj-hidden was also the ae head's width d
