@@ -79,15 +79,16 @@ DATASETS = {
     "folder":        dict(img=96, batch=256, epochs=100, ae_epochs=100),
 }
 
-# The two recipes (--recipe). Values here win over DATASETS; flags typed on the command line win over both.
-# 'simclr' trains from scratch as SimCLR does (Sec. B.1 of SimCLR: a linear warm-up, then cosine decay; its official
-# code leaves BatchNorm and biases out of weight decay), with SGD + momentum in place of LARS and the square-root
-# learning-rate rule 0.3 sqrt(B / 256) (B.1 of SimCLR prefers square-root scaling for SGD-sized batches; equal to
-# the linear rule at B = 256). Without the warm-up, the linear rule's 0.6 at Fashion-MNIST's batch of 512 sat at
-# the loss of a collapsed embedding, ln(2N - 1); with it, 0.42 learned more steadily than 0.6 (README, "The first
-# steps"). 'paper' is the protocol of 2408.14514 (Sec. 4, and its code): ResNet34 from ImageNet weights with
-# torchvision's 7x7 stem and maxpool at every image size, the linear rule 0.3 B / 256, no warm-up, weight decay on
-# every parameter, tau 0.5, STL10's 5k labelled images only, and its probe (--eval paper).
+# The two recipes (--recipe). Values here win over DATASETS; flags typed on the command line win over both. 'simclr'
+# trains from scratch as SimCLR does (Sec. B.1 of SimCLR: a linear warm-up, then cosine decay; its official code
+# leaves BatchNorm and biases out of weight decay), with SGD + momentum in place of LARS and a square-root
+# learning-rate rule: B.1's 0.075 sqrt(B) (with LARS, preferred there for small batches and short runs) re-anchored
+# here at 0.3 for B = 256, where it meets the linear rule: 0.3 sqrt(B / 256). Without the warm-up, the linear rule's
+# 0.6 at Fashion-MNIST's batch of 512 sat at the loss of a collapsed embedding, ln(2N - 1); with it, 0.42 learned more
+# steadily than 0.6 (README, "The first steps"). 'paper' is the protocol of 2408.14514 (Sec. 4, and its code):
+# ResNet34 from ImageNet weights with torchvision's 7x7 stem and maxpool at every image size, the linear rule 0.3 B /
+# 256, no warm-up, weight decay on every parameter, tau 0.5, STL10's 5k labelled images only, and its probe (--eval
+# paper).
 RECIPES = {
     "simclr": dict(lr_scaling="sqrt", decay_norm_and_bias=False),
     "paper": dict(lr_scaling="linear", decay_norm_and_bias=True, pretrained=True, arch="resnet34", stem="imagenet",
@@ -298,13 +299,17 @@ def resolve_args(args):
     args.decay_norm_and_bias = recipe["decay_norm_and_bias"]
     if args.arch not in ARCHS:
         die(f"unknown arch '{args.arch}'; choose one of: {', '.join(ARCHS)}")
-    if args.label_fractions and args.labels_per_class:
+    if args.label_fractions is not None and args.labels_per_class is not None:
         die("--label-fractions and --labels-per-class exclude each other: give fractions of the train labels, or "
             "counts per class")
     args.label_amounts = (  # the label sets of the few-labels stage: fractions, or counts per class; [] when off
         number_list(args.label_fractions, "--label-fractions", float, lambda v: 0 < v <= 1, "in (0, 1]")
-        if args.label_fractions else number_list(args.labels_per_class, "--labels-per-class", int,
-                                                 lambda v: v >= 1, "at least 1") if args.labels_per_class else [])
+        if args.label_fractions is not None else number_list(args.labels_per_class, "--labels-per-class", int,
+                                                             lambda v: v >= 1, "at least 1")
+        if args.labels_per_class is not None else [])
+    if args.show_neighbours is not None and (not args.show_neighbours.lower().endswith(".png")
+                                             or os.path.isdir(args.show_neighbours)):
+        die(f"--show-neighbours {args.show_neighbours}: give the name of a .png file to write")
     if args.label_amounts and args.eval == "paper":  # its probe trains on the test split: no train labels to draw
         die("--label-fractions / --labels-per-class train the probes on train-split labels (the standard protocol); "
             "--eval paper (also set by --recipe paper) trains its probe on the test split. Add --eval standard.")
@@ -315,7 +320,7 @@ def resolve_args(args):
     if args.dry_run:
         args.batch_size, args.epochs, args.ae_epochs, args.probe_steps, args.sup_steps = 16, 1, 1, 5, 2
         args.subset = args.subset or 64
-    B = args.batch_size  # SimCLR's two scaling rules (its Appendix B.1), anchored at 0.3 for B = 256
+    B = args.batch_size  # the linear rule of SimCLR's B.1, or the square-root one re-anchored at 0.3 for B = 256
     args.lr = args.lr or (0.3 * B / 256 if recipe["lr_scaling"] == "linear" else 0.3 * math.sqrt(B / 256))
     # SimCLR warms up for 10 epochs of 100 or more; a short run warms up for a tenth of its length
     args.warmup_epochs = pick("warmup_epochs", min(10.0, args.epochs / 10))
@@ -1166,109 +1171,6 @@ def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", pro
                 knn_top1=knn_top1(tr_h, tr_y, te_h, te_y, classes, knn_k))
 
 
-# Few labels (--label-fractions): SimCLR's semi-supervised question (Sec. 6 and Table 7 of SimCLR: class-balanced
-# draws of 1% and 10% of the labels), asked of the frozen backbone (SimCLR fine-tuned it), next to supervised
-# training from scratch on the same labels.
-
-def label_draw(y, amount, per_class, seed, draw):
-    """Sorted indices of one draw of labelled train images from the labels y: a fraction `amount` of them (never
-    fewer images than classes), every class keeping its share up to rounding (stratified), or with per_class exactly
-    `amount` images of every class. The generator is seeded by (seed, draw) alone, so draw d of a small label set is a
-    subset of draw d of a larger one (the same shuffle of each class, cut shorter): differences between label
-    sets are not differences between draws."""
-    g = torch.Generator().manual_seed(1000 * seed + draw)  # --label-draws is at most 1000: no two seeds meet
-    classes = y.unique()
-    if not per_class:
-        return stratified(y, max(len(classes), round(amount * len(y))), g)
-    idx = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int((y == c).sum()), generator=g)[:amount]]
-           for c in classes]
-    return torch.cat(idx).sort().values
-
-
-def supervised_from_scratch(train_x, train_y, test_x, test_y, classes, arch, stem, steps, seed, device,
-                            precision="fp32", batch=256):
-    """The supervised baseline: the same backbone (random init from `seed`) and a linear layer on h, trained
-    together with cross-entropy on the labelled uint8 images train_x (n, 3, H, H) for a fixed number of steps (not
-    epochs: the same budget for every number of labels), each step min(batch, n) of them drawn without
-    replacement under flip_and_crop. SGD, momentum 0.9, lr 0.05 per 128 images (scaled linearly with the batch,
-    Goyal et al. 2017, arXiv:1706.02677) after a linear warm-up over the first tenth of the steps (Goyal et al.),
-    then cosine decay to 0 (lr_at); weight decay 5e-4 on conv and linear weights (Zagoruyko & Komodakis 2016,
-    arXiv:1605.07146); bf16 autocast as the pre-training. He et al.'s 0.1 per 128 (arXiv:1512.03385 Sec. 4.2)
-    diverged at this budget: on shapes with all 5,000 labels and 500 steps, train accuracy 37% without warm-up and
-    61% with it, against 99.9% at 0.05 (README, "Few labels"). Returns top-1 on test_x, in eval mode."""
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
-        torch.manual_seed(seed)  # the init, the batches and the crops: one run per seed
-        backbone = make_backbone(arch, stem).to(device)
-        fc = nn.Linear(2048 if arch == "resnet50" else 512, classes).to(device)
-        net, amp = nn.Sequential(backbone, fc).train(), autocast_for(device, precision)
-        n = len(train_y)
-        b = min(batch, n)
-        peak = 0.05 * b / 128
-        opt = torch.optim.SGD(param_groups(net, 5e-4), lr=peak, momentum=0.9)
-        for step in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, steps // 10, peak, 0.0)
-            idx = torch.randperm(n)[:b]
-            x = to_device(train_x[idx.to(train_x.device)], device).float() / 255  # (b, 3, H, H) in [0, 1]
-            x = normalize(flip_and_crop(x, pad=x.shape[-1] // 8))  # 4 px of 32, as He et al.
-            with amp():
-                loss = F.cross_entropy(net(x), train_y[idx.to(train_y.device)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        return (fc(extract_features(backbone, test_x)).argmax(1) == test_y).float().mean().item()
-
-
-# Pictures. matplotlib is optional (STYLE: only torch, torchvision and numpy are required): without it the plots
-# are skipped with a note; the neighbour grid needs only torchvision's save_image.
-
-def save_plot(path, panels, log=print):
-    """A row of line charts into the PNG `path`, small (90 dpi). panels: dicts of title, xlabel, logx and lines,
-    each line (label, xs, ys, yerr or None). Returns whether it was drawn."""
-    try:
-        from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend, no global state
-    except ImportError:
-        log(f"note: {os.path.basename(path)} not drawn: matplotlib is not installed (pip install matplotlib)")
-        return False
-    legend = any(len(p["lines"]) > 1 for p in panels)  # to the right of the chart, never over its lines
-    fig = Figure(figsize=(3.4 * len(panels) + 2.2 * legend, 2.8), layout="constrained")
-    for ax, p in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for label, xs, ys, yerr in p["lines"]:
-            ax.errorbar(xs, ys, yerr=yerr, label=label, marker="o", markersize=3, capsize=2)
-        ax.set(title=p["title"], xlabel=p["xlabel"], xscale="log" if p.get("logx") else "linear")
-        ax.grid(alpha=0.3)
-        if len(p["lines"]) > 1:
-            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=90))
-    return True
-
-
-def plot_curves(metrics_path, png, log=print):
-    """curves.png: the loss, the learning rate and the kNN monitor against the epoch, from metrics.jsonl (which a
-    resumed run continues, each epoch once: trim_metrics)."""
-    if not os.path.exists(metrics_path):
-        log(f"note: no epoch was trained, so no {os.path.basename(png)}")
-        return
-    with open(metrics_path) as f:
-        m = [json.loads(line) for line in f]
-    epochs, knn = [r["epoch"] for r in m], [r for r in m if "knn_top1" in r]
-    save_plot(png, [dict(title="NT-Xent loss", xlabel="epoch", lines=[("", epochs, [r["loss"] for r in m], None)]),
-                    dict(title="learning rate (end of epoch)", xlabel="epoch",
-                         lines=[("", epochs, [r["lr"] for r in m], None)]),
-                    dict(title="kNN monitor, top-1 %" if knn else "kNN monitor: off (--knn-every)", xlabel="epoch",
-                         lines=[("", [r["epoch"] for r in knn], [100 * r["knn_top1"] for r in knn], None)])], log)
-
-
-def neighbour_grid(query, simclr_nb, random_nb):
-    """The tiles of the neighbour picture, one row per query: the query, a gap, its neighbours by SimCLR's h, a gap,
-    its neighbours by the random-init backbone's h. query (Q, 3, H, W), *_nb (Q, k, 3, H, W), floats in [0, 1]
-    -> (Q (2k + 3), 3, H, W), for save_image(nrow=2k + 3)."""
-    gap = torch.ones_like(query)[:, None]  # (Q, 1, 3, H, W): white, as save_image's padding below
-    return torch.cat([query[:, None], gap, simclr_nb, gap, random_nb], 1).flatten(0, 1)  # (Q, 2k+3, ...) -> rows
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
@@ -1431,6 +1333,120 @@ def train(model, images, args, out, evaluate_knn=None, start_epoch=0, opt_state=
         save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, rng=rngs,
                          config=vars(args)), os.path.join(out, "checkpoint.pt"))
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Few labels and pictures: what SimCLR buys with few labels, and what it learned, to look at
+# ----------------------------------------------------------------------------------------------------------
+
+# Few labels (--label-fractions): SimCLR's semi-supervised question (Sec. 6 and Table 7 of SimCLR: class-balanced
+# draws of 1% and 10% of the labels), asked of the frozen backbone (SimCLR fine-tuned it), next to supervised
+# training from scratch on the same labels.
+
+def label_draw(y, amount, per_class, seed, draw):
+    """Sorted indices of one draw of labelled train images from the labels y: a fraction `amount` of them (never
+    fewer images than classes), every class keeping its share up to rounding (stratified), or with per_class exactly
+    `amount` images of every class. The generator is seeded by (seed, draw) alone, so draw d of a small label set is a
+    subset of draw d of a larger one (the same shuffle of each class, cut shorter): differences between label
+    sets are not differences between draws."""
+    g = torch.Generator().manual_seed(1000 * seed + draw)  # --label-draws is at most 1000: no two seeds meet
+    classes = y.unique()
+    if not per_class:
+        return stratified(y, max(len(classes), round(amount * len(y))), g)
+    idx = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int((y == c).sum()), generator=g)[:amount]]
+           for c in classes]
+    return torch.cat(idx).sort().values
+
+
+def supervised_from_scratch(train_x, train_y, test_x, test_y, classes, arch, stem, steps, seed, device,
+                            precision="fp32", batch=256):
+    """The supervised baseline: the same backbone (random init from `seed`) and a linear layer on h, trained
+    together with cross-entropy on the labelled uint8 images train_x (n, 3, H, H) for a fixed number of steps (not
+    epochs: the same budget for every number of labels), each step min(batch, n) of them drawn without
+    replacement under flip_and_crop. SGD, momentum 0.9, lr 0.05 per 128 images (scaled linearly with the batch,
+    Goyal et al. 2017, arXiv:1706.02677) after a linear warm-up over the first tenth of the steps (Goyal et al.),
+    then cosine decay to 0 (lr_at); weight decay 5e-4 on conv and linear weights (Zagoruyko & Komodakis 2016,
+    arXiv:1605.07146); bf16 autocast as the pre-training. He et al.'s 0.1 per 128 (arXiv:1512.03385 Sec. 4.2)
+    diverged at this budget: on shapes with all 5,000 labels and 500 steps, train accuracy 37%, against 99.9% at
+    0.05 with the warm-up (README, "Few labels"). Returns top-1 on test_x, in eval mode."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
+        torch.manual_seed(seed)  # the init, the batches and the crops: one run per seed
+        backbone = make_backbone(arch, stem).to(device)
+        fc = nn.Linear(2048 if arch == "resnet50" else 512, classes).to(device)
+        net, amp = nn.Sequential(backbone, fc).train(), autocast_for(device, precision)
+        n = len(train_y)
+        b = min(batch, n)
+        peak = 0.05 * b / 128
+        opt = torch.optim.SGD(param_groups(net, 5e-4), lr=peak, momentum=0.9)
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, steps // 10, peak, 0.0)
+            idx = torch.randperm(n)[:b]
+            x = to_device(train_x[idx.to(train_x.device)], device).float() / 255  # (b, 3, H, H) in [0, 1]
+            x = normalize(flip_and_crop(x, pad=x.shape[-1] // 8))  # 4 px of 32, as He et al.
+            with amp():
+                loss = F.cross_entropy(net(x), train_y[idx.to(train_y.device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return (fc(extract_features(backbone, test_x)).argmax(1) == test_y).float().mean().item()
+
+
+# Pictures. matplotlib is optional (STYLE: only torch, torchvision and numpy are required): without it the plots
+# are skipped with a note; the neighbour grid needs only torchvision's save_image.
+
+def save_plot(path, panels, log=print):
+    """A row of line charts into the PNG `path`, small (90 dpi). panels: dicts of title, xlabel, logx and lines,
+    each line (label, xs, ys, yerr or None). Returns whether it was drawn."""
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend, no global state
+    except ImportError:
+        log(f"note: {os.path.basename(path)} not drawn: matplotlib is not installed (pip install matplotlib)")
+        return False
+    legend = any(len(p["lines"]) > 1 for p in panels)  # to the right of the chart, never over its lines
+    fig = Figure(figsize=(3.4 * len(panels) + 2.2 * legend, 2.8), layout="constrained")
+    for ax, p in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for label, xs, ys, yerr in p["lines"]:
+            ax.errorbar(xs, ys, yerr=yerr, label=label, marker="o", markersize=3, capsize=2)
+        ax.set(title=p["title"], xlabel=p["xlabel"], xscale="log" if p.get("logx") else "linear")
+        ax.grid(alpha=0.3)
+        if len(p["lines"]) > 1:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    return True
+
+
+def plot_curves(metrics_path, png, log=print):
+    """curves.png: the loss, the learning rate and the kNN monitor against the epoch, from metrics.jsonl (which a
+    resumed run continues, each epoch once: trim_metrics)."""
+    if not os.path.exists(metrics_path):
+        log(f"note: no epoch was trained, so no {os.path.basename(png)}")
+        return
+    with open(metrics_path) as f:
+        m = [json.loads(line) for line in f]
+    epochs, knn = [r["epoch"] for r in m], [r for r in m if "knn_top1" in r]
+    save_plot(png, [dict(title="NT-Xent loss", xlabel="epoch", lines=[("", epochs, [r["loss"] for r in m], None)]),
+                    dict(title="learning rate (end of epoch)", xlabel="epoch",
+                         lines=[("", epochs, [r["lr"] for r in m], None)]),
+                    dict(title="kNN monitor, top-1 %" if knn else "kNN monitor: off (--knn-every)", xlabel="epoch",
+                         lines=[("", [r["epoch"] for r in knn], [100 * r["knn_top1"] for r in knn], None)])], log)
+
+
+def plot_label_efficiency(rows, methods, png, log=print):
+    """label_efficiency.png: each method's top-1 (mean +- std over the draws) against the number of labels."""
+    save_plot(png, [dict(title="top-1 on the test split (%)", xlabel="labelled train images", logx=True,
+                         lines=[(name, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows],
+                                 [100 * r[k]["std"] for r in rows]) for k, name in methods.items()])], log)
+
+
+def neighbour_grid(query, simclr_nb, random_nb):
+    """The tiles of the neighbour picture, one row per query: the query, a gap, its neighbours by SimCLR's h, a gap,
+    its neighbours by the random-init backbone's h. query (Q, 3, H, W), *_nb (Q, k, 3, H, W), floats in [0, 1]
+    -> (Q (2k + 3), 3, H, W), for save_image(nrow=2k + 3)."""
+    gap = torch.ones_like(query)[:, None]  # (Q, 1, 3, H, W): white, as save_image's padding below
+    return torch.cat([query[:, None], gap, simclr_nb, gap, random_nb], 1).flatten(0, 1)  # (Q, 2k+3, ...) -> rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1828,17 +1844,18 @@ def evaluate_with_baselines(features, data, args, device, train_s, random_name, 
 
 def pictures(features, data, args, random_name, log=print):
     """Every run's pictures, into its output directory: curves.png, and neighbours.png (also to --show-neighbours):
-    8 test images drawn with the seed (of different classes while there are 8), each with its 8 nearest train
-    images by cosine similarity of SimCLR's h, then of the random-init backbone's h."""
+    8 test images, each of its own class while there are 8 classes (with more, stratified's rounding picks the
+    first ones) and drawn within its class with the seed, each with its 8 nearest train images by cosine
+    similarity of SimCLR's h, then of the random-init backbone's h."""
     plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"), log)
     train_x, test_x, test_y = data["train_x"], data["test_x"], data["test_y"]
     q = stratified(test_y.cpu(), 8, torch.Generator().manual_seed(args.seed))
     as_float = lambda x: x.cpu().float() / 255  # uint8 -> [0, 1], on the host, where save_image writes from
     neighbours = [as_float(train_x[nearest(h_test[q.to(h_test.device)], h_train, 8)[1].to(train_x.device)])
                   for h_train, h_test in map(features, ("simclr", "random_init"))]  # (8, k, 3, H, W) each
-    tiles = neighbour_grid(as_float(test_x[q.to(test_x.device)]), *neighbours)
+    tiles = neighbour_grid(as_float(test_x[q.to(test_x.device)]), *neighbours)  # (8 (2k + 3), 3, H, W)
     if tiles.shape[-1] > 64:  # large images: a picture of about a thousand pixels across, not thousands
-        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)
+        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)  # (8 (2k+3), 3, 64, 64)
     paths = [os.path.join(args.out, "neighbours.png")] + ([args.show_neighbours] if args.show_neighbours else [])
     for path in paths:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1893,13 +1910,6 @@ def label_efficiency(features, data, args, device, random_name, results, log=pri
     return table
 
 
-def plot_label_efficiency(rows, methods, png, log=print):
-    """label_efficiency.png: each method's top-1 (mean +- std over the draws) against the number of labels."""
-    save_plot(png, [dict(title="top-1 on the test split (%)", xlabel="labelled train images", logx=True,
-                         lines=[(name, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows],
-                                 [100 * r[k]["std"] for r in rows]) for k, name in methods.items()])], log)
-
-
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device, rank, world = setup(args)
@@ -1919,6 +1929,8 @@ def main(argv=None):
     features = feature_cache(model, data["train_x"], data["test_x"], args, device)
     random_name = f"{'ImageNet-init' if args.pretrained else 'random-init'} {args.arch}"
     if args.resume and args.show_neighbours:  # a look at a saved run: its pictures, no training, no evaluation
+        if start_epoch == 0:
+            die(f"--show-neighbours: {args.resume} has no checkpoint of a trained epoch yet, so nothing to show")
         return pictures(features, data, args, random_name, log)
     train_s = pretrain(model, data, args, start_epoch, opt_state, rank, world, log)
     if world > 1:
