@@ -816,7 +816,7 @@ def test_few_labels_table_and_pictures_with_and_without_matplotlib(tmp_path, mon
     # without matplotlib: a note for each plot, the run goes on, the neighbours are still drawn
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib..." now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    simclr.main([*flags, "--out", str(tmp_path / "bare")])
+    simclr.main([*TINY, "--epochs", "1", "--label-fractions", "1", "--sup-steps", "1", "--out", str(tmp_path / "bare")])
     notes = [l for l in capsys.readouterr().out.splitlines() if "matplotlib is not installed" in l]
     assert [n.split()[1] for n in notes] == ["curves.png", "label_efficiency.png"]
     assert sorted(f for f in os.listdir(tmp_path / "bare") if f.endswith(".png")) == ["neighbours.png"]
