@@ -954,12 +954,12 @@ def test_autoencoder_cache_is_per_seed(tmp_path, capsys):
 def test_run_saved_before_newer_flags_existed_resumes(tmp_path):
     """A config.json written by an older simclr.py lacks the flags added since: --resume fills in their defaults."""
     out = tmp_path / "run"
-    run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out))
+    simclr.main([*TINY, "--epochs", "1", "--out", str(out)])
     cfg = json.loads((out / "config.json").read_text())
     for newer in ("bench", "bench_steps", "workers", "peak_tflops"):
         del cfg[newer]
     (out / "config.json").write_text(json.dumps(cfg))
-    assert "top-1" in run_script("simclr.py", "--resume", str(out))
+    assert "linear_top1" in simclr.main(["--resume", str(out)])
 
 
 def test_ae_run_saved_before_ae_dim_existed_resumes_with_its_proj_hidden_as_d(tmp_path, capsys):
@@ -1053,12 +1053,14 @@ def test_autoencoder_checkpoint_is_written_at_the_end_and_every_few_minutes(tmp_
     assert [s["epoch"] for s in saves] == [1, 2, 3]
 
 
-def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
+def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path, capsys):
     out = tmp_path / "run"
-    run_script("simclr.py", *TINY, "--epochs", "1", "--out", str(out))
+    simclr.main([*TINY, "--epochs", "1", "--out", str(out)])  # in-process: the suite stays fast
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    err = run_failing("--resume", str(out))
-    assert "checkpoint.pt" in err and "corrupt" in err
+    with pytest.raises(SystemExit) as e:
+        simclr.main(["--resume", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "checkpoint.pt" in err and "corrupt" in err
 
 
 def test_nan_loss_stops_with_step_lr_and_hint_keeping_last_checkpoint(tmp_path):
