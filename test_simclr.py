@@ -29,6 +29,37 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# ---------------------------------------------------------------- Part 1 of simclr.py, on its own
+
+RUN_PART1 = """
+import json, sys
+src = open("simclr.py").read()
+ns = {"__name__": "part1"}
+exec(compile(src[:src.index("\\n# Part 2")], "part1", "exec"), ns)  # the text above the '# Part 2' banner, alone
+seen, real_train = {}, ns["train"]
+ns["train"] = lambda model, images, hp, **k: seen.update(vars(hp)) or real_train(model, images, hp, **k)
+r = ns["simclr_on_shapes"](epochs=1, n=(128, 64), head="ae", act="sigmoid", device="cpu", log=lambda s: None)
+print(json.dumps(dict(results=r, hp=seen)))
+"""
+
+
+def test_part1_runs_on_its_own_with_the_command_lines_hyper_parameters(tmp_path):
+    """The tutorial core (simclr.py above '# Part 2') runs in a fresh interpreter with nothing below it: it trains
+    an autoencoder, pre-trains on shapes and probes. It imports only the standard library, torch, torchvision and
+    numpy, and its run uses the hyper-parameters that `python simclr.py` resolves for shapes."""
+    import ast
+    src = open(os.path.join(HERE, "simclr.py")).read()
+    core = src[:src.index("\n# Part 2")]
+    assert len(core.splitlines()) <= 650
+    imported = {(a.name if isinstance(n, ast.Import) else n.module).split(".")[0]
+                for n in ast.walk(ast.parse(core)) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert imported - sys.stdlib_module_names <= {"torch", "torchvision", "numpy"}
+    out = json.loads(run_script("-c", RUN_PART1).splitlines()[-1])
+    assert all(0 <= v <= 1 for r in out["results"].values() for v in r.values()) and len(out["results"]) == 2
+    cli = vars(simclr.parse_args(["--epochs", "1", "--out", str(tmp_path)]))
+    assert out["hp"] == {k: cli[k] for k in out["hp"]}
+
+
 # ---------------------------------------------------------------- NT-Xent
 
 def naive_nt_xent(z1, z2, tau):
@@ -243,8 +274,9 @@ def test_autoencoder_training_reduces_reconstruction_error():
 
 def test_autoencoder_stage_resumes_bit_identical(tmp_path):
     x, _ = simclr.make_shapes(200, 8, seed=0)
-    train = lambda epochs, ckpt: simclr.train_autoencoder(x, 16, epochs, "cpu", lr=1e-3, ckpt=ckpt,
-                                                          log=lambda s: None)
+    quiet = lambda s: None
+    train = lambda epochs, ckpt: simclr.train_autoencoder(
+        x, 16, epochs, "cpu", lr=1e-3, log=quiet, **(simclr.autoencoder_checkpoint(ckpt, epochs, quiet) if ckpt else {}))
     torch.manual_seed(0)
     whole, _ = train(4, None)
     torch.manual_seed(0)
@@ -674,37 +706,39 @@ def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsy
 # ---------------------------------------------------------------- command line: clear errors, end to end
 
 @pytest.mark.parametrize("argv,message", [
-    (["--dataset", "mnist2"], "unknown dataset"),
-    (["--arch", "vgg16"], "unknown arch"),
-    (["--batch-size", "1"], "at least 2"),
-    (["--tau", "0"], "--tau must be > 0"),
+    (["--dataset", "mnist2"], "argument --dataset: invalid choice: 'mnist2'"),
+    (["--arch", "vgg16"], "argument --arch: invalid choice: 'vgg16'"),
+    (["--batch-size", "1"], "argument --batch-size: must be at least 2"),
+    (["--tau", "0"], "argument --tau: must be > 0 (got 0.0)"),
     (["--head", "ae", "--arch", "resnet50"], "512-d backbone"),
-    (["--no-freeze"], "only applies to --head ae"),
+    (["--no-freeze"], "--no-freeze only applies to --head ae"),
     (["--ae-dim", "128"], "--ae-dim only applies to --head ae"),
-    (["--head", "ae", "--proj-hidden", "128"], "use --ae-dim 128"),  # it set d before --ae-dim: never ignored
-    (["--head", "ae", "--ae-dim", "0"], "--ae-dim must be >= 1"),
-    (["--batch-size", "1", "--dry-run"], "--batch-size must be at least 2"),  # before --dry-run replaces it
-    (["--epochs", "-3", "--dry-run"], "--epochs must be >= 0 (got -3)"),
-    (["--lr", "nan"], "--lr must be > 0 (got nan)"),
-    (["--lr", "inf"], "--lr must be > 0 (got inf)"),
-    (["--crop-min", "0"], "--crop-min must be in (0, 1]"),
-    (["--blur-prob", "1.5"], "--blur-prob must be in [0, 1]"),
-    (["--momentum", "1"], "--momentum must be in [0, 1)"),
-    (["--img-size", "0"], "--img-size must be at least 8"),
-    (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
-    (["--knn-k", "0"], "--knn-k must be >= 1"),
+    (["--head", "ae", "--proj-hidden", "128"], "use --ae-dim 128"),  # the ae head's width is d: never ignored
+    (["--head", "ae", "--ae-dim", "0"], "argument --ae-dim: must be >= 1"),
+    (["--batch-size", "1", "--dry-run"], "argument --batch-size: must be at least 2"),  # before --dry-run sets it
+    (["--epochs", "-3", "--dry-run"], "argument --epochs: must be >= 0 (got -3)"),
+    (["--epochs", "2.5"], "argument --epochs: takes integers (got '2.5')"),
+    (["--lr", "nan"], "argument --lr: must be > 0 (got nan)"),
+    (["--lr", "inf"], "argument --lr: must be > 0 (got inf)"),
+    (["--crop-min", "0"], "argument --crop-min: must be in (0, 1]"),
+    (["--blur-prob", "1.5"], "argument --blur-prob: must be in [0, 1]"),
+    (["--momentum", "1"], "argument --momentum: must be in [0, 1)"),
+    (["--img-size", "0"], "argument --img-size: must be at least 8"),
+    (["--warmup-epochs", "-1"], "argument --warmup-epochs: must be >= 0"),
+    (["--knn-k", "0"], "argument --knn-k: must be >= 1"),
     (["--label-fractions", "0.1", "--labels-per-class", "5"], "exclude each other"),
-    (["--label-fractions", "0"], "--label-fractions values must be in (0, 1] (got 0.0)"),
-    (["--label-fractions", "0.1,1.5"], "--label-fractions values must be in (0, 1] (got 1.5)"),
-    (["--label-fractions", "0.1,,1"], "--label-fractions takes comma-separated numbers"),
-    (["--labels-per-class", "2.5"], "--labels-per-class takes comma-separated integers"),
-    (["--labels-per-class", "0,10"], "--labels-per-class values must be at least 1 (got 0)"),
+    (["--label-fractions", "0"], "argument --label-fractions: must be in (0, 1] (got 0.0)"),
+    (["--label-fractions", "0.1,1.5"], "argument --label-fractions: must be in (0, 1] (got 1.5)"),
+    (["--label-fractions", "0.1,,1"], "argument --label-fractions: takes comma-separated numbers"),
+    (["--labels-per-class", "2.5"], "argument --labels-per-class: takes comma-separated integers"),
+    (["--labels-per-class", "0,10"], "argument --labels-per-class: must be at least 1 (got 0)"),
     (["--label-fractions", "0.1", "--recipe", "paper"], "Add --eval standard"),
-    (["--label-draws", "0"], "--label-draws must be in 1..1000"),
-    (["--sup-steps", "0"], "--sup-steps must be >= 1"),
-    (["--labels-per-class", ""], "--labels-per-class takes comma-separated integers"),
+    (["--label-draws", "0"], "argument --label-draws: must be in 1..1000"),
+    (["--sup-steps", "0"], "argument --sup-steps: must be >= 1"),
+    (["--labels-per-class", ""], "argument --labels-per-class: takes comma-separated integers"),
     (["--show-neighbours", "nb.jpg"], "--show-neighbours nb.jpg: give the name of a .png file"),
     (["--labels-per-class", "10,1000", "--subset", "100"], "--labels-per-class 1000: the smallest class has"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_flags_exit_with_a_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -713,8 +747,13 @@ def test_bad_flags_exit_with_a_clear_message(argv, message, capsys, tmp_path):
     assert message in capsys.readouterr().err
 
 
+def saved_config(path, *argv):
+    """config.json as a run started with argv saves it, without running it."""
+    (path / "config.json").write_text(json.dumps(vars(simclr.parse_args([*argv, "--out", str(path)]))))
+
+
 def test_resume_with_different_flags_names_them(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"tau": 0.5, "epochs": 3, "device": "cpu"}))
+    saved_config(tmp_path, "--tau", "0.5", "--epochs", "3")
     with pytest.raises(SystemExit):
         simclr.main(["--resume", str(tmp_path), "--tau", "0.2"])
     err = capsys.readouterr().err
@@ -723,7 +762,7 @@ def test_resume_with_different_flags_names_them(tmp_path, capsys):
 
 def test_resume_checks_typed_flags_against_the_saved_run_not_the_defaults(tmp_path, capsys):
     """--no-freeze is valid for the saved --head ae run: it must not be refused as if --head were the default mlp."""
-    (tmp_path / "config.json").write_text(json.dumps({"head": "ae", "no_freeze": True, "tau": 0.5, "device": "cpu"}))
+    saved_config(tmp_path, "--head", "ae", "--no-freeze", "--tau", "0.5")
     with pytest.raises(SystemExit):
         simclr.main(["--resume", str(tmp_path), "--no-freeze", "--tau", "0.2"])
     err = capsys.readouterr().err
@@ -816,6 +855,7 @@ def test_few_labels_table_and_pictures_with_and_without_matplotlib(tmp_path, mon
     # without matplotlib: a note for each plot, the run goes on, the neighbours are still drawn
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib..." now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    capsys.readouterr()
     simclr.main([*TINY, "--epochs", "1", "--label-fractions", "1", "--sup-steps", "1", "--out", str(tmp_path / "bare")])
     notes = [l for l in capsys.readouterr().out.splitlines() if "matplotlib is not installed" in l]
     assert [n.split()[1] for n in notes] == ["curves.png", "label_efficiency.png"]
@@ -924,15 +964,6 @@ def test_recipes_resolve_to_their_sources_and_typed_flags_win(tmp_path):
     assert resolve("--recipe", "paper", "--eval", "standard", "--warmup-epochs", "2").eval == "standard"
 
 
-def test_trim_metrics_keeps_epochs_up_to_the_checkpoint(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    assert simclr.trim_metrics(str(path), 3) == 0 and not path.exists()  # no file: nothing to do
-    path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')  # killed after epoch 3's line, mid-line
-    assert simclr.trim_metrics(str(path), 2) == 2  # the checkpoint holds epoch 2
-    assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
-    assert simclr.trim_metrics(str(path), 0) == 2 and path.read_text() == ""  # no checkpoint: the run starts afresh
-
-
 def run_failing(*args):
     r = subprocess.run([sys.executable, "simclr.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
@@ -951,32 +982,16 @@ def test_autoencoder_cache_is_per_seed(tmp_path, capsys):
     assert len(os.listdir(tmp_path / "ae")) == 2
 
 
-def test_run_saved_before_newer_flags_existed_resumes(tmp_path):
-    """A config.json written by an older simclr.py lacks the flags added since: --resume fills in their defaults."""
-    out = tmp_path / "run"
-    simclr.main([*TINY, "--epochs", "1", "--out", str(out)])
-    cfg = json.loads((out / "config.json").read_text())
-    for newer in ("bench", "bench_steps", "workers", "peak_tflops"):
-        del cfg[newer]
-    (out / "config.json").write_text(json.dumps(cfg))
-    assert "linear_top1" in simclr.main(["--resume", str(out)])
-
-
-def test_ae_run_saved_before_ae_dim_existed_resumes_with_its_proj_hidden_as_d(tmp_path, capsys):
-    """Before --ae-dim, --proj-hidden was also the ae head's width d: an old config.json resumes with that d (the
-    checkpoint's 512 -> 64 head loads, the cached autoencoder of that d is found) and says proj_hidden no more."""
-    out, ae_dir = tmp_path / "run", str(tmp_path / "ae")
-    simclr.main([*TINY, "--head", "ae", "--ae-dim", "64", "--ae-epochs", "1", "--epochs", "1", "--ae-dir", ae_dir,
-                 "--out", str(out)])
-    assert os.listdir(ae_dir) == ["ae-shapes-16px-d64-e1-s0-n96.pt"]  # the cache's name keeps its d
-    cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["ae_dim"], cfg["proj_hidden"]) == (64, None)  # one width per head
-    cfg["proj_hidden"] = cfg.pop("ae_dim")  # as an older simclr.py saved it
-    (out / "config.json").write_text(json.dumps(cfg))
-    capsys.readouterr()
-    assert "linear_top1" in simclr.main(["--resume", str(out)])
-    printed = capsys.readouterr().out
-    assert "autoencoder: reusing" in printed and "-d64-" in printed and "resumed" in printed
+def test_config_saved_by_another_version_is_refused_naming_what_it_lacks(tmp_path, capsys):
+    """A config.json without a flag of this simclr.py (an older version wrote it) is refused, never half-resumed."""
+    saved_config(tmp_path, "--epochs", "1")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["ae_dim"], cfg["workers"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as e:
+        simclr.main(["--resume", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "config.json has no ae_dim, workers" in err and "another version" in err
 
 
 def test_resume_with_another_number_of_processes_says_so(tmp_path, capsys):
@@ -1045,11 +1060,13 @@ def test_autoencoder_checkpoint_is_written_at_the_end_and_every_few_minutes(tmp_
     x, _ = simclr.make_shapes(200, 8, seed=0)
     saves = []
     monkeypatch.setattr(simclr, "save_atomic", lambda obj, path: saves.append(obj))
-    simclr.train_autoencoder(x, 16, 5, "cpu", lr=1e-3, ckpt=str(tmp_path / "ae.pt"), log=lambda s: None)
+    quiet = lambda s: None
+    ckpt = lambda name, epochs: simclr.autoencoder_checkpoint(str(tmp_path / name), epochs, quiet)
+    simclr.train_autoencoder(x, 16, 5, "cpu", lr=1e-3, log=quiet, **ckpt("ae.pt", 5))
     assert [s["epoch"] for s in saves] == [5]  # not every epoch
     monkeypatch.setattr(simclr, "AE_SAVE_EVERY_S", -1)
     saves.clear()
-    simclr.train_autoencoder(x, 16, 3, "cpu", lr=1e-3, ckpt=str(tmp_path / "ae2.pt"), log=lambda s: None)
+    simclr.train_autoencoder(x, 16, 3, "cpu", lr=1e-3, log=quiet, **ckpt("ae2.pt", 3))
     assert [s["epoch"] for s in saves] == [1, 2, 3]
 
 
@@ -1108,18 +1125,16 @@ def _ddp_worker(rank, world, port, path):
     n = 8 // world
     a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
     b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
-    share = simclr.nt_xent(a, b, 0.3, rank, world)
-    share.backward()
-    total = share.detach().clone()
-    dist.all_reduce(total)
-    torch.save(dict(total=total, ga=a.grad, gb=b.grad), os.path.join(path, f"rank{rank}.pt"))
+    loss = simclr.nt_xent_gathered(a, b, 0.3, rank, world)
+    loss.backward()
+    torch.save(dict(loss=loss.detach(), ga=a.grad, gb=b.grad), os.path.join(path, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_distributed_nt_xent_equals_single_process_on_the_global_batch(tmp_path):
-    """2 gloo processes: the summed shares equal the single-process loss on the concatenated batch, and each
-    rank's embedding gradients equal the matching rows of the single-process gradients (negatives gathered
-    with gradient; a gather without gradient gives wrong gradients here)."""
+def test_distributed_nt_xent_is_the_global_loss_with_its_gradient_on_every_process(tmp_path):
+    """2 gloo processes, each with half of the batch: each computes the single-process loss of the whole batch, and
+    gets world x the matching rows of its gradient (the gather's backward sums the processes' gradients; DDP's mean
+    divides it back). A gather without gradient gives the wrong gradients here."""
     torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(8, 5, generator=g).requires_grad_(), torch.randn(8, 5, generator=g).requires_grad_()
@@ -1127,9 +1142,53 @@ def test_distributed_nt_xent_equals_single_process_on_the_global_batch(tmp_path)
     loss.backward()
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
-        assert r["total"].item() == pytest.approx(loss.item(), rel=1e-5)
-        torch.testing.assert_close(r["ga"], z1.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(r["gb"], z2.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
+        assert r["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+        torch.testing.assert_close(r["ga"], 2 * z1.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r["gb"], 2 * z2.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
+
+
+def small_simclr():
+    """A SimCLR model small enough for a step in milliseconds, with BatchNorm, a bias and a head."""
+    torch.manual_seed(3)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    return simclr.SimCLR(backbone, simclr.projection_head(6, 8, 4, "relu"))
+
+
+STEP_HP = dict(lr=0.5, momentum=0.9, wd=0.1, decay_norm_and_bias=False)
+GLOBAL_VIEWS = torch.randn(2 * 8, 3, 6, 6, generator=torch.Generator().manual_seed(4))  # rows i, i + 8: a pair
+
+
+def _ddp_step_worker(rank, world, port, path):
+    import argparse
+    import functools
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = simclr.sync_batchnorm(small_simclr(), torch.device("cpu"))
+    forward = torch.nn.parallel.DistributedDataParallel(model)
+    opt = simclr.optimizer(model, argparse.Namespace(**STEP_HP))
+    n = 8 // world
+    views = torch.cat([GLOBAL_VIEWS[rank * n:(rank + 1) * n], GLOBAL_VIEWS[8 + rank * n:8 + (rank + 1) * n]])
+    for _ in range(2):  # the second step uses the momentum of the first
+        simclr.sgd_step(forward, views, opt, 0.5, loss_fn=functools.partial(simclr.nt_xent_gathered, rank=rank,
+                                                                             world=world))
+    torch.save(model.state_dict(), os.path.join(path, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_take_the_sgd_step_of_one_process_on_the_global_batch(tmp_path):
+    """One training step of 2 gloo processes (DDP, global BatchNorm, the gathered NT-Xent), each on its half of the
+    batch, ends with the weights and BatchNorm statistics of the same step in one process on the whole batch."""
+    import argparse
+    torch.multiprocessing.spawn(_ddp_step_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    model = small_simclr()
+    opt = simclr.optimizer(model, argparse.Namespace(**STEP_HP))
+    for _ in range(2):
+        simclr.sgd_step(model, GLOBAL_VIEWS, opt, 0.5)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got[k].to(v.dtype), v, rtol=1e-5, atol=1e-6, msg=f"{k}, rank {rank}")
 
 
 def _sync_bn_worker(rank, world, port, path):
