@@ -566,8 +566,8 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
     torch.manual_seed(seed)
     (train_x, train_y), (test_x, test_y) = make_shapes(n[0], SHAPES["img"], seed), make_shapes(n[1], SHAPES["img"],
                                                                                                   seed + 10_000)
-    B = SHAPES["batch"]
-    hp = argparse.Namespace(epochs=epochs, batch_size=B, lr=0.3 * math.sqrt(B / 256),  # App. B.1 of SimCLR
+    N = SHAPES["batch"]
+    hp = argparse.Namespace(epochs=epochs, batch_size=N, lr=0.3 * math.sqrt(N / 256),  # App. B.1 of SimCLR
                             warmup_epochs=min(10, epochs / 10), lr_min_ratio=1 / 50, momentum=0.9, wd=1e-5,
                             decay_norm_and_bias=False, tau=SHAPES["tau"], seed=seed, crop_min=SHAPES["crop_min"],
                             jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5)
@@ -666,91 +666,64 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
-    """Every flag once, in the groups that --help shows; each *_flags(a) declares one group, `a` its add_argument."""
+    """Every flag once, with its rule (its type) and its default, in the groups that --help shows."""
     p = argparse.ArgumentParser(description="SimCLR with an optional autoencoder projection head (arXiv:2408.14514).",
                                 formatter_class=HelpWithDefaults, allow_abbrev=False)
     p.error = die  # a bad flag: its rule in one line, exit 2 (not the usage of every flag)
-    for title, add_flags in [("data", data_flags),
-                             ("augmentations (Sec. 3 of SimCLR; the paper's values)", augmentation_flags),
-                             ("model: backbone f, projection head g, autoencoder", model_flags),
-                             ("optimisation (Sec. B.1 of SimCLR; Sec. 4 of the paper)", optimisation_flags),
-                             ("evaluation", evaluation_flags), ("few labels and pictures", few_labels_flags),
-                             ("run: device, precision, processes, output", run_flags), ("benchmark", bench_flags)]:
-        add_flags(p.add_argument_group(title).add_argument)
-    return p
-
-
-def data_flags(a):
-    a("--dataset", default="shapes", choices=tuple(DATASETS), help=f"one of: {', '.join(DATASETS)}")
+    a = p.add_argument_group("data").add_argument
+    a("--dataset", default="shapes", choices=tuple(DATASETS), help="the images to learn from")
     a("--data-dir", default="data", help="where datasets are read from (and downloaded to)")
     a("--no-download", action="store_true", help="never download; fail with a list of the files to put in place")
     a("--stl10-pretrain", default=None, choices=("train+unlabeled", "train"),
-      help="STL10's pre-training images: the standard protocol, or the 5k labelled ones as the paper (default: "
-           "train+unlabeled; recipe paper: train)")
+      help="STL10's pre-training images (default: train+unlabeled; recipe paper: train, the 5k labelled ones)")
     a("--img-size", type=number(int, lambda v: v >= 8, "at least 8"), default=None,
       help="image side in pixels (default: per dataset, see DATASETS)")
-    a("--data-on", default="auto", choices=("auto", "device", "host"),
-      help="where the uint8 images live: on the device, or in host memory with each batch copied over; auto: on "
-           "the device when they take at most half of its free memory")
-
-
-def augmentation_flags(a):
+    a("--data-on", default="auto", choices=("auto", "device", "host"), help="where the uint8 images live (host: "
+      "each batch is copied over); auto: on the device when they take at most half of its free memory")
+    a = p.add_argument_group("augmentations (Sec. 3 of SimCLR; the paper's values)").add_argument
     a("--crop-min", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=None,
       help="smallest crop area of RandomResizedCrop (default: 0.08; shapes 0.3)")
     a("--jitter-prob", type=PROBABILITY, default=0.8, help="probability of colour jitter (0.8, 0.8, 0.8, 0.2)")
     a("--gray-prob", type=PROBABILITY, default=0.2, help="probability of grayscale")
     a("--blur-prob", type=PROBABILITY, default=0.5, help="probability of Gaussian blur (kernel ~10%% of the image)")
     a("--show-augs", default=None, metavar="FILE.png", help="save a grid of images and their two views, then exit")
-
-
-def model_flags(a):
-    a("--arch", default=None, choices=ARCHS, help=f"backbone, one of: {', '.join(ARCHS)} (default: resnet34; "
-                                                  f"shapes: resnet18)")
-    a("--stem", default=None, choices=("auto", "imagenet", "cifar"),
-      help="auto: ImageNet's 7x7 stem and maxpool with --pretrained or for images over 64 px, else a 3x3 stride-1 "
-           "stem without maxpool (default: auto; shapes: imagenet)")
+    a = p.add_argument_group("model: backbone f, projection head g, autoencoder").add_argument
+    a("--arch", default=None, choices=ARCHS, help="the backbone (default: resnet34; shapes: resnet18)")
+    a("--stem", default=None, choices=("auto", "imagenet", "cifar"), help="auto: ImageNet's 7x7 stem and maxpool "
+      "with --pretrained or over 64 px, else 3x3 stride 1, no maxpool (default: auto; shapes: imagenet)")
     a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (recipe paper: on)")
     a("--head", default="mlp", choices=("mlp", "ae"), help="projection head: random MLP, or AE embedding first")
     a("--act", default="relu", choices=tuple(ACTIVATIONS), help="activation between the two head layers")
     a("--proj-hidden", type=COUNT, default=None, help="hidden width of the MLP head (default: 512)")
     a("--proj-out", type=COUNT, default=128, help="output width of the projection head")
-    a("--ae-dim", type=COUNT, default=None,
-      help="width d of the autoencoder's embedding, the ae head's hidden width (the paper: 128, 256 or 512; "
-           "default: 512)")
+    a("--ae-dim", type=COUNT, default=None, help="width d of the autoencoder's embedding, the ae head's hidden "
+      "width (the paper: 128, 256 or 512; default: 512)")
     a("--no-freeze", action="store_true", help="let the AE embedding train (ablation; frozen by default)")
     a("--ae-epochs", type=EPOCHS, default=None, help="autoencoder epochs (default: per dataset)")
     a("--ae-dir", default="runs/autoencoders", help="cache of trained autoencoders, one per dataset, d and seed")
-
-
-def optimisation_flags(a):
-    a("--recipe", default="simclr", choices=tuple(RECIPES),
-      help="simclr: from scratch, a linear warm-up, BatchNorm and biases out of weight decay; paper: the protocol "
-           "of 2408.14514 (see RECIPES)")
+    a = p.add_argument_group("optimisation (Sec. B.1 of SimCLR; Sec. 4 of the paper)").add_argument
+    a("--recipe", default="simclr", choices=tuple(RECIPES), help="simclr: from scratch, a linear warm-up, no weight "
+      "decay on BatchNorm and biases; paper: the protocol of 2408.14514 (see RECIPES)")
     a("--epochs", type=EPOCHS, default=None, help="pre-training epochs (default: per dataset)")
     a("--batch-size", type=number(int, lambda v: v >= 2, "at least 2: NT-Xent needs a negative per view"),
       default=None, help="N images per step, 2N views (default: per dataset)")
     a("--lr", type=POSITIVE, default=None,
       help="peak learning rate (default: recipe simclr: 0.3 * sqrt(N / 256); recipe paper: 0.3 * N / 256)")
-    a("--warmup-epochs", type=NONNEGATIVE, default=None,
-      help="linear warm-up of the learning rate, stepped every step (default: recipe simclr: a tenth of the run, "
-           "at most 10 epochs; recipe paper: 0)")
+    a("--warmup-epochs", type=NONNEGATIVE, default=None, help="linear warm-up of the learning rate, stepped every "
+      "step (default: recipe simclr: a tenth of the run, at most 10 epochs; recipe paper: 0)")
     a("--momentum", type=number(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.9, help="SGD momentum")
     a("--wd", type=NONNEGATIVE, default=1e-5, help="weight decay")
     a("--lr-min-ratio", type=PROBABILITY, default=1 / 50, help="cosine schedule ends at lr * this")
     a("--tau", type=POSITIVE, default=None, help="NT-Xent temperature (default: 0.5, the paper's; shapes: 0.2)")
-
-
-def evaluation_flags(a):
-    a("--eval", default=None, choices=("standard", "paper"),
-      help="standard: L-BFGS probe on the train split's features, top-1 on the test split; paper: the paper's SGD "
-           "probe on a 70/10/20 split of the test split's features (default: standard; recipe paper: paper)")
+    a = p.add_argument_group("evaluation").add_argument
+    a("--eval", default=None, choices=("standard", "paper"), help="standard: probe on the train split's features, "
+      "top-1 on the test split; paper: the paper's probe on a 70/10/20 split of the test split (default: standard; "
+      "recipe paper: paper)")
     a("--probe-steps", type=COUNT, default=200, help="L-BFGS iterations of the linear probe")
     a("--knn-every", type=EPOCHS, default=5, help="kNN monitor every this many epochs (0: only at the end)")
     a("--knn-k", type=COUNT, default=200, help="neighbours of the weighted kNN")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
-
-
-def few_labels_flags(a):
+    a = p.add_argument_group("few labels and pictures").add_argument
     a("--label-fractions", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]", many=True), metavar="F,F,...",
       help="for each fraction of the train labels (e.g. 0.01,0.1,1), the probes on a class-balanced seeded draw of "
            "that many, next to the random-init probe and supervised training from scratch on them (default: off)")
@@ -760,12 +733,9 @@ def few_labels_flags(a):
       help="draws of every label set smaller than the train split (mean +- std over them)")
     a("--sup-steps", type=COUNT, default=500,
       help="SGD steps of the supervised baseline, batch min(256, labels): one budget for every label set")
-    a("--show-neighbours", default=None, metavar="FILE.png",
-      help="save 8 test images with their 8 nearest train images by SimCLR's h and by a random-init backbone's h "
-           "(every run writes neighbours.png); with --resume DIR, of DIR's last checkpoint, then exit")
-
-
-def run_flags(a):
+    a("--show-neighbours", default=None, metavar="FILE.png", help="save 8 test images with their nearest train "
+      "images by SimCLR's h and a random-init h (every run writes neighbours.png); with --resume DIR: DIR's, then exit")
+    a = p.add_argument_group("run: device, precision, processes, output").add_argument
     a("--device", default=None, help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
     a("--precision", default="auto", choices=("auto", "bf16", "fp32"),
       help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX; not for tiny images)")
@@ -778,16 +748,15 @@ def run_flags(a):
     a("--subset", type=number(int, lambda v: v >= 2, "at least 2"), default=None,
       help="a seeded class-stratified draw of this many images of every labelled split, for quick experiments")
     a("--no-sync-bn", action="store_true", help="under torchrun: BatchNorm statistics per process, not global")
-
-
-def bench_flags(a):
-    a("--bench", action="store_true", help="img/s of this pipeline against the classic DataLoader one, into "
-                                           "--out/bench.json, then exit")
+    a = p.add_argument_group("benchmark").add_argument
+    a("--bench", action="store_true", help="img/s of this pipeline and of the classic DataLoader one, into "
+      "--out/bench.json, then exit")
     a("--bench-steps", type=COUNT, default=20, help="timed steps per stage of --bench, after warm-up")
     a("--workers", type=EPOCHS, default=None,
       help="DataLoader workers of the classic pipeline (default: the CPU cores this process may use)")
     a("--peak-tflops", type=POSITIVE, default=None,
       help="the device's dense bf16 peak, for the MFU of --bench (default: known for H100, H200, A100)")
+    return p
 
 
 def resolve_args(args):
@@ -1494,16 +1463,16 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
 def feature_cache(model, train_x, test_x, args, device):
     """features(name): (train_h, test_h) of the trained backbone ("simclr") or of a random-init one ("random_init"),
     each extracted once, when first needed."""
-    h = {}
+    cache = {}
 
     def features(name):
-        if name not in h:
+        if name not in cache:
             f = model.backbone
             if name == "random_init":
                 torch.manual_seed(args.seed + 1)  # its weights: the same whichever stage asks first
                 f = make_backbone(args.arch, args.stem, args.pretrained).to(device)
-            h[name] = extract_features(f, train_x), extract_features(f, test_x)
-        return h[name]
+            cache[name] = extract_features(f, train_x), extract_features(f, test_x)
+        return cache[name]
     return features
 
 
