@@ -1455,8 +1455,8 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
             write_metrics(history, args.out)
 
     t0 = time.time()
-    train(model, images, args, amp, log, opt_state, start_epoch, views_fn, forward, loss_fn, rank, world,
-          end_of_epoch)
+    train(model, images, args, amp, log, opt_state=opt_state, start_epoch=start_epoch, views_fn=views_fn,
+          forward=forward, loss_fn=loss_fn, rank=rank, world=world, end_of_epoch=end_of_epoch)
     return time.time() - t0
 
 
