@@ -589,16 +589,22 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
 # Part 2: the machinery. The command line, exact resume, devices, multi-GPU, datasets at scale, the paper's
 # protocol, few labels, pictures, the benchmark and main(), each under its own banner.
 # ==========================================================================================================
-import datetime  # noqa: E402 (Part 2's own imports: Part 1 needs none of them)
+import contextlib  # noqa: E402 (Part 2's own imports: Part 1 needs none of them)
+import datetime  # noqa: E402
+import errno  # noqa: E402
+import fcntl  # noqa: E402
 import functools  # noqa: E402
 import gzip  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 
+import PIL.Image  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -633,10 +639,10 @@ RECIPES = {
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
-def die(msg):
-    """A user mistake: say what was wrong and what to do, exit 2, no traceback."""
+def die(msg, code=2):
+    """A user mistake, or a run that cannot go on: say what was wrong and what to do, exit 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def number(kind, ok, rule, many=False):
@@ -657,7 +663,7 @@ def number(kind, ok, rule, many=False):
 
 POSITIVE, NONNEGATIVE = number(float, lambda v: v > 0, "> 0"), number(float, lambda v: v >= 0, ">= 0")
 PROBABILITY, COUNT = number(float, lambda v: 0 <= v <= 1, "in [0, 1]"), number(int, lambda v: v >= 1, ">= 1")
-EPOCHS = number(int, lambda v: v >= 0, ">= 0")
+EPOCHS, WIDTH = number(int, lambda v: v >= 0, ">= 0"), number(int, lambda v: 1 <= v <= 65536, "in 1..65536")
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -676,8 +682,8 @@ def build_parser():
     a("--no-download", action="store_true", help="never download; fail with a list of the files to put in place")
     a("--stl10-pretrain", default=None, choices=("train+unlabeled", "train"),
       help="STL10's pre-training images (default: train+unlabeled; recipe paper: train, the 5k labelled ones)")
-    a("--img-size", type=number(int, lambda v: v >= 8, "at least 8"), default=None,
-      help="image side in pixels (default: per dataset, see DATASETS)")
+    a("--img-size", type=number(int, lambda v: 8 <= v <= 1024, "in 8..1024"), default=None,
+      help="image side in pixels (default: per dataset, see DATASETS; folder: its images' median side, at most 96)")
     a("--data-on", default="auto", choices=("auto", "device", "host"), help="where the uint8 images live (host: "
       "each batch is copied over); auto: on the device when they take at most half of its free memory")
     a = p.add_argument_group("augmentations (Sec. 3 of SimCLR; the paper's values)").add_argument
@@ -694,13 +700,14 @@ def build_parser():
     a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (recipe paper: on)")
     a("--head", default="mlp", choices=("mlp", "ae"), help="projection head: random MLP, or AE embedding first")
     a("--act", default="relu", choices=tuple(ACTIVATIONS), help="activation between the two head layers")
-    a("--proj-hidden", type=COUNT, default=None, help="hidden width of the MLP head (default: 512)")
-    a("--proj-out", type=COUNT, default=128, help="output width of the projection head")
-    a("--ae-dim", type=COUNT, default=None, help="width d of the autoencoder's embedding, the ae head's hidden "
+    a("--proj-hidden", type=WIDTH, default=None, help="hidden width of the MLP head (default: 512)")
+    a("--proj-out", type=WIDTH, default=128, help="output width of the projection head")
+    a("--ae-dim", type=WIDTH, default=None, help="width d of the autoencoder's embedding, the ae head's hidden "
       "width (the paper: 128, 256 or 512; default: 512)")
     a("--no-freeze", action="store_true", help="let the AE embedding train (ablation; frozen by default)")
     a("--ae-epochs", type=EPOCHS, default=None, help="autoencoder epochs (default: per dataset)")
-    a("--ae-dir", default="runs/autoencoders", help="cache of trained autoencoders, one per dataset, d and seed")
+    a("--ae-dir", default=None, help="cache of trained autoencoders, one per dataset, d and seed (default: "
+      "runs/autoencoders)")
     a = p.add_argument_group("optimisation (Sec. B.1 of SimCLR; Sec. 4 of the paper)").add_argument
     a("--recipe", default="simclr", choices=tuple(RECIPES), help="simclr: from scratch, a linear warm-up, no weight "
       "decay on BatchNorm and biases; paper: the protocol of 2408.14514 (see RECIPES)")
@@ -741,7 +748,8 @@ def build_parser():
       help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX; not for tiny images)")
     a("--compile", default="auto", choices=("auto", "on", "off"),
       help="torch.compile the augmentation and the model (auto: on CUDA, not for --dry-run)")
-    a("--seed", type=int, default=0, help="seed of everything random")
+    a("--seed", type=number(int, lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), default=0,
+      help="seed of everything random")
     a("--out", default=None, help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
     a("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
     a("--dry-run", action="store_true", help="run every stage for a couple of steps on a few images")
@@ -773,18 +781,22 @@ def resolve_args(args):
         die("--label-fractions and --labels-per-class exclude each other: give fractions of the train labels, or "
             "counts per class")
     args.label_amounts = args.label_fractions or args.labels_per_class or []  # the few-labels stage's label sets
-    if args.show_neighbours is not None and (not args.show_neighbours.lower().endswith(".png")
-                                             or os.path.isdir(args.show_neighbours)):
-        die(f"--show-neighbours {args.show_neighbours}: give the name of a .png file to write")
     if args.label_amounts and args.eval == "paper":  # its probe trains on the test split: no train labels to draw
         die("--label-fractions / --labels-per-class train the probes on train-split labels (the standard protocol); "
             "--eval paper (also set by --recipe paper) trains its probe on the test split. Add --eval standard.")
+    if args.head == "mlp" and (args.ae_epochs is not None or args.ae_dir is not None):
+        die("--ae-epochs and --ae-dir only apply to --head ae (the MLP head has no autoencoder)")
+    if args.img_size is None and args.dataset == "folder":
+        args.img_size = folder_image_side(args.data_dir, ds["img"])
     args.img_size, args.batch_size = args.img_size or ds["img"], args.batch_size or ds["batch"]
     args.epochs = args.epochs if args.epochs is not None else ds["epochs"]
     args.ae_epochs = args.ae_epochs if args.ae_epochs is not None else ds["ae_epochs"]
     if args.dry_run:
         args.batch_size, args.epochs, args.ae_epochs, args.probe_steps, args.sup_steps = 16, 1, 1, 5, 2
         args.subset = args.subset or 64
+    if args.head == "mlp":
+        args.ae_epochs = None
+    args.ae_dir = args.ae_dir or ("runs/autoencoders" if args.head == "ae" else None)
     N = args.batch_size  # the linear rule of SimCLR's B.1, or the square-root one (RECIPES)
     args.lr = args.lr or (0.3 * N / 256 if recipe["lr_scaling"] == "linear" else 0.3 * math.sqrt(N / 256))
     # SimCLR warms up for 10 epochs of 100 or more; a short run warms up for a tenth of its length
@@ -824,27 +836,56 @@ def parse_args(argv):
     flags typed now must match."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.resume:
+    if args.resume is None:
         return resolve_args(args)
+    if not args.resume:
+        die("--resume needs the folder of a saved run (got '')")
     cfg_path = os.path.join(args.resume, "config.json")
     if not os.path.exists(cfg_path):
         die(f"--resume {args.resume}: no config.json there; is it a run directory?")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_config(cfg_path, parser)
     missing = sorted(set(vars(args)) - set(cfg))
     if missing:
         die(f"{cfg_path} has no {', '.join(missing)}: it was written by another version of simclr.py. Resume it "
             f"with that version, or start a new run.")
     typed = {act.dest for act in parser._actions if {a.split("=")[0] for a in argv} & set(act.option_strings)}
     typed -= {"resume", "device", "out", "show_neighbours"}
+    stop = os.path.join(args.resume, "diverged.json")  # after a stop on divergence: a new --lr or --tau may follow
+    retune = {k for k in typed & {"lr", "tau"} if os.path.exists(stop)}
     saved = {k: v for k, v in cfg.items() if k in vars(args) and k not in typed}  # the flags not typed
     given = resolve_args(argparse.Namespace(**{**vars(args), **saved, "resume": None, "out": args.resume}))
     differ = [f"--{k.replace('_', '-')}: saved {cfg.get(k)!r}, given {getattr(given, k)!r}"
-              for k in sorted(typed) if cfg.get(k) != getattr(given, k)]
+              for k in sorted(typed - retune) if cfg.get(k) != getattr(given, k)]
     if differ:
         die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ))
+    if retune:  # the run continues from its last good checkpoint with the new values, saved in its config
+        cfg.update({k: getattr(given, k) for k in retune})
+        write_json(cfg, cfg_path)
+        os.remove(stop)
     return argparse.Namespace(**{**cfg, "resume": args.resume, "out": args.resume, "device": args.device or cfg["device"],
                                  "show_neighbours": args.show_neighbours})
+
+
+def read_config(path, parser):
+    """A saved run's config.json, every value checked by its flag's rule: a file cut short or edited by hand is
+    named with what is wrong, never half-used."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+        for act in parser._actions:
+            v = cfg.get(act.dest)
+            try:
+                if v is not None and act.type is not None:
+                    act.type(",".join(map(str, v)) if isinstance(v, list) else str(v))
+                if v is not None and act.choices is not None and v not in act.choices and act.dest != "compile":
+                    raise ValueError(f"not one of {', '.join(map(str, act.choices))}")
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                raise ValueError(f"its {act.dest} is {v!r}: {e}")
+    except ValueError as e:  # json's errors are ValueErrors
+        die(f"{path} cannot be read ({e}); it is not the config.json of a run of this simclr.py")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -875,12 +916,19 @@ def write_atomic(path, write):
     mid-write leaves the previous file intact, and processes writing one file at once never see half of it."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 would hide the file from the others sharing the folder
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder: name the file, not the temporary one
+        raise OSError(e.errno, e.strerror, path) from e
     finally:
         if os.path.exists(tmp):  # the write failed
             os.remove(tmp)
+
+
+UMASK = os.umask(0o22)  # the process's umask, read (set and put back) once
+os.umask(UMASK)
 
 
 def save_atomic(obj, path):
@@ -891,15 +939,31 @@ def write_json(obj, path):
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def open_run_dir(args):
-    """The output directory, with the whole config saved in it (not for --bench, nor again for --resume)."""
-    os.makedirs(args.out, exist_ok=True)
+def write_results(results, out):
+    """results.json, rewritten as soon as each number exists, but never with fewer numbers than it holds: a resumed
+    run stopped while evaluating again keeps the complete results of the run before it."""
+    path, size = os.path.join(out, "results.json"), lambda r: json.dumps(r).count(":")  # how many entries
+    try:
+        with open(path) as f:
+            if size(json.load(f)) > size(results):
+                return
+    except (OSError, ValueError):  # none yet, or unreadable: replace it
+        pass
+    write_json(results, path)
+
+
+def open_run_dir(args, stack):
+    """Lock the output directory for the whole run (the lock goes with the process, even killed: two runs never
+    write one folder at once), and save the whole config in it (not for --bench, nor again for --resume)."""
+    lock = stack.enter_context(open(os.path.join(args.out, ".lock"), "w"))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        die(f"{args.out} is in use by another run of simclr.py; wait for it to end, or choose another --out")
     if not args.resume and not args.bench:
-        try:  # "x": created by this run only, even when another run was started with the same --out
-            with open(os.path.join(args.out, "config.json"), "x") as f:
-                json.dump(vars(args), f, indent=2)
-        except FileExistsError:
+        if os.path.exists(os.path.join(args.out, "config.json")):
             die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
+        write_json(vars(args), os.path.join(args.out, "config.json"))
 
 
 def resume_checkpoint(model, args, rank, world, log=print):
@@ -970,7 +1034,16 @@ def setup(args):
     """Device and processes, in one place, and the seed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK). Returns
     (device, rank, world)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        die(f"--device {args.device}: not a device; use cuda, cuda:N, mps or cpu")
+    here = dict(cuda=torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                mps=torch.backends.mps.is_available(), cpu=True).get(device.type, False)
+    if not here:
+        die(f"--device {args.device}: this machine has no such device" + (
+            f" (the run was saved on it: --resume {args.out} --device cpu continues it here)" if args.resume else
+            "; use --device cpu"))
     if world > 1:
         if args.batch_size % world:
             die(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
@@ -981,9 +1054,38 @@ def setup(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
     if not args.resume and not args.bench and rank == 0 and os.path.exists(os.path.join(args.out, "config.json")):
         die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
+    check_paths(args)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(args.seed)
     return device, rank, world
+
+
+def check_paths(args):
+    """Every path the run will write, checked before anything heavy starts: a folder that cannot be made or written,
+    or a file name of the wrong kind, stops the run now, not after an hour of training."""
+    def folder(path, flag):
+        if not path:
+            die(f"{flag} is empty; give a folder")
+        if os.path.exists(path) and not os.path.isdir(path):
+            die(f"{flag} {path} is a file, not a folder")
+        try:
+            os.makedirs(path, exist_ok=True)
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as e:
+            die(f"{flag} {path}: cannot write there ({e.strerror})")
+
+    for path, flag, exts in ((args.show_augs, "--show-augs", (".png", ".jpg", ".jpeg")),
+                             (args.show_neighbours, "--show-neighbours", (".png",))):
+        if path is not None:
+            if not path.lower().endswith(exts) or os.path.isdir(path):
+                die(f"{flag} {path}: give the name of a {' or '.join(exts)} file to write")
+            folder(os.path.dirname(os.path.abspath(path)), flag)
+    if args.dataset not in ("shapes",) and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        die(f"--data-dir {args.data_dir} is a file; give the folder that holds (or will hold) the dataset")
+    if not args.show_augs:
+        folder(args.out, "--out")
+    if args.head == "ae":
+        folder(args.ae_dir, "--ae-dir")
 
 
 def cpu_has_bf16():
@@ -1183,12 +1285,17 @@ def read_dataset(name, root, size, download, stl10_pretrain):
                     test_x=torch.from_numpy(te.data), test_y=torch.from_numpy(te.labels).long(), classes=10,
                     unlabeled=None if unlabeled is None else torch.from_numpy(unlabeled))
     if name == "fashion-mnist":
-        raw = os.path.join(root, "FashionMNIST", "raw")
-        for f in os.listdir(FASHION_MNIST_LOCAL) if os.path.isdir(FASHION_MNIST_LOCAL) else []:  # Debian's files
-            if f.endswith(".gz") and not os.path.exists(os.path.join(raw, f[:-3])):
+        raw, debian = os.path.join(root, "FashionMNIST", "raw"), os.path.isdir(FASHION_MNIST_LOCAL)
+        for f in (f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")):
+            if os.path.exists(os.path.join(raw, f)) and idx_complete(os.path.join(raw, f)):
+                continue
+            if debian:  # Debian's package: un-gzipped once into --data-dir
                 os.makedirs(raw, exist_ok=True)
-                with gzip.open(os.path.join(FASHION_MNIST_LOCAL, f)) as src:
-                    write_atomic(os.path.join(raw, f[:-3]), lambda out: shutil.copyfileobj(src, out))
+                with gzip.open(os.path.join(FASHION_MNIST_LOCAL, f + ".gz")) as src:
+                    write_atomic(os.path.join(raw, f), lambda out: shutil.copyfileobj(src, out))
+            elif os.path.exists(os.path.join(raw, f)):
+                die(f"{os.path.join(raw, f)} is cut short (its header promises more bytes); delete it and put the "
+                    f"whole file there, or run without --no-download")
         tr, te = (tv(D.FashionMNIST, train=t) for t in (True, False))
         gray3 = lambda a: a.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (n, 28, 28) -> (n, 3, 28, 28)
         return dict(train_x=gray3(tr.data), train_y=tr.targets, test_x=gray3(te.data), test_y=te.targets,
@@ -1211,22 +1318,71 @@ def read_dataset(name, root, size, download, stl10_pretrain):
     return data
 
 
+def idx_complete(path):
+    """Whether an idx file (a 4-byte magic whose last byte counts the dimensions, the dimensions as 4-byte big-endian
+    integers, then one byte per value) holds every byte its header promises."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        dims = np.frombuffer(f.read(4 * magic[3]), dtype=">u4") if len(magic) == 4 else []
+    return len(dims) > 0 and os.path.getsize(path) == 4 + 4 * len(dims) + int(np.prod(dims.astype(np.int64)))
+
+
 def pil_to_uint8(ds, size, banner=0):
-    """Decode a PIL dataset once: drop `banner` bottom rows, resize the short side, centre-crop. (n, 3, size, size)"""
-    xs, ys, small = [], [], 0
-    for img, label in ds:
-        img = img.convert("RGB")  # grayscale, palette and RGBA images become RGB
+    """Decode a PIL dataset once: drop `banner` bottom rows, resize the short side, centre-crop. (n, 3, size, size)
+    An image that cannot be decoded (cut short, not an image, a decompression bomb) is skipped, counted and named."""
+    xs, ys, small, bad = [], [], 0, []
+    for i in range(len(ds)):
+        try:
+            img, label = ds[i]
+            img = eight_bit_rgb(img)
+        except Exception as e:  # OSError, PIL's UnidentifiedImageError and DecompressionBombError...
+            bad.append(f"{ds.samples[i][0] if hasattr(ds, 'samples') else f'image {i}'} ({e})")
+            continue
         small += min(img.size) < size
         t = torchvision.transforms.functional.pil_to_tensor(img)[:, :img.height - banner]  # (3, H, W) uint8
         xs.append(torchvision.transforms.v2.functional.center_crop(
             torchvision.transforms.v2.functional.resize(t, size, antialias=True), size))
         ys.append(label)
+    if bad:
+        print(f"note: skipped {len(bad)} of {len(ds)} images that cannot be decoded, e.g. {bad[0]}")
     if small:
         print(f"note: {small} of {len(ys)} images are smaller than {size}px and were upscaled; pass a smaller "
               f"--img-size to keep them at their own resolution")
     if not xs:
-        die("the dataset holds no images")
+        die("the dataset holds no images that can be decoded" + (f", e.g. {bad[0]}" if bad else ""))
     return torch.stack(xs), torch.tensor(ys)
+
+
+def eight_bit_rgb(img):
+    """A PIL image as 8-bit RGB. 16-bit and 32-bit integer and float images are scaled to 0..255 by their range (16
+    bits, or [0, 1] for floats) first: PIL's own conversion clips them, almost all white."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        a = a * 255 if img.mode == "F" and a.max() <= 1 else a / 257 if img.mode != "F" else a
+        img = torchvision.transforms.functional.to_pil_image(np.clip(a, 0, 255).round().astype(np.uint8))
+    return img.convert("RGB")  # grayscale, palette and RGBA images become RGB
+
+
+def open_image(path):
+    """ImageFolder's loader without its conversion to RGB (eight_bit_rgb does it, scaling high bit depths)."""
+    with open(path, "rb") as f:
+        img = PIL.Image.open(f)
+        img.load()
+    return img
+
+
+def folder_image_side(root, largest):
+    """--dataset folder without --img-size: the median short side of its train images (up to 1,000 of them, read
+    from their headers), at most `largest`: small images are not upscaled into a slow run that learns nothing new."""
+    sides = []
+    for dirpath, _, files in os.walk(os.path.join(root, "train")):
+        for f in files[:1000 - len(sides)]:
+            try:
+                with PIL.Image.open(os.path.join(dirpath, f)) as img:
+                    sides.append(min(img.size))
+            except Exception:  # not an image: loading says so
+                pass
+    return max(8, min(largest, int(np.median(sides)))) if sides else largest
 
 
 def folder_key(root):
@@ -1257,14 +1413,15 @@ def read_cache(path):
 
 def load_folder(root):
     """--dataset folder: root/train/<class>/* and root/test/<class>/*, read with torchvision's ImageFolder."""
-    for split in (os.path.join(root, "train"), os.path.join(root, "test")):
-        if not os.path.isdir(split):
-            die(f"--dataset folder needs {split}/<class>/<images>; set --data-dir to the folder with train/ and test/")
-        if not any(e.is_dir() for e in os.scandir(split)):
-            die(f"--dataset folder: {split} holds no class folders; expected {split}/<class>/<images>")
     try:
-        tr, te = (torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "test"))
-    except (FileNotFoundError, RuntimeError) as e:
+        for split in (os.path.join(root, "train"), os.path.join(root, "test")):
+            if not os.path.isdir(split):
+                die(f"--dataset folder needs {split}/<class>/<images>; set --data-dir to the folder with train/ and "
+                    f"test/")
+            if not any(e.is_dir() for e in os.scandir(split)):
+                die(f"--dataset folder: {split} holds no class folders; expected {split}/<class>/<images>")
+        tr, te = (torchvision.datasets.ImageFolder(os.path.join(root, s), loader=open_image) for s in ("train", "test"))
+    except (OSError, RuntimeError) as e:  # a folder that cannot be read, or without images
         die(f"--dataset folder: {e}")
     if len(tr.classes) < 2:
         die(f"--dataset folder: {root}/train has {len(tr.classes)} class folder(s); a classifier needs at least 2")
@@ -1303,6 +1460,10 @@ def prepare_data(args, device, rank, world, log=print):
         f" ({time.time() - t0:.1f}s)")
     if len(images) < args.batch_size:
         die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
+    n = len(test_x) // args.batch_size * args.batch_size or len(test_x)  # the paper's protocol: whole batches
+    if args.eval == "paper" and min(int(0.7 * n), int(0.8 * n) - int(0.7 * n), n - int(0.8 * n)) < 1:
+        die(f"--eval paper splits {n} test images 70/10/20 and one part is empty; it needs at least 10 (or use "
+            f"--eval standard)")
     smallest = int(data["train_y"].unique(return_counts=True)[1].min())
     if args.labels_per_class and max(args.label_amounts) > smallest:
         die(f"--labels-per-class {max(args.label_amounts)}: the smallest class has {smallest} train images")
@@ -1374,14 +1535,18 @@ def autoencoder_embedding(images, args, device, rank, world, log=print):
     tag = f"{args.dataset}-{args.img_size}px-d{args.ae_dim}-e{args.ae_epochs}-s{args.seed}" + \
         (f"-n{args.subset}" if args.subset else "") + ("-train" if args.dataset == "stl10" and
                                                          args.stl10_pretrain == "train" else "")
-    if args.dataset == "folder":
-        tag += "-" + os.path.abspath(args.data_dir).strip("/").replace("/", "_")
+    if args.dataset == "folder":  # the folder's path, hashed: a long one would make too long a file name
+        tag += "-" + hashlib.sha1(os.path.abspath(args.data_dir).encode()).hexdigest()[:12]
     ae_path = os.path.join(args.ae_dir, f"ae-{tag}.pt")
-    ae = AutoEncoder(images[0].numel(), args.ae_dim)
+    ae, cached = AutoEncoder(images[0].numel(), args.ae_dim), False
     if os.path.exists(ae_path) and not args.dry_run:
-        ae.load_state_dict(torch.load(ae_path, map_location="cpu"))
-        log(f"autoencoder: reusing {ae_path}")
-    elif rank == 0:
+        try:
+            ae.load_state_dict(torch.load(ae_path, map_location="cpu"))
+            cached = True
+            log(f"autoencoder: reusing {ae_path}")
+        except Exception as e:  # cut short, or not an autoencoder of this shape
+            log(f"note: the cached autoencoder {ae_path} cannot be read ({type(e).__name__}); training it again")
+    if not cached and rank == 0:
         ae, mse = train_autoencoder(images, args.ae_dim, args.ae_epochs, device, log=log, **autoencoder_checkpoint(
             os.path.join(args.out, "ae_checkpoint.pt"), args.ae_epochs, log))
         log(f"autoencoder: best validation MSE {mse:.5f}")
@@ -1432,15 +1597,21 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
     views_fn, forward, _ = step_functions(forward, model, to_device(images[:args.batch_size // world], device), args,
                                           amp, log)
     loss_fn = nt_xent if world == 1 else functools.partial(nt_xent_gathered, rank=rank, world=world)
+    steps = len(images) // args.batch_size
+    if args.epochs * steps < 300 and not args.dry_run:
+        log(f"note: {args.epochs} epochs of {steps} steps: SimCLR needs a few hundred steps or more to learn much; "
+            f"raise --epochs or lower --batch-size")
+    t0, seconds = time.time(), history[-1]["pretrain_s"] if history else 0.0  # a resumed run adds to its time
 
     def end_of_epoch(epoch, losses, m, opt):
-        if not math.isfinite(m["loss"]):
-            steps = len(losses)
-            bad = epoch * steps + int((~torch.isfinite(losses)).nonzero()[0]) + 1
-            lr = lr_at(bad - 1, args.epochs * steps, round(args.warmup_epochs * steps), args.lr,
-                       args.lr * args.lr_min_ratio)
-            die(f"loss became {m['loss']} at step {bad} (epoch {epoch + 1}, lr {lr:.4g}); try a smaller --lr or a "
-                f"larger --tau. The last good checkpoint, if any, is {args.out}/checkpoint.pt.")
+        m["pretrain_s"] = seconds + time.time() - t0
+        bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if not math.isfinite(m["loss"]) or bad:
+            diverged(epoch, losses, bad, args, rank)
+        if epoch + 1 > args.warmup_epochs and losses.min() > math.log(2 * args.batch_size - 1) - 0.01:
+            log(f"warning: the loss stayed at ln(2N - 1) = {math.log(2 * args.batch_size - 1):.3f} all epoch "
+                f"{epoch + 1}: every view looks alike to the model (a collapsed embedding). A smaller --lr or a "
+                f"longer --warmup-epochs may let it learn")
         if args.knn_every and (epoch + 1) % args.knn_every == 0 and rank == 0:  # the kNN monitor
             h_train, h_test = (extract_features(model.backbone, data[k]) for k in ("train_x", "test_x"))
             m["knn_top1"] = knn_top1(h_train, data["train_y"], h_test, data["test_y"], data["classes"], args.knn_k)
@@ -1454,10 +1625,24 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
                              metrics=history, config=vars(args)), os.path.join(args.out, "checkpoint.pt"))
             write_metrics(history, args.out)
 
-    t0 = time.time()
     train(model, images, args, amp, log, opt_state=opt_state, start_epoch=start_epoch, views_fn=views_fn,
           forward=forward, loss_fn=loss_fn, rank=rank, world=world, end_of_epoch=end_of_epoch)
-    return time.time() - t0
+    return history[-1]["pretrain_s"] if history else 0.0
+
+
+def diverged(epoch, losses, bad, args, rank):
+    """Stop a run whose loss or weights are no longer finite, keeping its last good checkpoint, and mark the folder
+    so that --resume may continue from that checkpoint with a new --lr or --tau."""
+    steps = len(losses)
+    at = epoch * steps + int((~torch.isfinite(losses)).nonzero()[0]) + 1 if not torch.isfinite(losses).all() else \
+        (epoch + 1) * steps
+    lr = lr_at(at - 1, args.epochs * steps, round(args.warmup_epochs * steps), args.lr, args.lr * args.lr_min_ratio)
+    what = f"loss became {losses.mean().item()}" if not bad else f"{', '.join(bad[:3])} became inf or nan"
+    if rank == 0:
+        write_json(dict(epoch=epoch + 1, step=at, lr=lr), os.path.join(args.out, "diverged.json"))
+    kept = f"the checkpoint of epoch {epoch}" if epoch else "no checkpoint (the run starts again)"
+    die(f"{what} by step {at} (epoch {epoch + 1}, lr {lr:.4g}). {args.out} keeps {kept}; continue from it with a smaller learning rate or a larger temperature: python simclr.py --resume "
+        f"{args.out} --lr {args.lr / 10:.3g} (or --tau {2 * args.tau:g})")
 
 
 def feature_cache(model, train_x, test_x, args, device):
@@ -1491,9 +1676,8 @@ def evaluate_with_baselines(features, data, args, device, train_s, random_name, 
     as soon as each number exists; then the table. Returns the results."""
     evaluate_h = lambda h_train, h_test: evaluate(h_train, data["train_y"], h_test, data["test_y"], data["classes"],
                                                   args.eval, args.probe_steps, args.knn_k, args.batch_size)
-    results, path = dict(evaluate_h(*features("simclr")), eval_protocol=args.eval, pretrain_seconds=train_s), \
-        os.path.join(args.out, "results.json")
-    write_json(results, path)
+    results = dict(evaluate_h(*features("simclr")), eval_protocol=args.eval, pretrain_seconds=train_s)
+    write_results(results, args.out)
     rows = [(f"SimCLR {args.arch}, {args.head} head ({args.act})", results)]
     pixels = lambda x: pixel_features(x, device)  # (n, 3 s^2), s = min(image side, 32)
     for i, (key, name, run) in enumerate([] if args.no_baselines else [
@@ -1505,7 +1689,7 @@ def evaluate_with_baselines(features, data, args, device, train_s, random_name, 
         except (torch.OutOfMemoryError, MemoryError) as e:  # a skipped baseline, never a lost run
             results[key] = dict(skipped=f"out of memory ({type(e).__name__})")
             log(f"note: the {name} baseline ran out of memory; skipped")
-        write_json(results, path)
+        write_results(results, args.out)
         rows.insert(i, (name, results[key]))
     print(f"\ntop-1 on the {'test split' if args.eval == 'standard' else '20% of the test split (the paper protocol)'}:"
           f"{'linear':>12}{'kNN':>9}")
@@ -1607,7 +1791,7 @@ def label_efficiency(features, data, args, device, random_name, results, log=pri
                 runs = row.get(key, dict(runs=[]))["runs"] + [acc]
                 row[key] = dict(mean=float(np.mean(runs)), std=float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
                                 runs=runs)
-            write_json(results, os.path.join(args.out, "results.json"))
+            write_results(results, args.out)
             log(f"few labels: {name(amount)} ({n} images), draw {draw + 1}/{row['draws']}: " +
                 ", ".join(f"{methods[k]} {100 * v:.1f}%" for k, v in run.items()) + f" ({time.time() - t0:.0f}s)")
     pm = lambda r: f"{100 * r['mean']:.1f}" + (f" +- {100 * r['std']:.1f}" if len(r["runs"]) > 1 else "")
@@ -1811,14 +1995,42 @@ def bench(model, images, args, device, log=print):
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    """The command line: a run's stages (run), and every way it can stop said in one line with what to do: a mistake
+    or a file that cannot be written or read (exit 2), Ctrl-C or SIGTERM (exit 130)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None  # as Ctrl-C
+    try:
+        with contextlib.ExitStack() as stack:  # what run holds open (the folder's lock) is let go however it ends
+            return run(args, stack)
+    except KeyboardInterrupt:
+        die(interrupted(args), 130)
+    except OSError as e:  # a full disk, a read-only folder, a file that cannot be read
+        die(f"{e.filename or ''}: {e.strerror or e}" + ("; free some space, then continue with --resume "
+                                                       f"{args.out}" if e.errno == errno.ENOSPC else ""))
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, term)
+
+
+def interrupted(args):
+    """Where an interrupted run stands, and the command that continues it."""
+    ckpt, world = os.path.join(args.out, "checkpoint.pt"), int(os.environ.get("WORLD_SIZE", 1))
+    if args.show_augs or args.bench or not os.path.exists(os.path.join(args.out, "config.json")):
+        return "interrupted before a run was saved; start it again"
+    done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] if os.path.exists(ckpt) else 0
+    return (f"interrupted; {args.out} holds {done} of {args.epochs} epochs. Continue with: " +
+            (f"torchrun --nproc_per_node {world}" if world > 1 else "python") + f" simclr.py --resume {args.out}")
+
+
+def run(args, stack):
     device, rank, world = setup(args)
     log = print if rank == 0 else (lambda *a, **k: None)  # under torchrun, rank 0 speaks for all
     data = prepare_data(args, device, rank, world, log)
     if args.show_augs:
         return show_augs(data["images"], args, log)
     if rank == 0:
-        open_run_dir(args)
+        open_run_dir(args, stack)
     embedding = autoencoder_embedding(data["images"], args, device, rank, world, log) if args.head == "ae" else None
     seed_everything(args.seed)  # the same initial weights whether the AE was trained now or read from the cache
     model = build_model(args, embedding, device, world)

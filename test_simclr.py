@@ -553,6 +553,28 @@ def test_fashion_mnist_loads_from_idx_files_as_three_channels(tmp_path):
     assert d["test_y"].tolist() == [3, 1, 4, 1]
 
 
+def test_a_fashion_mnist_file_cut_short_is_named_or_rebuilt_from_debians_copy(tmp_path, monkeypatch, capsys):
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    imgs, labels = random_uint8(4, 28, 28), np.array([3, 1, 4, 1], dtype=np.uint8)
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    for prefix in ("train", "t10k"):
+        for kind, arr in (("images-idx3", imgs), ("labels-idx1", labels)):
+            write_idx(raw / f"{prefix}-{kind}-ubyte", arr)
+            with open(raw / f"{prefix}-{kind}-ubyte", "rb") as f, gzip.open(debian / f"{prefix}-{kind}-ubyte.gz", "wb") as g:
+                g.write(f.read())
+    cut = raw / "train-images-idx3-ubyte"
+    cut.write_bytes(cut.read_bytes()[:500])  # a copy cut short
+    monkeypatch.setattr(simclr, "FASHION_MNIST_LOCAL", str(tmp_path / "no-such-package"))
+    with pytest.raises(SystemExit):
+        simclr.load_dataset("fashion-mnist", str(tmp_path / "data"), 28, download=False)
+    assert f"{cut} is cut short" in capsys.readouterr().err
+    monkeypatch.setattr(simclr, "FASHION_MNIST_LOCAL", str(debian))  # Debian's package is there: copied again
+    assert torch.equal(simclr.load_dataset("fashion-mnist", str(tmp_path / "data"), 28)["train_x"][:, 0],
+                       torch.from_numpy(imgs))
+
+
 def read_idx_gz(path):
     """The idx format read with numpy alone (not torchvision): magic (0, 0, 8, ndim), big-endian dims, bytes."""
     with gzip.open(path) as f:
@@ -635,6 +657,42 @@ def make_folder(root, n=3, size=(12, 10)):
                 Image.new("RGB", size, tuple(max(0, v - 20 * i) for v in colour)).save(root / split / c / f"{i}.png")
 
 
+def test_folder_images_that_cannot_be_decoded_are_named_and_skipped_and_deep_ones_scaled(tmp_path, monkeypatch,
+                                                                                        capsys):
+    make_folder(tmp_path, n=1)
+    a = tmp_path / "train" / "a"
+    Image.fromarray(np.full((10, 12), 32896, dtype=np.uint16)).save(a / "deep.png")  # 16-bit grey, half the range
+    Image.fromarray(np.full((10, 12), 0.25, dtype=np.float32)).save(a / "float.tiff")  # floats in [0, 1]
+    (a / "text.png").write_text("not an image")
+    Image.new("RGB", (12, 10), (9, 9, 9)).save(a / "cut.jpg")
+    (a / "cut.jpg").write_bytes((a / "cut.jpg").read_bytes()[:200])  # a JPEG cut short
+    Image.new("RGB", (60, 60)).save(tmp_path / "train" / "b" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over 2,000 pixels: a decompression bomb
+    d = simclr.load_dataset("folder", str(tmp_path), 8, download=False)
+    note = [l for l in capsys.readouterr().out.splitlines() if "cannot be decoded" in l][0]
+    assert "skipped 3 of 7 images" in note and ("text.png" in note or "cut.jpg" in note or "bomb.png" in note)
+    values = sorted(d["train_x"].float().mean((1, 2, 3)).tolist())  # kept: float, a/0 and b/0 (83.3), deep
+    assert len(values) == 4 and values[0] == pytest.approx(64, abs=1) and values[3] == pytest.approx(128, abs=1)
+
+
+def test_a_folder_that_cannot_be_read_says_so(tmp_path, monkeypatch, capsys):
+    make_folder(tmp_path)
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(simclr.os, "scandir", denied)
+    with pytest.raises(SystemExit):
+        simclr.load_dataset("folder", str(tmp_path), 8, download=False)
+    assert "Permission denied" in capsys.readouterr().err
+
+
+def test_a_folder_of_small_images_runs_at_their_own_size(tmp_path):
+    make_folder(tmp_path / "small", size=(8, 8))
+    make_folder(tmp_path / "large", size=(200, 150))
+    side = lambda d: simclr.parse_args(["--dataset", "folder", "--data-dir", str(tmp_path / d), "--out",
+                                        str(tmp_path / "out")]).img_size
+    assert side("small") == 8 and side("large") == 96  # the median side, at most the default
+
+
 def test_folder_cache_is_keyed_by_the_files_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
     make_folder(tmp_path)
     decoded = []
@@ -714,7 +772,7 @@ def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsy
     (["--no-freeze"], "--no-freeze only applies to --head ae"),
     (["--ae-dim", "128"], "--ae-dim only applies to --head ae"),
     (["--head", "ae", "--proj-hidden", "128"], "use --ae-dim 128"),  # the ae head's width is d: never ignored
-    (["--head", "ae", "--ae-dim", "0"], "argument --ae-dim: must be >= 1"),
+    (["--head", "ae", "--ae-dim", "0"], "argument --ae-dim: must be in 1..65536 (got 0)"),
     (["--batch-size", "1", "--dry-run"], "argument --batch-size: must be at least 2"),  # before --dry-run sets it
     (["--epochs", "-3", "--dry-run"], "argument --epochs: must be >= 0 (got -3)"),
     (["--epochs", "2.5"], "argument --epochs: takes integers (got '2.5')"),
@@ -723,7 +781,7 @@ def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsy
     (["--crop-min", "0"], "argument --crop-min: must be in (0, 1]"),
     (["--blur-prob", "1.5"], "argument --blur-prob: must be in [0, 1]"),
     (["--momentum", "1"], "argument --momentum: must be in [0, 1)"),
-    (["--img-size", "0"], "argument --img-size: must be at least 8"),
+    (["--img-size", "0"], "argument --img-size: must be in 8..1024"),
     (["--warmup-epochs", "-1"], "argument --warmup-epochs: must be >= 0"),
     (["--knn-k", "0"], "argument --knn-k: must be >= 1"),
     (["--label-fractions", "0.1", "--labels-per-class", "5"], "exclude each other"),
@@ -736,15 +794,38 @@ def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsy
     (["--label-draws", "0"], "argument --label-draws: must be in 1..1000"),
     (["--sup-steps", "0"], "argument --sup-steps: must be >= 1"),
     (["--labels-per-class", ""], "argument --labels-per-class: takes comma-separated integers"),
-    (["--show-neighbours", "nb.jpg"], "--show-neighbours nb.jpg: give the name of a .png file"),
+    (["--show-neighbours", "nb.jpg"], "--show-neighbours nb.jpg: give the name of a .png file to write"),
     (["--labels-per-class", "10,1000", "--subset", "100"], "--labels-per-class 1000: the smallest class has"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--seed", "-1"], "argument --seed: must be in 0..4294967295 (got -1)"),
+    (["--seed", "4294967296"], "argument --seed: must be in 0..4294967295 (got 4294967296)"),
+    (["--img-size", "100000"], "argument --img-size: must be in 8..1024 (got 100000)"),
+    (["--proj-out", "10000000000"], "argument --proj-out: must be in 1..65536"),
+    (["--device", "tpu"], "--device tpu: not a device; use cuda, cuda:N, mps or cpu"),
+    (["--device", "mps"], "--device mps: this machine has no such device; use --device cpu"),
+    (["--resume", ""], "--resume needs the folder of a saved run (got '')"),
+    (["--ae-epochs", "5"], "--ae-epochs and --ae-dir only apply to --head ae"),
+    (["--ae-dir", "{dir}"], "--ae-epochs and --ae-dir only apply to --head ae"),
+    (["--out", ""], "--out is empty; give a folder"),
+    (["--out", "{file}"], "is a file, not a folder"),
+    (["--out", "{file}/run"], "cannot write there (Not a directory)"),
+    (["--show-augs", "augs.txt"], "--show-augs augs.txt: give the name of a .png or .jpg or .jpeg file"),
+    (["--show-augs", "{dir}"], "give the name of a .png or .jpg or .jpeg file"),
+    (["--show-neighbours", "{file}/nb.png"], "--show-neighbours"),
+    (["--head", "ae", "--ae-dir", "{file}"], "--ae-dir"),
+    (["--dataset", "cifar10", "--data-dir", "{file}"], "is a file; give the folder that holds"),
+    (["--eval", "paper", "--subset", "3", "--batch-size", "2"], "--eval paper splits 2 test images 70/10/20"),
 ])
 def test_bad_flags_exit_with_a_clear_message(argv, message, capsys, tmp_path):
+    """Every flag's rule, every path the run will write, the device: each refused before anything heavy runs, in one
+    line with what to do, exit 2, no traceback."""
+    (tmp_path / "a_file").write_text("not a folder")
+    fill = lambda s: s.format(file=tmp_path / "a_file", dir=tmp_path)
+    argv = [fill(a) for a in argv]
     with pytest.raises(SystemExit) as e:
-        simclr.main(argv + ["--out", str(tmp_path / "run")])
+        simclr.main(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "run")]))
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert fill(message) in capsys.readouterr().err
 
 
 def saved_config(path, *argv):
@@ -770,6 +851,32 @@ def test_resume_checks_typed_flags_against_the_saved_run_not_the_defaults(tmp_pa
     assert "--tau: saved 0.5, given 0.2" in err and "--no-freeze" not in err
 
 
+def test_resume_of_a_run_saved_on_a_device_this_machine_lacks_says_how_to_continue(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    saved_config(tmp_path, "--device", "cuda")
+    with pytest.raises(SystemExit) as e:
+        simclr.main(["--resume", str(tmp_path)])
+    assert e.value.code == 2 and f"--resume {tmp_path} --device cpu continues it here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,message", [('{"tau": 0.5, "epo', "Unterminated string"),  # cut short
+                                          ('[1, 2]', "not a JSON object"),
+                                          (None, "its epochs is 'three': takes integers"),
+                                          (None, "its head is 'cnn': not one of mlp, ae")])
+def test_broken_config_is_refused_naming_the_file_and_what_is_wrong(tmp_path, capsys, text, message):
+    saved_config(tmp_path, "--epochs", "3")
+    if text is None:  # a whole config.json with one wrong value
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg.update(epochs="three") if "epochs" in message else cfg.update(head="cnn")
+        text = json.dumps(cfg)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        simclr.main(["--resume", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{tmp_path / 'config.json'} cannot be read" in err and message in err
+
+
 def test_out_dir_holding_another_run_is_refused(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit):
@@ -787,7 +894,8 @@ def run_script(*args, timeout=300):
                                    ["--head", "ae", "--act", "sigmoid"]])
 def test_dry_run_end_to_end_writes_every_output(tmp_path, extra):
     out = tmp_path / "run"
-    stdout = run_script("simclr.py", "--dry-run", "--out", str(out), "--ae-dir", str(tmp_path / "ae"), *extra)
+    ae_dir = ["--ae-dir", str(tmp_path / "ae")] if "ae" in extra else []  # an autoencoder flag: ae head only
+    stdout = run_script("simclr.py", "--dry-run", "--out", str(out), *ae_dir, *extra)
     assert "raw pixels" in stdout and "random-init" in stdout and "SimCLR" in stdout
     for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt", "results.json", "neighbours.png",
               *(["curves.png"] if HAS_MPL else [])):
@@ -899,6 +1007,8 @@ def test_killed_run_resumes_bit_identical(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert json.loads((tmp_path / "whole" / "results.json").read_text())["linear_top1"] == \
         json.loads((killed / "results.json").read_text())["linear_top1"]
+    # the pre-training time of the whole run, not of its last stretch
+    assert json.loads((killed / "results.json").read_text())["pretrain_seconds"] >= sum(m["epoch_s"] for m in resumed)
 
 
 def test_optimizer_groups_leave_batchnorm_and_biases_undecayed_and_frozen_weights_out():
@@ -1018,14 +1128,32 @@ def test_results_are_written_before_the_baselines_and_a_baseline_out_of_memory_i
     assert "raw pixels (16px)" in capsys.readouterr().out
 
     def crash(*a, **k):
-        raise KeyboardInterrupt  # killed during the baselines
+        raise KeyboardInterrupt  # Ctrl-C during the baselines
     monkeypatch.setattr(simclr, "make_backbone", lambda *a, real=simclr.make_backbone: (
         crash() if crashes.append(1) or len(crashes) > 1 else real(*a)))
     crashes = []
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:
         simclr.main([*TINY[:-3], "--epochs", "1", "--out", str(tmp_path / "b")])
+    assert e.value.code == 130
+    assert f"holds 1 of 1 epochs. Continue with: python simclr.py --resume {tmp_path / 'b'}" in capsys.readouterr().err
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
     assert 0 <= saved["linear_top1"] <= 1 and "random_init" not in saved  # SimCLR's own numbers were kept
+    simclr.write_results(dict(linear_top1=0.5), str(tmp_path / "b"))  # a resumed run stopped sooner: kept
+    assert json.loads((tmp_path / "b" / "results.json").read_text()) == saved
+
+
+def test_sigterm_says_where_the_run_stands_and_how_to_continue(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "simclr.py", *TINY, "--epochs", "50", "--out", str(out)], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (out / "checkpoint.pt").exists() and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "of 50 epochs. Continue with: python simclr.py --resume" in err
 
 
 def test_raw_pixel_features_are_block_means_at_most_32px():
@@ -1080,11 +1208,47 @@ def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path, capsys):
     assert e.value.code == 2 and "checkpoint.pt" in err and "corrupt" in err
 
 
-def test_nan_loss_stops_with_step_lr_and_hint_keeping_last_checkpoint(tmp_path):
+def test_a_diverged_run_stops_and_resumes_with_the_smaller_lr_it_advises(tmp_path, capsys):
+    """A loss gone to nan stops the run (no results), says where, and advises a --resume with a smaller --lr that
+    --resume then accepts (other changed flags are still refused): the run continues and ends."""
     out = tmp_path / "run"
-    err = run_failing(*TINY, "--epochs", "2", "--lr", "1e30", "--out", str(out))
-    assert "loss became" in err and "at step" in err and "lr" in err and "--lr" in err
-    assert not (out / "results.json").exists()
+    with pytest.raises(SystemExit) as e:
+        simclr.main([*TINY, "--epochs", "2", "--lr", "1e30", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "by step" in err and not (out / "results.json").exists()
+    advice = err[err.index("python simclr.py --resume"):].split()[2:6]  # --resume DIR --lr 1e+29
+    assert advice[:3] == ["--resume", str(out), "--lr"] and float(advice[3]) == pytest.approx(1e29)
+    with pytest.raises(SystemExit):
+        simclr.main(["--resume", str(out), "--lr", "0.01", "--epochs", "3"])
+    assert "--epochs: saved 2, given 3" in capsys.readouterr().err
+    assert "linear_top1" in simclr.main(["--resume", str(out), "--lr", "0.01"])
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.01 and not (out / "diverged.json").exists()
+
+
+def test_weights_that_are_no_longer_finite_stop_the_run(tmp_path, capsys, monkeypatch):
+    """BatchNorm's running variance gone to inf while the loss still looks fine: the run stops and says which."""
+    real_step = simclr.sgd_step
+
+    def step(model, *a, **k):
+        loss = real_step(model, *a, **k)
+        model.backbone.bn1.running_var.fill_(float("inf"))
+        return loss
+    monkeypatch.setattr(simclr, "sgd_step", step)
+    with pytest.raises(SystemExit) as e:
+        simclr.main([*TINY, "--epochs", "2", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and "backbone.bn1.running_var became inf or nan" in capsys.readouterr().err
+
+
+def test_a_loss_stuck_at_ln_2n_minus_1_after_the_warm_up_is_warned_of(tmp_path, capsys, monkeypatch):
+    """Every view alike (a collapsed embedding) gives NT-Xent = ln(2N - 1) exactly: the run says so."""
+    run = lambda out: simclr.main([*TINY, "--epochs", "2", "--warmup-epochs", "1", "--out", str(tmp_path / out)])
+    run("learning")
+    printed = capsys.readouterr().out
+    assert "SimCLR needs a few hundred steps" in printed and "collapsed" not in printed
+    monkeypatch.setattr(simclr, "nt_xent", lambda z1, z2, tau: (z1.sum() * 0 + math.log(2 * len(z1) - 1)).float())
+    run("collapsed")
+    warnings = [l for l in capsys.readouterr().out.splitlines() if "collapsed embedding" in l]
+    assert len(warnings) == 1 and "all epoch 2" in warnings[0]  # after the warm-up only
 
 
 @pytest.mark.parametrize("layout,message", [({"train": [], "test": []}, "no class folders"),
@@ -1108,6 +1272,65 @@ def test_images_smaller_than_the_crop_are_upscaled_with_a_note(tmp_path, capsys)
     d = simclr.load_dataset("folder", str(tmp_path), 32, download=False)
     assert d["train_x"].shape == (2, 3, 32, 32)
     assert "smaller than 32px" in capsys.readouterr().out
+
+
+def test_two_runs_never_share_a_folder(tmp_path, capsys):
+    import fcntl
+    saved_config(tmp_path, *TINY, "--epochs", "1")
+    with open(tmp_path / ".lock", "w") as held:  # as another run of the folder holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as e:
+            simclr.main(["--resume", str(tmp_path)])
+    assert e.value.code == 2 and "is in use by another run of simclr.py" in capsys.readouterr().err
+    assert "linear_top1" in simclr.main(["--resume", str(tmp_path)])  # the lock went with its holder
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_previous_one_whole(tmp_path, monkeypatch, capsys):
+    import errno
+    path = tmp_path / "results.json"
+    path.write_text("the previous results")
+
+    def full(f):
+        f.write(b"half of it")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError) as e:
+        simclr.write_atomic(str(path), full)
+    assert e.value.filename == str(path) and path.read_text() == "the previous results"
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+    real = simclr.write_atomic
+    monkeypatch.setattr(simclr, "write_atomic", lambda p, w: real(p, full if p.endswith("config.json") else w))
+    with pytest.raises(SystemExit) as e:
+        simclr.main([*TINY, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "config.json: No space left on device; free some space" in err
+    assert not (tmp_path / "run" / "config.json").exists()  # the folder takes a new run once there is space
+
+
+def test_files_are_written_with_the_umask_for_others_sharing_the_folder(tmp_path):
+    simclr.write_atomic(str(tmp_path / "f"), lambda f: f.write(b"x"))
+    assert os.stat(tmp_path / "f").st_mode & 0o777 == 0o666 & ~simclr.UMASK
+
+
+def test_a_corrupt_autoencoder_cache_is_named_and_trained_again(tmp_path, capsys):
+    flags = [*TINY, "--head", "ae", "--ae-epochs", "1", "--epochs", "0", "--ae-dir", str(tmp_path / "ae")]
+    simclr.main([*flags, "--out", str(tmp_path / "a")])
+    (cache,) = (tmp_path / "ae").iterdir()
+    cache.write_bytes(b"not an autoencoder")
+    capsys.readouterr()
+    simclr.main([*flags, "--out", str(tmp_path / "b")])
+    assert f"the cached autoencoder {cache} cannot be read" in capsys.readouterr().out
+    torch.load(cache)  # written again, whole
+
+
+def test_the_autoencoder_cache_of_a_folder_with_a_long_path_has_a_short_name(tmp_path):
+    deep = tmp_path / ("d" * 200) / ("e" * 200)
+    make_folder(deep, size=(8, 8))
+    args = simclr.parse_args(["--dataset", "folder", "--data-dir", str(deep), "--head", "ae", "--ae-epochs", "1",
+                              "--ae-dir", str(tmp_path / "ae"), "--out", str(tmp_path / "run")])
+    os.makedirs(args.out)
+    simclr.autoencoder_embedding(torch.zeros(6, 3, 8, 8, dtype=torch.uint8), args, torch.device("cpu"), 0, 1,
+                                 log=lambda s: None)
+    assert all(len(f) < 100 for f in os.listdir(tmp_path / "ae"))
 
 
 def free_port():
