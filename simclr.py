@@ -179,19 +179,19 @@ def augment(x, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
     return x
 
 
-def normalize(x):
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """uint8 or [0, 1] images (N, 3, H, W) -> the standardised input the ResNet expects (ImageNet's statistics).
     Python numbers, not tensors: on a GPU no constant is copied from the host in every step."""
     x = x.float() / 255 if x.dtype == torch.uint8 else x
-    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(mean, std))], 1)
 
 
-def two_views(x, aug):
-    """uint8 images (N, 3, H, W) on the device -> (2N, 3, H, W): two augmented views of each, standardised. Rows i
-    and i + N are the positive pair of NT-Xent. aug: augment's keyword arguments."""
+def two_views(x, aug, prep=normalize):
+    """uint8 images (N, 3, H, W) on the device -> (2N, 3, H, W): two augmented views of each, standardised (prep).
+    Rows i and i + N are the positive pair of NT-Xent. aug: augment's keyword arguments."""
     x = x.float() / 255
     with torch.no_grad():
-        return normalize(torch.cat([augment(x, **aug), augment(x, **aug)]))  # (2N, 3, H, W)
+        return prep(torch.cat([augment(x, **aug), augment(x, **aug)]))  # (2N, 3, H, W)
 
 
 def augmentation(hp):
@@ -334,11 +334,13 @@ def optimizer(model, hp):
 
 
 def lr_at(step, total, warmup, peak, final):
-    """The learning rate of step `step` (from 0) of `total`: a linear warm-up to `peak` over the first `warmup` steps,
-    then a cosine decay (without restarts) from `peak` to `final` at step `total` (Sec. B.1 of SimCLR)."""
+    """The learning rate of step `step` (from 0) of `total`: a linear warm-up over the first `warmup` steps that
+    reaches `peak` at its last one, then a cosine decay (without restarts) that reaches `final` at the last step
+    (Sec. B.1 of SimCLR)."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1 over the steps after the warm-up
+    start = max(warmup - 1, 0)  # the step at the peak, where the cosine starts
+    progress = (step - start) / max(1, total - 1 - start)  # 0 -> 1
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -421,13 +423,13 @@ def fmt_time(s):
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def extract_features(backbone, images, batch=512):
+def extract_features(backbone, images, batch=512, prep=normalize):
     """h = f(x) for uint8 images (n, 3, H, W) -> (n, D), in fp32 (no autocast: the probe sees exact features),
     BatchNorm in eval mode (its running statistics, not the batch's)."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    h = torch.cat([backbone(normalize(to_device(x, device))).float() for x in images.split(batch)])
+    h = torch.cat([backbone(prep(to_device(x, device))).float() for x in images.split(batch)])
     backbone.train(was_training)
     return h
 
@@ -596,6 +598,7 @@ import fcntl  # noqa: E402
 import functools  # noqa: E402
 import gzip  # noqa: E402
 import hashlib  # noqa: E402
+import heapq  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
@@ -630,11 +633,14 @@ DATASETS = {
 # biases out of weight decay), with SGD + momentum for LARS and B.1's square-root rule 0.075 sqrt(N), re-anchored to
 # meet the linear rule at N = 256: 0.3 sqrt(N / 256). paper: the protocol of 2408.14514 (Sec. 4 and its code):
 # ResNet34 from ImageNet weights with their 7x7 stem at every image size, the linear rule 0.3 N / 256 without
-# warm-up, weight decay on every parameter, tau 0.5, STL10's 5k labelled images only, and its probe (--eval paper).
+# warm-up, weight decay on every parameter, tau 0.5, STL10's 5k labelled images only, fp32, and as its code runs them:
+# images resized to a square and given to the backbone as ToTensor's [0, 1] values (or standardised per split,
+# --standardize), each view through the backbone on its own, 90% of the train split pre-trained on and the epoch of
+# lowest validation NT-Xent on the other 10% evaluated, by its probe (--eval paper).
 RECIPES = {
     "simclr": dict(lr_scaling="sqrt", decay_norm_and_bias=False),
     "paper": dict(lr_scaling="linear", decay_norm_and_bias=True, pretrained=True, arch="resnet34", stem="imagenet",
-                  tau=0.5, crop_min=0.08, warmup_epochs=0, eval="paper", stl10_pretrain="train"),
+                  tau=0.5, crop_min=0.08, warmup_epochs=0, eval="paper", stl10_pretrain="train", precision="fp32"),
 }
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -722,6 +728,8 @@ def build_parser():
     a("--wd", type=NONNEGATIVE, default=1e-5, help="weight decay")
     a("--lr-min-ratio", type=PROBABILITY, default=1 / 50, help="cosine schedule ends at lr * this")
     a("--tau", type=POSITIVE, default=None, help="NT-Xent temperature (default: 0.5, the paper's; shapes: 0.2)")
+    a("--standardize", action="store_true", help="recipe paper: standardise each split's images with its own "
+      "channel means and stds (the paper's optional STANDARDIZE), not ToTensor's [0, 1] values")
     a = p.add_argument_group("evaluation").add_argument
     a("--eval", default=None, choices=("standard", "paper"), help="standard: probe on the train split's features, "
       "top-1 on the test split; paper: the paper's probe on a 70/10/20 split of the test split (default: standard; "
@@ -732,7 +740,7 @@ def build_parser():
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
     a = p.add_argument_group("few labels and pictures").add_argument
     a("--label-fractions", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]", many=True), metavar="F,F,...",
-      help="for each fraction of the train labels (e.g. 0.01,0.1,1), the probes on a class-balanced seeded draw of "
+      help="for each fraction of the train labels (e.g. 0.01,0.1,1), the probes on a class-stratified seeded draw of "
            "that many, next to the random-init probe and supervised training from scratch on them (default: off)")
     a("--labels-per-class", type=number(int, lambda v: v >= 1, "at least 1", many=True), metavar="K,K,...",
       help="the same with K labelled train images of every class (default: off)")
@@ -744,8 +752,8 @@ def build_parser():
       "images by SimCLR's h and a random-init h (every run writes neighbours.png); with --resume DIR: DIR's, then exit")
     a = p.add_argument_group("run: device, precision, processes, output").add_argument
     a("--device", default=None, help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
-    a("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-      help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX; not for tiny images)")
+    a("--precision", default=None, choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA and on CPUs "
+      "with native bf16 (AVX512-BF16, AMX; not for tiny images) (default: auto; recipe paper: fp32)")
     a("--compile", default="auto", choices=("auto", "on", "off"),
       help="torch.compile the augmentation and the model (auto: on CUDA, not for --dry-run)")
     a("--seed", type=number(int, lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), default=0,
@@ -775,6 +783,10 @@ def resolve_args(args):
     args.arch, args.stem, args.tau = pick("arch", "resnet34"), pick("stem", "auto"), pick("tau", 0.5)
     args.crop_min, args.eval = pick("crop_min", 0.08), pick("eval", "standard")
     args.stl10_pretrain = pick("stl10_pretrain", "train+unlabeled")
+    args.precision = pick("precision", "auto")
+    if args.standardize and args.recipe != "paper":
+        die("--standardize is the paper's option (--recipe paper); recipe simclr standardises with ImageNet's "
+            "statistics")
     args.pretrained = args.pretrained or recipe.get("pretrained", False)
     args.decay_norm_and_bias = recipe["decay_norm_and_bias"]
     if args.label_fractions is not None and args.labels_per_class is not None:
@@ -1045,6 +1057,9 @@ def setup(args):
             f" (the run was saved on it: --resume {args.out} --device cpu continues it here)" if args.resume else
             "; use --device cpu"))
     if world > 1:
+        if args.recipe == "paper":
+            die("--recipe paper trains on one device, as the paper's code (each view's own BatchNorm statistics); "
+                "start it with python, not torchrun")
         if args.batch_size % world:
             die(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
         if device.type == "cuda":
@@ -1128,12 +1143,12 @@ def try_compile(fn, example, name, model=None, amp=nullcontext, log=print):
     return compiled
 
 
-def step_functions(forward, model, example, args, amp, log=print):
+def step_functions(forward, model, example, args, amp, log=print, prep=normalize):
     """What each step calls: views_fn (uint8 (N, 3, H, W) -> standardised views (2N, 3, H, W)) and the model call
     forward, each torch.compile'd when args.compile (each falls back to eager on its own); and which were."""
     channels_last = example.device.type == "cuda"  # what cuDNN's bf16 convolutions prefer
     layout = lambda v: v.contiguous(memory_format=torch.channels_last) if channels_last else v
-    eager = lambda x: layout(two_views(x, augmentation(args)))
+    eager = lambda x: layout(two_views(x, augmentation(args), prep))
     views_fn, compiled = eager, forward
     if args.compile:  # fuses the augmentation's many elementwise passes into a few kernels, and the model's
         views_fn = try_compile(eager, example, "the augmentation", log=log)
@@ -1219,16 +1234,17 @@ EXPECTED_FILES = {
 }
 
 
-def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabeled", seed=0, subset=None):
+def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabeled", seed=0, subset=None,
+                 square=False):
     """dict(pretrain, train_x, train_y, test_x, test_y, classes), uint8 images (n, 3, size, size). The labelled train
     images are the first pre-training images (train_x is a view of pretrain: one copy in memory). With `subset`, a
     seeded class-stratified draw of `subset` images from each labelled split (and as large a share of STL10's
-    unlabeled images)."""
+    unlabeled images). Images that are not square are centre-cropped, or with `square` resized to a square."""
     if name == "shapes":
         train_x, train_y = make_shapes(subset or SHAPES["n"][0], size, seed=seed)
         test_x, test_y = make_shapes(subset or SHAPES["n"][1], size, seed=seed + 10_000)  # another seed: unseen
         return dict(pretrain=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=10)
-    data = read_dataset(name, root, size, download, stl10_pretrain)
+    data = read_dataset(name, root, size, download, stl10_pretrain, square)
     if subset:
         g, n_train = torch.Generator().manual_seed(seed), len(data["train_y"])
         for split in ("train", "test"):
@@ -1246,15 +1262,21 @@ def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabele
     return data
 
 
-def stratified(y, n, g):
-    """Sorted indices of a random draw of n of the labels y (all if n >= len(y)) in which every class keeps its
-    share, up to rounding (largest remainders)."""
+def stratified(y, n, g, floor=0):
+    """Sorted indices of a random draw of n of the labels y (all if n >= len(y)) in which every class keeps its share
+    (at least `floor` images each): images given one at a time to the class furthest below its share (the divisors
+    2k + 1 of Sainte-Lague's method), the first k of each class's shuffle. A larger draw holds every smaller one."""
     if n >= len(y):
         return torch.arange(len(y))
     classes, counts = y.unique(return_counts=True)
-    quota = counts * n / len(y)
-    take = quota.floor().long()
-    take[(quota - take).argsort(descending=True, stable=True)[:n - int(take.sum())]] += 1
+    take = [min(floor, int(c)) for c in counts]
+    heap = [(-int(c) / (2 * k + 1), i) for i, (c, k) in enumerate(zip(counts, take)) if k < c]
+    heapq.heapify(heap)
+    for _ in range(n - sum(take)):
+        _, i = heapq.heappop(heap)
+        take[i] += 1
+        if take[i] < counts[i]:
+            heapq.heappush(heap, (-int(counts[i]) / (2 * take[i] + 1), i))
     idx = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int(count), generator=g)[:k]]
            for c, count, k in zip(classes, counts, take)]
     return torch.cat(idx).sort().values
@@ -1269,7 +1291,7 @@ def open_torchvision(cls, root, name, download, **kw):
             f"{os.path.join(root, EXPECTED_FILES[name])} and run with --no-download.")
 
 
-def read_dataset(name, root, size, download, stl10_pretrain):
+def read_dataset(name, root, size, download, stl10_pretrain, square=False):
     """One of the paper's datasets, Fashion-MNIST or a folder, from disk: dict(train_x, train_y, test_x, test_y,
     classes, unlabeled), uint8 (n, 3, H, W); `unlabeled` is None but for STL10's extra pre-training images."""
     D, tv = torchvision.datasets, functools.partial(open_torchvision, root=root, name=name, download=download)
@@ -1301,14 +1323,15 @@ def read_dataset(name, root, size, download, stl10_pretrain):
         return dict(train_x=gray3(tr.data), train_y=tr.targets, test_x=gray3(te.data), test_y=te.targets,
                     classes=10, unlabeled=None)
     # JPEGs take minutes to decode: once, into a cache that later runs (and the other torchrun processes) read
-    cache = os.path.join(root, f"{name}-{size}px" + (f"-{folder_key(root)}" if name == "folder" else "") + ".pt")
+    cache = os.path.join(root, f"{name}-{size}px" + ("-square" if square else "") +
+                         (f"-{folder_key(root)}" if name == "folder" else "") + ".pt")
     data = read_cache(cache)
     if data is None:
         tr, te = ([tv(D.Imagenette, split=s, size="160px") for s in ("train", "val")] if name == "imagenette" else
                   [tv(D.FGVCAircraft, split=s, annotation_level="manufacturer") for s in ("trainval", "test")]
                   if name == "fgvc-aircraft" else load_folder(root))
         banner = 20 if name == "fgvc-aircraft" else 0  # the paper crops FGVC-Aircraft's copyright banner off
-        (train_x, train_y), (test_x, test_y) = pil_to_uint8(tr, size, banner), pil_to_uint8(te, size, banner)
+        (train_x, train_y), (test_x, test_y) = (pil_to_uint8(ds, size, banner, square) for ds in (tr, te))
         data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=len(tr.classes),
                     unlabeled=None)
         try:
@@ -1327,8 +1350,9 @@ def idx_complete(path):
     return len(dims) > 0 and os.path.getsize(path) == 4 + 4 * len(dims) + int(np.prod(dims.astype(np.int64)))
 
 
-def pil_to_uint8(ds, size, banner=0):
-    """Decode a PIL dataset once: drop `banner` bottom rows, resize the short side, centre-crop. (n, 3, size, size)
+def pil_to_uint8(ds, size, banner=0, square=False):
+    """Decode a PIL dataset once: drop `banner` bottom rows, resize the short side and centre-crop (or with `square`
+    resize to size x size, as the paper's code does). (n, 3, size, size)
     An image that cannot be decoded (cut short, not an image, a decompression bomb) is skipped, counted and named."""
     xs, ys, small, bad = [], [], 0, []
     for i in range(len(ds)):
@@ -1341,7 +1365,7 @@ def pil_to_uint8(ds, size, banner=0):
         small += min(img.size) < size
         t = torchvision.transforms.functional.pil_to_tensor(img)[:, :img.height - banner]  # (3, H, W) uint8
         xs.append(torchvision.transforms.v2.functional.center_crop(
-            torchvision.transforms.v2.functional.resize(t, size, antialias=True), size))
+            torchvision.transforms.v2.functional.resize(t, [size, size] if square else size, antialias=True), size))
         ys.append(label)
     if bad:
         print(f"note: skipped {len(bad)} of {len(ds)} images that cannot be decoded, e.g. {bad[0]}")
@@ -1445,7 +1469,7 @@ def prepare_data(args, device, rank, world, log=print):
     if rank != 0:
         dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
     data = load_dataset(args.dataset, args.data_dir, args.img_size, not args.no_download, args.stl10_pretrain,
-                        args.seed, args.subset)
+                        args.seed, args.subset, square=args.recipe == "paper")
     if world > 1 and rank == 0:
         dist.barrier()
     on_device = where_data_fits(data["pretrain"].nbytes + data["test_x"].nbytes, device, args.data_on) == "device"
@@ -1453,8 +1477,12 @@ def prepare_data(args, device, rank, world, log=print):
         images, test_x = (data[k].to(device) if on_device else data[k] for k in ("pretrain", "test_x"))
     except torch.OutOfMemoryError:
         die(f"the images do not fit on {device}; run with --data-on host (or auto) to keep them in host memory")
-    n_train = len(data["train_y"])
-    log(f"data: {args.dataset}, {len(images)} pre-training / {n_train} train / {len(test_x)} test images of "
+    n_train, train_x, val_x = len(data["train_y"]), images[:len(data["train_y"])], None
+    if args.recipe == "paper":  # the paper's code: 90% of the train split pre-trained on, 10% for the validation loss
+        split = torch.utils.data.random_split(range(len(images)), [0.9, 0.1], generator=torch.Generator().manual_seed(42))
+        images, val_x = (images[torch.tensor(s.indices, device=images.device)] for s in split)
+    log(f"data: {args.dataset}, {len(images)} pre-training" + (f" + {len(val_x)} validation" if val_x is not None
+        else "") + f" / {n_train} train / {len(test_x)} test images of "
         f"{args.img_size}px, {data['classes']} classes, {(images.nbytes + test_x.nbytes) / 2 ** 30:.2f} GiB " +
         (f"on {device}" if on_device else f"in host memory, each batch copied to {device}") +
         f" ({time.time() - t0:.1f}s)")
@@ -1467,8 +1495,24 @@ def prepare_data(args, device, rank, world, log=print):
     smallest = int(data["train_y"].unique(return_counts=True)[1].min())
     if args.labels_per_class and max(args.label_amounts) > smallest:
         die(f"--labels-per-class {max(args.label_amounts)}: the smallest class has {smallest} train images")
-    return dict(images=images, train_x=images[:n_train], train_y=data["train_y"].to(device), test_x=test_x,
-                test_y=data["test_y"].to(device), classes=data["classes"])
+    splits = dict(images=images, val_x=val_x, train_x=train_x, test_x=test_x)
+    return dict(splits, train_y=data["train_y"].to(device), test_y=data["test_y"].to(device), classes=data["classes"],
+                prep=input_preps(args, {k: v for k, v in splits.items() if v is not None}))
+
+
+def input_preps(args, splits):
+    """How each split's images become the backbone's input: with ImageNet's channel statistics (recipe simclr), as
+    ToTensor's [0, 1] values (recipe paper), or with --standardize with the split's own channel means and stds (the
+    paper's STANDARDIZE: train, validation and test each their own)."""
+    if args.recipe != "paper":
+        return dict.fromkeys(splits, normalize)
+
+    def stats(x):  # uint8 images -> the per-channel mean and std of their [0, 1] values
+        n = len(x) * x[0, 0].numel()
+        s, ss = (sum(c.double().pow(k).sum((0, 2, 3)) for c in x.split(1000)) / 255 ** k for k in (1, 2))
+        return dict(mean=(s / n).tolist(), std=(ss / n - (s / n) ** 2).sqrt().tolist())
+    return {k: functools.partial(normalize, **(stats(x) if args.standardize else dict(mean=(0,) * 3, std=(1,) * 3)))
+            for k, x in splits.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1476,12 +1520,10 @@ def prepare_data(args, device, rank, world, log=print):
 # ----------------------------------------------------------------------------------------------------------
 
 def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=50, batch=32, lr=1e-3, seed=42):
-    """The paper's linear probe (Sec. 4 of 2408.14514, as its code does it): each split z-scored with its own
-    statistics; a linear layer (torch's default init) trained by plain SGD, batch 32, 50 epochs,
+    """The paper's linear probe (Sec. 4 of 2408.14514, as its code does it): a linear layer (torch's default init) on
+    the raw features (its FeatureDataset hands f(x) to a plain nn.Linear), trained by plain SGD, batch 32, 50 epochs,
     ReduceLROnPlateau(factor 0.1, patience 10) on the epoch's training loss; the epoch with the lowest validation
     loss is tested. Returns top-1 accuracy on the test features."""
-    zscore = lambda h: (h - h.mean(0)) / (h.std(0) + 1e-6)
-    train_h, val_h, test_h = zscore(train_h), zscore(val_h), zscore(test_h)
     g = torch.Generator().manual_seed(seed)
     clf = nn.Linear(train_h.shape[1], classes)
     bound = 1 / math.sqrt(train_h.shape[1])  # nn.Linear's default init, drawn from our own generator
@@ -1594,8 +1636,11 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
     images = data["images"][:2 * args.batch_size] if args.dry_run else data["images"]  # a dry run: two steps
     forward = model if world == 1 else nn.parallel.DistributedDataParallel(  # averages the processes' gradients
         model, device_ids=None if device.index is None else [device.index])
+    if args.recipe == "paper":  # the paper's code passes each view through the backbone on its own: BatchNorm's
+        whole = forward          # statistics are those of one view's batch, not of the 2N views together
+        forward = lambda views: torch.cat([whole(half) for half in views.chunk(2)])  # (2N, out)
     views_fn, forward, _ = step_functions(forward, model, to_device(images[:args.batch_size // world], device), args,
-                                          amp, log)
+                                          amp, log, data["prep"]["images"])
     loss_fn = nt_xent if world == 1 else functools.partial(nt_xent_gathered, rank=rank, world=world)
     steps = len(images) // args.batch_size
     if args.epochs * steps < 300 and not args.dry_run:
@@ -1612,8 +1657,13 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
             log(f"warning: the loss stayed at ln(2N - 1) = {math.log(2 * args.batch_size - 1):.3f} all epoch "
                 f"{epoch + 1}: every view looks alike to the model (a collapsed embedding). A smaller --lr or a "
                 f"longer --warmup-epochs may let it learn")
+        if data["val_x"] is not None:  # the paper's code evaluates the epoch of lowest validation loss
+            m["val_loss"] = validation_loss(model, data["val_x"], args, data["prep"]["val_x"])
+            if m["val_loss"] <= min(h["val_loss"] for h in history + [m]) and rank == 0:
+                save_atomic(model.backbone.state_dict(), os.path.join(args.out, "best_backbone.pt"))
         if args.knn_every and (epoch + 1) % args.knn_every == 0 and rank == 0:  # the kNN monitor
-            h_train, h_test = (extract_features(model.backbone, data[k]) for k in ("train_x", "test_x"))
+            h_train, h_test = (extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x",
+                                                                                                      "test_x"))
             m["knn_top1"] = knn_top1(h_train, data["train_y"], h_test, data["test_y"], data["classes"], args.knn_k)
         rngs = [rng_state()]  # every process's RNG, so that each resumes its own augmentation stream
         if world > 1:
@@ -1628,6 +1678,20 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
     train(model, images, args, amp, log, opt_state=opt_state, start_epoch=start_epoch, views_fn=views_fn,
           forward=forward, loss_fn=loss_fn, rank=rank, world=world, end_of_epoch=end_of_epoch)
     return history[-1]["pretrain_s"] if history else 0.0
+
+
+@torch.no_grad()
+def validation_loss(model, val_x, args, prep):
+    """The paper's validation loss: the NT-Xent of two identical, un-augmented views of each validation image, the
+    model in eval mode, batch by batch, weighted by the batches' sizes."""
+    model.eval()
+    device, total, n = next(model.parameters()).device, 0.0, 0
+    for x in val_x.split(args.batch_size):
+        if len(x) > 1:  # one image has no negative
+            z = model(prep(to_device(x, device)))  # (b, out)
+            total, n = total + nt_xent(z, z, args.tau).item() * len(x), n + len(x)
+    model.train()
+    return total / max(n, 1)
 
 
 def diverged(epoch, losses, bad, args, rank):
@@ -1645,7 +1709,7 @@ def diverged(epoch, losses, bad, args, rank):
         f"{args.out} --lr {args.lr / 10:.3g} (or --tau {2 * args.tau:g})")
 
 
-def feature_cache(model, train_x, test_x, args, device):
+def feature_cache(model, data, args, device):
     """features(name): (train_h, test_h) of the trained backbone ("simclr") or of a random-init one ("random_init"),
     each extracted once, when first needed."""
     cache = {}
@@ -1656,7 +1720,7 @@ def feature_cache(model, train_x, test_x, args, device):
             if name == "random_init":
                 torch.manual_seed(args.seed + 1)  # its weights: the same whichever stage asks first
                 f = make_backbone(args.arch, args.stem, args.pretrained).to(device)
-            cache[name] = extract_features(f, train_x), extract_features(f, test_x)
+            cache[name] = tuple(extract_features(f, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x"))
         return cache[name]
     return features
 
@@ -1700,19 +1764,18 @@ def evaluate_with_baselines(features, data, args, device, train_s, random_name, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Few labels (--label-fractions): SimCLR's semi-supervised question (Sec. 6 and Table 7 of SimCLR: class-balanced
-# draws of 1% and 10% of the labels), asked of the frozen backbone, next to supervised training from scratch
+# Few labels (--label-fractions): SimCLR's semi-supervised question (Sec. 6 and Table 7 of SimCLR: draws of 1% and
+# 10% of the labels), asked of the frozen backbone and of the fine-tuned one, next to supervised training from scratch
 # ----------------------------------------------------------------------------------------------------------
 
 def label_draw(y, amount, per_class, seed, draw):
-    """Sorted indices of one draw of labelled train images from the labels y: a fraction `amount` of them (at least
-    one image per class), every class keeping its share up to rounding (stratified), or with per_class exactly
-    `amount` images of every class. Seeded by (seed, draw) alone: draw d of every label set comes from the same
-    shuffle of each class."""
+    """Sorted indices of one draw of labelled train images from the labels y: a fraction `amount` of them, every
+    class keeping its share (stratified; at least one image each), or with per_class exactly `amount` images of every
+    class. Seeded by (seed, draw) alone: draw d of a smaller label set is inside draw d of a larger one."""
     g = torch.Generator().manual_seed(1000 * seed + draw)  # --label-draws is at most 1000: no two seeds meet
     classes = y.unique()
     if not per_class:
-        return stratified(y, max(len(classes), round(amount * len(y))), g)
+        return stratified(y, max(len(classes), round(amount * len(y))), g, floor=1)
     idx = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int((y == c).sum()), generator=g)[:amount]]
            for c in classes]
     return torch.cat(idx).sort().values
@@ -1729,18 +1792,20 @@ def flip_and_crop(x, pad):
     return resized_crop(x, top, left, side, side, H, flip=torch.rand(N, device=x.device) < 0.5)  # (N, 3, H, H)
 
 
-def supervised_from_scratch(train_x, train_y, test_x, test_y, classes, arch, stem, steps, seed, device,
-                            precision="fp32", batch=256):
-    """The supervised baseline: the same backbone (random init from `seed`) and a linear layer on h, trained with
-    cross-entropy on the labelled uint8 images train_x for a fixed number of steps (one budget for every number of
-    labels), each step min(batch, n) of them under flip_and_crop. SGD, momentum 0.9, lr 0.05 per 128 images
-    (scaled with the batch) after a linear warm-up over the first tenth of the steps (Goyal et al. 2017,
-    arXiv:1706.02677), cosine decay to 0; weight decay 5e-4 (Zagoruyko & Komodakis 2016, arXiv:1605.07146).
-    Returns top-1 on test_x, in eval mode."""
+def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, seed, device, precision="fp32",
+               batch=256, init=None, prep=normalize):
+    """A backbone and a linear layer on h trained together with cross-entropy on the labelled uint8 images train_x:
+    from scratch (random init from `seed`), or fine-tuned from the weights `init` (SimCLR's semi-supervised protocol,
+    Sec. 6 of SimCLR), for a fixed number of steps (one budget for every number of labels), each step min(batch, n)
+    of them under flip_and_crop. SGD, momentum 0.9, lr 0.05 per 128 images (scaled with the batch) after a linear
+    warm-up over the first tenth of the steps (Goyal et al. 2017, arXiv:1706.02677), cosine decay to 0; weight decay
+    5e-4 (Zagoruyko & Komodakis 2016, arXiv:1605.07146). Returns top-1 on test_x, in eval mode."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
         torch.manual_seed(seed)  # the init, the batches and the crops: one run per seed
         backbone = make_backbone(arch, stem).to(device)
+        if init is not None:
+            backbone.load_state_dict(init)
         fc = nn.Linear(2048 if arch == "resnet50" else 512, classes).to(device)
         net, amp, n = nn.Sequential(backbone, fc).train(), autocast_for(device, precision), len(train_y)
         N = min(batch, n)
@@ -1751,24 +1816,27 @@ def supervised_from_scratch(train_x, train_y, test_x, test_y, classes, arch, ste
                 group["lr"] = lr_at(step, steps, steps // 10, peak, 0.0)
             idx = torch.randperm(n)[:N]
             x = to_device(train_x[idx.to(train_x.device)], device).float() / 255  # (N, 3, H, H) in [0, 1]
-            x = normalize(flip_and_crop(x, pad=x.shape[-1] // 8))  # 4 px of 32, as He et al.
+            x = prep(flip_and_crop(x, pad=x.shape[-1] // 8))  # 4 px of 32, as He et al.
             with amp():
                 loss = F.cross_entropy(net(x), train_y[idx.to(train_y.device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return (fc(extract_features(backbone, test_x)).argmax(1) == test_y).float().mean().item()
+        return (fc(extract_features(backbone, test_x, prep=prep)).argmax(1) == test_y).float().mean().item()
 
 
-def label_efficiency(features, data, args, device, random_name, results, log=print):
+def label_efficiency(features, data, args, device, random_name, results, backbone, log=print):
     """For every label set and draw (label_draw): SimCLR's linear probe and kNN and the random-init backbone's probe
-    on the drawn images' features, and supervised_from_scratch on the same images, each measured on the whole test
+    on the drawn images' features, and `supervised` on the same images from scratch and fine-tuned from SimCLR's
+    backbone (the same steps, learning rate and seed), each measured on the whole test
     split; into results.json as soon as each exists, then the table and label_efficiency.png."""
     train_x, train_y, test_x, test_y, classes = (data[k] for k in ("train_x", "train_y", "test_x", "test_y", "classes"))
     per_class, y = args.labels_per_class is not None, train_y.cpu()
     methods = dict(simclr_linear="SimCLR linear", simclr_knn="SimCLR kNN", random_init_linear=f"{random_name} linear",
+                   simclr_finetuned=f"SimCLR fine-tuned ({args.sup_steps} steps)",
                    supervised=f"supervised ({args.sup_steps} steps)")
+    simclr_weights = copy.deepcopy(backbone.state_dict())
     (h_train, h_test), (r_train, r_test) = features("simclr"), features("random_init")
     table = results["label_efficiency"] = dict(unit="labels per class" if per_class else "fraction of the labels",
                                                sup_steps=args.sup_steps, rows=[])
@@ -1784,9 +1852,10 @@ def label_efficiency(features, data, args, device, random_name, results, log=pri
             run = dict(simclr_linear=linear_probe(h_train[idx], labels, h_test, test_y, classes, args.probe_steps),
                        simclr_knn=knn_top1(h_train[idx], labels, h_test, test_y, classes, args.knn_k),
                        random_init_linear=linear_probe(r_train[idx], labels, r_test, test_y, classes, args.probe_steps),
-                       supervised=supervised_from_scratch(train_x[idx.to(train_x.device)], labels, test_x, test_y,
-                                                          classes, args.arch, args.stem, args.sup_steps,
-                                                          1000 * args.seed + draw, device, args.precision))
+                       **{k: supervised(train_x[idx.to(train_x.device)], labels, test_x, test_y, classes, args.arch,
+                                        args.stem, args.sup_steps, 1000 * args.seed + draw, device, args.precision,
+                                        init=init, prep=data["prep"]["train_x"])
+                          for k, init in (("simclr_finetuned", simclr_weights), ("supervised", None))})
             for key, acc in run.items():  # mean and sample std over the draws so far
                 runs = row.get(key, dict(runs=[]))["runs"] + [acc]
                 row[key] = dict(mean=float(np.mean(runs)), std=float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
@@ -2040,7 +2109,7 @@ def run(args, stack):
             die("--bench runs in one process: start it with python, not torchrun")
         return bench(model, data["images"], args, device, log)
     start_epoch, opt_state, history = resume_checkpoint(model, args, rank, world, log)
-    features = feature_cache(model, data["train_x"], data["test_x"], args, device)
+    features = feature_cache(model, data, args, device)
     random_name = f"{'ImageNet-init' if args.pretrained else 'random-init'} {args.arch}"
     if args.resume and args.show_neighbours:  # a look at a saved run: its pictures, no training, no evaluation
         if start_epoch == 0:
@@ -2051,11 +2120,15 @@ def run(args, stack):
         dist.destroy_process_group()
         if rank != 0:
             return None  # evaluation runs once, on rank 0
+    if data["val_x"] is not None and history:  # the paper's code evaluates the epoch of lowest validation loss
+        best = min(history, key=lambda m: m["val_loss"])
+        model.backbone.load_state_dict(torch.load(os.path.join(args.out, "best_backbone.pt"), map_location=device))
+        log(f"evaluating the backbone of epoch {best['epoch']}, of the lowest validation NT-Xent ({best['val_loss']:.4f})")
     save_atomic(model.backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
     results = evaluate_with_baselines(features, data, args, device, train_s, random_name, log)
     pictures(features, data, args, random_name, log)
     if args.label_amounts:
-        label_efficiency(features, data, args, device, random_name, results, log)
+        label_efficiency(features, data, args, device, random_name, results, model.backbone, log)
     print(f"outputs in {args.out}/")
     return results
 

@@ -363,15 +363,16 @@ def test_linear_probe_and_knn_separate_separable_data_and_fail_on_noise():
     assert simclr.linear_probe(noise[:400], y[:400], noise[400:], y[400:], 3) < 0.5
 
 
-def test_paper_probe_separates_separable_data_fails_on_noise_and_zscores_each_split():
+def test_paper_probe_separates_separable_data_fails_on_noise_and_sees_the_raw_features():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (700,), generator=g)
     h = torch.randn(3, 20, generator=g)[y] * 2 + torch.randn(700, 20, generator=g)
     split = lambda h: (h[:500], y[:500], h[500:600], y[500:600], h[600:], y[600:])
     acc = simclr.paper_probe(*split(h), 3)
     assert acc > 0.95
-    shifted = torch.cat([h[:600], h[600:] * 3 + 5])  # the test split z-scored with its own statistics: no effect
-    assert simclr.paper_probe(*split(shifted), 3) == acc
+    toward_0 = 3 * h[:500][y[:500] == 0].mean(0)  # moves every test feature toward class 0: per-split z-scoring
+    shifted = torch.cat([h[:600], h[600:] + toward_0])  # would undo it; the paper's code (raw features) does not
+    assert simclr.paper_probe(*split(shifted), 3) < acc - 0.2
     assert simclr.paper_probe(*split(torch.randn(700, 20, generator=g)), 3) < 0.5
 
 
@@ -405,7 +406,20 @@ def test_nearest_neighbours_match_a_brute_force_loop_over_all_pairs():
     assert simclr.nearest(q, pool[:3], 8)[1].shape == (5, 3)  # fewer than k in the pool: all of them
 
 
-def test_label_draws_are_class_balanced_deterministic_nested_and_differ_between_draws():
+def test_stratified_draws_keep_each_class_share_and_hold_every_smaller_draw():
+    """Every size n of a draw from unbalanced labels: each class within one image of its share, and the draw of n + 1
+    images holds the draw of n (largest remainders break this: a class can lose an image as n grows)."""
+    g = lambda: torch.Generator().manual_seed(5)
+    for y in (torch.tensor([0] * 7 + [1] * 5 + [2] * 3 + [3] * 2), simclr.make_shapes(300, 8, seed=0)[1]):
+        counts, prev = torch.bincount(y), set()
+        for n in range(1, len(y) + 1):
+            idx = set(simclr.stratified(y, n, g()).tolist())
+            share = torch.bincount(y[sorted(idx)], minlength=len(counts)) - counts * n / len(y)
+            assert len(idx) == n and prev <= idx and share.abs().max() < 1 + 1e-9, n
+            prev = idx
+
+
+def test_label_draws_are_stratified_deterministic_nested_and_differ_between_draws():
     y = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
     draw = lambda amount, seed=0, d=0, per_class=False: simclr.label_draw(y, amount, per_class, seed, d)
     a = draw(0.1)
@@ -415,6 +429,9 @@ def test_label_draws_are_class_balanced_deterministic_nested_and_differ_between_
     assert not torch.equal(a, draw(0.1, d=1)) and not torch.equal(a, draw(0.1, seed=1))  # other draws differ
     assert set(draw(0.02).tolist()) < set(a.tolist())  # nested: 1% of draw 0 is inside 10% of draw 0
     assert len(draw(0.001)) == 3 and torch.equal(draw(1.0), torch.arange(1000))
+    shapes = simclr.make_shapes(5000, 8, seed=0)[1]  # close fractions on shapes' labels: nested too
+    assert set(simclr.label_draw(shapes, 0.1332, False, 0, 0).tolist()) < \
+        set(simclr.label_draw(shapes, 0.1334, False, 0, 0).tolist())
 
 
 def test_flip_and_crop_is_a_crop_of_the_reflect_padded_image_flipped_or_not():
@@ -439,14 +456,21 @@ def colour_classes(y, g, size=16):
     return (x * 255).to(torch.uint8)
 
 
-def test_supervised_from_scratch_learns_a_separable_problem_and_fails_on_noise():
+def test_supervised_from_scratch_learns_a_separable_problem_and_fails_on_noise(monkeypatch):
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (48 + 90,), generator=g)  # 48 labelled images, 90 test images
-    run = lambda x: simclr.supervised_from_scratch(x[:48], y[:48], x[48:], y[48:], 3, "resnet18", "imagenet",
-                                                   steps=30, seed=0, device="cpu")
+    run = lambda x: simclr.supervised(x[:48], y[:48], x[48:], y[48:], 3, "resnet18", "imagenet", steps=30, seed=0,
+                                      device="cpu")
     state = torch.get_rng_state()
     xc = colour_classes(y, g)
+    lrs, real_step = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda opt, *a: lrs.append(opt.param_groups[0]["lr"]) or
+                        real_step(opt, *a))
     acc = run(xc)
+    peak = 0.05 * 48 / 128  # 0.05 per 128 images, scaled to the batch of 48; warm-up over 3 steps, cosine to 0
+    closed = [peak * (s + 1) / 3 if s < 3 else peak * (1 + math.cos(math.pi * (s - 2) / 27)) / 2 for s in range(30)]
+    assert lrs == pytest.approx(closed, rel=1e-12, abs=1e-15)
+    monkeypatch.undo()
     assert acc > 0.95
     assert torch.equal(torch.get_rng_state(), state)  # seeded on its own: the caller's RNG untouched
     assert run(xc) == acc  # and the seed decides the run
@@ -931,24 +955,27 @@ def test_few_labels_table_and_pictures_with_and_without_matplotlib(tmp_path, mon
     flags = [*TINY, "--epochs", "2", "--knn-every", "1", "--label-fractions", "0.1,1", "--label-draws", "2",
              "--sup-steps", "2"]
     out = tmp_path / "run"
-    seen = []  # the labels each supervised run was given
-    sup = simclr.supervised_from_scratch
-    monkeypatch.setattr(simclr, "supervised_from_scratch",
-                        lambda x, y, *a, **k: seen.append((x.clone(), y.clone())) or sup(x, y, *a, **k))
+    seen = []  # the labels each supervised run was given, and the weights it started from
+    sup = simclr.supervised
+    monkeypatch.setattr(simclr, "supervised",
+                        lambda x, y, *a, **k: seen.append((x.clone(), y.clone(), k["init"])) or sup(x, y, *a, **k))
     res = simclr.main([*flags, "--out", str(out)])
     rows = res["label_efficiency"]["rows"]
     assert [(r["amount"], r["labels"], r["draws"]) for r in rows] == [(0.1, 10, 2), (1.0, 96, 1)]
     for r in rows:
-        for key in ("simclr_linear", "simclr_knn", "random_init_linear", "supervised"):
+        for key in ("simclr_linear", "simclr_knn", "random_init_linear", "simclr_finetuned", "supervised"):
             runs = r[key]["runs"]
             assert len(runs) == r["draws"] and all(0 <= v <= 1 for v in runs)
             assert r[key]["mean"] == pytest.approx(np.mean(runs))
             assert r[key]["std"] == pytest.approx(np.std(runs, ddof=1) if len(runs) > 1 else 0.0)
     data = simclr.load_dataset("shapes", "data", 16, seed=0, subset=96)  # TINY's data, drawn again independently
-    for (x, y), d in zip(seen, (0, 1)):  # each draw of 10% got exactly its own images and labels
+    backbone = torch.load(out / "backbone.pt")
+    assert [init is None for _, _, init in seen] == [False, True] * 3  # fine-tuned, then from scratch, each draw
+    assert all(torch.equal(init[k], backbone[k]) for _, _, init in seen[::2] for k in backbone)  # SimCLR's weights
+    for (x, y, _), d in zip(seen[::2], (0, 1)):  # each draw of 10% got exactly its own images and labels
         idx = simclr.label_draw(data["train_y"], 0.1, False, 0, d)
         assert torch.equal(x, data["train_x"][idx]) and torch.equal(y, data["train_y"][idx])
-    assert not torch.equal(seen[0][0], seen[1][0]) and len(seen[2][1]) == 96  # two draws, then every label
+    assert not torch.equal(seen[0][0], seen[2][0]) and len(seen[4][1]) == 96  # two draws, then every label
     assert rows[1]["simclr_linear"]["mean"] == res["linear_top1"]  # all the labels: the run's own probe
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(res))
     for f in ("neighbours.png", *(["curves.png", "label_efficiency.png"] if HAS_MPL else [])):
@@ -1032,8 +1059,10 @@ def test_learning_rate_follows_warmup_and_cosine_also_across_a_resume(tmp_path, 
     """The lr of every step against the closed form: linear warm-up to the peak over W steps, then cosine from the
     peak to peak/50 at the last step T. A run stopped after its first epoch and resumed continues the same curve."""
     peak, W, T = 0.1, 6, 18  # TINY: 96 images in batches of 16 = 6 steps an epoch; 3 epochs
-    closed = [peak * (s + 1) / W if s < W else
-              peak / 50 + (peak - peak / 50) * (1 + math.cos(math.pi * (s - W) / (T - W))) / 2 for s in range(T)]
+    closed = [peak * (s + 1) / W if s < W else  # the peak at step W - 1 only, peak / 50 at the last step
+              peak / 50 + (peak - peak / 50) * (1 + math.cos(math.pi * (s - W + 1) / (T - W))) / 2 for s in range(T)]
+    assert sum(abs(lr - peak) < 1e-12 for lr in closed) == 1 and closed[-1] == pytest.approx(peak / 50)
+    assert [simclr.lr_at(s, 4, 0, 1.0, 0.0) for s in range(4)] == pytest.approx([1, 0.75, 0.25, 0])  # no warm-up
     used, real_step, real_save = [], simclr.sgd_step, simclr.save_atomic
 
     def recording_step(model, views, opt, *a, **k):
@@ -1171,6 +1200,80 @@ def test_data_too_big_for_the_gpu_stays_in_host_memory(monkeypatch):
     assert simclr.where_data_fits(6 * 2 ** 30, gpu) == "host"  # more than half the free memory
     assert simclr.where_data_fits(6 * 2 ** 30, gpu, "device") == "device"  # as asked
     assert simclr.where_data_fits(10 ** 12, torch.device("cpu")) == "device"  # the CPU's memory is the host's
+
+
+def test_batches_from_host_memory_are_copied_over_and_train_as_on_the_device(monkeypatch):
+    """A GPU run with its images in host memory copies each batch over (to_device). On a CPU the copy is a no-op, so
+    to_device is made to copy (and count): the run takes every batch through it and ends as the run without it."""
+    import argparse
+    hp = argparse.Namespace(epochs=2, batch_size=8, lr=0.1, warmup_epochs=0.5, lr_min_ratio=0.02, momentum=0.9,
+                            wd=1e-5, decay_norm_and_bias=False, tau=0.5, seed=0, crop_min=0.3, jitter_prob=0.8,
+                            gray_prob=0.2, blur_prob=0.5)
+    images = simclr.make_shapes(32, 8, seed=0)[0]
+    runs = []
+    for copy in (False, True):
+        copies, real = [], simclr.to_device
+        monkeypatch.setattr(simclr, "to_device", (lambda x, d: copies.append(len(x)) or x.clone()) if copy else real)
+        torch.manual_seed(0)
+        model = small_simclr()
+        simclr.train(model, images, hp, log=lambda s: None)
+        runs.append(model.state_dict())
+    assert copies == [8] * 8  # 2 epochs of 4 batches, each through to_device
+    for k, v in runs[0].items():
+        assert torch.equal(v, runs[1][k]), k
+
+
+def test_the_optimizer_decays_what_the_recipe_says(tmp_path, fake_imagenet_weights):
+    """The optimizer a run trains with (its saved state): two groups with the simclr recipe, conv and linear weights
+    decayed and the rest not; one group, every parameter decayed, with the paper's."""
+    groups = {}
+    for recipe in ("simclr", "paper"):
+        simclr.main([*TINY, "--epochs", "1", "--recipe", recipe, "--eval", "standard", "--arch", "resnet18",
+                     "--out", str(tmp_path / recipe)])
+        saved = torch.load(tmp_path / recipe / "checkpoint.pt", weights_only=False)["optimizer"]["param_groups"]
+        groups[recipe] = [(g["weight_decay"], len(g["params"])) for g in saved]
+    # resnet18: 20 convolutions (weights only) and 20 BatchNorms (weight and bias); the head: 2 linear layers
+    assert groups["simclr"] == [(1e-5, 20 + 2), (0.0, 40 + 2)] and groups["paper"] == [(1e-5, 20 + 40 + 4)]
+
+
+def test_the_papers_recipe_runs_the_papers_protocol(tmp_path, fake_imagenet_weights, monkeypatch, capsys):
+    """--recipe paper as the authors' code: fp32; each view through the backbone alone (BatchNorm sees N images, not
+    2N); ToTensor's [0, 1] inputs, or with --standardize each split's own statistics; 90% of the train split trained
+    on, the backbone of the epoch of lowest validation loss on the other 10% evaluated."""
+    seen, real = [], simclr.make_backbone
+
+    def watched(*a, **k):  # records the training inputs of conv1: their batch size and value range
+        net = real(*a, **k)
+        net.conv1.register_forward_pre_hook(lambda m, x: seen.append((m.training, x[0].detach().clone())))
+        return net
+    monkeypatch.setattr(simclr, "make_backbone", watched)
+    flags = [*TINY, "--epochs", "3", "--recipe", "paper", "--arch", "resnet18", "--knn-every", "0"]
+    simclr.main([*flags, "--out", str(tmp_path / "unit")])
+    printed = capsys.readouterr().out
+    cfg = json.loads((tmp_path / "unit" / "config.json").read_text())
+    assert cfg["precision"] == "fp32" and "87 pre-training + 9 validation" in printed  # random_split: 86.4 / 9.6
+    train_inputs = [x for training, x in seen if training]
+    assert {len(x) for x in train_inputs} == {16} and min(x.min() for x in train_inputs) >= 0 and \
+        max(x.max() for x in train_inputs) <= 1 + 1e-5  # N views of 16 px, ToTensor's values
+    metrics = [json.loads(l) for l in (tmp_path / "unit" / "metrics.jsonl").read_text().splitlines()]
+    best = min(metrics, key=lambda m: m["val_loss"])
+    assert f"evaluating the backbone of epoch {best['epoch']}" in printed
+    a, b = (torch.load(tmp_path / "unit" / f) for f in ("backbone.pt", "best_backbone.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    seen.clear()
+    simclr.main([*flags, "--standardize", "--out", str(tmp_path / "standardized")])
+    test_inputs = [x for training, x in seen if not training and len(x) == 96][-1]  # the last: the test split's
+    torch.testing.assert_close(test_inputs.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(test_inputs.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_images_that_are_not_square_are_resized_to_a_square_for_the_paper():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    ds = [(img, 0)]
+    square = simclr.pil_to_uint8(ds, 16, square=True)[0][0]
+    t = TF.pil_to_tensor(img)
+    assert torch.equal(square, TF.resize(t, [16, 16], antialias=True))  # the whole image, aspect not kept
+    assert torch.equal(simclr.pil_to_uint8(ds, 16)[0][0], TF.center_crop(TF.resize(t, 16, antialias=True), 16))
 
 
 def test_images_in_host_memory_give_the_same_run_as_on_the_device(tmp_path):
