@@ -1359,41 +1359,121 @@ def test_cnn_forward_matches_naive_loop():
         assert math.isclose(out[i].item(), ref, rel_tol=1e-10, abs_tol=1e-12)
 
 
+def test_stratified_labels_follow_the_binomial_and_cover_one_class_sets(one_thread):
+    """Over S sets the count of +1 labels takes each value k as often as S C(n, k) / 2^n allows (to within one set),
+    so at n = 2 half the sets hold one class only; the reference counts all 2^n label vectors."""
+    import itertools
+    g = torch.Generator().manual_seed(0)
+    for n, S in [(2, 8), (3, 8), (4, 16), (5, 6), (20, 5)]:
+        ys = [toy_theory.stratified_labels(n, j, S, g) for j in range(S)]
+        assert all(set(y.tolist()) <= {-1.0, 1.0} and len(y) == n for y in ys)
+        counts = np.bincount([int((y > 0).sum()) for y in ys], minlength=n + 1)
+        if n <= 5:
+            law = np.bincount([sum(v) for v in itertools.product([0, 1], repeat=n)], minlength=n + 1) / 2 ** n
+            assert np.all(np.abs(counts - S * law) <= 1), (n, counts, S * law)
+    assert [int((y > 0).sum()) for y in (toy_theory.stratified_labels(2, j, 8, g) for j in range(8))] == [0, 0, 1, 1, 1, 1, 2, 2]
+    orders = {tuple(toy_theory.stratified_labels(4, 3, 8, g).tolist()) for _ in range(20)}
+    assert len(orders) > 1  # the positives sit at random places, not first
+
+
+def test_train_logistic_is_gradient_descent_until_the_tolerance(one_thread):
+    """Against GD written here with the closed-form gradient of log(1 + exp(-y f)), f = F_{+1} - F_{-1} with
+    ReLU^q: the same weights after every step, and the stop at the first step whose loss is below tol."""
+    g = torch.Generator().manual_seed(3)
+    m, q, d, n, eta = 2, 3, 6, 5, 0.05
+    X = torch.randn(n, 2, d, generator=g, dtype=torch.float64)
+    y = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0], dtype=torch.float64)
+    W = 0.5 * torch.randn(2 * m, d, generator=g, dtype=torch.float64)
+    Wn, Xn, yn, losses = W.numpy().copy(), X.numpy(), y.numpy(), []
+    sign = np.array([1.0] * m + [-1.0] * m)
+    for _ in range(60):
+        pre = Xn @ Wn.T  # (n, 2, 2m)
+        f = (np.maximum(pre, 0) ** q).sum(1) @ sign / m
+        losses.append(np.mean(np.log1p(np.exp(-yn * f))))
+        coef = -yn / (1 + np.exp(yn * f)) / n  # d loss / d f_i
+        grad = np.einsum("i,ipr,ipd->rd", coef, q * np.maximum(pre, 0) ** (q - 1), Xn) * sign[:, None] / m
+        Wn = Wn - eta * grad
+    tol = losses[40]  # the loss after 40 steps: GD must stop there, the first step below it
+    assert all(a > b for a, b in zip(losses, losses[1:41]))
+    W_out, loss, steps = toy_theory.train_logistic(W, X, y, q, m, eta, 1000, tol * (1 + 1e-9))
+    assert steps == 40 and math.isclose(loss, losses[40], rel_tol=1e-9)
+    W_out, loss, steps = toy_theory.train_logistic(W, X, y, q, m, eta, 60, 0.0)
+    np.testing.assert_allclose(W_out.numpy(), Wn, rtol=1e-9, atol=1e-12)
+
+
+def test_pretraining_stops_once_the_loss_is_below_log_n0_minus_drop(one_thread):
+    """The stop rule reads the InfoNCE loss alone: at the step returned the loss (a naive loop here) is below
+    log n0 - drop, one step earlier it is not; run to a fixed cap it goes on."""
+    g = torch.Generator().manual_seed(1)
+    n0, d, drop, tau = 40, 30, 0.1, 1.0
+    mu = toy_theory.cnn_mu(d, 0.6, 1.0)
+    y = toy_theory.cnn_labels(n0, g)
+    X, Xp = toy_theory.cnn_data(y, mu, 1.0, g), toy_theory.cnn_data(y, mu, 1.0, g)
+    eta = 0.4 * tau / (2 * mu.norm().item() ** 2)
+
+    def naive_info_nce(W):
+        h, hp = (X.sum(1) @ W.T).numpy(), (Xp.sum(1) @ W.T).numpy()
+        logits = h @ hp.T / tau
+        return np.mean([np.log(np.exp(logits[i]).sum()) - logits[i, i] for i in range(n0)])
+
+    W, cos, stop = toy_theory.pretrain_linear_cnn(X, Xp, mu, 3, tau, eta, 500, drop, 1e-6, torch.Generator().manual_seed(2))
+    assert 0 < stop < 500 and len(cos) == stop + 1
+    assert naive_info_nce(W) < math.log(n0) - drop
+    W_before, _, _ = toy_theory.pretrain_linear_cnn(X, Xp, mu, 3, tau, eta, stop - 1, drop, 1e-6,
+                                                   torch.Generator().manual_seed(2))
+    assert naive_info_nce(W_before) >= math.log(n0) - drop
+    assert cos[-1] > 0.9  # n0 SNR^2 = 14 at d = 30: the power iteration found +-mu
+
+
+def test_filter_response_and_first_crossing_against_closed_forms(one_thread):
+    mu = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)
+    W = torch.tensor([[1.0, 1.0, 0.0], [-3.0, 0.0, 4.0], [0.5, 0.0, 0.0001]], dtype=torch.float64)
+    # |<w, mu>| / (sigma_p ||P w||): 2 / (0.5 * 1), 6 / (0.5 * 4), 1 / (0.5 * 1e-4); median 4
+    assert math.isclose(toy_theory.filter_response(W, mu, 0.5), 4.0, rel_tol=1e-12)
+    # 0.5 at n = 4, 0.1 at n = 16: 0.25 is 5/8 of the way in log n, n = 4 * 4^(5/8)
+    assert math.isclose(toy_theory.first_crossing([2, 4, 16], [0.5, 0.5, 0.1], 0.25), 4 * 4 ** 0.625, rel_tol=1e-12)
+    assert toy_theory.first_crossing([2, 4], [0.5, 0.3], 0.25) is None
+
+
 def test_cnn_pretraining_beats_supervised_in_harmful_regime(one_thread):
     # d = 200: n * SNR^q = 10 * 0.25^3 = 0.16 (harmful for supervised), n0 * SNR^2 = 300 * 0.0625 = 19 (enough for pre-training)
-    args = toy_theory.get_args(["cnn", "--steps", "150", "--n-test", "1000"])
-    errs_sup, errs_ft, cos = [], [], []
-    for seed in range(2):
-        r = toy_theory.cnn_cell(args, snr=0.25, n=10, n0=300, seed=seed)
-        errs_sup.append(r["err_sup"]), errs_ft.append(r["err_ft"]), cos.append(r["cos"][-1])
-    assert np.mean(errs_sup) > 0.3, errs_sup  # supervised memorises the noise
-    assert np.mean(errs_ft) < 0.15, errs_ft  # pre-train + fine-tune generalises from 10 labels
-    assert min(cos) > 0.9, cos  # the power iteration aligned the filters with +-mu (Lemmas 5.1-5.2)
+    args = toy_theory.get_args(["cnn", "--d", "200", "--n-test", "1000", "--seeds", "2"])
+    sup = toy_theory.cnn_cells(args, 0.25, [10], 2)
+    ft = toy_theory.cnn_cells(args, 0.25, [10], 2, n0=300)
+    assert np.mean([c["err"] for c in sup]) > 0.3, sup  # supervised memorises the noise
+    assert np.mean([c["err"] for c in ft]) < 0.15, ft  # pre-train + fine-tune generalises from 10 labels
+    assert min(c["cos"] for c in ft) > 0.9, ft  # the power iteration aligned the filters with +-mu
+    assert all(c["loss"] < args.loss_tol for c in sup + ft)  # both fit their labels
 
 
-def test_cnn_grid_pretrains_once_per_snr_n0_seed(monkeypatch, one_thread):
-    """Every n of one (SNR, n0, seed) is fine-tuned from the same pre-trained filters: one pre-training, not one per n."""
+def test_cnn_cells_pretrain_once_per_set_and_share_the_labelled_sets(monkeypatch, one_thread):
+    """Every n of one set is fine-tuned from the same pre-trained filters, and supervised training and fine-tuning
+    see the same labelled set."""
     calls, pretrain = [], toy_theory.cnn_pretrain
     monkeypatch.setattr(toy_theory, "cnn_pretrain", lambda *a: calls.append(a[1:]) or pretrain(*a))
+    seen, labelled = [], toy_theory.cnn_labelled
+    monkeypatch.setattr(toy_theory, "cnn_labelled", lambda *a: seen.append(labelled(*a)[1]) or labelled(*a))
     args = toy_theory.get_args(["cnn", "--d", "30", "--steps", "5", "--pre-steps", "3", "--n-test", "20"])
-    cells = toy_theory.cnn_grid(args, [0.1, 0.5], [2, 4, 8], [40], [0, 1])
-    assert sorted(calls) == [(0.1, 40, 0), (0.1, 40, 1), (0.5, 40, 0), (0.5, 40, 1)]
-    assert len(cells) == 12 and {(c["snr"], c["seed"], c["n"]) for c in cells} == {
-        (snr, seed, n) for snr in (0.1, 0.5) for seed in (0, 1) for n in (2, 4, 8)}
-    for c in cells:  # n * SNR^q and n0 * SNR^2 belong to the cell's own n and SNR
-        assert math.isclose(c["n_snr_q"], c["n"] * c["snr"] ** 3) and math.isclose(c["n0_snr2"], 40 * c["snr"] ** 2)
+    ft = toy_theory.cnn_cells(args, 0.5, [2, 4, 8], 2, n0=40)
+    assert calls == [(0.5, 40, 0), (0.5, 40, 1)]
+    sup = toy_theory.cnn_cells(args, 0.5, [2, 4, 8], 2)
+    assert len(calls) == 2 and [(c["set"], c["n"]) for c in ft] == [(c["set"], c["n"]) for c in sup]
+    for a, b in zip(seen[:6], seen[6:]):
+        assert torch.equal(a, b)
+    assert {c["n"] for c in ft} == {2, 4, 8} and all(c["n0"] == 40 and 0 <= c["cos"] <= 1 for c in ft)
 
 
-@pytest.mark.parametrize("argv", [["cnn", "--part", "labels"], ["cnn", "--part", "scaling"], ["hltm", "--part", "width"]])
+@pytest.mark.parametrize("argv", [["cnn", "--part", "scaling"], ["hltm", "--part", "width"]])
 def test_toy_theory_sweeps_run(argv, tmp_path, one_thread):
     """The sweeps behind flags, end to end in-process with --quick (the subprocess smoke tests cover --part main)."""
     s = toy_theory.main(argv + ["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "summary.json").exists()
-    if argv[-1] == "labels":
-        assert sorted({c["n"] for c in s["cells"]}) == [2, 16] and {c["d"] for c in s["cells"]} == {100}
-    elif argv[-1] == "scaling":
+    if argv[-1] == "scaling":
         assert sorted({round(c["n0_snr2"], 9) for c in s["cells"]}) == [1, 16]
-        assert {c["n0"] for c in s["cells"]} == {25, 300} and {c["d"] for c in s["cells"]} == {100}
+        assert {c["n0"] for c in s["cells"]} == {25, 100} and {c["d"] for c in s["cells"]} == {100}
+        assert all(0 <= c["err"] <= 1 and 0 <= c["err_sup"] <= 1 for c in s["cells"])
+    else:
+        assert sorted({r["hid"] for r in s["sweep"]}) == [1, 4]
 
 
 # ---- covariance: Theorem 3 of Tian et al. 2020 -------------------------------------------------------------------
@@ -1682,11 +1762,8 @@ def test_hltm_width_sweep_trains_each_width_on_the_same_trees(monkeypatch, one_t
     monkeypatch.setattr(toy_theory, "hltm_train", lambda deltas, a, *rest: widths.append(a.hid) or train(deltas, a, *rest))
     args = toy_theory.get_args(["hltm", "--part", "width", "--hids", "1", "3", "--depth", "2", "--seeds", "2",
                                 "--steps", "20", "--n-eval", "512"])
-    plt, toy_theory.plt = toy_theory.plt, None  # no figure
-    try:
-        sweep = toy_theory.hltm_width_sweep(args)["sweep"]
-    finally:
-        toy_theory.plt = plt
+    monkeypatch.setattr(toy_theory, "pyplot", lambda: None)  # no figure
+    sweep = toy_theory.hltm_width_sweep(args)["sweep"]
     assert widths == [1, 1, 3, 3] and [r["hid"] for r in sweep] == widths
     for a, b in zip(sweep[:2], sweep[2:]):  # seed by seed: the same tree, so the same Bayes ceiling
         assert a["seed"] == b["seed"] and a["ceiling"] == b["ceiling"]

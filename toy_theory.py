@@ -9,7 +9,7 @@ Four experiments, each reproducing one theoretical claim on a toy model, each a 
                                       #   layer by layer, and the object selectivity it amplifies
     python toy_theory.py hltm         # the same paper, Sec. 6: hidden nodes learn the latents of a latent tree
 
-    python toy_theory.py cnn --part labels    # the sweeps behind flags: cnn --part labels | scaling, hltm --part width
+    python toy_theory.py cnn --part scaling   # the sweeps behind flags: cnn --part scaling, hltm --part width
     python toy_theory.py cnn --quick  # any subcommand: a seconds-long end-to-end run (used by the tests)
     python toy_theory.py cnn --fig assets/toy_cnn.png   # the figure (default: <out>/<subcommand>[_<part>].png)
 
@@ -20,11 +20,12 @@ and a PNG when matplotlib is installed. Only torch and numpy are required.
 Every default run takes under two minutes on one CPU thread, a sweep behind --part up to three (README.md).
 
 What each experiment shows (numbers: README.md, "Toy theory"):
-  cnn        supervised GD from random init memorises noise when n*SNR^q is small (test error ~0.5, training
-             loss ~0), while SimCLR pre-training of the linear CNN on n0 unlabelled samples (n0*SNR^2 large) aligns
-             the filters with +-mu by a power iteration (Lemmas 5.1-5.2) and fine-tuning then generalises from
-             2 labels. --part labels: test error against n; --part scaling: the alignment is a function of
-             n0*SNR^2 when d >> n0, and of n0*SNR^2 / (1 + 2 sqrt(n0/d)) in general.
+  cnn        supervised GD from a random init, and fine-tuning from filters SimCLR pre-trains on n0 unlabelled
+             samples, on the same labelled sets (label counts stratified, so sets holding one class come up as
+             often as chance gives them): supervised test error against n at several SNRs (Cao et al.'s n SNR^q
+             threshold), fine-tuned test error against n at several n0 SNR^2. --part scaling: pre-training stopped
+             by its own loss, its alignment with mu against n0 SNR^2 / (1 + 2 sqrt(n0/d)), and what decides the
+             fine-tuning outcome.
   clusters   (a) an embedding that ignores the clusters has exactly the same contrastive loss as one that
              respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle clusters its latents
              early, keeps the clusters for a while, then spreads them to the uniform circle, a trivial minimiser,
@@ -50,13 +51,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:  # figures are optional: the experiments need only torch and numpy
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
 
 
 # =====================================================================================================
@@ -77,36 +71,38 @@ def get_args(argv=None):
 
     s = sub.add_parser("cnn", help="Zhang & Cao 2024: SimCLR pre-training vs supervised, two-layer CNN")
     common(s)
-    s.add_argument("--d", type=int, default=200, help="patch dimension; d >> n is the over-parameterised regime (default: 200)")
+    s.add_argument("--part", choices=["main", "scaling"], default="main",
+                   help="main: test error against n, supervised at each --snrs and fine-tuned at each --n0-snr2s; "
+                        "scaling: pre-training at n0 SNR^2 fixed while n0 varies, at each --scaling-ds (default: main)")
+    s.add_argument("--d", type=int, default=1000, help="patch dimension; d > n is the over-parameterised regime (default: 1000)")
     s.add_argument("--sigma-p", type=float, default=1.0, help="noise std per coordinate (default: 1.0)")
-    s.add_argument("--snrs", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5], help="SNR grid (default: 0.05 0.1 0.25 0.5)")
-    s.add_argument("--ns", type=int, nargs="+", default=[10, 20, 40], help="labelled sample sizes n (default: 10 20 40)")
-    s.add_argument("--n0", type=int, default=1000, help="unlabelled samples for pre-training (default: 1000)")
-    s.add_argument("--n0s", type=int, nargs="+", default=[25, 100, 400, 1600], help="n0 sweep at --n0-snr (default: 25 100 400 1600)")
-    s.add_argument("--n0-snr", type=float, default=0.1, help="SNR of the n0 sweep (default: 0.1)")
-    s.add_argument("--n0-n", type=int, default=20, help="labelled n of the n0 sweep (default: 20)")
     s.add_argument("--m", type=int, default=10, help="filters per class, 2m in all (default: 10)")
-    s.add_argument("--q", type=int, default=3, help="ReLU^q exponent, q > 2 (default: 3)")
+    s.add_argument("--q", type=int, default=3, help="ReLU^q exponent, q > 2 as both papers require (default: 3)")
+    s.add_argument("--snrs", type=float, nargs="+", default=[0.25, 0.35, 0.5], help="SNRs of supervised training (default: 0.25 0.35 0.5)")
+    s.add_argument("--ns", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128],
+                   help="labelled sample sizes n (default: 2 4 8 16 32 64 128)")
+    s.add_argument("--level", type=float, default=0.25, help="test error whose first crossing marks the n SNR^q threshold (default: 0.25)")
+    s.add_argument("--ft-snr", type=float, default=0.1, help="SNR of pre-training and fine-tuning (default: 0.1)")
+    s.add_argument("--n0-snr2s", type=float, nargs="+", default=[0.25, 1, 4],
+                   help="n0 SNR^2 of pre-training; n0 = n0 SNR^2 / SNR^2 (default: 0.25 1 4)")
+    s.add_argument("--seeds", type=int, default=8, help="labelled sets per n, with stratified label counts; each also seeds a pre-training (default: 8)")
     s.add_argument("--sigma0", type=float, default=0.01, help="init std of supervised filters; fine-tuning filters get the same norm (default: 0.01)")
-    s.add_argument("--eta", type=float, default=1.0, help="fine-tuning / supervised GD step (default: 1.0)")
-    s.add_argument("--steps", type=int, default=300, help="fine-tuning / supervised full-batch GD steps (default: 300)")
+    s.add_argument("--eta", type=float, default=0.01, help="fine-tuning / supervised GD step (default: 0.01)")
+    s.add_argument("--steps", type=int, default=2000, help="most fine-tuning / supervised full-batch GD steps (default: 2000)")
+    s.add_argument("--loss-tol", type=float, default=1e-3, help="GD stops once the training loss is below this (default: 0.001)")
+    s.add_argument("--n-test", type=int, default=1000, help="test samples (default: 1000)")
     s.add_argument("--tau", type=float, default=1.0, help="InfoNCE temperature for pre-training (default: 1.0)")
     s.add_argument("--pre-sigma0", type=float, default=1e-6, help="init std for pre-training (default: 1e-6)")
-    s.add_argument("--pre-rate", type=float, default=0.4, help="pre-training step as eta0 * lambda_1, lambda_1 = 2||mu||^2/tau (default: 0.4)")
-    s.add_argument("--pre-steps", type=int, default=60, help="pre-training GD steps (default: 60)")
-    s.add_argument("--n-test", type=int, default=2000, help="test samples (default: 2000)")
-    s.add_argument("--seeds", type=int, default=3, help="seeds per cell (default: 3)")
-    s.add_argument("--part", choices=["main", "labels", "scaling"], default="main",
-                   help="main: an SNR x n grid, an n0 sweep and the power iteration; labels: test error against n "
-                        "at --label-snr; scaling: max |cos| against n0*SNR^2 at each --scaling-ds (default: main)")
-    s.add_argument("--label-snr", type=float, default=0.2, help="SNR of --part labels (default: 0.2)")
-    s.add_argument("--label-ns", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128, 256, 512],
-                   help="labelled n of --part labels (default: 2 4 ... 512)")
-    s.add_argument("--label-d", type=int, default=2000, help="patch dimension of --part labels, d > n (default: 2000)")
-    s.add_argument("--label-seeds", type=int, default=5, help="seeds of --part labels (default: 5)")
+    s.add_argument("--pre-rate", type=float, default=0.4, help="pre-training step as a fraction of 1 / lambda_1, lambda_1 = 2||mu||^2/tau (default: 0.4)")
+    s.add_argument("--pre-drop", type=float, default=0.1,
+                   help="pre-training stops once the InfoNCE loss is this far below log n0, its value at h = 0 (default: 0.1)")
+    s.add_argument("--pre-steps", type=int, default=200, help="most pre-training GD steps (default: 200)")
     s.add_argument("--scaling-ds", type=int, nargs="+", default=[200, 2000], help="d of --part scaling (default: 200 2000)")
+    s.add_argument("--n0s", type=int, nargs="+", default=[25, 100, 400, 1600], help="n0 of --part scaling (default: 25 100 400 1600)")
     s.add_argument("--scaling-n0snr2", type=float, nargs="+", default=[0.25, 1, 4, 16, 64],
-                   help="n0*SNR^2 grid of --part scaling, at each of --n0s (default: 0.25 1 4 16 64)")
+                   help="n0 SNR^2 grid of --part scaling, at each of --n0s (default: 0.25 1 4 16 64)")
+    s.add_argument("--scaling-n", type=int, default=20, help="labelled n of --part scaling (default: 20)")
+    s.add_argument("--scaling-seeds", type=int, default=3, help="seeds (and labelled sets) per cell of --part scaling (default: 3)")
 
     s = sub.add_parser("clusters", help="Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade")
     common(s)
@@ -169,14 +165,15 @@ def get_args(argv=None):
             p.error(f"hltm: need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
                     "delta is the correlation between a latent and its parent")
     # derived values, in one place
-    name = args.cmd if getattr(args, "part", "main") == "main" else f"{args.cmd}_{args.part}"  # e.g. cnn_labels
+    name = args.cmd if getattr(args, "part", "main") == "main" else f"{args.cmd}_{args.part}"  # e.g. cnn_scaling
     args.out = args.out or os.path.join("runs", "toy", name)
     args.fig = args.fig or os.path.join(args.out, name + ".png")
+    if args.cmd == "cnn":
+        args.ns = sorted(set(args.ns))
     if args.quick:
         if args.cmd == "cnn":
-            args.d, args.snrs, args.ns, args.n0, args.n0s = 100, [0.1, 0.5], [10], 300, [25, 300]
-            args.n0_n, args.seeds, args.n_test, args.pre_steps, args.steps = 10, 1, 500, 60, 150
-            args.label_ns, args.label_d, args.label_seeds, args.scaling_ds, args.scaling_n0snr2 = [2, 16], 100, 1, [100], [1, 16]
+            args.d, args.snrs, args.ns, args.ft_snr, args.n0_snr2s, args.seeds, args.n_test = 100, [0.5], [2, 16], 0.5, [16], 2, 200
+            args.steps, args.scaling_ds, args.n0s, args.scaling_n0snr2, args.scaling_seeds = 300, [100], [25, 100], [1, 16], 1
         elif args.cmd == "clusters":
             args.per_cluster, args.steps, args.seeds = 20, 300, 1
         elif args.cmd == "hltm":
@@ -217,6 +214,25 @@ def nt_xent(h1, h2, tau):
     return F.cross_entropy(sim, target)
 
 
+def pyplot():
+    """matplotlib.pyplot, or None without matplotlib: figures are optional, the experiments need torch and numpy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_fig(plt, fig, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print("figure:", path)
+
+
 def mean_std(xs):
     return float(np.mean(xs)), float(np.std(xs))
 
@@ -235,6 +251,10 @@ def print_table(header, rows):
 # =====================================================================================================
 # Data (Cao et al. 2022, adopted by Zhang & Cao): x = [x(1), x(2)], one patch y*mu, the other
 # xi ~ N(0, sigma_p^2 (I - mu mu^T/||mu||^2)). SNR = ||mu|| / (sigma_p sqrt(d)).
+# Supervised (Cao et al. 2022): GD from a random init fits any n labels; the test error is small when n SNR^q is
+# large (benign overfitting) and stays at a constant when n^-1 SNR^-q is large (harmful overfitting).
+# Zhang & Cao's main theorem: pre-train a linear CNN with InfoNCE on n0 unlabelled samples, fine-tune on n labels,
+# and once n0 SNR^2 is large the n SNR^q requirement is gone.
 
 
 def cnn_mu(d, snr, sigma_p):
@@ -260,6 +280,19 @@ def cnn_labels(n, g):
     return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).double()
 
 
+def stratified_labels(n, j, sets, g):
+    """Labels of the j-th of `sets` labelled sets: k of them +1, the rest -1, in a random order, k the (j + 1/2)/sets
+    quantile of Binomial(n, 1/2). Over the sets k follows the law of n fair coins, so a set holding one class only
+    comes up as often as its probability 2^(1-n) allows (half the sets at n = 2), not by luck of the draw."""
+    u, cdf, k = (j + 0.5) / sets, 0.0, -1
+    while cdf < u and k < n:
+        k += 1
+        cdf += math.comb(n, k) / 2 ** n
+    y = -torch.ones(n, dtype=torch.float64)
+    y[:k] = 1
+    return y[torch.randperm(n, generator=g)]
+
+
 def cnn_f(W, X, q, m):
     """f(W, x) = F_{+1} - F_{-1},  F_j = (1/m) sum_r sum_p ReLU(<w_{j,r}, x(p)>)^q.  W: (2m, d), rows 0..m-1 are W_{+1}."""
     act = torch.relu(X @ W.T) ** q  # (n, 2, 2m)
@@ -267,15 +300,19 @@ def cnn_f(W, X, q, m):
     return Fj[:, :m].sum(1) - Fj[:, m:].sum(1)  # (n,)
 
 
-def train_logistic(W, X, y, q, m, eta, steps):
-    """Full-batch GD on the logistic loss log(1 + exp(-y f)), as in Cao et al. 2022 and Zhang & Cao Sec. 3."""
+def train_logistic(W, X, y, q, m, eta, steps, tol):
+    """Full-batch GD on the logistic loss log(1 + exp(-y f)) (Cao et al. 2022; Zhang & Cao's fine-tuning) until the
+    training loss is below tol, the epsilon of both papers' theorems, or for `steps` steps. Returns W, the loss and
+    the steps taken."""
     W = W.clone().requires_grad_(True)
-    for _ in range(steps):
+    for step in range(steps + 1):
         loss = F.softplus(-y * cnn_f(W, X, q, m)).mean()
+        if loss.item() < tol or step == steps:
+            break
         (grad,) = torch.autograd.grad(loss, W)
         with torch.no_grad():
             W -= eta * grad
-    return W.detach(), loss.item()
+    return W.detach(), loss.item(), step
 
 
 def test_error(W, X, y, q, m):
@@ -288,230 +325,253 @@ def info_nce(h, hp, tau):
     return F.cross_entropy(logits, torch.arange(len(h)))
 
 
-def pretrain_linear_cnn(X, Xp, mu, m, tau, eta, steps, sigma0, g):
-    """SimCLR pre-training of the linear CNN h(x) = sum_p W x(p) (Zhang & Cao Sec. 4), GD from small init.
+def mean_abs_cos(W, mu):
+    """Mean over the filters of |cos(w_r, mu)|."""
+    return ((W @ mu).abs() / (W.norm(dim=1) * mu.norm())).mean().item()
 
-    Returns the 2m filters and the mean |cos(w_r, mu)| after every step: Lemmas 5.1-5.2 say that while h is
-    small the update is a power iteration w <- (I + eta A + noise) w whose top eigenvector is +-mu.
+
+def filter_response(W, mu, sigma_p):
+    """Median over the filters of |<w, mu>| / (sigma_p ||P w||), P the projection off mu: a filter's response to the
+    signal over the spread of its response to a noise patch (whose covariance is sigma_p^2 P)."""
+    u = mu / mu.norm()
+    off = (W - (W @ u)[:, None] * u).norm(dim=1)  # (2m,): ||P w||
+    return ((W @ mu).abs() / (sigma_p * off)).median().item()
+
+
+def pretrain_linear_cnn(X, Xp, mu, m, tau, eta, steps, drop, sigma0, g):
+    """SimCLR pre-training of the linear CNN h(x) = sum_p W x(p) (Zhang & Cao), GD from a small init.
+
+    While h is small the InfoNCE gradient is linear in W: a power iteration w <- (I + eta A) w whose top eigenvector
+    is +-mu once n0 SNR^2 is large (Zhang & Cao's analysis of pre-training). GD stops when the loss has fallen
+    `drop` below log n0, its value at h = 0: the end of that small-h phase, read off the unlabelled data alone.
+    Returns the 2m filters, the mean |cos(w_r, mu)| after every step (measured, never used) and the steps taken.
     """
     W = (sigma0 * torch.randn(2 * m, X.shape[-1], generator=g, dtype=torch.float64)).requires_grad_(True)
     s, sp = X.sum(1), Xp.sum(1)  # (n0, d): the projection head sums patch activations, so only x(1)+x(2) matters
-    cos, losses = [], []
-    for _ in range(steps):
+    cos = [mean_abs_cos(W.detach(), mu)]
+    for step in range(steps + 1):
         loss = info_nce(s @ W.T, sp @ W.T, tau)
+        if loss.item() < math.log(len(X)) - drop or step == steps:
+            break
         (grad,) = torch.autograd.grad(loss, W)
         with torch.no_grad():
             W -= eta * grad
-            cos.append(((W @ mu).abs() / (W.norm(dim=1) * mu.norm())).mean().item())
-            losses.append(loss.item())
-    return W.detach(), cos, losses
+        cos.append(mean_abs_cos(W.detach(), mu))
+    return W.detach(), cos, step
 
 
 def cnn_pretrain(args, snr, n0, seed):
-    """SimCLR pre-training for one (SNR, n0, seed), shared by every n it is fine-tuned on. Returns the 2m filters,
-    ready for fine-tuning, and the |cos(w_r, mu)| curve of pre-training."""
+    """SimCLR pre-training for one (SNR, n0, seed). Returns the 2m filters, ready for fine-tuning, and what they
+    learned: mean |cos(w_r, mu)| and the filter response at the stop, the steps, the |cos| curve."""
     g = generator(seed)
     mu = cnn_mu(args.d, snr, args.sigma_p)
     # pre-training set: n0 unlabelled x_i and their positive views, fresh draws with the same (hidden) label
     y0 = cnn_labels(n0, g)
     X0, X0p = cnn_data(y0, mu, args.sigma_p, g), cnn_data(y0, mu, args.sigma_p, g)
-    # step as a fixed fraction of the top eigenvalue lambda_1 = 2||mu||^2/tau of the power iteration (Lemma 5.1), so
-    # every SNR gets the same number of power steps; the tiny init keeps us in the linear (power-method) phase longer.
+    # step as a fixed fraction of the power iteration's top eigenvalue 2||mu||^2/tau (Zhang & Cao), so every SNR
+    # gets the same number of power steps; the tiny init keeps us in the linear (power-method) phase longer.
     eta0 = args.pre_rate * args.tau / (2 * mu.norm().item() ** 2)
-    Wp, cos, _ = pretrain_linear_cnn(X0, X0p, mu, args.m, args.tau, eta0, args.pre_steps, args.pre_sigma0, g)
+    W, curve, stop = pretrain_linear_cnn(X0, X0p, mu, args.m, args.tau, eta0, args.pre_steps, args.pre_drop,
+                                         args.pre_sigma0, g)
+    info = dict(cos=curve[-1], response=filter_response(W, mu, args.sigma_p), stop=stop, curve=curve)
     # Fine-tuning starts from the pre-trained *directions* at the norm of the random init (sigma0 sqrt d), so the
     # comparison is direction vs direction, not a bigger init vs a smaller one. Random split into W_{+1}, W_{-1}.
-    Wp = Wp / Wp.norm(dim=1, keepdim=True) * args.sigma0 * math.sqrt(args.d)
-    return Wp[torch.randperm(2 * args.m, generator=g)], cos
+    W = W / W.norm(dim=1, keepdim=True) * args.sigma0 * math.sqrt(args.d)
+    return W[torch.randperm(2 * args.m, generator=g)], info
 
 
-def cnn_finetune(args, snr, n, Wp, seed):
-    """Supervised-from-random vs fine-tuning from Wp on the same n labelled samples, the same steps; test error and
-    final training loss of both. The labelled data come from their own stream, one per (seed, n)."""
-    g = generator(100_003 * seed + n)
+def cnn_labelled(args, snr, n, j, sets):
+    """The j-th labelled set of size n, a test set and a random init. One stream per (set, n): supervised training
+    and fine-tuning see the same set, at every SNR and n0."""
+    g = generator(100_003 * (args.seed + j) + n)
     mu = cnn_mu(args.d, snr, args.sigma_p)
-    y, yt = cnn_labels(n, g), cnn_labels(args.n_test, g)
+    y, yt = stratified_labels(n, j, sets, g), cnn_labels(args.n_test, g)
     X, Xt = cnn_data(y, mu, args.sigma_p, g), cnn_data(yt, mu, args.sigma_p, g)
     W0 = args.sigma0 * torch.randn(2 * args.m, args.d, generator=g, dtype=torch.float64)
-    Ws, loss_s = train_logistic(W0, X, y, args.q, args.m, args.eta, args.steps)
-    Wf, loss_f = train_logistic(Wp, X, y, args.q, args.m, args.eta, args.steps)
-    return dict(err_sup=test_error(Ws, Xt, yt, args.q, args.m), err_ft=test_error(Wf, Xt, yt, args.q, args.m),
-                train_loss_sup=loss_s, train_loss_ft=loss_f)
+    return X.float(), y.float(), Xt.float(), yt.float(), W0.float()  # float32: GD here needs no more, at twice the speed
 
 
-def cnn_cell(args, snr, n, n0, seed):
-    """One (SNR, n, n0, seed) cell: pre-train on n0, then supervised-from-random vs fine-tuning on n labels."""
-    Wp, cos = cnn_pretrain(args, snr, n0, seed)
-    return dict(snr=snr, n=n, n0=n0, seed=seed, d=args.d, n_snr_q=n * snr ** args.q, n0_snr2=n0 * snr ** 2, cos=cos,
-                **cnn_finetune(args, snr, n, Wp, seed))
-
-
-def cnn_grid(args, snrs, ns, n0s, seeds):
-    """Every (SNR, n0, seed) pre-trained once and fine-tuned on every n. Returns the cells, loop order SNR, n0, seed, n."""
+def cnn_cells(args, snr, ns, sets, n0=None):
+    """Test error on `sets` labelled sets of every n in ns: supervised GD from a random init (n0 None), or
+    fine-tuning from the filters SimCLR pre-trains on n0 unlabelled samples, once per set and shared by every n."""
     cells = []
-    for snr in snrs:
-        for n0 in n0s:
-            for seed in seeds:
-                Wp, cos = cnn_pretrain(args, snr, n0, seed)
-                cells += [dict(snr=snr, n=n, n0=n0, seed=seed, d=args.d, n_snr_q=n * snr ** args.q,
-                               n0_snr2=n0 * snr ** 2, cos=cos, **cnn_finetune(args, snr, n, Wp, seed)) for n in ns]
+    for j in range(sets):
+        W_pre, pre = cnn_pretrain(args, snr, n0, args.seed + j) if n0 else (None, {})
+        for n in ns:
+            X, y, Xt, yt, W0 = cnn_labelled(args, snr, n, j, sets)
+            W, loss, steps = train_logistic(W0 if n0 is None else W_pre.float(), X, y, args.q, args.m, args.eta, args.steps,
+                                            args.loss_tol)
+            cells.append(dict(d=args.d, snr=snr, n=n, n0=n0, set=j, err=test_error(W, Xt, yt, args.q, args.m),
+                              loss=loss, steps=steps, one_class=bool(abs(y.sum().item()) == n), **pre))
     return cells
 
 
-def cnn_summary(cells, key):
-    return "%.3f ± %.3f" % mean_std([c[key] for c in cells])
+def first_crossing(ns, errs, level):
+    """The n at which the mean test error first falls to `level`, interpolated in log n; None if it never does."""
+    for n1, e1, n2, e2 in zip(ns, errs, ns[1:], errs[1:]):
+        if e1 > level >= e2:
+            return math.exp(math.log(n1) + math.log(n2 / n1) * (e1 - level) / (e1 - e2))
+    return None
 
 
 def run_cnn(args):
-    return {"main": cnn_main, "labels": cnn_labels_sweep, "scaling": cnn_scaling_sweep}[args.part](args)
+    return {"main": cnn_main, "scaling": cnn_scaling}[args.part](args)
 
 
 def cnn_main(args):
-    seeds = [args.seed + s for s in range(args.seeds)]
-    cells = cnn_grid(args, args.snrs, args.ns, [args.n0], seeds)
-    rows = []
-    for snr in args.snrs:
-        for n in args.ns:
-            c = [r for r in cells if r["snr"] == snr and r["n"] == n]
-            rows.append([snr, n, f"{n * snr ** args.q:.3g}", f"{args.n0 * snr ** 2:.3g}", cnn_summary(c, "err_sup"),
-                         f"{np.mean([r['train_loss_sup'] for r in c]):.0e}", cnn_summary(c, "err_ft"),
-                         f"{np.mean([r['train_loss_ft'] for r in c]):.0e}", f"{np.mean([r['cos'][-1] for r in c]):.3f}"])
-    print(f"\nTest error, mean ± std over {args.seeds} seeds, and final training loss, mean "
-          f"(d={args.d}, m={args.m}, q={args.q}, n0={args.n0}, {args.steps} GD steps)")
-    print_table(["SNR", "n", "n*SNR^q", "n0*SNR^2", "supervised", "train loss", "SimCLR + fine-tune", "train loss",
-                 "|cos(w,mu)|"], rows)
+    """Label complexity: supervised test error against n at each SNR (Cao et al.'s n SNR^q threshold), and
+    fine-tuned test error against n at each n0 SNR^2 (Zhang & Cao: pre-training removes the threshold)."""
+    t0, fmt = time.time(), lambda cs: "%.3f ± %.3f" % mean_std([c["err"] for c in cs])
+    sup = []
+    for snr in sorted(set(args.snrs) | {args.ft_snr}):
+        sup += cnn_cells(args, snr, args.ns, args.seeds)
+    print(f"supervised: {time.time() - t0:.0f}s")
+    ft = []
+    for k in args.n0_snr2s:
+        ft += [dict(c, n0_snr2=k) for c in cnn_cells(args, args.ft_snr, args.ns, args.seeds, round(k / args.ft_snr ** 2))]
+    print(f"SimCLR + fine-tune: {time.time() - t0:.0f}s")
+    at = lambda cells, **kv: [c for c in cells if all(c[key] == v for key, v in kv.items())]
 
-    sweep = cnn_grid(args, [args.n0_snr], [args.n0_n], args.n0s, [args.seed + 100 + s for s in range(args.seeds)])
-    rows0 = []
-    for n0 in args.n0s:
-        c = [r for r in sweep if r["n0"] == n0]
-        rows0.append([n0, f"{n0 * args.n0_snr ** 2:.3g}", f"{np.mean([max(r['cos']) for r in c]):.3f}",
-                      f"{np.mean([r['cos'][-1] for r in c]):.3f}", cnn_summary(c, "err_ft")])
-    print(f"\nn0 sweep at SNR={args.n0_snr}, n={args.n0_n}, d={args.d}: pre-training needs n0*SNR^2 large "
-          f"(supervised on the same labels: {cnn_summary(c, 'err_sup')})")
-    print_table(["n0", "n0*SNR^2", "max |cos|", "final |cos|", "SimCLR + fine-tune"], rows0)
+    print(f"\nSupervised test error, mean ± std over {args.seeds} labelled sets (d={args.d}, m={args.m}, q={args.q}, "
+          f"GD step {args.eta} until the training loss < {args.loss_tol:g})")
+    print_table(["n"] + [f"SNR {s}: n SNR^{args.q}" for s in args.snrs] + [f"SNR {s}" for s in args.snrs],
+                [[n] + [f"{n * s ** args.q:.3g}" for s in args.snrs] + [fmt(at(sup, snr=s, n=n)) for s in args.snrs]
+                 for n in args.ns])
+    crossings = {}
+    for s in args.snrs:
+        n_c = first_crossing(args.ns, [np.mean([c["err"] for c in at(sup, snr=s, n=n)]) for n in args.ns], args.level)
+        crossings[s] = n_c
+        print(f"SNR {s}: mean error first at {args.level} at " + (
+            f"n = {n_c:.0f}, n SNR^{args.q} = {n_c * s ** args.q:.2f}" if n_c else f"no n up to {args.ns[-1]}"))
+    fit = [(math.log(s), math.log(n_c)) for s, n_c in crossings.items() if n_c]
+    q_fit = -np.polyfit(*zip(*fit), 1)[0] if len(fit) > 1 else None
+    if q_fit is not None:
+        print(f"a line through log n against log SNR at those points: n ∝ SNR^-{q_fit:.2f} (the theorem's q = {args.q})")
 
-    # the power-method alignment over pre-training steps (Lemmas 5.1-5.2), one curve per SNR, first seed
-    curves = {str(r["snr"]): r["cos"] for r in cells if r["seed"] == args.seed and r["n"] == args.ns[0]}
-    steps_shown = sorted({0, 5, 10, 15, 20, 30, 40, args.pre_steps - 1} & set(range(args.pre_steps)))
-    print("\n|cos(w_r, mu)| (mean over 2m filters) during pre-training, n0 =", args.n0)
-    print_table(["step"] + [f"SNR {s}" for s in curves], [[t] + [f"{c[t]:.3f}" for c in curves.values()] for t in steps_shown])
-
-    strip = lambda r: {k: v for k, v in r.items() if k != "cos"}
-    summary = dict(config=vars(args), cells=[strip(r) for r in cells], n0_sweep=[strip(r) for r in sweep],
-                   cos_curves=curves, n0_sweep_cos={str(r["n0"]): r["cos"] for r in sweep if r["seed"] == args.seed + 100})
-    if plt is not None:
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
-        for snr in args.snrs:
-            c = [r for r in cells if r["snr"] == snr]
-            ax[0].plot(args.ns, [np.mean([r["err_sup"] for r in c if r["n"] == n]) for n in args.ns], "o--", label=f"sup SNR {snr}")
-            ax[0].plot(args.ns, [np.mean([r["err_ft"] for r in c if r["n"] == n]) for n in args.ns], "s-", label=f"SimCLR SNR {snr}")
-        ax[0].set(xlabel="labelled n", ylabel="test error", title="supervised (--) vs pre-trained (-)")
-        ax[0].legend(fontsize=6, ncol=2)
-        for k, c in curves.items():
-            ax[1].plot(c, label=f"SNR {k}")
-        ax[1].set(xlabel="pre-training step", ylabel="mean |cos(w_r, mu)|", title=f"power-method alignment, n0={args.n0}")
-        ax[1].legend(fontsize=7)
-        for k, c in summary["n0_sweep_cos"].items():
-            ax[2].plot(c, label=f"n0={k}")
-        ax[2].set(xlabel="pre-training step", ylabel="mean |cos(w_r, mu)|", title=f"n0 sweep, SNR={args.n0_snr}")
-        ax[2].legend(fontsize=7)
-        fig.tight_layout()
-        save_fig(fig, args.fig)
+    print(f"\nSimCLR + fine-tune at SNR {args.ft_snr}, test error mean ± std over {args.seeds} labelled sets; "
+          f"pre-training on n0 = n0 SNR^2 / SNR^2 unlabelled samples, one per set")
+    print_table(["n", "supervised"] + [f"n0 SNR^2 = {k:g} (n0 = {round(k / args.ft_snr ** 2)})" for k in args.n0_snr2s],
+                [[n, fmt(at(sup, snr=args.ft_snr, n=n))] + [fmt(at(ft, n0_snr2=k, n=n)) for k in args.n0_snr2s]
+                 for n in args.ns])
+    pre = [at(ft, n0_snr2=k, n=args.ns[0]) for k in args.n0_snr2s]
+    print_table(["pre-training, mean ± std over sets"] + [f"n0 SNR^2 = {k:g}" for k in args.n0_snr2s],
+                [[name] + ["%.3f ± %.3f" % mean_std([c[key] for c in p]) for p in pre]
+                 for name, key in [("|cos(w, mu)| at the stop", "cos"), ("filter response", "response"),
+                                   ("steps", "stop")]])
+    mean_err = lambda cs: "%.3f" % np.mean([c["err"] for c in cs]) if cs else "-"
+    rows = [[n, f"{len(at(sup, snr=args.ft_snr, n=n, one_class=True))} of {args.seeds}",
+             mean_err(at(sup, snr=args.ft_snr, n=n, one_class=True))]
+            + [mean_err(at(ft, n0_snr2=k, n=n, one_class=True)) + " / " + mean_err(at(ft, n0_snr2=k, n=n, one_class=False))
+               for k in args.n0_snr2s] for n in args.ns if at(ft, n=n, one_class=True)]
+    if rows:
+        print(f"\nthe sets holding one class only: test error on them / on the other sets, SNR {args.ft_snr}")
+        print_table(["n", "one-class sets", "supervised"] + [f"n0 SNR^2 = {k:g}" for k in args.n0_snr2s], rows)
+    strip = lambda cells: [{k: v for k, v in c.items() if k != "curve"} for c in cells]
+    summary = dict(config=vars(args), supervised=strip(sup), finetuned=strip(ft),
+                   crossings={str(s): n_c for s, n_c in crossings.items()}, q_fit=q_fit)
+    plot_cnn_main(args, sup, ft)
     return summary
 
 
-def cnn_labels_sweep(args):
-    """Label complexity: test error against n at one SNR, supervised vs SimCLR + fine-tuning (Cao et al. 2022's
-    n SNR^q threshold against Zhang & Cao's claim that pre-training removes it)."""
-    snr, seeds, t0 = args.label_snr, [args.seed + s for s in range(args.label_seeds)], time.time()
-    cells = cnn_grid(argparse.Namespace(**{**vars(args), "d": args.label_d}), [snr], args.label_ns, [args.n0], seeds)
-    rows = []
-    for n in args.label_ns:
-        c = [r for r in cells if r["n"] == n]
-        rows.append([n, f"{n * snr ** args.q:.3g}", cnn_summary(c, "err_sup"),
-                     f"{np.mean([r['train_loss_sup'] for r in c]):.0e}", cnn_summary(c, "err_ft"),
-                     f"{np.mean([r['train_loss_ft'] for r in c]):.0e}"])
-    print(f"\nLabel complexity at SNR={snr}: test error, mean ± std over {len(seeds)} seeds, and final training loss, "
-          f"mean (d={args.label_d}, m={args.m}, q={args.q}, "
-          f"n0={args.n0}, |cos(w,mu)| after pre-training {np.mean([r['cos'][-1] for r in cells]):.3f}), "
-          f"{time.time() - t0:.0f}s")
-    print_table(["n", "n*SNR^q", "supervised", "train loss", "SimCLR + fine-tune", "train loss"], rows)
-    summary = dict(config=vars(args), cells=[{k: v for k, v in r.items() if k != "cos"} for r in cells])
-    if plt is not None:
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-        for key, name, style, colour in [("sup", "supervised", "o--", "C0"), ("ft", "SimCLR + fine-tune", "s-", "C1")]:
-            m = [mean_std([r["err_" + key] for r in cells if r["n"] == n]) for n in args.label_ns]
-            ax[0].errorbar(args.label_ns, [v[0] for v in m], [v[1] for v in m], fmt=style, color=colour, capsize=3,
-                           label=name)
-            loss = np.maximum([[r["train_loss_" + key] for r in cells if r["n"] == n] for n in args.label_ns], 1e-12)
-            ax[1].plot(np.repeat(args.label_ns, len(seeds)), loss.flatten(), style[0], color=colour, ms=3, alpha=0.5)
-            ax[1].plot(args.label_ns, np.median(loss, 1), style[1:], color=colour, label=f"{name}, median")
-        for a in ax:
-            a.axvline(snr ** -args.q, color="gray", ls=":", label=f"n SNR^{args.q} = 1")
-            a.set(xscale="log", xlabel="labelled n")
-        ax[0].set(ylabel="test error", title=f"label complexity, SNR={snr}, d={args.label_d}, {len(seeds)} seeds")
-        ax[1].set(yscale="log", ylabel="final training loss (floored at 1e-12)", title="both fit their labels")
-        ax[1].legend(fontsize=7)
-        ax[0].legend(fontsize=7)
-        fig.tight_layout()
-        save_fig(fig, args.fig)
-    return summary
-
-
-def cnn_scaling_sweep(args):
-    """Which combination of n0 and SNR pre-training needs. In the power iteration the signal eigenvalue is
-    ||mu||^2 = SNR^2 sigma_p^2 d against a noise bulk ~ sigma_p^2 (d/n0 + 2 sqrt(d/n0)): their ratio is
-    n0 SNR^2 / (1 + 2 sqrt(n0/d)), which is n0 SNR^2 only when d >> n0. So at each d, n0 SNR^2 is held on a grid
-    while n0 varies: where the curves for different n0 fall on one another, n0 SNR^2 is the quantity that matters."""
-    seeds = [args.seed + s for s in range(args.seeds)]
+def cnn_scaling(args):
+    """Which combination of n0 and SNR pre-training needs, and what decides the fine-tuning outcome. In the power
+    iteration the signal eigenvalue is ||mu||^2 = SNR^2 sigma_p^2 d against a noise bulk ~ sigma_p^2 (d/n0 +
+    2 sqrt(d/n0)): their ratio is n0 SNR^2 / (1 + 2 sqrt(n0/d)), which is n0 SNR^2 only when d >> n0. So at each d,
+    n0 SNR^2 is held on a grid while n0 varies; at each cell supervised training and fine-tuning see the same labels."""
     cells, t0 = [], time.time()
     for d in args.scaling_ds:
+        a = argparse.Namespace(**{**vars(args), "d": d})
         for n0 in args.n0s:
-            snrs = [math.sqrt(c / n0) for c in args.scaling_n0snr2]  # n0 SNR^2 = c
-            cells += cnn_grid(argparse.Namespace(**{**vars(args), "d": d}), snrs, [args.n0_n], [n0], seeds)
+            for k in args.scaling_n0snr2:
+                snr = math.sqrt(k / n0)
+                ft = cnn_cells(a, snr, [args.scaling_n], args.scaling_seeds, n0)
+                sup = cnn_cells(a, snr, [args.scaling_n], args.scaling_seeds)
+                cells += [dict(f, n0_snr2=k, err_sup=s["err"]) for f, s in zip(ft, sup)]
         print(f"d={d}: {time.time() - t0:.0f}s")
+    at = lambda **kv: [c for c in cells if all(math.isclose(c[key], v) for key, v in kv.items())]
+    print(f"\nPre-training stopped by the loss (log n0 - {args.pre_drop}), mean over {args.scaling_seeds} seeds: "
+          f"|cos(w, mu)| at the stop, and test error at n={args.scaling_n} supervised -> fine-tuned; columns n0 SNR^2")
+    print_table(["d", "n0", "d/n0"] + [f"{k:g}" for k in args.scaling_n0snr2],
+                [[d, n0, f"{d / n0:.3g}"] + [
+                    "%.2f: %.2f -> %.2f" % tuple(np.mean([[c["cos"], c["err_sup"], c["err"]]
+                                                           for c in at(d=d, n0=n0, n0_snr2=k)], 0))
+                    for k in args.scaling_n0snr2] for d in args.scaling_ds for n0 in args.n0s])
+    # what decides the outcome: the filters' response to the signal against their response to the noise
+    bins = [0, 0.5, 1, 2, 4, 8, math.inf]  # octaves
     rows = []
-    for d in args.scaling_ds:
-        for n0 in args.n0s:
-            c = [r for r in cells if r["d"] == d and r["n0"] == n0]
-            rows.append([d, n0, f"{d / n0:.3g}"] + [
-                f"{np.mean([max(r['cos']) for r in c if math.isclose(r['n0_snr2'], k)]):.2f}" for k in args.scaling_n0snr2])
-    print(f"\nmax |cos(w_r, mu)| in pre-training, mean over {args.seeds} seeds, columns n0*SNR^2")
-    print_table(["d", "n0", "d/n0"] + [f"{k:g}" for k in args.scaling_n0snr2], rows)
-    rows = [[d, n0] + [cnn_summary([r for r in cells if r["d"] == d and r["n0"] == n0
-                                    and math.isclose(r["n0_snr2"], k)], "err_ft") for k in args.scaling_n0snr2]
-            for d in args.scaling_ds for n0 in args.n0s]
-    print(f"\nSimCLR + fine-tune test error at n={args.n0_n}, mean ± std over {args.seeds} seeds, columns n0*SNR^2")
-    print_table(["d", "n0"] + [f"{k:g}" for k in args.scaling_n0snr2], rows)
-    summary = dict(config=vars(args), cells=[{k: v for k, v in r.items() if k != "cos"} | dict(max_cos=max(r["cos"]))
-                                             for r in cells])
-    if plt is not None:
-        fig, ax = plt.subplots(1, len(args.scaling_ds) + 1, figsize=(4.6 * (len(args.scaling_ds) + 1), 3.8))
-        for j, d in enumerate(args.scaling_ds):
-            for i, n0 in enumerate(args.n0s):
-                c = np.array(args.scaling_n0snr2)
-                cos = [np.mean([max(r["cos"]) for r in cells if r["d"] == d and r["n0"] == n0
-                                and math.isclose(r["n0_snr2"], k)]) for k in c]
-                ax[j].plot(c, cos, "o-", color=f"C{i}", label=f"n0={n0}")
-                ax[-1].plot(c / (1 + 2 * math.sqrt(n0 / d)), cos, "o-" if j else "s--", color=f"C{i}", ms=4,
-                            label=f"d={d}, n0={n0}")
-            ax[j].set(xscale="log", xlabel="n0 SNR^2", ylabel="max |cos(w_r, mu)| in pre-training", title=f"d={d}",
-                      ylim=(0, 1.02))
-            ax[j].legend(fontsize=7)
-        ax[-1].set(xscale="log", xlabel="n0 SNR^2 / (1 + 2 sqrt(n0/d))", ylim=(0, 1.02),
-                   title="against the power iteration's signal/noise")
-        ax[-1].legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        save_fig(fig, args.fig)
+    for lo, hi in zip(bins, bins[1:]):
+        c = [c for c in cells if lo <= c["response"] < hi]
+        if c:
+            rows.append([f"[{lo:g}, {hi:g})", len(c), "%.3f" % np.mean([x["err_sup"] for x in c]),
+                         "%.3f" % np.mean([x["err"] for x in c]), "%.2f" % np.mean([x["cos"] for x in c])])
+    print("\nevery cell above, grouped by the filter response |<w, mu>| / (sigma_p ||P w||) at the stop (median "
+          "over filters)")
+    print_table(["response", "cells", "supervised error", "fine-tuned error", "|cos(w, mu)|"], rows)
+    summary = dict(config=vars(args), cells=[{k: v for k, v in c.items() if k != "curve"} for c in cells],
+                   by_response=rows)
+    plot_cnn_scaling(args, cells)
     return summary
 
 
-def save_fig(fig, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    print("figure:", path)
+def plot_cnn_main(args, sup, ft):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    for i, snr in enumerate(args.snrs):
+        m = [mean_std([c["err"] for c in sup if c["snr"] == snr and c["n"] == n]) for n in args.ns]
+        for a, x in [(ax[0], np.array(args.ns)), (ax[1], np.array(args.ns) * snr ** args.q)]:
+            a.errorbar(x, [v[0] for v in m], [v[1] for v in m], fmt="o-", color=f"C{i}", capsize=2, ms=4,
+                       label=f"SNR {snr}")
+    ax[0].set(xscale="log", xlabel="labelled n", ylabel="test error", title="supervised, from a random init")
+    ax[1].axhline(args.level, color="gray", ls=":")
+    ax[1].set(xscale="log", xlabel=f"n SNR^{args.q}", title=f"the same against n SNR^{args.q}")
+    m = [mean_std([c["err"] for c in sup if c["snr"] == args.ft_snr and c["n"] == n]) for n in args.ns]
+    ax[2].errorbar(args.ns, [v[0] for v in m], [v[1] for v in m], fmt="o--", color="gray", capsize=2, ms=4,
+                   label="supervised")
+    for i, k in enumerate(args.n0_snr2s):
+        m = [mean_std([c["err"] for c in ft if c["n0_snr2"] == k and c["n"] == n]) for n in args.ns]
+        ax[2].errorbar(args.ns, [v[0] for v in m], [v[1] for v in m], fmt="s-", color=f"C{i + 3}", capsize=2, ms=4,
+                       label=f"n0 SNR² = {k:g}")
+    ax[2].set(xscale="log", xlabel="labelled n", title=f"SimCLR + fine-tune, SNR {args.ft_snr}")
+    for a in ax:
+        a.set_ylim(-0.02, 0.6)
+        a.legend(fontsize=7)
+    fig.suptitle(f"d = {args.d}, {args.seeds} labelled sets per point (mean ± std)", fontsize=9)
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
+
+
+def plot_cnn_scaling(args, cells):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    for j, d in enumerate(args.scaling_ds):
+        for i, n0 in enumerate(args.n0s):
+            c = [x for x in cells if x["d"] == d and x["n0"] == n0]
+            k = np.array(args.scaling_n0snr2)
+            cos = [np.mean([x["cos"] for x in c if math.isclose(x["n0_snr2"], v)]) for v in k]
+            ax[1].plot(k / (1 + 2 * math.sqrt(n0 / d)), cos, "os"[j % 2] + "-", color=f"C{i}", ms=4,
+                       label=f"d={d}, n0={n0}")
+            if j == 0:  # the power iteration, first seed, at the middle n0 SNR^2
+                mid = [x for x in c if math.isclose(x["n0_snr2"], k[len(k) // 2]) and x["set"] == 0][0]
+                ax[0].plot(mid["curve"], color=f"C{i}", label=f"n0={n0}")
+    ax[0].set(xlabel="pre-training step", ylabel="mean |cos(w_r, mu)|",
+              title=f"power iteration until the stop, d={args.scaling_ds[0]}, n0 SNR²="
+                    f"{args.scaling_n0snr2[len(args.scaling_n0snr2) // 2]:g}")
+    ax[0].legend(fontsize=7)
+    ax[1].set(xscale="log", xlabel="n0 SNR² / (1 + 2 sqrt(n0/d))", ylabel="|cos(w, mu)| at the stop",
+              ylim=(0, 1.02), title="alignment against the power iteration's signal/noise")
+    ax[1].legend(fontsize=6, ncol=2)
+    resp = np.array([x["response"] for x in cells])
+    ax[2].scatter(resp, [x["err_sup"] for x in cells], s=10, marker="o", color="gray", alpha=0.6, label="supervised")
+    ax[2].scatter(resp, [x["err"] for x in cells], s=10, marker="s", color="C3", alpha=0.6, label="SimCLR + fine-tune")
+    ax[2].set(xscale="log", xlabel="filter response |<w, mu>| / (sigma_p ||P w||) at the stop",
+              ylabel=f"test error, n={args.scaling_n}", title="what decides the fine-tuning outcome")
+    ax[2].legend(fontsize=7)
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
 
 
 # =====================================================================================================
@@ -740,6 +800,7 @@ def run_clusters(args):
     strip = lambda h: {k: v for k, v in h.items() if k != "angle"}
     summary = dict(config=vars(args), part_a=part_a, reference=ref, runs=[[strip(h) for h in r] for r in runs],
                    trained=trained, permuted=permuted)
+    plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw=dict(width_ratios=[1, 1, 1.5]))
         for name, k in [("monotone g_1", 1), (f"scrambled g_{args.k_scramble}", args.k_scramble)]:
@@ -767,7 +828,7 @@ def run_clusters(args):
                   title=f"(b) latents at init, Fisher peak, end (seed {args.seed})")
         ax[2].legend(fontsize=7, ncol=3, loc="upper center", markerscale=3)
         fig.tight_layout()
-        save_fig(fig, args.fig)
+        save_fig(plt, fig, args.fig)
     return summary
 
 
@@ -994,6 +1055,7 @@ def run_covariance(args):
           f"non-negative codes like the ReLU net's (cosine 0)")
 
     summary = dict(config=vars(args), theorem3=theorem3, table=table, reference=ref, runs=runs)
+    plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
         steps = [h["step"] for h in runs[0]["relu"]["history"]]
@@ -1016,7 +1078,7 @@ def run_covariance(args):
         ax[2].imshow(np.array(runs[0]["relu"]["filters"]), cmap="RdBu_r", aspect="auto")
         ax[2].set(xlabel="tap", ylabel="filter", title=f"learned ReLU filters, seed {args.seed}")
         fig.tight_layout()
-        save_fig(fig, args.fig)
+        save_fig(plt, fig, args.fig)
     return summary
 
 
@@ -1195,6 +1257,7 @@ def hltm_main(args):
           f"Pearson correlation of init and trained |corr| over all {args.hid} nodes of every latent, {args.seeds} seeds")
     print_table(["level", "latents x seeds", "best node kept", "corr(init, trained)"],
                 [[d["level"], d["latents"], f"{d['kept']:.2f}", f"{d['corr']:.2f}"] for d in luck])
+    plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
         for l in levels:
@@ -1217,7 +1280,7 @@ def hltm_main(args):
                   title=f"every node above the bottom level, {args.seeds} seeds (ringed: best at init)")
         ax[1].legend(fontsize=8, markerscale=3)
         fig.tight_layout()
-        save_fig(fig, args.fig)
+        save_fig(plt, fig, args.fig)
     return dict(config=vars(args), table=table, luck=luck, runs=runs)
 
 
@@ -1243,6 +1306,7 @@ def hltm_width_sweep(args):
           f"ceiling at the root {ceil[0]:.3f} +- {ceil[1]:.3f}")
     print_table(["nodes per latent", "root: init", "root: SimCLR", f"levels 0-{args.depth - 2}: init",
                  f"levels 0-{args.depth - 2}: SimCLR", "loss stuck at log(2N-1)"], rows)
+    plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for key, style in [("init", "o:"), ("trained", "s-")]:
@@ -1254,7 +1318,7 @@ def hltm_width_sweep(args):
                title=f"HLTM width sweep, {args.seeds} trees")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        save_fig(fig, args.fig)
+        save_fig(plt, fig, args.fig)
     return dict(config=vars(args), sweep=sweep)
 
 
