@@ -26,10 +26,9 @@ What each experiment shows (numbers: README.md, "Toy theory"):
              threshold), fine-tuned test error against n at several n0 SNR^2. --part scaling: pre-training stopped
              by its own loss, its alignment with mu against n0 SNR^2 / (1 + 2 sqrt(n0/d)), and what decides the
              fine-tuning outcome.
-  clusters   (a) an embedding that ignores the clusters has exactly the same contrastive loss as one that
-             respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle clusters its latents
-             early, keeps the clusters for a while, then spreads them to the uniform circle, a trivial minimiser,
-             keeping only the order of the invariant coordinate.
+  clusters   (a) an exact identity, so an illustration: an embedding that ignores the clusters has the same loss as
+             one that respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle: how
+             clustered its latents are over training, against the input's own clustering and a no-cluster control.
   covariance (a) Theorem 3, -grad_{W_l} L_simp = 4 V_z0[Kbar_l] vec(W_l), checked against autograd layer by layer
              on a bias-free 3-layer ReLU net (and f(x) = W x): exact, to float64 round-off;
              (b) a 1-layer conv net on the "11" / "101" objects of Tian et al.'s Fig. 3: some filters become fully
@@ -112,8 +111,8 @@ def get_args(argv=None):
     s.add_argument("--tau", type=float, default=0.2, help="NT-Xent temperature on the circle (default: 0.2)")
     s.add_argument("--hidden", type=int, default=100, help="hidden width (default: 100)")
     s.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, full batch (default: 0.05)")
-    s.add_argument("--steps", type=int, default=8000, help="training steps, logged 8 times per decade (default: 8000)")
-    s.add_argument("--seeds", type=int, default=3, help="networks (init and views), one per seed (default: 3)")
+    s.add_argument("--steps", type=int, default=3000, help="training steps, logged 8 times per decade (default: 3000)")
+    s.add_argument("--seeds", type=int, default=8, help="networks (init and views), one per seed, each also trained on the control (default: 8)")
     s.add_argument("--k-scramble", type=int, default=97, help="multiplier of the scrambling map r -> k r mod N (default: 97)")
 
     s = sub.add_parser("covariance", help="Tian et al. 2020: covariance operator and object selectivity")
@@ -164,6 +163,9 @@ def get_args(argv=None):
         if not 0 <= args.delta_lo <= args.delta_hi <= 1:
             p.error(f"hltm: need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
                     "delta is the correlation between a latent and its parent")
+    if args.cmd == "clusters" and math.gcd(args.k_scramble, 4 * args.per_cluster) != 1:
+        p.error(f"clusters: --k-scramble {args.k_scramble} must be coprime to N = 4 x --per-cluster = "
+                f"{4 * args.per_cluster}, so that k rank mod N is a permutation")
     # derived values, in one place
     name = args.cmd if getattr(args, "part", "main") == "main" else f"{args.cmd}_{args.part}"  # e.g. cnn_scaling
     args.out = args.out or os.path.join("runs", "toy", name)
@@ -175,7 +177,7 @@ def get_args(argv=None):
             args.d, args.snrs, args.ns, args.ft_snr, args.n0_snr2s, args.seeds, args.n_test = 100, [0.5], [2, 16], 0.5, [16], 2, 200
             args.steps, args.scaling_ds, args.n0s, args.scaling_n0snr2, args.scaling_seeds = 300, [100], [25, 100], [1, 16], 1
         elif args.cmd == "clusters":
-            args.per_cluster, args.steps, args.seeds = 20, 300, 1
+            args.per_cluster, args.steps, args.seeds = 20, 150, 1
         elif args.cmd == "hltm":
             args.depth, args.steps, args.log_every, args.n_eval, args.seeds, args.hids = 3, 200, 100, 1024, 1, [1, 4]
         else:
@@ -582,7 +584,8 @@ def plot_cnn_scaling(args, cells):
 # u(x) = (x_1 - x_2)/sqrt(2) unchanged, and u is the same for the clusters at (1, 1) and (-1, -1): what survives
 # augmentation tells apart 3 *groups* (u ~ -sqrt2, 0, +sqrt2), not 4 clusters, so the measures use the groups.
 #
-# (a) The loss alone does not pick a clustered minimiser. Two losses, one argument.
+# (a) The loss alone does not pick a clustered minimiser. Two losses, one argument; an exact identity (the loss
+# is a symmetric function of the latents), so part (a) illustrates Calder & Lee's first claim, it is no evidence.
 # Gaussian-kernel InfoNCE on a 1-D latent (the exploratory script's loss: SimCLR's with similarity -|z - z'|^2):
 #     L = 1/N sum_i [ |z_i - z'_i|^2 / tau + log sum_j exp(-|z_i - z'_j|^2 / tau) ]         (z = f(x), z' = f(x'))
 # Any embedding z = g(u) has zero alignment term, and L = 1/N sum_i log sum_j exp(-|z_i - z_j|^2/tau) depends
@@ -601,9 +604,13 @@ def plot_cnn_scaling(args, cells):
 # (b) Training dynamics (the paper's second claim): a one-hidden-layer net Linear(2, 100) -> LeakyReLU(0.2) ->
 # Linear(100, 2), its output normalised onto the circle, trained on NT-Xent by full-batch SGD with fresh views each
 # step, logged at log-spaced steps. Calder & Lee: clustering appears early and persists for a long time, though
-# training converges to a trivial minimiser. Measures: the Fisher ratio over the groups (reference: the uniform
-# circle's), the largest empty arc between neighbouring latents (a gap between clusters; 2 pi / N when equally
-# spaced), and Wang & Isola's uniformity log E exp(-2 |z - z'|^2) (the uniform circle's: log(e^-4 I_0(4)) = -1.574).
+# training converges to a trivial minimiser. The clustering measure is the Fisher ratio of the latents' angle along
+# the circle, cut at the widest empty arc: an affine map of u onto an arc of any length keeps u's own ratio, so a
+# net that only copies u scores u's level, and a higher score means the groups sit tighter than u has them.
+# Two references: that level, and a no-cluster control -- the same points with u redrawn uniform, the same net,
+# views and group sizes -- which shows what training does to the measure when the input holds no clusters.
+# Wang & Isola's uniformity log E exp(-2 |z - z'|^2) tracks the approach to the trivial minimiser (the uniform
+# circle's: log(e^-4 I_0(4)) = -1.574).
 
 
 def clusters(per_cluster, radius, g):
@@ -633,7 +640,7 @@ def gaussian_nce(z1, z2, tau):
 
 
 def fisher_ratio(z, lab):
-    """Between-cluster / within-cluster sum of squares of the embedding: the clustering measure (scale-free)."""
+    """Between-group / within-group sum of squares of the embedding (scale-free)."""
     z = z.reshape(len(z), -1).double()  # (N, k)
     mean, between, within = z.mean(0), 0.0, 0.0
     for c in lab.unique():
@@ -653,10 +660,20 @@ def knn_accuracy(z, lab, k=10):
     return (pred == lab).double().mean().item()
 
 
-def largest_gap(z):
-    """The widest empty arc (radians) between neighbouring latents z (N, 2) on the circle."""
-    a = torch.sort(torch.atan2(z[:, 1], z[:, 0])).values
-    return torch.cat([a[1:] - a[:-1], a[:1] + 2 * math.pi - a[-1:]]).max().item()
+def unwrapped_angle(z):
+    """The angles (N,) of latents z (N, 2) on the circle, measured from the far side of the widest empty arc, so they
+    run over one interval shorter than 2 pi. With no widest arc (equally spaced latents) the cut falls on a tie."""
+    a = torch.atan2(z[:, 1], z[:, 0]).double()
+    srt = torch.sort(a).values
+    gaps = torch.cat([srt[1:] - srt[:-1], srt[:1] + 2 * math.pi - srt[-1:]])  # gap i runs from srt[i] onwards
+    start = srt[(gaps.argmax() + 1) % len(srt)]
+    return (a - start) % (2 * math.pi)
+
+
+def angle_fisher(z, groups):
+    """The clustering measure of part (b): the Fisher ratio of the unwrapped angle over the groups. An affine image
+    of u on any arc scores exactly u's own ratio; a short arc alone does not raise it."""
+    return fisher_ratio(unwrapped_angle(z), groups)
 
 
 def uniformity(z, t=2.0):
@@ -686,19 +703,28 @@ def circle_embedding(X, u_ref, k=1):
 
 def mlp(hidden, out, g_seed):
     torch.manual_seed(g_seed)  # the init is part of the experiment: seeded here, from the one base seed
-    net = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, out))
-    return net.double()
+    return torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, out))
+
+
+def no_cluster_control(X, groups, g):
+    """Part (b)'s control: the same points with u redrawn uniform on u's range and v = (x_1 + x_2)/sqrt(2), the
+    coordinate the augmentation moves, kept; grouped into bins contiguous in u with the groups' sizes. (X, bins)"""
+    u, v = u_coord(X), (X[:, 0] + X[:, 1]) / math.sqrt(2)
+    u = u.min() + (u.max() - u.min()) * torch.rand(len(X), generator=g, dtype=torch.float64)
+    rank, sizes = torch.argsort(torch.argsort(u)), torch.bincount(groups).cumsum(0)
+    bins = (rank[:, None] >= sizes[None, :-1]).sum(1)  # (N,): 0 for the lowest sizes[0] values of u, ...
+    return torch.stack([(v + u) / math.sqrt(2), (v - u) / math.sqrt(2)], 1), bins
 
 
 def circle_measures(z, groups):
-    return dict(fisher=fisher_ratio(z, groups), gap=largest_gap(z), uniformity=uniformity(z),
-                knn=knn_accuracy(z, groups))
+    return dict(fisher=angle_fisher(z, groups), uniformity=uniformity(z.double()), knn=knn_accuracy(z, groups))
 
 
 def train_on_circle(X, groups, args, seed, log_at):
-    """Part (b): NT-Xent on normalised 2-D outputs, full-batch SGD, fresh views each step. Returns the net and the
-    measures at every step in log_at, with the latents' angles (for the figure)."""
-    net, g = mlp(args.hidden, 2, seed), generator(seed)
+    """Part (b): NT-Xent on normalised 2-D outputs, full-batch SGD, fresh views each step, in float32 (part (a)'s
+    exact identities need float64, training does not). Returns the net and the measures at every step in log_at,
+    with the latents' angles (for the figure)."""
+    net, g, X = mlp(args.hidden, 2, seed), generator(seed), X.float()
     opt = torch.optim.SGD(net.parameters(), lr=args.lr)
     hist, loss = [], None
     for step in range(args.steps + 1):
@@ -709,7 +735,8 @@ def train_on_circle(X, groups, args, seed, log_at):
                              angle=torch.atan2(z[:, 1], z[:, 0]).tolist()))
         if step == args.steps:
             break
-        loss = nt_xent(net(augment_diag(X, g)), net(augment_diag(X, g)), args.tau)
+        z = net(torch.cat([augment_diag(X, g), augment_diag(X, g)]))  # (2N, 2): both views in one pass
+        loss = nt_xent(z[:len(X)], z[len(X):], args.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -721,19 +748,18 @@ def run_clusters(args):
     X, lab = clusters(args.per_cluster, args.radius, g)
     groups = invariant_groups(lab)
     N = len(X)
-    assert math.gcd(args.k_scramble, N) == 1, "k must be coprime to N for k*rank mod N to be a permutation"
     X1, X2 = augment_diag(X, g), augment_diag(X, g)  # one fixed pair of views: the losses of (a) are exact on it
     u = u_coord(X)
     centre_u = (groups - 1).double()  # u of each group's centre / sqrt 2
 
-    # ---- (a) the same loss, with and without clusters --------------------------------------------------------
+    # ---- (a) the same loss, with and without clusters: an exact identity, an illustration ----------------------
     rows, part_a = [], []
     scrambled = f"g_{args.k_scramble} scrambled rank"
 
-    def add_row(loss_name, name, spacing, z1, z2, z, loss):
+    def add_row(loss_name, name, spacing, z1, z2, latent, loss):  # latent (N,): the 1-D latent, or the angle
         align = ((z1 - z2) ** 2).sum(1).mean().item()
         part_a.append(dict(loss_fn=loss_name, embedding=name, spacing=spacing, loss=loss, align=align,
-                           fisher=fisher_ratio(z, groups), knn=knn_accuracy(z, groups)))
+                           fisher=fisher_ratio(latent, groups), knn=knn_accuracy(latent, groups)))
         rows.append([loss_name, name, spacing, f"{loss:.6f}", f"{align:.1e}", f"{part_a[-1]['fisher']:.2f}",
                      f"{part_a[-1]['knn']:.3f}"])
 
@@ -748,88 +774,110 @@ def run_clusters(args):
     for name, k in [("groups -> 3 points", None), ("g_1 monotone rank", 1), (scrambled, args.k_scramble)]:
         if k is None:
             angle = 2 * math.pi / 3 * centre_u[:, None]  # the 3 groups at 3 equally spaced points
-            z1 = z2 = z = torch.cat([angle.cos(), angle.sin()], 1)
+            z1 = z2 = torch.cat([angle.cos(), angle.sin()], 1)
         else:
-            z1, z2, z = (circle_embedding(V, u, k) for V in (X1, X2, X))
-        add_row("NT-Xent, circle", name, "-", z1, z2, z, nt_xent(z1, z2, args.tau).item())
+            z1, z2 = (circle_embedding(V, u, k) for V in (X1, X2))
+            angle = rank_embedding(X, u, 2 * math.pi / N, k)
+        add_row("NT-Xent, circle", name, "-", z1, z2, angle, nt_xent(z1, z2, args.tau).item())
     print(f"\n(a) hand-built augmentation-invariant embeddings, N={N}: Gaussian-kernel InfoNCE (tau={args.kernel_tau}) "
-          f"on a line, NT-Xent (tau={args.tau}) on the unit circle; Fisher ratio and 10-NN over the 3 groups")
+          f"on a line, NT-Xent (tau={args.tau}) on the unit circle; Fisher ratio of the latent (or its angle) and "
+          f"10-NN over the 3 groups. The losses agree because they depend on the latents' multiset only")
     print_table(["loss", "embedding", "spacing/sqrt(tau)", "loss value", "align", "Fisher ratio", "10-NN acc"], rows)
 
-    # ---- (b) training dynamics of a one-hidden-layer net on the circle ----------------------------------------
+    # ---- (b) training dynamics of a one-hidden-layer net on the circle, and a no-cluster control ---------------
     log_at = sorted({0, args.steps} | {round(10 ** (e / 8)) for e in range(8 * math.ceil(math.log10(args.steps + 1)) + 1)
                                        if 10 ** (e / 8) <= args.steps})  # 8 per decade
-    ref = dict(uniform=circle_measures(circle_embedding(X, u), groups),
-               scrambled=circle_measures(circle_embedding(X, u, args.k_scramble), groups))
+    Xc, bins = no_cluster_control(X, groups, g)
+    ref = dict(input_u=fisher_ratio(u, groups), control_input_u=fisher_ratio(u_coord(Xc), bins),
+               uniform=dict(circle_measures(circle_embedding(X, u), groups),
+                            fisher=fisher_ratio(rank_embedding(X, u, 1.0), groups)))  # cut at the rank's ends
     print(f"\n(b) Linear(2,{args.hidden}) -> LeakyReLU(0.2) -> Linear({args.hidden},2) -> unit circle, NT-Xent "
-          f"tau {args.tau}, SGD lr {args.lr}, full batch, fresh views each step, {args.seeds} seeds")
-    runs, t0 = [], time.time()
+          f"tau {args.tau}, SGD lr {args.lr}, full batch, fresh views each step, {args.seeds} seeds; the control: "
+          f"u redrawn uniform, the same nets and views, bins of u of the groups' sizes")
+    runs, controls, t0 = [], [], time.time()
     for s in range(args.seeds):
         net, hist = train_on_circle(X, groups, args, args.seed + s, log_at)
+        controls.append(train_on_circle(Xc, bins, args, args.seed + s, log_at)[1])
         runs.append(hist)
-        peak = max(hist, key=lambda h: h["fisher"])
-        print(f"seed {args.seed + s}: Fisher ratio {hist[0]['fisher']:.2f} at init, peak {peak['fisher']:.2f} at "
-              f"step {peak['step']}, {hist[-1]['fisher']:.2f} at the end; largest gap {hist[0]['gap']:.2f} -> "
-              f"{peak['gap']:.2f} -> {hist[-1]['gap']:.2f} rad, {time.time() - t0:.1f}s")
+        print(f"seed {args.seed + s}: angle Fisher ratio {hist[0]['fisher']:.2f} at init, highest "
+              f"{max(h['fisher'] for h in hist):.2f}, {hist[-1]['fisher']:.2f} at the end | control "
+              f"{max(h['fisher'] for h in controls[-1]):.2f}, {controls[-1][-1]['fisher']:.2f}, {time.time() - t0:.1f}s")
+    fisher = np.array([[h["fisher"] for h in r] for r in runs])  # (seeds, steps)
+    fisher_c = np.array([[h["fisher"] for h in r] for r in controls])
+    top = int(fisher.mean(0).argmax())  # the one step where the mean over seeds peaks, the same step for every seed
     fmt = lambda xs, f: (f + " ± " + f) % mean_std(xs)
-    shown = [t for t in log_at if t in {0, args.steps} or any(t == round(10 ** (e / 2)) for e in range(12))]
-    table = []
-    for t in shown:
-        i = log_at.index(t)
-        table.append([t] + [fmt([r[i][key] for r in runs], f) for key, f in
-                            [("fisher", "%.2f"), ("gap", "%.2f"), ("uniformity", "%.3f"), ("knn", "%.3f")]])
-    table += [[name, f"{m['fisher']:.2f}", f"{m['gap']:.2f}", f"{m['uniformity']:.3f}", f"{m['knn']:.3f}"]
-              for name, m in [("equally spaced, by rank(u)", ref["uniform"]),
-                              (f"equally spaced, by {args.k_scramble} rank(u) mod N", ref["scrambled"])]]
-    print(f"\nmean ± std over {args.seeds} seeds; the last two rows are the trivial minimiser (a), for reference")
-    print_table(["step", "Fisher ratio (groups)", "largest gap (rad)", "uniformity", "10-NN acc (groups)"], table)
+    shown = sorted({log_at[top]} | {t for t in log_at if t in {0, args.steps} or any(t == round(10 ** (e / 2))
+                                                                                     for e in range(12))})
+    table = [[t] + [fmt(v, "%.2f") for v in (fisher[:, log_at.index(t)], fisher_c[:, log_at.index(t)])]
+             + [fmt([r[log_at.index(t)][key] for r in runs], "%.3f") for key in ("uniformity", "knn")] for t in shown]
+    table += [["input u, no net", f"{ref['input_u']:.2f}", f"{ref['control_input_u']:.2f}", "-", "-"],
+              ["equally spaced, by rank(u)", f"{ref['uniform']['fisher']:.2f}", "-",
+               f"{ref['uniform']['uniformity']:.3f}", f"{ref['uniform']['knn']:.3f}"]]
+    print(f"\nmean ± std over {args.seeds} seeds; the last rows: u itself, and the trivial minimiser of (a)")
+    print_table(["step", "angle Fisher ratio", "control: no clusters", "uniformity", "10-NN acc (groups)"], table)
+    peak = dict(step=log_at[top], fisher=mean_std(fisher[:, top]), control=mean_std(fisher_c[:, top]),
+                end=mean_std(fisher[:, -1]), control_end=mean_std(fisher_c[:, -1]))
+    print(f"at step {peak['step']}, where the mean peaks: {peak['fisher'][0]:.2f} ± {peak['fisher'][1]:.2f} against "
+          f"u's own {ref['input_u']:.2f}; the control {peak['control'][0]:.2f} ± {peak['control'][1]:.2f} against its "
+          f"u's {ref['control_input_u']:.2f}")
 
     # the trained net's own pairs, re-assigned to the data points by a permutation that mixes groups: the loss
     # is a symmetric function of the pairs (z_i, z'_i), so it cannot change, while the groups disappear
     with torch.no_grad():
-        z1, z2 = F.normalize(net(X1), dim=1), F.normalize(net(X2), dim=1)
+        z1, z2 = F.normalize(net(X1.float()), dim=1).double(), F.normalize(net(X2.float()), dim=1).double()
     perm = torch.randperm(N, generator=g)
-    trained = dict(loss=nt_xent(z1, z2, args.tau).item(), fisher=fisher_ratio(z1, groups), knn=knn_accuracy(z1, groups))
-    permuted = dict(loss=nt_xent(z1[perm], z2[perm], args.tau).item(), fisher=fisher_ratio(z1[perm], groups),
+    trained = dict(loss=nt_xent(z1, z2, args.tau).item(), fisher=angle_fisher(z1, groups), knn=knn_accuracy(z1, groups))
+    permuted = dict(loss=nt_xent(z1[perm], z2[perm], args.tau).item(), fisher=angle_fisher(z1[perm], groups),
                     knn=knn_accuracy(z1[perm], groups))
-    print(f"\nlast net vs the same pairs permuted across groups (one fixed pair of views)")
-    print_table(["embedding", "loss", "Fisher ratio", "10-NN acc"],
+    print("\nlast net vs the same pairs permuted across groups (one fixed pair of views): (a)'s identity again")
+    print_table(["embedding", "loss", "angle Fisher ratio", "10-NN acc"],
                 [[name, f"{m['loss']:.6f}", f"{m['fisher']:.2f}", f"{m['knn']:.3f}"]
                  for name, m in [("trained net", trained), ("pairs permuted", permuted)]])
 
     strip = lambda h: {k: v for k, v in h.items() if k != "angle"}
-    summary = dict(config=vars(args), part_a=part_a, reference=ref, runs=[[strip(h) for h in r] for r in runs],
+    summary = dict(config=vars(args), part_a=part_a, reference=ref, peak=peak,
+                   runs=[[strip(h) for h in r] for r in runs], controls=[[strip(h) for h in r] for r in controls],
                    trained=trained, permuted=permuted)
-    plt = pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw=dict(width_ratios=[1, 1, 1.5]))
-        for name, k in [("monotone g_1", 1), (f"scrambled g_{args.k_scramble}", args.k_scramble)]:
-            z = rank_embedding(X, u, 1.0, k)[:, 0]
-            ax[0].scatter(z, groups + (0.15 if k > 1 else -0.15), s=4, label=name)
-        ax[0].set(xlabel="latent (rank)", ylabel="group", yticks=[0, 1, 2], title="(a) same loss, with and without clusters")
-        ax[0].legend(fontsize=7)
-        for s, r in enumerate(runs):
-            ax[1].plot([h["step"] for h in r], [h["fisher"] for h in r], "-", label=f"seed {args.seed + s}")
-        ax[1].axhline(ref["uniform"]["fisher"], ls="--", color="gray", label="uniform circle, by rank(u)")
-        ax[1].set(xscale="symlog", xlim=(0, args.steps), xlabel="SGD step", ylabel="Fisher ratio over the groups",
-                  title="(b) clusters appear, then fade")
-        ax[1].legend(fontsize=7)
-        # the latents on the circle at init, at the Fisher peak and at the end, first seed; each group drawn on its
-        # own radius (0.8, 1, 1.2) so that groups sharing an arc stay visible
-        peak = max(runs[0], key=lambda h: h["fisher"])
-        for j, h in enumerate([runs[0][0], peak, runs[0][-1]]):
-            angle = torch.tensor(h["angle"])
-            for c in range(3):
-                r = 0.8 + 0.2 * c
-                ax[2].scatter(3 * j + r * angle[groups == c].cos(), r * angle[groups == c].sin(), s=2, color=f"C{c}",
-                              label=f"group {c}" if j == 0 else None)
-            ax[2].text(3 * j, -1.55, f"step {h['step']}", ha="center", fontsize=8)
-        ax[2].set(aspect="equal", xticks=[], yticks=[], ylim=(-1.75, 1.9),
-                  title=f"(b) latents at init, Fisher peak, end (seed {args.seed})")
-        ax[2].legend(fontsize=7, ncol=3, loc="upper center", markerscale=3)
-        fig.tight_layout()
-        save_fig(plt, fig, args.fig)
+    plot_clusters(args, X, u, groups, runs, controls, ref, top)
     return summary
+
+
+def plot_clusters(args, X, u, groups, runs, controls, ref, top):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw=dict(width_ratios=[1, 1.2, 1.5]))
+    for name, k in [("monotone g_1", 1), (f"scrambled g_{args.k_scramble}", args.k_scramble)]:
+        z = rank_embedding(X, u, 1.0, k)[:, 0]
+        ax[0].scatter(z, groups + (0.15 if k > 1 else -0.15), s=4, label=name)
+    ax[0].set(xlabel="latent (rank)", ylabel="group", yticks=[0, 1, 2], title="(a) the same loss, exactly")
+    ax[0].legend(fontsize=7)
+    steps = [h["step"] for h in runs[0]]
+    for rs, colour, name in [(runs, "C0", "4 clusters"), (controls, "C1", "control: u uniform")]:
+        f = np.array([[h["fisher"] for h in r] for r in rs])
+        ax[1].plot(steps, f.T, "-", color=colour, lw=0.5, alpha=0.4)
+        ax[1].plot(steps, f.mean(0), "-", color=colour, lw=2, label=f"{name}, mean of {len(rs)}")
+    ax[1].axhline(ref["input_u"], color="C0", ls="--", lw=1, label="u of the 4 clusters itself")
+    ax[1].axhline(ref["control_input_u"], color="C1", ls="--", lw=1, label="u of the control itself")
+    ax[1].axhline(ref["uniform"]["fisher"], color="gray", ls=":", label="equally spaced by rank(u)")
+    ax[1].axvline(steps[top], color="gray", lw=0.5)
+    ax[1].set(xscale="symlog", xlim=(0, args.steps), xlabel="SGD step", ylabel="Fisher ratio of the angle",
+              title="(b) clustering of the latents over training")
+    ax[1].legend(fontsize=6)
+    # the latents on the circle at init, at the step where the mean peaks and at the end, first seed; each group
+    # drawn on its own radius (0.8, 1, 1.2) so that groups sharing an arc stay visible
+    for j, h in enumerate([runs[0][0], runs[0][top], runs[0][-1]]):
+        angle = torch.tensor(h["angle"])
+        for c in range(3):
+            r = 0.8 + 0.2 * c
+            ax[2].scatter(3 * j + r * angle[groups == c].cos(), r * angle[groups == c].sin(), s=2, color=f"C{c}",
+                          label=f"group {c}" if j == 0 else None)
+        ax[2].text(3 * j, -1.55, f"step {h['step']}", ha="center", fontsize=8)
+    ax[2].set(aspect="equal", xticks=[], yticks=[], ylim=(-1.75, 1.9),
+              title=f"(b) latents at init, the peak step, the end (seed {args.seed})")
+    ax[2].legend(fontsize=7, ncol=3, loc="upper center", markerscale=3)
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
 
 
 # =====================================================================================================
