@@ -29,11 +29,11 @@ What each experiment shows (numbers: README.md, "Toy theory"):
   clusters   (a) an exact identity, so an illustration: an embedding that ignores the clusters has the same loss as
              one that respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle: how
              clustered its latents are over training, against the input's own clustering and a no-cluster control.
-  covariance (a) Theorem 3, -grad_{W_l} L_simp = 4 V_z0[Kbar_l] vec(W_l), checked against autograd layer by layer
-             on a bias-free 3-layer ReLU net (and f(x) = W x): exact, to float64 round-off;
-             (b) a 1-layer conv net on the "11" / "101" objects of Tian et al.'s Fig. 3: some filters become fully
-             object-selective, most often the one most selective at init, while many die; with a linear
-             activation (covariance operator ~0) nothing becomes selective.
+  covariance (a) Theorem 3, -grad_{W_l} L_simp = 4 V_z0[Kbar_l] vec(W_l), against autograd layer by layer on a
+             bias-free ReLU MLP, f(x) = W x, and the conv net of (b); (b) that conv net on the "11" / "101" objects
+             of Tian et al.'s Fig. 3: filters grow object-selective when the two views share the object and not when
+             the positive view holds an independent one, and its first NT-Xent step follows its covariance
+             operator only in the first case.
   hltm       a tree-shaped ReLU net trained with NT-Xent on pairs that share only the root of a hierarchical latent
              tree model: its nodes come to correlate with latents it never sees, up to near the Bayes ceiling,
              while a control trained on pairs that share nothing shows no systematic gain; the node best at init
@@ -130,7 +130,7 @@ def get_args(argv=None):
     s.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
     s.add_argument("--log-every", type=int, default=100, help="steps between measurements (default: 100)")
     s.add_argument("--noise", type=float, default=0.05, help="pixel noise std of each view (default: 0.05)")
-    s.add_argument("--seeds", type=int, default=5, help="networks, one init per seed, each with its linear control (default: 5)")
+    s.add_argument("--seeds", type=int, default=5, help="networks, one init per seed, each with its control (default: 5)")
 
     s = sub.add_parser("hltm", help="Tian et al. 2020: latents of a hierarchical latent tree learned without labels")
     common(s)
@@ -166,6 +166,8 @@ def get_args(argv=None):
     if args.cmd == "clusters" and math.gcd(args.k_scramble, 4 * args.per_cluster) != 1:
         p.error(f"clusters: --k-scramble {args.k_scramble} must be coprime to N = 4 x --per-cluster = "
                 f"{4 * args.per_cluster}, so that k rank mod N is a permutation")
+    if args.cmd == "covariance" and not 3 <= args.width <= args.L:
+        p.error(f"covariance: need 3 <= --L and 1 <= --width <= --L (got {args.width}, {args.L})")
     # derived values, in one place
     name = args.cmd if getattr(args, "part", "main") == "main" else f"{args.cmd}_{args.part}"  # e.g. cnn_scaling
     args.out = args.out or os.path.join("runs", "toy", name)
@@ -906,11 +908,6 @@ def relu_mlp(Ws, X):
     return h
 
 
-def empirical_l_simp(W, Xa):
-    """E_emp[L_simp] for f(x) = W x. Xa: (N, K, D), Xa[i, k] = k-th augmentation of latent i. Naive, no shortcut."""
-    return l_simp_of_outputs(Xa @ W.T)
-
-
 def l_simp_of_outputs(f):
     """E_emp[L_simp] from the outputs f (N, K, out) of every stored augmentation of every latent."""
     N, K, _ = f.shape
@@ -943,49 +940,93 @@ def covariance_operator(Ws, Xa, l):
 
 
 # Fig. 3 of the paper: a 1-layer conv net on 1-D signals holding the object "11" or "101" at a random position;
-# augmentation = a new position (plus pixel noise). Summing over positions, the two objects differ only through
-# the windows that see both of their 1s: with a *linear* activation the pooled code is sum_taps(w) times the
-# object's mass (2 for both), apart from edge effects, so the covariance operator is ~0 and nothing can become
-# selective. The ReLU's gate makes K depend on the object, and the operator amplifies what differs.
+# augmentation = a new position (plus pixel noise). The pooled code is h_c(x) = sum_p relu(<w_c, x_p>) over the
+# windows x_p, so h_c = <K_c(x), w_c> with the connection K_c(x) = sum_p 1[<w_c, x_p> > 0] x_p: a bias-free ReLU net,
+# one block per filter, and Theorem 3 holds for it with z0 = the object: -grad_{w_c} E[L_simp] = 4 V_z0[Kbar_c] w_c.
+# With two objects V_z0 is rank one, (Kbar_c("11") - Kbar_c("101")) (...)^T / 4, so each filter grows at the rate
+# (r_c("11") - r_c("101"))^2 / ||w_c||^2 of its pooled responses r_c: the operator amplifies what tells the objects
+# apart. The control keeps net, init and views but puts an independent object in the positive view: nothing is
+# shared, V_z0 is over a constant, and the operator is 0.
 
 
 def translated_objects(objects, L, noise, g):
     """Tian et al. Fig. 3: a 1-D signal of length L holding object "11" or "101" at a random position.
     objects: (B,) in {0, 1}. Returns (B, 1, L)."""
-    patterns = [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0, 1.0])]
+    span = 1 + objects  # from the first 1 to the second: "11" -> 1, "101" -> 2
     X = noise * torch.randn(len(objects), 1, L, generator=g)
-    for b, o in enumerate(objects.tolist()):
-        pat = patterns[o]
-        z = torch.randint(0, L - len(pat) + 1, (1,), generator=g).item()  # z': the position, changed by augmentation
-        X[b, 0, z:z + len(pat)] += pat
+    z = (torch.rand(len(objects), generator=g) * (L - span)).long()  # z': the position, changed by augmentation
+    rows = torch.arange(len(objects))
+    X[rows, 0, z] += 1
+    X[rows, 0, z + span] += 1
     return X
 
 
-def conv_h(conv, X, act=torch.relu):
-    """1-layer conv net: h = sum over positions of act(conv(x)), a translation-invariant pooled code. (B, C)"""
-    return act(conv(X)).sum(-1)
+def conv_h(conv, X):
+    """1-layer conv net: h = sum over positions of relu(conv(x)), a translation-invariant pooled code. (B, C)"""
+    return torch.relu(conv(X)).sum(-1)
 
 
-def object_responses(conv, L, act=torch.relu):
-    """Per filter, the pooled response to "11" and "101" averaged over all their clean positions (rows 0, 1), and the
-    same for the pooled |activation| (rows 2, 3; equal to rows 0, 1 for a ReLU). (4, C)"""
+def conv_connection(W, X):
+    """K_c(x) = sum_p 1[<w_c, x_p> > 0] x_p for every filter c of W (C, width) and signal of X (B, 1, L), so that
+    h_c(x) = <K_c(x), w_c>. (B, C, width)"""
+    win = X[:, 0].unfold(1, W.shape[1], 1)  # (B, P, width): every window of the signal
+    gate = (win @ W.T > 0).to(X.dtype)  # (B, P, C): the ReLU gates
+    return torch.einsum("bpc,bpk->bck", gate, win)
+
+
+def conv_covariance_operator(W, Xa):
+    """4 V_z0[Kbar_c(z0)] w_c for every filter, shaped like W (C, width), under the empirical distribution of
+    Xa (N, K, 1, L): N latents z0, K stored augmentations of each (Theorem 3 for the conv net)."""
+    N, K = Xa.shape[:2]
+    Kbar = conv_connection(W, Xa.flatten(0, 1)).unflatten(0, (N, K)).mean(1)  # (N, C, width): E_aug[K_c | z0]
+    Kbar = Kbar - Kbar.mean(0)
+    proj = torch.einsum("ncw,cw->nc", Kbar, W)  # (N, C): (Kbar_c - E Kbar_c)^T w_c
+    return 4 * torch.einsum("ncw,nc->cw", Kbar, proj) / N
+
+
+def object_augmentations(L, K, noise, g):
+    """The empirical distribution of the conv check: z0 = the object, K augmentations (position and noise) of
+    each. (2, K, 1, L), float64."""
+    return torch.stack([translated_objects(torch.full((K,), o), L, noise, g) for o in (0, 1)]).double()
+
+
+def operator_rate(W, Xa):
+    """Per filter, <w_c, 4 V[Kbar_c] w_c> / ||w_c||^2: the rate at which gradient flow on E[L_simp] grows ||w_c||^2 / 2."""
+    return ((conv_covariance_operator(W, Xa) * W).sum(1) / (W * W).sum(1)).numpy()
+
+
+def nt_xent_direction(conv, args, shared, g, batches=16):
+    """-grad of NT-Xent at the conv's weights, averaged over `batches` training batches: the expected SGD step. (C, width)"""
+    total = 0
+    for _ in range(batches):
+        obj = torch.randint(0, 2, (args.batch,), generator=g)
+        obj2 = obj if shared else torch.randint(0, 2, (args.batch,), generator=g)
+        x1, x2 = translated_objects(obj, args.L, args.noise, g), translated_objects(obj2, args.L, args.noise, g)
+        (grad,) = torch.autograd.grad(nt_xent(conv_h(conv, x1), conv_h(conv, x2), args.tau), conv.weight)
+        total = total - grad[:, 0] / batches
+    return total.double()
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def object_responses(conv, L):
+    """Per filter, the pooled response to "11" and "101" averaged over all their clean positions. (2, C)"""
     resp = []
-    for pool in (act, lambda v: act(v).abs()):
-        for pat in ([1.0, 1.0], [1.0, 0.0, 1.0]):
-            X = torch.zeros(L - len(pat) + 1, 1, L)
-            for z in range(len(X)):
-                X[z, 0, z:z + len(pat)] = torch.tensor(pat)
-            with torch.no_grad():
-                resp.append(conv_h(conv, X, pool).mean(0))  # (C,)
+    for pat in ([1.0, 1.0], [1.0, 0.0, 1.0]):
+        X = torch.zeros(L - len(pat) + 1, 1, L)
+        for z in range(len(X)):
+            X[z, 0, z:z + len(pat)] = torch.tensor(pat)
+        with torch.no_grad():
+            resp.append(conv_h(conv, X).mean(0))  # (C,)
     return torch.stack(resp)
 
 
-def selectivity(conv, L, act=torch.relu):
-    """Per filter |r(11) - r(101)| / (|r|(11) + |r|(101)), |r| pooling |activation|: for a ReLU the usual
-    |r(11) - r(101)| / (r(11) + r(101)); for the linear control a filter whose signed responses cancel does not
-    count as selective. 0 for a filter that responds to neither object (a dead one)."""
-    r = object_responses(conv, L, act)
-    return ((r[0] - r[1]).abs() / (r[2] + r[3] + 1e-8)).numpy()
+def selectivity(conv, L):
+    """Per filter |r(11) - r(101)| / (r(11) + r(101)); 0 for a filter that responds to neither (a dead one)."""
+    r = object_responses(conv, L)
+    return ((r[0] - r[1]).abs() / (r[0] + r[1] + 1e-8)).numpy()
 
 
 def object_only_nt_xent(N, tau, cos):
@@ -1001,24 +1042,26 @@ def object_only_nt_xent(N, tau, cos):
     return loss
 
 
-def train_conv(args, seed, act):
-    """Fig. 3's net trained with NT-Xent from the seed's init, on the seed's stream of views. Returns the net and the
-    mean selectivity and mean loss (over the steps since the previous entry) every --log-every steps."""
-    torch.manual_seed(seed)  # the init: the same for the ReLU net and its linear control
+def train_conv(args, seed, shared=True):
+    """Fig. 3's net trained with NT-Xent from the seed's init, on the seed's stream of views; shared=False is the
+    control, whose positive view holds an independent object. Returns the net and the mean selectivity and mean
+    loss (over the steps since the previous entry) every --log-every steps."""
+    torch.manual_seed(seed)  # the init: the same for the run and its control
     conv = torch.nn.Conv1d(1, args.filters, args.width, bias=False)
     g = generator(seed)
     opt = torch.optim.SGD(conv.parameters(), lr=args.lr)
     hist, losses = [], []
     for step in range(args.steps + 1):
         if step % args.log_every == 0 or step == args.steps:
-            hist.append(dict(step=step, selectivity=float(selectivity(conv, args.L, act).mean()),
+            hist.append(dict(step=step, selectivity=float(selectivity(conv, args.L).mean()),
                              loss=float(np.mean(losses)) if losses else None))
             losses = []
         if step == args.steps:
             break
         obj = torch.randint(0, 2, (args.batch,), generator=g)
-        x1, x2 = translated_objects(obj, args.L, args.noise, g), translated_objects(obj, args.L, args.noise, g)
-        loss = nt_xent(conv_h(conv, x1, act), conv_h(conv, x2, act), args.tau)
+        obj2 = obj if shared else torch.randint(0, 2, (args.batch,), generator=g)
+        x1, x2 = translated_objects(obj, args.L, args.noise, g), translated_objects(obj2, args.L, args.noise, g)
+        loss = nt_xent(conv_h(conv, x1), conv_h(conv, x2), args.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1038,63 +1081,72 @@ def run_covariance(args):
     nets = {"linear f = W x": [torch.randn(args.D // 2, args.D, generator=g, dtype=torch.float64)],
             f"ReLU MLP {'-'.join(map(str, widths))}, no bias": [
                 torch.randn(o, i, generator=g, dtype=torch.float64) / math.sqrt(i) for i, o in zip(widths, widths[1:])]}
-    rows, theorem3 = [], []
+    checks = []  # (net, layer, shape, -grad, operator)
     for name, Ws in nets.items():
         Ws = [W.requires_grad_() for W in Ws]
         grads = torch.autograd.grad(l_simp_of_outputs(relu_mlp(Ws, Xa)), Ws)
-        for l, (W, grad) in enumerate(zip(Ws, grads)):
-            op = covariance_operator([W.detach() for W in Ws], Xa, l)
-            abs_err = (-grad - op).abs().max().item()
-            theorem3.append(dict(net=name, layer=l + 1, shape=list(W.shape), abs_err=abs_err,
-                                 rel_err=abs_err / op.abs().max().item(), max_grad=grad.abs().max().item()))
-            rows.append([name, l + 1, tuple(W.shape), f"{abs_err:.2e}", f"{theorem3[-1]['rel_err']:.2e}",
-                         f"{theorem3[-1]['max_grad']:.3f}"])
-    print(f"\n(a) Theorem 3 against autograd, N={args.N} latents x K={args.K} augmentations, float64")
-    print_table(["net", "layer l", "W_l", "max |-grad - 4 V[Kbar_l] w_l|", "relative", "max |grad|"], rows)
+        checks += [(name, l + 1, W.shape, -grad, covariance_operator([W.detach() for W in Ws], Xa, l))
+                   for l, (W, grad) in enumerate(zip(Ws, grads))]
+    # the conv net of (b) at its init, z0 = the object, K positions and noise draws of each
+    torch.manual_seed(args.seed)
+    W = torch.nn.Conv1d(1, args.filters, args.width, bias=False).weight.detach()[:, 0].double().requires_grad_()
+    Xo = object_augmentations(args.L, args.K, args.noise, g)  # (2, K, 1, L)
+    h = torch.relu(torch.nn.functional.conv1d(Xo.flatten(0, 1), W[:, None])).sum(-1)  # (2K, C)
+    (grad,) = torch.autograd.grad(l_simp_of_outputs(h.unflatten(0, (2, args.K))), W)
+    checks.append(("conv net of (b), z0 = object", 1, W.shape, -grad, conv_covariance_operator(W.detach(), Xo)))
+    theorem3 = [dict(net=name, layer=l, shape=list(shape), rel_err=((ng - op).abs().max() / op.abs().max()).item(),
+                     max_grad=ng.abs().max().item()) for name, l, shape, ng, op in checks]
+    print(f"\n(a) Theorem 3 against autograd, N={args.N} latents x K={args.K} augmentations (the conv net: 2 objects "
+          f"x K), float64")
+    print_table(["net", "layer l", "W_l", "max |-grad - 4 V[Kbar_l] w_l| / max |4 V[Kbar_l] w_l|", "max |grad|"],
+                [[t["net"], t["layer"], tuple(t["shape"]), f"{t['rel_err']:.1e}", f"{t['max_grad']:.3f}"]
+                 for t in theorem3])
 
-    # ---- (b) object selectivity of a 1-layer conv net, Fig. 3, and its linear-activation control --------------
-    print(f"\n(b) conv1d({args.filters} filters, width {args.width}, no bias) -> ReLU or identity -> sum pool, "
-          f"NT-Xent tau {args.tau}, batch {args.batch}, SGD lr {args.lr}, {args.steps} steps; "
-          f"positive view = same object, new position")
+    # ---- (b) object selectivity of a 1-layer conv net, Fig. 3, and its no-shared-object control ---------------
+    print(f"\n(b) conv1d({args.filters} filters, width {args.width}, no bias) -> ReLU -> sum pool, NT-Xent tau "
+          f"{args.tau}, batch {args.batch}, SGD lr {args.lr}, {args.steps} steps; positive view = the same object at "
+          f"a new position; control: an independent object")
+    Xo = object_augmentations(args.L, 256, args.noise, g)  # the empirical distribution of the operator's rates
     runs, t0 = [], time.time()
     for s in range(args.seeds):
         seed = args.seed + s
-        run = dict(seed=seed)
-        for key, act in [("relu", torch.relu), ("linear", lambda x: x)]:
-            torch.manual_seed(seed)
-            init = torch.nn.Conv1d(1, args.filters, args.width, bias=False)  # the same init train_conv draws
-            conv, hist = train_conv(args, seed, act)
-            r = object_responses(conv, args.L, act)
-            run[key] = dict(history=hist, sel_init=selectivity(init, args.L, act).tolist(),
-                            sel=selectivity(conv, args.L, act).tolist(), live=(r[2:].sum(0) > 1e-6).tolist(),
-                            norm_init=init.weight.detach()[:, 0].norm(dim=1).tolist(),
+        torch.manual_seed(seed)
+        init = torch.nn.Conv1d(1, args.filters, args.width, bias=False)  # the same init train_conv draws
+        W0 = init.weight.detach()[:, 0].double()
+        op = conv_covariance_operator(W0, Xo)
+        run = dict(seed=seed, sel_init=selectivity(init, args.L).tolist(), rate=operator_rate(W0, Xo).tolist(),
+                   norm_init=init.weight.detach()[:, 0].norm(dim=1).tolist(),
+                   step_cos={key: cosine(nt_xent_direction(init, args, shared, g), op)
+                             for key, shared in [("shared", True), ("control", False)]})
+        for key, shared in [("shared", True), ("control", False)]:
+            conv, hist = train_conv(args, seed, shared)
+            run[key] = dict(history=hist, sel=selectivity(conv, args.L).tolist(),
+                            live=(object_responses(conv, args.L).sum(0) > 1e-6).tolist(),
                             norm=conv.weight.detach()[:, 0].norm(dim=1).tolist(),
                             filters=conv.weight.detach()[:, 0].tolist())
         runs.append(run)
-        rl, ln = run["relu"], run["linear"]
-        top = int(np.argmax(rl["sel_init"]))
-        print(f"seed {seed}: ReLU loss {rl['history'][-1]['loss']:.3f}, mean selectivity {np.mean(rl['sel_init']):.3f} -> "
-              f"{np.mean(rl['sel']):.3f}, live {sum(rl['live'])}/{args.filters}; most selective filter at init "
-              f"{rl['sel_init'][top]:.2f} -> {rl['sel'][top]:.2f}, norm x{rl['norm'][top] / rl['norm_init'][top]:.2f} | "
-              f"linear loss {ln['history'][-1]['loss']:.3f}, max selectivity {max(ln['sel']):.3f}, {time.time() - t0:.1f}s")
+        sh, ct = run["shared"], run["control"]
+        print(f"seed {seed}: shared object: loss {sh['history'][-1]['loss']:.3f}, {sum(np.array(sh['sel']) > 0.9)} "
+              f"filters above 0.9, live {sum(sh['live'])}/{args.filters} | control: loss "
+              f"{ct['history'][-1]['loss']:.3f}, {sum(np.array(ct['sel']) > 0.9)} above 0.9, live "
+              f"{sum(ct['live'])}/{args.filters}, {time.time() - t0:.1f}s")
 
     def stats(key):
-        sel0, sel, live = (np.array([r[key][k] for r in runs]) for k in ("sel_init", "sel", "live"))  # (seeds, C)
-        top = sel0.argmax(1)  # each network's most selective filter at init
-        norm_ratio = np.array([r[key]["norm"][t] / r[key]["norm_init"][t] for r, t in zip(runs, top)])
+        sel0, rate = np.array([r["sel_init"] for r in runs]), np.array([r["rate"] for r in runs])  # (seeds, C)
+        sel, live = (np.array([r[key][k] for r in runs]) for k in ("sel", "live"))
+        top = rate.argmax(1)  # each network's filter with the fastest L_simp growth at init
         return {f"NT-Xent, mean of the last {args.log_every} steps": ([r[key]["history"][-1]["loss"] for r in runs], "%.3f"),
-                "mean selectivity at init": (sel0.mean(1), "%.3f"), "mean selectivity, trained": (sel.mean(1), "%.3f"),
+                "cos(NT-Xent step at init, Thm 3 operator)": ([r["step_cos"][key] for r in runs], "%.2f"),
+                "mean selectivity, trained (init: %.3f)" % sel0.mean(): (sel.mean(1), "%.3f"),
                 "live filters (respond to an object)": (live.sum(1), "%.1f"),
-                "mean selectivity of the live filters": ([s[l].mean() for s, l in zip(sel, live)], "%.3f"),
                 "filters with selectivity > 0.9": ((sel > 0.9).sum(1), "%.1f"),
-                "most selective filter at init (MSF): selectivity": (sel0.max(1), "%.3f"),
-                "MSF: selectivity, trained": (sel[np.arange(len(runs)), top], "%.3f"),
-                "MSF: norm, trained / init": (norm_ratio, "%.2f")}
-    table = {key: {k: (mean_std(v), f) for k, (v, f) in stats(key).items()} for key in ("relu", "linear")}
-    print(f"\nmean ± std over {args.seeds} networks of {args.filters} filters; the linear control starts from the same "
-          f"weights and sees the same views")
-    print_table(["", "ReLU", "linear control"], [[k] + [(f + " ± " + f) % table[key][k][0] for key in ("relu", "linear")]
-                                                for k, (_, f) in table["relu"].items()])
+                "fastest filter at init: selectivity, trained": (sel[np.arange(len(runs)), top], "%.3f")}
+    table = {key: {k: (mean_std(v), f) for k, (v, f) in stats(key).items()} for key in ("shared", "control")}
+    print(f"\nmean ± std over {args.seeds} networks of {args.filters} filters; the control starts from the same "
+          f"weights; Thm 3 rate: <w_c, 4 V[Kbar_c] w_c> / ||w_c||^2 at init, z0 = the object")
+    print_table(["", "shared object", "control: independent object"],
+                [[k] + [(f + " ± " + f) % table[key][k][0] for key in ("shared", "control")]
+                 for k, (_, f) in table["shared"].items()])
     table = {key: {k: m for k, (m, _) in t.items()} for key, t in table.items()}
     ref = dict(input_blind=math.log(2 * args.batch - 1), object_only=object_only_nt_xent(args.batch, args.tau, -1.0),
                object_only_nonneg=object_only_nt_xent(args.batch, args.tau, 0.0))
@@ -1103,31 +1155,33 @@ def run_covariance(args):
           f"non-negative codes like the ReLU net's (cosine 0)")
 
     summary = dict(config=vars(args), theorem3=theorem3, table=table, reference=ref, runs=runs)
-    plt = pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
-        steps = [h["step"] for h in runs[0]["relu"]["history"]]
-        for key, ls in [("relu", "-"), ("linear", "--")]:
-            for r in runs:
-                ax[0].plot(steps, [h["selectivity"] for h in r[key]["history"]], ls, color="C0" if key == "relu" else "C1",
-                           alpha=0.6, label=f"{key}" if r is runs[0] else None)
-        ax[0].set(xlabel="SGD step", ylabel="mean selectivity over filters", title='(b) selectivity for "11" vs "101"')
-        ax[0].legend(fontsize=7)
-        for key, colour in [("relu", "C0"), ("linear", "C1")]:
-            sel0 = np.concatenate([r[key]["sel_init"] for r in runs])
-            sel = np.concatenate([r[key]["sel"] for r in runs])
-            grow = np.concatenate([np.array(r[key]["norm"]) / np.array(r[key]["norm_init"]) for r in runs])
-            live = np.concatenate([r[key]["live"] for r in runs])
-            ax[1].scatter(sel0[live], sel[live], s=12 * grow[live], color=colour, alpha=0.6, label=f"{key}, live")
-            ax[1].scatter(sel0[~live], sel[~live], s=12, marker="x", color=colour, label=f"{key}, dead")
-        ax[1].set(xlabel="selectivity at init", ylabel="selectivity, trained",
-                  title="(b) every filter (area: norm growth)")
-        ax[1].legend(fontsize=7)
-        ax[2].imshow(np.array(runs[0]["relu"]["filters"]), cmap="RdBu_r", aspect="auto")
-        ax[2].set(xlabel="tap", ylabel="filter", title=f"learned ReLU filters, seed {args.seed}")
-        fig.tight_layout()
-        save_fig(plt, fig, args.fig)
+    plot_covariance(args, runs)
     return summary
+
+
+def plot_covariance(args, runs):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    steps = [h["step"] for h in runs[0]["shared"]["history"]]
+    for key, colour, name in [("shared", "C0", "shared object"), ("control", "C1", "control: independent object")]:
+        for r in runs:
+            ax[0].plot(steps, [h["selectivity"] for h in r[key]["history"]], color=colour, alpha=0.6,
+                       label=name if r is runs[0] else None)
+    ax[0].set(xlabel="SGD step", ylabel="mean selectivity over filters", title='(b) selectivity for "11" vs "101"')
+    ax[0].legend(fontsize=7)
+    sel0 = np.concatenate([r["sel_init"] for r in runs])
+    for key, colour, marker, name in [("shared", "C0", "o", "shared object"), ("control", "C1", "x", "control")]:
+        ax[1].scatter(sel0, np.concatenate([r[key]["sel"] for r in runs]), s=12, marker=marker, color=colour,
+                      alpha=0.7, label=f"{name}: NT-Xent step at init vs operator, cos "
+                                       f"{np.mean([r['step_cos'][key] for r in runs]):.2f}")
+    ax[1].set(xlabel="selectivity at init", ylabel="selectivity, trained", title="(b) every filter, same init")
+    ax[1].legend(fontsize=7)
+    ax[2].imshow(np.array(runs[0]["shared"]["filters"]), cmap="RdBu_r", aspect="auto")
+    ax[2].set(xlabel="tap", ylabel="filter", title=f"learned filters, shared object, seed {args.seed}")
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
 
 
 # =====================================================================================================
