@@ -1830,18 +1830,44 @@ def test_abs_corr_every_node_matches_numpy():
 
 
 def test_hltm_width_sweep_trains_each_width_on_the_same_trees(monkeypatch, one_thread):
+    """Every width on the same trees, and the root block -- the embedding -- at --hid nodes whatever the width."""
     widths, train = [], toy_theory.hltm_train
-    monkeypatch.setattr(toy_theory, "hltm_train", lambda deltas, a, *rest: widths.append(a.hid) or train(deltas, a, *rest))
+    monkeypatch.setattr(toy_theory, "hltm_train",
+                        lambda deltas, a, *rest: widths.append((a.hid, a.emb)) or train(deltas, a, *rest))
+    monkeypatch.setattr(toy_theory, "pyplot", lambda: None)  # no figure
     args = toy_theory.get_args(["hltm", "--part", "width", "--hids", "1", "3", "--depth", "2", "--seeds", "2",
                                 "--steps", "20", "--n-eval", "512"])
-    monkeypatch.setattr(toy_theory, "pyplot", lambda: None)  # no figure
     sweep = toy_theory.hltm_width_sweep(args)["sweep"]
-    assert widths == [1, 1, 3, 3] and [r["hid"] for r in sweep] == widths
+    assert widths == [(1, 10), (1, 10), (3, 10), (3, 10)] and [r["hid"] for r in sweep] == [1, 1, 3, 3]
     for a, b in zip(sweep[:2], sweep[2:]):  # seed by seed: the same tree, so the same Bayes ceiling
         assert a["seed"] == b["seed"] and a["ceiling"] == b["ceiling"]
     for r in sweep:
-        assert len(r["init"]) == len(r["trained"]) == 2
+        assert len(r["init"]) == len(r["trained"]) == 2 and r["dead"] in (True, False)
         assert max(r["trained"]) <= max(r["ceiling"]) + 0.05  # 512 samples: sampling error ~0.04
+
+
+def test_hltm_root_block_has_emb_nodes_and_a_dead_network_is_found(one_thread):
+    g = torch.Generator().manual_seed(9)
+    Ws, bs = toy_theory.hltm_init(3, 2, 1, g, emb=7)
+    x = torch.randint(0, 2, (64, 8), generator=g)
+    hs = toy_theory.hltm_forward(Ws, bs, x)
+    assert [h.shape for h in hs] == [(64, 1, 7), (64, 2, 1), (64, 4, 1)]
+    assert not toy_theory.hltm_dead(Ws, bs, x)
+    with torch.no_grad():  # every ReLU below the root off: the embedding is its bias, the same for every input
+        Ws[1].zero_()
+        bs[1].fill_(-1.0)
+    assert toy_theory.hltm_dead(Ws, bs, x)
+
+
+def test_authors_nce_matches_their_formula(one_thread):
+    """luckmatters ssl/hltm: pos = MSE(f, f_pos), neg = MSE(f, f_neg) of normalised outputs, loss =
+    -exp(-pos/T) / (exp(-pos/T) + exp(-neg/T)); written here in numpy."""
+    g = torch.Generator().manual_seed(10)
+    f, fp, fn = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    nf, nfp, nfn = (v.numpy() / np.linalg.norm(v.numpy(), axis=1, keepdims=True) for v in (f, fp, fn))
+    pos, neg, T = np.mean((nf - nfp) ** 2), np.mean((nf - nfn) ** 2), 0.3
+    ref = -np.exp(-pos / T) / (np.exp(-pos / T) + np.exp(-neg / T))
+    assert math.isclose(toy_theory.authors_nce(f, fp, fn, T).item(), ref, rel_tol=1e-12)
 
 
 def test_hltm_simclr_learns_the_root_without_labels(one_thread):

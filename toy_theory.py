@@ -34,10 +34,10 @@ What each experiment shows (numbers: README.md, "Toy theory"):
              of Tian et al.'s Fig. 3: filters grow object-selective when the two views share the object and not when
              the positive view holds an independent one, and its first NT-Xent step follows its covariance
              operator only in the first case.
-  hltm       a tree-shaped ReLU net trained with NT-Xent on pairs that share only the root of a hierarchical latent
-             tree model: its nodes come to correlate with latents it never sees, up to near the Bayes ceiling,
-             while a control trained on pairs that share nothing shows no systematic gain; the node best at init
-             ends best far more often than chance. --part width: fewer nodes per latent, weaker learning.
+  hltm       a tree-shaped ReLU net trained on pairs that share only the root of a hierarchical latent tree model:
+             its nodes come to correlate with latents it never sees, against a control trained on pairs that share
+             nothing and the Bayes ceiling. The loss is NT-Xent, 2N - 2 negatives per view, where the authors' code
+             uses a one-negative loss (--loss nce). --part width: nodes per latent below a root block of fixed size.
 """
 
 import argparse
@@ -139,8 +139,12 @@ def get_args(argv=None):
     s.add_argument("--delta-lo", type=float, default=0.7, help="smallest |delta| of an edge (default: 0.7)")
     s.add_argument("--delta-hi", type=float, default=1.0, help="largest |delta| of an edge (default: 1.0)")
     s.add_argument("--hid", type=int, default=10, help="network nodes per latent (default: 10)")
+    s.add_argument("--emb", type=int, default=None, help="nodes of the root block, the embedding (default: --hid)")
+    s.add_argument("--loss", choices=["nt-xent", "nce"], default="nt-xent",
+                   help="nt-xent: SimCLR's, 2N - 2 negatives per view; nce: the authors' code's, one negative "
+                        "(they use --lr 0.1 --tau 0.01) (default: nt-xent)")
     s.add_argument("--batch", type=int, default=128, help="SimCLR batch (default: 128)")
-    s.add_argument("--tau", type=float, default=0.1, help="NT-Xent temperature (default: 0.1)")
+    s.add_argument("--tau", type=float, default=0.1, help="temperature of the loss (default: 0.1)")
     s.add_argument("--lr", type=float, default=0.05,
                    help="SGD learning rate; the authors' 0.1 with our loss left 2 of 10 networks dead (default: 0.05)")
     s.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
@@ -149,8 +153,8 @@ def get_args(argv=None):
     s.add_argument("--seeds", type=int, default=5, help="trees (and networks), one per seed (default: 5)")
     s.add_argument("--part", choices=["main", "width"], default="main",
                    help="main: SimCLR vs control vs ceiling at --hid; width: SimCLR at each of --hids (default: main)")
-    s.add_argument("--hids", type=int, nargs="+", default=[1, 2, 5, 10, 20],
-                   help="nodes per latent of --part width (default: 1 2 5 10 20)")
+    s.add_argument("--hids", type=int, nargs="+", default=[1, 2, 5, 10],
+                   help="nodes per latent below the root, --part width (default: 1 2 5 10)")
 
     args = p.parse_args(argv)
     # flags no run can use: argparse's usage line and a message (exit 2), never a traceback
@@ -1234,15 +1238,16 @@ def hltm_posterior(deltas, x):
     return post[::-1]
 
 
-def hltm_init(depth, C, hid, g):
-    """Weights of the tree-shaped network, bottom level first: W (n_nodes, hid, C * fan_in_per_child), b (n, hid);
-    nn.Linear's default uniform init, one Linear per latent."""
+def hltm_init(depth, C, hid, g, emb=None):
+    """Weights of the tree-shaped network, bottom level first: W (n_nodes, width, C * fan_in_per_child), b (n, width);
+    nn.Linear's default uniform init, one Linear per latent. Every block has hid nodes but the root's, which has emb
+    (default hid): the embedding NT-Xent normalises."""
     Ws, bs = [], []
     for level in reversed(range(depth)):
-        fan_in = C * (1 if level == depth - 1 else hid)
+        fan_in, width = C * (1 if level == depth - 1 else hid), (emb or hid) if level == 0 else hid
         bound = 1 / math.sqrt(fan_in)
-        Ws.append(((2 * torch.rand(C ** level, hid, fan_in, generator=g) - 1) * bound).requires_grad_())
-        bs.append(((2 * torch.rand(C ** level, hid, generator=g) - 1) * bound).requires_grad_())
+        Ws.append(((2 * torch.rand(C ** level, width, fan_in, generator=g) - 1) * bound).requires_grad_())
+        bs.append(((2 * torch.rand(C ** level, width, generator=g) - 1) * bound).requires_grad_())
     return Ws, bs
 
 
@@ -1281,10 +1286,19 @@ def hltm_level_corrs(Ws, bs, z_eval):
     return [c.amax(1).mean().item() for c in hltm_node_corrs(Ws, bs, z_eval)]
 
 
+def authors_nce(f, f_pos, f_neg, tau):
+    """The `nce` loss of the authors' ssl/hltm code: minus the softmax probability of the positive against ONE
+    negative, on batch-mean squared distances of normalised outputs, -exp(-d+/tau) / (exp(-d+/tau) + exp(-d-/tau))."""
+    f, f_pos, f_neg = (F.normalize(v, dim=1) for v in (f, f_pos, f_neg))
+    d_pos, d_neg = ((f - f_pos) ** 2).mean(), ((f - f_neg) ** 2).mean()  # nn.MSELoss: mean over batch and nodes
+    return -torch.sigmoid((d_neg - d_pos) / tau)
+
+
 def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
-    """SimCLR on the tree: NT-Xent on the root block's output. shared_root=False is the control. The same g gives
+    """SimCLR on the tree: NT-Xent (2N - 2 negatives per view) on the root block's output, or with --loss nce the
+    authors' loss (one negative, a tree with a fresh root). shared_root=False is the control. The same g gives
     the same initial weights, so a run and its control start from one network."""
-    Ws, bs = hltm_init(len(deltas), len(deltas[0]), args.hid, g)
+    Ws, bs = hltm_init(len(deltas), len(deltas[0]), args.hid, g, args.emb)
     opt = torch.optim.SGD(Ws + bs, lr=args.lr)
     hist, loss = [], torch.tensor(float("nan"))
     for step in range(args.steps + 1):
@@ -1295,7 +1309,12 @@ def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
         root = torch.randint(0, 2, (args.batch,), generator=g)
         root2 = root if shared_root else torch.randint(0, 2, (args.batch,), generator=g)
         x1, x2 = hltm_sample(deltas, root, g)[-1], hltm_sample(deltas, root2, g)[-1]
-        loss = nt_xent(hltm_forward(Ws, bs, x1)[0][:, 0], hltm_forward(Ws, bs, x2)[0][:, 0], args.tau)
+        f1, f2 = hltm_forward(Ws, bs, x1)[0][:, 0], hltm_forward(Ws, bs, x2)[0][:, 0]  # (N, emb) each
+        if args.loss == "nce":
+            x_neg = hltm_sample(deltas, torch.randint(0, 2, (args.batch,), generator=g), g)[-1]
+            loss = authors_nce(f1, f2, hltm_forward(Ws, bs, x_neg)[0][:, 0], args.tau)
+        else:
+            loss = nt_xent(f1, f2, args.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1312,10 +1331,18 @@ def hltm_tree(args, seed):
     return deltas, z_eval, ceiling
 
 
+def hltm_dead(Ws, bs, x):
+    """A dead network: its normalised embedding is the same for every input (every ReLU below the root is off, or
+    the root block ignores them), so NT-Xent's gradient is 0 and it can never train."""
+    with torch.no_grad():
+        return F.normalize(hltm_forward(Ws, bs, x)[0][:, 0], dim=1).std(0).max().item() < 1e-6
+
+
 def run_hltm(args):
     print(f"tree: depth {args.depth}, {args.children} children, |delta| ~ U[{args.delta_lo}, {args.delta_hi}], "
-          f"{args.children ** args.depth} leaves; NT-Xent tau {args.tau}, batch {args.batch}, SGD lr {args.lr}, "
-          f"{args.steps} steps")
+          f"{args.children ** args.depth} leaves; "
+          + ("NT-Xent" if args.loss == "nt-xent" else "the authors' one-negative nce loss")
+          + f", tau {args.tau}, batch {args.batch}, SGD lr {args.lr}, {args.steps} steps")
     return {"main": hltm_main, "width": hltm_width_sweep}[args.part](args)
 
 
@@ -1323,28 +1350,30 @@ def hltm_main(args):
     levels = list(range(args.depth))  # non-leaf levels, root = 0
     log_at = sorted(set(range(0, args.steps + 1, args.log_every)) | {args.steps})
     runs, nodes = [], []
-    print(f"network: {args.hid} nodes per latent")
+    print(f"network: {args.hid} nodes per latent, {args.emb or args.hid} at the root")
     for s in range(args.seeds):
         deltas, z_eval, ceiling = hltm_tree(args, args.seed + s)
         t0, g_net = time.time(), args.seed + s + 1000
         Ws, bs, hist, loss = hltm_train(deltas, args, generator(g_net), True, log_at, z_eval)
         _, _, hist_ctrl, loss_ctrl = hltm_train(deltas, args, generator(g_net), False, log_at, z_eval)
         # every node's |corr| with its latent at init (hltm_train's first draw from the same seed) and trained
-        nodes.append((hltm_node_corrs(*hltm_init(args.depth, args.children, args.hid, generator(g_net)), z_eval),
-                      hltm_node_corrs(Ws, bs, z_eval)))
+        init = hltm_init(args.depth, args.children, args.hid, generator(g_net), args.emb)
+        nodes.append((hltm_node_corrs(*init, z_eval), hltm_node_corrs(Ws, bs, z_eval)))
         runs.append(dict(seed=args.seed + s, ceiling=ceiling, history=hist, control=hist_ctrl, loss=loss,
-                         loss_control=loss_ctrl))
+                         loss_control=loss_ctrl, dead=hltm_dead(Ws, bs, z_eval[-1])))
         print(f"seed {args.seed + s}: best |corr| per level (root first) init "
               + " ".join(f"{c:.2f}" for c in hist[0]["corr"]) + " -> trained "
               + " ".join(f"{c:.2f}" for c in hist[-1]["corr"]) + " | control "
-              + " ".join(f"{c:.2f}" for c in hist_ctrl[-1]["corr"]) + f", {time.time() - t0:.1f}s")
+              + " ".join(f"{c:.2f}" for c in hist_ctrl[-1]["corr"])
+              + (", DEAD" if runs[-1]["dead"] else "") + f", {time.time() - t0:.1f}s")
     fmt = lambda xs: "%.3f +- %.3f" % mean_std(xs)
+    live = [r for r in runs if not r["dead"]]
     rows, table, luck = [], [], []
     for l in levels:
-        init = [r["history"][0]["corr"][l] for r in runs]
-        trained = [r["history"][-1]["corr"][l] for r in runs]
-        control = [r["control"][-1]["corr"][l] for r in runs]
-        ceiling = [r["ceiling"][l] for r in runs]
+        init = [r["history"][0]["corr"][l] for r in live]
+        trained = [r["history"][-1]["corr"][l] for r in live]
+        control = [r["control"][-1]["corr"][l] for r in live]
+        ceiling = [r["ceiling"][l] for r in live]
         table.append(dict(level=l, latents=args.children ** l, init=mean_std(init), trained=mean_std(trained),
                           control=mean_std(control), ceiling=mean_std(ceiling)))
         rows.append([l, args.children ** l, fmt(init), fmt(trained), fmt(control), fmt(ceiling)])
@@ -1352,76 +1381,96 @@ def hltm_main(args):
         c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents * seeds, hid)
         luck.append(dict(level=l, kept=(c0.argmax(1) == c1.argmax(1)).double().mean().item(),
                          corr=float(np.corrcoef(c0.flatten(), c1.flatten())[0, 1]), latents=len(c0)))
-    print(f"\nbest |corr(z_mu, node)| per level, mean +- std over {args.seeds} seeds (level 0 = root; "
-          f"level {args.depth - 1} sits just above the leaves)")
+    print(f"\nbest |corr(z_mu, node)| per level, mean +- std over the {len(live)} of {args.seeds} networks that are not "
+          f"dead (level 0 = root; level {args.depth - 1} sits just above the leaves)")
     print_table(["level", "latents", "init", "SimCLR", "control: no shared root", "Bayes ceiling"], rows)
-    print(f"\nluck: the trained best node was the best at init (chance 1/{args.hid} = {1 / args.hid:.2f}), and the "
-          f"Pearson correlation of init and trained |corr| over all {args.hid} nodes of every latent, {args.seeds} seeds")
+    print(f"\nluck: the trained best node was the best at init (chance 1/{args.hid} = {1 / args.hid:.2f} below the "
+          f"root), and the Pearson correlation of init and trained |corr| over all nodes of every latent, "
+          f"{args.seeds} seeds")
     print_table(["level", "latents x seeds", "best node kept", "corr(init, trained)"],
                 [[d["level"], d["latents"], f"{d['kept']:.2f}", f"{d['corr']:.2f}"] for d in luck])
-    plt = pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-        for l in levels:
-            colour = f"C{l}"
-            steps = [h["step"] for h in runs[0]["history"]]
-            ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["history"]] for r in runs], 0), "-", color=colour,
-                       label=f"level {l}")
-            ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in runs], 0), ":", color=colour)
-            ax[0].plot(steps[-1] * (1.03 + 0.025 * l), table[l]["ceiling"][0], "<", color=colour, ms=7, clip_on=False)
-            if l < args.depth - 1:  # the bottom level has nothing left to learn (its init sits at the ceiling)
-                c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents, hid)
-                ax[1].scatter(c0.flatten(), c1.flatten(), s=5, color=colour, alpha=0.4, label=f"level {l}")
-                best = c0.argmax(1, keepdim=True)  # each latent's luckiest node at init
-                ax[1].scatter(c0.gather(1, best), c1.gather(1, best), s=22, color=colour, edgecolors="k")
-        ax[0].set(xlabel="SGD step", ylabel="best |corr(z, node)|",
-                  title="HLTM: solid SimCLR, dotted control, \u25c0 Bayes ceiling")
-        ax[0].legend(fontsize=8, ncol=2)
-        ax[1].plot([0, 1], [0, 1], color="gray", lw=0.8)
-        ax[1].set(xlabel="|corr(z, node)| at init", ylabel="|corr(z, node)|, trained",
-                  title=f"every node above the bottom level, {args.seeds} seeds (ringed: best at init)")
-        ax[1].legend(fontsize=8, markerscale=3)
-        fig.tight_layout()
-        save_fig(plt, fig, args.fig)
+    plot_hltm(args, runs, nodes, table)
     return dict(config=vars(args), table=table, luck=luck, runs=runs)
 
 
+def plot_hltm(args, runs, nodes, table):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    live = [r for r in runs if not r["dead"]]
+    for l in range(args.depth):
+        colour = f"C{l}"
+        steps = [h["step"] for h in runs[0]["history"]]
+        ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["history"]] for r in live], 0), "-", color=colour,
+                   label=f"level {l}")
+        ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in live], 0), ":", color=colour)
+        ax[0].plot(steps[-1] * (1.03 + 0.025 * l), table[l]["ceiling"][0], "<", color=colour, ms=7, clip_on=False)
+        if l < args.depth - 1:  # the bottom level has nothing left to learn (its init sits at the ceiling)
+            c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents, hid)
+            ax[1].scatter(c0.flatten(), c1.flatten(), s=5, color=colour, alpha=0.4, label=f"level {l}")
+            best = c0.argmax(1, keepdim=True)  # each latent's luckiest node at init
+            ax[1].scatter(c0.gather(1, best), c1.gather(1, best), s=22, color=colour, edgecolors="k")
+    ax[0].set(xlabel="SGD step", ylabel="best |corr(z, node)|",
+              title="HLTM: solid SimCLR, dotted control, \u25c0 Bayes ceiling")
+    ax[0].legend(fontsize=8, ncol=2)
+    ax[1].plot([0, 1], [0, 1], color="gray", lw=0.8)
+    ax[1].set(xlabel="|corr(z, node)| at init", ylabel="|corr(z, node)|, trained",
+              title=f"every node above the bottom level, {args.seeds} seeds (ringed: best at init)")
+    ax[1].legend(fontsize=8, markerscale=3)
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
+
+
 def hltm_width_sweep(args):
-    """Theorem 5's lucky node needs enough nodes per latent: the same trees, networks of each width in --hids."""
+    """Theorem 5's lucky node needs enough nodes per latent: the same trees, networks with each of --hids nodes per
+    latent below the root, and the root block -- the embedding -- at --emb nodes (default --hid) for every width."""
     rows, sweep, t0 = [], [], time.time()
     trees = [hltm_tree(args, args.seed + s) for s in range(args.seeds)]
+    emb = args.emb or args.hid
+    below = list(range(1, args.depth - 1))  # below the root, above the bottom level (whose init is its ceiling)
     for hid in args.hids:
-        a = argparse.Namespace(**{**vars(args), "hid": hid})
+        a = argparse.Namespace(**{**vars(args), "hid": hid, "emb": emb})
         for s, (deltas, z_eval, ceiling) in enumerate(trees):
-            _, _, hist, loss = hltm_train(deltas, a, generator(args.seed + s + 1000), True, (0, args.steps), z_eval)
+            Ws, bs, hist, loss = hltm_train(deltas, a, generator(args.seed + s + 1000), True, (0, args.steps), z_eval)
             sweep.append(dict(hid=hid, seed=args.seed + s, init=hist[0]["corr"], trained=hist[-1]["corr"],
-                              ceiling=ceiling, loss=loss))
-        c = [r for r in sweep if r["hid"] == hid]
-        above = lambda key: [np.mean(r[key][:-1]) for r in c]  # the levels above the bottom one, where there is room
-        stuck = sum(abs(r["loss"] - math.log(2 * args.batch - 1)) < 1e-3 for r in c)  # the loss of a constant output
-        rows.append([hid] + ["%.3f +- %.3f" % mean_std(x) for x in
-                             ([r["init"][0] for r in c], [r["trained"][0] for r in c], above("init"), above("trained"))]
-                    + [f"{stuck}/{len(c)}"])
+                              ceiling=ceiling, loss=loss, dead=hltm_dead(Ws, bs, z_eval[-1])))
+        c = [r for r in sweep if r["hid"] == hid and not r["dead"]]
+        cells = lambda f: "%.3f +- %.3f" % mean_std([f(r) for r in c]) if c else "-"
+        rows.append([hid, f"{args.seeds - len(c)}/{args.seeds}", cells(lambda r: r["init"][0]),
+                     cells(lambda r: r["trained"][0]), cells(lambda r: r["trained"][0] - r["init"][0])]
+                    + ([cells(lambda r: np.mean([r["init"][l] for l in below])),
+                        cells(lambda r: np.mean([r["trained"][l] - r["init"][l] for l in below]))] if below else []))
         print(f"hid {hid}: {time.time() - t0:.0f}s")
     ceil = mean_std([r["ceiling"][0] for r in sweep[:args.seeds]])
-    print(f"\nbest |corr(z_mu, node)|, mean +- std over {args.seeds} trees (the same trees for every width); Bayes "
-          f"ceiling at the root {ceil[0]:.3f} +- {ceil[1]:.3f}")
-    print_table(["nodes per latent", "root: init", "root: SimCLR", f"levels 0-{args.depth - 2}: init",
-                 f"levels 0-{args.depth - 2}: SimCLR", "loss stuck at log(2N-1)"], rows)
-    plt = pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for key, style in [("init", "o:"), ("trained", "s-")]:
-            m = [mean_std([r[key][0] for r in sweep if r["hid"] == hid]) for hid in args.hids]
-            ax.errorbar(args.hids, [v[0] for v in m], [v[1] for v in m], fmt=style, capsize=3,
-                        label="root, " + ("init" if key == "init" else "SimCLR"))
-        ax.axhline(ceil[0], color="gray", ls="--", label="Bayes ceiling")
-        ax.set(xscale="log", xlabel="nodes per latent", ylabel="best |corr(z_root, node)|",
-               title=f"HLTM width sweep, {args.seeds} trees")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        save_fig(plt, fig, args.fig)
+    print(f"\nbest |corr(z_mu, node)|, mean +- std over the trees whose network is not dead ({args.seeds} trees, the "
+          f"same for every width; root block {emb} nodes); Bayes ceiling at the root {ceil[0]:.3f} +- {ceil[1]:.3f}")
+    span = (f"levels {below[0]}-{below[-1]}" if len(below) > 1 else f"level {below[0]}") if below else ""
+    print_table(["nodes per latent", "dead", "root: init", "root: SimCLR", "root: gain"]
+                + ([f"{span}: init", f"{span}: gain"] if below else []), rows)
+    plot_hltm_width(args, sweep, ceil, emb)
     return dict(config=vars(args), sweep=sweep)
+
+
+def plot_hltm_width(args, sweep, ceil, emb):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, style in [("init", "o:"), ("trained", "s-")]:
+        m = [mean_std([r[key][0] for r in sweep if r["hid"] == hid and not r["dead"]] or [np.nan]) for hid in args.hids]
+        ax.errorbar(args.hids, [v[0] for v in m], [v[1] for v in m], fmt=style, capsize=3,
+                    label="root, " + ("init" if key == "init" else "SimCLR") + ", live networks")
+    for hid in args.hids:
+        dead = sum(r["dead"] for r in sweep if r["hid"] == hid)
+        if dead:
+            ax.annotate(f"{dead} dead", (hid, 0.05), ha="center", fontsize=7)
+    ax.axhline(ceil[0], color="gray", ls="--", label="Bayes ceiling")
+    ax.set(xscale="log", xlabel="nodes per latent below the root", ylabel="best |corr(z_root, node)|", ylim=(0, 1),
+           title=f"HLTM width sweep, {args.seeds} trees, root block {emb} nodes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
 
 
 # =====================================================================================================
