@@ -1885,27 +1885,68 @@ def test_hltm_simclr_learns_the_root_without_labels(one_thread):
         assert trained > init + 0.05 and trained > control + 0.05, (init, trained, control)
         assert trained < ceiling.item() + 0.01
 
-# ---- subprocess smoke tests: each subcommand end to end with --quick ----------------------------------------------
+# ---- flags, and each subcommand end to end with --quick -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["hltm", "--depth", "0"], "--depth, --children and --hid must be at least 1"),
+    (["hltm", "--depth", "0"], "--depth must be at least 1 (got 0)"),
     (["hltm", "--delta-lo", "0.9", "--delta-hi", "0.5"], "need 0 <= --delta-lo <= --delta-hi <= 1 (got 0.9, 0.5)"),
-    (["hltm", "--batch", "1"], "--batch and --n-eval at least 2"),
-    (["covariance", "--log-every", "0"], "--log-every and --seeds must be at least 1"),
-    (["cnn", "--seeds", "0"], "--log-every and --seeds must be at least 1")])
+    (["hltm", "--batch", "1"], "--batch must be at least 2 (got 1)"),
+    (["hltm", "--hids", "2", "0"], "--hids must be at least 1 (got 0)"),
+    (["covariance", "--log-every", "0"], "--log-every must be at least 1 (got 0)"),
+    (["cnn", "--seeds", "0"], "--seeds must be at least 1 (got 0)"),
+    (["cnn", "--seed", "-1"], "--seed must be at least 0 (got -1)"),
+    (["clusters", "--threads", "0"], "--threads must be at least 1 (got 0)"),
+    (["cnn", "--d", "0"], "--d must be at least 2 (got 0)"),
+    (["covariance", "--width", "17"], "--width 17 is longer than the signal, --L 16"),
+    (["cnn", "--tau", "0"], "--tau must be above 0 (got 0.0)"),
+    (["clusters", "--lr", "inf"], "--lr must be a finite number (got inf)"),
+    (["cnn", "--snrs", "0.1", "nan"], "--snrs must be a finite number (got nan)"),
+    (["cnn", "--n-test", "0"], "--n-test must be at least 1 (got 0)"),
+    (["clusters", "--hidden", "0"], "--hidden must be at least 1 (got 0)"),
+    (["cnn", "--q", "1"], "--q must be at least 3 (got 1)"),
+    (["cnn", "--level", "0.5"], "--level must be below 0.5"),
+    (["cnn", "--n0-snr2s", "0.01"], "gives n0 = 1 unlabelled samples; InfoNCE needs at least 2"),
+    (["clusters", "--k-scramble", "4"], "--k-scramble 4 must be coprime to N = 4 x --per-cluster = 200"),
+    (["cnn", "--fig", "x.txt"], "--fig x.txt: the figure is written as a PNG, so the name must end in .png"),
+    (["cnn", "--out", "README.md"], "--out README.md: exists and is a file, not a folder"),
+    (["hltm", "--fig", "README.md/h.png"], "--fig README.md/h.png: README.md is a file, not a folder")])
 def test_toy_theory_bad_flags_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         toy_theory.get_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_toy_theory_refuses_an_output_path_before_any_computation(monkeypatch, capsys):
+    monkeypatch.setattr(toy_theory, "run_cnn", lambda args: pytest.fail("ran with an unwritable --out"))
+    with pytest.raises(SystemExit) as e:
+        toy_theory.main(["cnn", "--out", os.path.join(HERE, "README.md", "runs")])
+    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_toy_theory_quick_keeps_the_flags_typed_beside_it():
+    args = toy_theory.get_args(["cnn", "--quick", "--d", "50", "--seeds", "3"])
+    assert (args.d, args.seeds, args.ns) == (50, 3, [2, 16])  # typed values win, the rest is --quick's
+    args = toy_theory.get_args(["hltm", "--quick", "--depth", "4"])
+    assert (args.depth, args.steps) == (4, 200)
+    assert toy_theory.get_args(["hltm", "--quick"]).depth == 3
+
+
 @pytest.mark.parametrize("cmd", ["cnn", "clusters", "covariance", "hltm"])
-def test_toy_theory_smoke(cmd, tmp_path):
-    out = tmp_path / cmd
-    r = subprocess.run([sys.executable, os.path.join(HERE, "toy_theory.py"), cmd, "--quick", "--out", str(out)],
+def test_toy_theory_quick_runs_end_to_end(cmd, tmp_path, one_thread):
+    """Each subcommand with --quick, in-process (the script's own startup is the next test's)."""
+    s = toy_theory.main([cmd, "--quick", "--out", str(tmp_path)])
+    with open(tmp_path / "summary.json") as f:
+        saved = json.load(f)
+    assert saved["config"]["cmd"] == cmd and saved["seconds"] > 0 and s["seconds"] == saved["seconds"]
+    assert (tmp_path / f"{cmd}.png").exists() == HAS_MPL
+
+
+def test_toy_theory_smoke(tmp_path):
+    """As a script: a --quick run exits 0 and writes its summary (bad flags: in-process, above)."""
+    script = os.path.join(HERE, "toy_theory.py")
+    r = subprocess.run([sys.executable, script, "clusters", "--quick", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120, cwd=HERE)
     assert r.returncode == 0, r.stderr[-2000:]
-    with open(out / "summary.json") as f:
-        s = json.load(f)
-    assert s["config"]["cmd"] == cmd and s["seconds"] > 0
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f)["config"]["cmd"] == "clusters"

@@ -1,6 +1,6 @@
 """toy_theory.py -- see *why* SimCLR works, on models small enough for a CPU.
 
-Four experiments, each reproducing one theoretical claim on a toy model, each a subcommand:
+Four experiments, each putting one theoretical claim to a test on a toy model, each a subcommand:
 
     python toy_theory.py cnn          # Zhang & Cao 2024 (arXiv:2409.18685): pre-training removes the n*SNR^q label need
     python toy_theory.py clusters     # Calder & Lee 2025 (arXiv:2503.10812): the loss has trivial minimisers;
@@ -15,11 +15,11 @@ Four experiments, each reproducing one theoretical claim on a toy model, each a 
 
 SimCLR itself: Chen et al. 2020, arXiv:2002.05709. The companion `simclr.py` trains the real thing.
 
-Each subcommand prints a small table, writes `summary.json` under `--out` (default runs/toy/<subcommand>[_<part>]),
+Each subcommand prints its tables, writes `summary.json` under `--out` (default runs/toy/<subcommand>[_<part>]),
 and a PNG when matplotlib is installed. Only torch and numpy are required.
-Every default run takes under two minutes on one CPU thread, a sweep behind --part up to three (README.md).
+Every default run takes at most about two and a half minutes on one CPU thread (README.md).
 
-What each experiment shows (numbers: README.md, "Toy theory"):
+What each experiment measures (numbers and verdicts: README.md, "Toy theory"):
   cnn        supervised GD from a random init, and fine-tuning from filters SimCLR pre-trains on n0 unlabelled
              samples, on the same labelled sets (label counts stratified, so sets holding one class come up as
              often as chance gives them): supervised test error against n at several SNRs (Cao et al.'s n SNR^q
@@ -68,7 +68,8 @@ def get_args(argv=None):
         s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
         s.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds (default: off)")
 
-    s = sub.add_parser("cnn", help="Zhang & Cao 2024: SimCLR pre-training vs supervised, two-layer CNN")
+    subs = {}
+    s = subs["cnn"] = sub.add_parser("cnn", help="Zhang & Cao 2024: SimCLR pre-training vs supervised, two-layer CNN")
     common(s)
     s.add_argument("--part", choices=["main", "scaling"], default="main",
                    help="main: test error against n, supervised at each --snrs and fine-tuned at each --n0-snr2s; "
@@ -103,7 +104,7 @@ def get_args(argv=None):
     s.add_argument("--scaling-n", type=int, default=20, help="labelled n of --part scaling (default: 20)")
     s.add_argument("--scaling-seeds", type=int, default=3, help="seeds (and labelled sets) per cell of --part scaling (default: 3)")
 
-    s = sub.add_parser("clusters", help="Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade")
+    s = subs["clusters"] = sub.add_parser("clusters", help="Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade")
     common(s)
     s.add_argument("--per-cluster", type=int, default=50, help="points per cluster, 4 clusters (default: 50)")
     s.add_argument("--radius", type=float, default=0.8, help="cluster disk radius, centres (+-1,+-1) (default: 0.8)")
@@ -115,7 +116,7 @@ def get_args(argv=None):
     s.add_argument("--seeds", type=int, default=8, help="networks (init and views), one per seed, each also trained on the control (default: 8)")
     s.add_argument("--k-scramble", type=int, default=97, help="multiplier of the scrambling map r -> k r mod N (default: 97)")
 
-    s = sub.add_parser("covariance", help="Tian et al. 2020: covariance operator and object selectivity")
+    s = subs["covariance"] = sub.add_parser("covariance", help="Tian et al. 2020: covariance operator and object selectivity")
     common(s)
     s.add_argument("--D", type=int, default=12, help="input dimension of the Theorem 3 check (default: 12)")
     s.add_argument("--widths", type=int, nargs="+", default=[10, 8, 6], help="layer widths of the ReLU MLP of the check (default: 10 8 6)")
@@ -132,7 +133,7 @@ def get_args(argv=None):
     s.add_argument("--noise", type=float, default=0.05, help="pixel noise std of each view (default: 0.05)")
     s.add_argument("--seeds", type=int, default=5, help="networks, one init per seed, each with its control (default: 5)")
 
-    s = sub.add_parser("hltm", help="Tian et al. 2020: latents of a hierarchical latent tree learned without labels")
+    s = subs["hltm"] = sub.add_parser("hltm", help="Tian et al. 2020: latents of a hierarchical latent tree learned without labels")
     common(s)
     s.add_argument("--depth", type=int, default=5, help="levels of latents below the root; 2^depth leaves (default: 5)")
     s.add_argument("--children", type=int, default=2, help="children per latent (default: 2)")
@@ -156,39 +157,83 @@ def get_args(argv=None):
     s.add_argument("--hids", type=int, nargs="+", default=[1, 2, 5, 10],
                    help="nodes per latent below the root, --part width (default: 1 2 5 10)")
 
+    # --quick: tiny sizes as the subcommand's defaults, so a flag typed beside it still wins
+    quick = dict(cnn=dict(d=100, snrs=[0.5], ns=[2, 16], ft_snr=0.5, n0_snr2s=[16], seeds=2, n_test=200, steps=300,
+                          scaling_ds=[100], n0s=[25, 100], scaling_n0snr2=[1, 16], scaling_seeds=1),
+                 clusters=dict(per_cluster=20, steps=150, seeds=1),
+                 covariance=dict(steps=100, log_every=50, seeds=1),
+                 hltm=dict(depth=3, steps=200, log_every=100, n_eval=1024, seeds=1, hids=[1, 4]))
     args = p.parse_args(argv)
-    # flags no run can use: argparse's usage line and a message (exit 2), never a traceback
-    if getattr(args, "log_every", 1) < 1 or getattr(args, "seeds", 1) < 1 or getattr(args, "steps", 0) < 0:
-        p.error("--log-every and --seeds must be at least 1, --steps at least 0")
-    if args.cmd == "hltm":
-        if min(args.depth, args.children, args.hid, *args.hids) < 1 or args.batch < 2 or args.n_eval < 2:
-            p.error("hltm: --depth, --children and --hid must be at least 1, as must every --hids; "
-                    "--batch and --n-eval at least 2")
-        if not 0 <= args.delta_lo <= args.delta_hi <= 1:
-            p.error(f"hltm: need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
-                    "delta is the correlation between a latent and its parent")
-    if args.cmd == "clusters" and math.gcd(args.k_scramble, 4 * args.per_cluster) != 1:
-        p.error(f"clusters: --k-scramble {args.k_scramble} must be coprime to N = 4 x --per-cluster = "
-                f"{4 * args.per_cluster}, so that k rank mod N is a permutation")
-    if args.cmd == "covariance" and not 3 <= args.width <= args.L:
-        p.error(f"covariance: need 3 <= --L and 1 <= --width <= --L (got {args.width}, {args.L})")
+    if args.quick:
+        subs[args.cmd].set_defaults(**quick[args.cmd])
+        args = p.parse_args(argv)
+    check_args(subs[args.cmd], args)
     # derived values, in one place
     name = args.cmd if getattr(args, "part", "main") == "main" else f"{args.cmd}_{args.part}"  # e.g. cnn_scaling
     args.out = args.out or os.path.join("runs", "toy", name)
     args.fig = args.fig or os.path.join(args.out, name + ".png")
+    for flag, path, folder in [("--out", args.out, True), ("--fig", args.fig, False)]:
+        problem = unwritable(path, folder)
+        if problem:
+            subs[args.cmd].error(f"{flag} {path}: {problem}; give another path")
     if args.cmd == "cnn":
         args.ns = sorted(set(args.ns))
-    if args.quick:
-        if args.cmd == "cnn":
-            args.d, args.snrs, args.ns, args.ft_snr, args.n0_snr2s, args.seeds, args.n_test = 100, [0.5], [2, 16], 0.5, [16], 2, 200
-            args.steps, args.scaling_ds, args.n0s, args.scaling_n0snr2, args.scaling_seeds = 300, [100], [25, 100], [1, 16], 1
-        elif args.cmd == "clusters":
-            args.per_cluster, args.steps, args.seeds = 20, 150, 1
-        elif args.cmd == "hltm":
-            args.depth, args.steps, args.log_every, args.n_eval, args.seeds, args.hids = 3, 200, 100, 1024, 1, [1, 4]
-        else:
-            args.steps, args.log_every, args.seeds = 100, 50, 1
     return args
+
+
+# flags no run can use: the smallest value each may take (every float must also be finite)
+AT_LEAST = dict(seed=0, threads=1, steps=1, seeds=1, d=2, m=1, q=3, ns=1, scaling_seeds=1, n_test=1,
+                pre_steps=0, loss_tol=0, scaling_ds=2, n0s=2, scaling_n=1, per_cluster=3, hidden=1, k_scramble=1, D=2,
+                widths=1, N=2, K=1, L=3, filters=1, width=1, batch=2, log_every=1, noise=0, depth=1, children=1,
+                delta_lo=0, hid=1, emb=1, n_eval=2, hids=1)
+POSITIVE = ["sigma_p", "snrs", "level", "ft_snr", "n0_snr2s", "sigma0", "eta", "tau", "pre_sigma0", "pre_rate",
+            "pre_drop", "scaling_n0snr2", "radius", "kernel_tau", "lr"]
+
+
+def check_args(p, args):
+    """Refuse a flag no run can use with argparse's usage line and a message (exit 2), before anything runs."""
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                p.error(f"{flag} must be a finite number (got {v})")
+            if key in AT_LEAST and v is not None and v < AT_LEAST[key]:
+                p.error(f"{flag} must be at least {AT_LEAST[key]} (got {v})")
+            if key in POSITIVE and v <= 0:
+                p.error(f"{flag} must be above 0 (got {v})")
+    if args.seed >= 2 ** 32:
+        p.error(f"--seed must be below 2^32 (got {args.seed})")
+    if args.cmd == "cnn":
+        if args.level >= 0.5:
+            p.error(f"--level must be below 0.5, the error of a coin (got {args.level})")
+        for k in args.n0_snr2s:
+            if round(k / args.ft_snr ** 2) < 2:
+                p.error(f"--n0-snr2s {k:g} at --ft-snr {args.ft_snr} gives n0 = {round(k / args.ft_snr ** 2)} "
+                        "unlabelled samples; InfoNCE needs at least 2: raise it or lower --ft-snr")
+    if args.cmd == "clusters" and math.gcd(args.k_scramble, 4 * args.per_cluster) != 1:
+        p.error(f"--k-scramble {args.k_scramble} must be coprime to N = 4 x --per-cluster = {4 * args.per_cluster}, "
+                "so that k rank mod N is a permutation")
+    if args.cmd == "covariance" and args.width > args.L:
+        p.error(f"--width {args.width} is longer than the signal, --L {args.L}: give a width of at most {args.L}")
+    if args.cmd == "hltm" and not args.delta_lo <= args.delta_hi <= 1:
+        p.error(f"need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
+                "delta is the correlation between a latent and its parent")
+
+
+def unwritable(path, folder):
+    """Why a run could not write `path` (a folder if `folder`, else a PNG), or None."""
+    if not folder and not path.lower().endswith(".png"):
+        return "the figure is written as a PNG, so the name must end in .png"
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        return "exists and is a file, not a folder" if folder else "is a folder"
+    parent = path if folder else os.path.dirname(path) or "."
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
 
 
 # =====================================================================================================
