@@ -1448,7 +1448,7 @@ def test_cnn_pretraining_beats_supervised_in_harmful_regime(one_thread):
 
 def test_cnn_cells_pretrain_once_per_set_and_share_the_labelled_sets(monkeypatch, one_thread):
     """Every n of one set is fine-tuned from the same pre-trained filters, and supervised training and fine-tuning
-    see the same labelled set."""
+    see the same labelled sets, whatever the SNR."""
     calls, pretrain = [], toy_theory.cnn_pretrain
     monkeypatch.setattr(toy_theory, "cnn_pretrain", lambda *a: calls.append(a[1:]) or pretrain(*a))
     seen, labelled = [], toy_theory.cnn_labelled
@@ -1457,9 +1457,10 @@ def test_cnn_cells_pretrain_once_per_set_and_share_the_labelled_sets(monkeypatch
     ft = toy_theory.cnn_cells(args, 0.5, [2, 4, 8], 2, n0=40)
     assert calls == [(0.5, 40, 0), (0.5, 40, 1)]
     sup = toy_theory.cnn_cells(args, 0.5, [2, 4, 8], 2)
+    toy_theory.cnn_cells(args, 0.25, [2, 4, 8], 2)
     assert len(calls) == 2 and [(c["set"], c["n"]) for c in ft] == [(c["set"], c["n"]) for c in sup]
-    for a, b in zip(seen[:6], seen[6:]):
-        assert torch.equal(a, b)
+    for a, b, c in zip(seen[:6], seen[6:12], seen[12:]):
+        assert torch.equal(a, b) and torch.equal(a, c)
     assert {c["n"] for c in ft} == {2, 4, 8} and all(c["n0"] == 40 and 0 <= c["cos"] <= 1 for c in ft)
 
 
