@@ -1,6 +1,6 @@
 """toy_theory.py -- see *why* SimCLR works, on models small enough for a CPU.
 
-Four experiments, each reproducing one theoretical claim on a toy model, each a subcommand:
+Four experiments, each putting one theoretical claim to a test on a toy model, each a subcommand:
 
     python toy_theory.py cnn          # Zhang & Cao 2024 (arXiv:2409.18685): pre-training removes the n*SNR^q label need
     python toy_theory.py clusters     # Calder & Lee 2025 (arXiv:2503.10812): the loss has trivial minimisers;
@@ -9,35 +9,35 @@ Four experiments, each reproducing one theoretical claim on a toy model, each a 
                                       #   layer by layer, and the object selectivity it amplifies
     python toy_theory.py hltm         # the same paper, Sec. 6: hidden nodes learn the latents of a latent tree
 
-    python toy_theory.py cnn --part labels    # the sweeps behind flags: cnn --part labels | scaling, hltm --part width
+    python toy_theory.py cnn --part scaling   # the sweeps behind flags: cnn --part scaling, hltm --part width
     python toy_theory.py cnn --quick  # any subcommand: a seconds-long end-to-end run (used by the tests)
     python toy_theory.py cnn --fig assets/toy_cnn.png   # the figure (default: <out>/<subcommand>[_<part>].png)
 
 SimCLR itself: Chen et al. 2020, arXiv:2002.05709. The companion `simclr.py` trains the real thing.
 
-Each subcommand prints a small table, writes `summary.json` under `--out` (default runs/toy/<subcommand>[_<part>]),
+Each subcommand prints its tables, writes `summary.json` under `--out` (default runs/toy/<subcommand>[_<part>]),
 and a PNG when matplotlib is installed. Only torch and numpy are required.
-Every default run takes under two minutes on one CPU thread, a sweep behind --part up to three (README.md).
+Every default run takes at most about two and a half minutes on one CPU thread (README.md).
 
-What each experiment shows (numbers: README.md, "Toy theory"):
-  cnn        supervised GD from random init memorises noise when n*SNR^q is small (test error ~0.5, training
-             loss ~0), while SimCLR pre-training of the linear CNN on n0 unlabelled samples (n0*SNR^2 large) aligns
-             the filters with +-mu by a power iteration (Lemmas 5.1-5.2) and fine-tuning then generalises from
-             2 labels. --part labels: test error against n; --part scaling: the alignment is a function of
-             n0*SNR^2 when d >> n0, and of n0*SNR^2 / (1 + 2 sqrt(n0/d)) in general.
-  clusters   (a) an embedding that ignores the clusters has exactly the same contrastive loss as one that
-             respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle clusters its latents
-             early, keeps the clusters for a while, then spreads them to the uniform circle, a trivial minimiser,
-             keeping only the order of the invariant coordinate.
-  covariance (a) Theorem 3, -grad_{W_l} L_simp = 4 V_z0[Kbar_l] vec(W_l), checked against autograd layer by layer
-             on a bias-free 3-layer ReLU net (and f(x) = W x): exact, to float64 round-off;
-             (b) a 1-layer conv net on the "11" / "101" objects of Tian et al.'s Fig. 3: some filters become fully
-             object-selective, most often the one most selective at init, while many die; with a linear
-             activation (covariance operator ~0) nothing becomes selective.
-  hltm       a tree-shaped ReLU net trained with NT-Xent on pairs that share only the root of a hierarchical latent
-             tree model: its nodes come to correlate with latents it never sees, up to near the Bayes ceiling,
-             while a control trained on pairs that share nothing shows no systematic gain; the node best at init
-             ends best far more often than chance. --part width: fewer nodes per latent, weaker learning.
+What each experiment measures (numbers and verdicts: README.md, "Toy theory"):
+  cnn        supervised GD from a random init, and fine-tuning from filters SimCLR pre-trains on n0 unlabelled
+             samples, on the same labelled sets (label counts stratified, so sets holding one class come up as
+             often as chance gives them): supervised test error against n at several SNRs (Cao et al.'s n SNR^q
+             threshold), fine-tuned test error against n at several n0 SNR^2. --part scaling: pre-training stopped
+             by its own loss, its alignment with mu against n0 SNR^2 / (1 + 2 sqrt(n0/d)), and what decides the
+             fine-tuning outcome.
+  clusters   (a) an exact identity, so an illustration: an embedding that ignores the clusters has the same loss as
+             one that respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle: how
+             clustered its latents are over training, against the input's own clustering and a no-cluster control.
+  covariance (a) Theorem 3, -grad_{W_l} L_simp = 4 V_z0[Kbar_l] vec(W_l), against autograd layer by layer on a
+             bias-free ReLU MLP, f(x) = W x, and the conv net of (b); (b) that conv net on the "11" / "101" objects
+             of Tian et al.'s Fig. 3: filters grow object-selective when the two views share the object and not when
+             the positive view holds an independent one, and its first NT-Xent step follows its covariance
+             operator only in the first case.
+  hltm       a tree-shaped ReLU net trained on pairs that share only the root of a hierarchical latent tree model:
+             its nodes come to correlate with latents it never sees, against a control trained on pairs that share
+             nothing and the Bayes ceiling. The loss is NT-Xent, 2N - 2 negatives per view, where the authors' code
+             uses a one-negative loss (--loss nce). --part width: nodes per latent below a root block of fixed size.
 """
 
 import argparse
@@ -50,13 +50,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:  # figures are optional: the experiments need only torch and numpy
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
 
 
 # =====================================================================================================
@@ -75,40 +68,43 @@ def get_args(argv=None):
         s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
         s.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds (default: off)")
 
-    s = sub.add_parser("cnn", help="Zhang & Cao 2024: SimCLR pre-training vs supervised, two-layer CNN")
+    subs = {}
+    s = subs["cnn"] = sub.add_parser("cnn", help="Zhang & Cao 2024: SimCLR pre-training vs supervised, two-layer CNN")
     common(s)
-    s.add_argument("--d", type=int, default=200, help="patch dimension; d >> n is the over-parameterised regime (default: 200)")
+    s.add_argument("--part", choices=["main", "scaling"], default="main",
+                   help="main: test error against n, supervised at each --snrs and fine-tuned at each --n0-snr2s; "
+                        "scaling: pre-training at n0 SNR^2 fixed while n0 varies, at each --scaling-ds (default: main)")
+    s.add_argument("--d", type=int, default=1000, help="patch dimension; d > n is the over-parameterised regime (default: 1000)")
     s.add_argument("--sigma-p", type=float, default=1.0, help="noise std per coordinate (default: 1.0)")
-    s.add_argument("--snrs", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5], help="SNR grid (default: 0.05 0.1 0.25 0.5)")
-    s.add_argument("--ns", type=int, nargs="+", default=[10, 20, 40], help="labelled sample sizes n (default: 10 20 40)")
-    s.add_argument("--n0", type=int, default=1000, help="unlabelled samples for pre-training (default: 1000)")
-    s.add_argument("--n0s", type=int, nargs="+", default=[25, 100, 400, 1600], help="n0 sweep at --n0-snr (default: 25 100 400 1600)")
-    s.add_argument("--n0-snr", type=float, default=0.1, help="SNR of the n0 sweep (default: 0.1)")
-    s.add_argument("--n0-n", type=int, default=20, help="labelled n of the n0 sweep (default: 20)")
     s.add_argument("--m", type=int, default=10, help="filters per class, 2m in all (default: 10)")
-    s.add_argument("--q", type=int, default=3, help="ReLU^q exponent, q > 2 (default: 3)")
+    s.add_argument("--q", type=int, default=3, help="ReLU^q exponent, q > 2 as both papers require (default: 3)")
+    s.add_argument("--snrs", type=float, nargs="+", default=[0.25, 0.35, 0.5], help="SNRs of supervised training (default: 0.25 0.35 0.5)")
+    s.add_argument("--ns", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128],
+                   help="labelled sample sizes n (default: 2 4 8 16 32 64 128)")
+    s.add_argument("--level", type=float, default=0.25, help="test error whose first crossing marks the n SNR^q threshold (default: 0.25)")
+    s.add_argument("--ft-snr", type=float, default=0.1, help="SNR of pre-training and fine-tuning (default: 0.1)")
+    s.add_argument("--n0-snr2s", type=float, nargs="+", default=[0.25, 1, 4],
+                   help="n0 SNR^2 of pre-training; n0 = n0 SNR^2 / SNR^2 (default: 0.25 1 4)")
+    s.add_argument("--seeds", type=int, default=8, help="labelled sets per n, with stratified label counts; each also seeds a pre-training (default: 8)")
     s.add_argument("--sigma0", type=float, default=0.01, help="init std of supervised filters; fine-tuning filters get the same norm (default: 0.01)")
-    s.add_argument("--eta", type=float, default=1.0, help="fine-tuning / supervised GD step (default: 1.0)")
-    s.add_argument("--steps", type=int, default=300, help="fine-tuning / supervised full-batch GD steps (default: 300)")
+    s.add_argument("--eta", type=float, default=0.01, help="fine-tuning / supervised GD step (default: 0.01)")
+    s.add_argument("--steps", type=int, default=2000, help="most fine-tuning / supervised full-batch GD steps (default: 2000)")
+    s.add_argument("--loss-tol", type=float, default=1e-3, help="GD stops once the training loss is below this (default: 0.001)")
+    s.add_argument("--n-test", type=int, default=1000, help="test samples (default: 1000)")
     s.add_argument("--tau", type=float, default=1.0, help="InfoNCE temperature for pre-training (default: 1.0)")
     s.add_argument("--pre-sigma0", type=float, default=1e-6, help="init std for pre-training (default: 1e-6)")
-    s.add_argument("--pre-rate", type=float, default=0.4, help="pre-training step as eta0 * lambda_1, lambda_1 = 2||mu||^2/tau (default: 0.4)")
-    s.add_argument("--pre-steps", type=int, default=60, help="pre-training GD steps (default: 60)")
-    s.add_argument("--n-test", type=int, default=2000, help="test samples (default: 2000)")
-    s.add_argument("--seeds", type=int, default=3, help="seeds per cell (default: 3)")
-    s.add_argument("--part", choices=["main", "labels", "scaling"], default="main",
-                   help="main: an SNR x n grid, an n0 sweep and the power iteration; labels: test error against n "
-                        "at --label-snr; scaling: max |cos| against n0*SNR^2 at each --scaling-ds (default: main)")
-    s.add_argument("--label-snr", type=float, default=0.2, help="SNR of --part labels (default: 0.2)")
-    s.add_argument("--label-ns", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128, 256, 512],
-                   help="labelled n of --part labels (default: 2 4 ... 512)")
-    s.add_argument("--label-d", type=int, default=2000, help="patch dimension of --part labels, d > n (default: 2000)")
-    s.add_argument("--label-seeds", type=int, default=5, help="seeds of --part labels (default: 5)")
+    s.add_argument("--pre-rate", type=float, default=0.4, help="pre-training step as a fraction of 1 / lambda_1, lambda_1 = 2||mu||^2/tau (default: 0.4)")
+    s.add_argument("--pre-drop", type=float, default=0.1,
+                   help="pre-training stops once the InfoNCE loss is this far below log n0, its value at h = 0 (default: 0.1)")
+    s.add_argument("--pre-steps", type=int, default=200, help="most pre-training GD steps (default: 200)")
     s.add_argument("--scaling-ds", type=int, nargs="+", default=[200, 2000], help="d of --part scaling (default: 200 2000)")
+    s.add_argument("--n0s", type=int, nargs="+", default=[25, 100, 400, 1600], help="n0 of --part scaling (default: 25 100 400 1600)")
     s.add_argument("--scaling-n0snr2", type=float, nargs="+", default=[0.25, 1, 4, 16, 64],
-                   help="n0*SNR^2 grid of --part scaling, at each of --n0s (default: 0.25 1 4 16 64)")
+                   help="n0 SNR^2 grid of --part scaling, at each of --n0s (default: 0.25 1 4 16 64)")
+    s.add_argument("--scaling-n", type=int, default=20, help="labelled n of --part scaling (default: 20)")
+    s.add_argument("--scaling-seeds", type=int, default=3, help="seeds (and labelled sets) per cell of --part scaling (default: 3)")
 
-    s = sub.add_parser("clusters", help="Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade")
+    s = subs["clusters"] = sub.add_parser("clusters", help="Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade")
     common(s)
     s.add_argument("--per-cluster", type=int, default=50, help="points per cluster, 4 clusters (default: 50)")
     s.add_argument("--radius", type=float, default=0.8, help="cluster disk radius, centres (+-1,+-1) (default: 0.8)")
@@ -116,11 +112,11 @@ def get_args(argv=None):
     s.add_argument("--tau", type=float, default=0.2, help="NT-Xent temperature on the circle (default: 0.2)")
     s.add_argument("--hidden", type=int, default=100, help="hidden width (default: 100)")
     s.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, full batch (default: 0.05)")
-    s.add_argument("--steps", type=int, default=8000, help="training steps, logged 8 times per decade (default: 8000)")
-    s.add_argument("--seeds", type=int, default=3, help="networks (init and views), one per seed (default: 3)")
+    s.add_argument("--steps", type=int, default=3000, help="training steps, logged 8 times per decade (default: 3000)")
+    s.add_argument("--seeds", type=int, default=8, help="networks (init and views), one per seed, each also trained on the control (default: 8)")
     s.add_argument("--k-scramble", type=int, default=97, help="multiplier of the scrambling map r -> k r mod N (default: 97)")
 
-    s = sub.add_parser("covariance", help="Tian et al. 2020: covariance operator and object selectivity")
+    s = subs["covariance"] = sub.add_parser("covariance", help="Tian et al. 2020: covariance operator and object selectivity")
     common(s)
     s.add_argument("--D", type=int, default=12, help="input dimension of the Theorem 3 check (default: 12)")
     s.add_argument("--widths", type=int, nargs="+", default=[10, 8, 6], help="layer widths of the ReLU MLP of the check (default: 10 8 6)")
@@ -135,17 +131,21 @@ def get_args(argv=None):
     s.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
     s.add_argument("--log-every", type=int, default=100, help="steps between measurements (default: 100)")
     s.add_argument("--noise", type=float, default=0.05, help="pixel noise std of each view (default: 0.05)")
-    s.add_argument("--seeds", type=int, default=5, help="networks, one init per seed, each with its linear control (default: 5)")
+    s.add_argument("--seeds", type=int, default=5, help="networks, one init per seed, each with its control (default: 5)")
 
-    s = sub.add_parser("hltm", help="Tian et al. 2020: latents of a hierarchical latent tree learned without labels")
+    s = subs["hltm"] = sub.add_parser("hltm", help="Tian et al. 2020: latents of a hierarchical latent tree learned without labels")
     common(s)
     s.add_argument("--depth", type=int, default=5, help="levels of latents below the root; 2^depth leaves (default: 5)")
     s.add_argument("--children", type=int, default=2, help="children per latent (default: 2)")
     s.add_argument("--delta-lo", type=float, default=0.7, help="smallest |delta| of an edge (default: 0.7)")
     s.add_argument("--delta-hi", type=float, default=1.0, help="largest |delta| of an edge (default: 1.0)")
     s.add_argument("--hid", type=int, default=10, help="network nodes per latent (default: 10)")
+    s.add_argument("--emb", type=int, default=None, help="nodes of the root block, the embedding (default: --hid)")
+    s.add_argument("--loss", choices=["nt-xent", "nce"], default="nt-xent",
+                   help="nt-xent: SimCLR's, 2N - 2 negatives per view; nce: the authors' code's, one negative "
+                        "(they use --lr 0.1 --tau 0.01) (default: nt-xent)")
     s.add_argument("--batch", type=int, default=128, help="SimCLR batch (default: 128)")
-    s.add_argument("--tau", type=float, default=0.1, help="NT-Xent temperature (default: 0.1)")
+    s.add_argument("--tau", type=float, default=0.1, help="temperature of the loss (default: 0.1)")
     s.add_argument("--lr", type=float, default=0.05,
                    help="SGD learning rate; the authors' 0.1 with our loss left 2 of 10 networks dead (default: 0.05)")
     s.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
@@ -154,36 +154,86 @@ def get_args(argv=None):
     s.add_argument("--seeds", type=int, default=5, help="trees (and networks), one per seed (default: 5)")
     s.add_argument("--part", choices=["main", "width"], default="main",
                    help="main: SimCLR vs control vs ceiling at --hid; width: SimCLR at each of --hids (default: main)")
-    s.add_argument("--hids", type=int, nargs="+", default=[1, 2, 5, 10, 20],
-                   help="nodes per latent of --part width (default: 1 2 5 10 20)")
+    s.add_argument("--hids", type=int, nargs="+", default=[1, 2, 5, 10],
+                   help="nodes per latent below the root, --part width (default: 1 2 5 10)")
 
+    # --quick: tiny sizes as the subcommand's defaults, so a flag typed beside it still wins
+    quick = dict(cnn=dict(d=100, snrs=[0.5], ns=[2, 16], ft_snr=0.5, n0_snr2s=[16], seeds=2, n_test=200, steps=300,
+                          scaling_ds=[100], n0s=[25, 100], scaling_n0snr2=[1, 16], scaling_seeds=1),
+                 clusters=dict(per_cluster=20, steps=150, seeds=1),
+                 covariance=dict(steps=100, log_every=50, seeds=1),
+                 hltm=dict(depth=3, steps=200, log_every=100, n_eval=1024, seeds=1, hids=[1, 4]))
     args = p.parse_args(argv)
-    # flags no run can use: argparse's usage line and a message (exit 2), never a traceback
-    if getattr(args, "log_every", 1) < 1 or getattr(args, "seeds", 1) < 1 or getattr(args, "steps", 0) < 0:
-        p.error("--log-every and --seeds must be at least 1, --steps at least 0")
-    if args.cmd == "hltm":
-        if min(args.depth, args.children, args.hid, *args.hids) < 1 or args.batch < 2 or args.n_eval < 2:
-            p.error("hltm: --depth, --children and --hid must be at least 1, as must every --hids; "
-                    "--batch and --n-eval at least 2")
-        if not 0 <= args.delta_lo <= args.delta_hi <= 1:
-            p.error(f"hltm: need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
-                    "delta is the correlation between a latent and its parent")
+    if args.quick:
+        subs[args.cmd].set_defaults(**quick[args.cmd])
+        args = p.parse_args(argv)
+    check_args(subs[args.cmd], args)
     # derived values, in one place
-    name = args.cmd if getattr(args, "part", "main") == "main" else f"{args.cmd}_{args.part}"  # e.g. cnn_labels
+    name = args.cmd if getattr(args, "part", "main") == "main" else f"{args.cmd}_{args.part}"  # e.g. cnn_scaling
     args.out = args.out or os.path.join("runs", "toy", name)
     args.fig = args.fig or os.path.join(args.out, name + ".png")
-    if args.quick:
-        if args.cmd == "cnn":
-            args.d, args.snrs, args.ns, args.n0, args.n0s = 100, [0.1, 0.5], [10], 300, [25, 300]
-            args.n0_n, args.seeds, args.n_test, args.pre_steps, args.steps = 10, 1, 500, 60, 150
-            args.label_ns, args.label_d, args.label_seeds, args.scaling_ds, args.scaling_n0snr2 = [2, 16], 100, 1, [100], [1, 16]
-        elif args.cmd == "clusters":
-            args.per_cluster, args.steps, args.seeds = 20, 300, 1
-        elif args.cmd == "hltm":
-            args.depth, args.steps, args.log_every, args.n_eval, args.seeds, args.hids = 3, 200, 100, 1024, 1, [1, 4]
-        else:
-            args.steps, args.log_every, args.seeds = 100, 50, 1
+    for flag, path, folder in [("--out", args.out, True), ("--fig", args.fig, False)]:
+        problem = unwritable(path, folder)
+        if problem:
+            subs[args.cmd].error(f"{flag} {path}: {problem}; give another path")
+    if args.cmd == "cnn":
+        args.ns = sorted(set(args.ns))
     return args
+
+
+# flags no run can use: the smallest value each may take (every float must also be finite)
+AT_LEAST = dict(seed=0, threads=1, steps=1, seeds=1, d=2, m=1, q=3, ns=1, scaling_seeds=1, n_test=1,
+                pre_steps=0, loss_tol=0, scaling_ds=2, n0s=2, scaling_n=1, per_cluster=3, hidden=1, k_scramble=1, D=2,
+                widths=1, N=2, K=1, L=3, filters=1, width=1, batch=2, log_every=1, noise=0, depth=1, children=1,
+                delta_lo=0, hid=1, emb=1, n_eval=2, hids=1)
+POSITIVE = ["sigma_p", "snrs", "level", "ft_snr", "n0_snr2s", "sigma0", "eta", "tau", "pre_sigma0", "pre_rate",
+            "pre_drop", "scaling_n0snr2", "radius", "kernel_tau", "lr"]
+
+
+def check_args(p, args):
+    """Refuse a flag no run can use with argparse's usage line and a message (exit 2), before anything runs."""
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                p.error(f"{flag} must be a finite number (got {v})")
+            if key in AT_LEAST and v is not None and v < AT_LEAST[key]:
+                p.error(f"{flag} must be at least {AT_LEAST[key]} (got {v})")
+            if key in POSITIVE and v <= 0:
+                p.error(f"{flag} must be above 0 (got {v})")
+    if args.seed >= 2 ** 32:
+        p.error(f"--seed must be below 2^32 (got {args.seed})")
+    if args.cmd == "cnn":
+        if args.level >= 0.5:
+            p.error(f"--level must be below 0.5, the error of a coin (got {args.level})")
+        for k in args.n0_snr2s:
+            if round(k / args.ft_snr ** 2) < 2:
+                p.error(f"--n0-snr2s {k:g} at --ft-snr {args.ft_snr} gives n0 = {round(k / args.ft_snr ** 2)} "
+                        "unlabelled samples; InfoNCE needs at least 2: raise it or lower --ft-snr")
+    if args.cmd == "clusters" and math.gcd(args.k_scramble, 4 * args.per_cluster) != 1:
+        p.error(f"--k-scramble {args.k_scramble} must be coprime to N = 4 x --per-cluster = {4 * args.per_cluster}, "
+                "so that k rank mod N is a permutation")
+    if args.cmd == "covariance" and args.width > args.L:
+        p.error(f"--width {args.width} is longer than the signal, --L {args.L}: give a width of at most {args.L}")
+    if args.cmd == "hltm" and not args.delta_lo <= args.delta_hi <= 1:
+        p.error(f"need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
+                "delta is the correlation between a latent and its parent")
+
+
+def unwritable(path, folder):
+    """Why a run could not write `path` (a folder if `folder`, else a PNG), or None."""
+    if not folder and not path.lower().endswith(".png"):
+        return "the figure is written as a PNG, so the name must end in .png"
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        return "exists and is a file, not a folder" if folder else "is a folder"
+    parent = path if folder else os.path.dirname(path) or "."
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
 
 
 # =====================================================================================================
@@ -217,6 +267,25 @@ def nt_xent(h1, h2, tau):
     return F.cross_entropy(sim, target)
 
 
+def pyplot():
+    """matplotlib.pyplot, or None without matplotlib: figures are optional, the experiments need torch and numpy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_fig(plt, fig, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print("figure:", path)
+
+
 def mean_std(xs):
     return float(np.mean(xs)), float(np.std(xs))
 
@@ -235,6 +304,10 @@ def print_table(header, rows):
 # =====================================================================================================
 # Data (Cao et al. 2022, adopted by Zhang & Cao): x = [x(1), x(2)], one patch y*mu, the other
 # xi ~ N(0, sigma_p^2 (I - mu mu^T/||mu||^2)). SNR = ||mu|| / (sigma_p sqrt(d)).
+# Supervised (Cao et al. 2022): GD from a random init fits any n labels; the test error is small when n SNR^q is
+# large (benign overfitting) and stays at a constant when n^-1 SNR^-q is large (harmful overfitting).
+# Zhang & Cao's main theorem: pre-train a linear CNN with InfoNCE on n0 unlabelled samples, fine-tune on n labels,
+# and once n0 SNR^2 is large the n SNR^q requirement is gone.
 
 
 def cnn_mu(d, snr, sigma_p):
@@ -260,6 +333,19 @@ def cnn_labels(n, g):
     return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).double()
 
 
+def stratified_labels(n, j, sets, g):
+    """Labels of the j-th of `sets` labelled sets: k of them +1, the rest -1, in a random order, k the (j + 1/2)/sets
+    quantile of Binomial(n, 1/2). Over the sets k follows the law of n fair coins, so a set holding one class only
+    comes up as often as its probability 2^(1-n) allows (half the sets at n = 2), not by luck of the draw."""
+    u, cdf, k = (j + 0.5) / sets, 0.0, -1
+    while cdf < u and k < n:
+        k += 1
+        cdf += math.comb(n, k) / 2 ** n
+    y = -torch.ones(n, dtype=torch.float64)
+    y[:k] = 1
+    return y[torch.randperm(n, generator=g)]
+
+
 def cnn_f(W, X, q, m):
     """f(W, x) = F_{+1} - F_{-1},  F_j = (1/m) sum_r sum_p ReLU(<w_{j,r}, x(p)>)^q.  W: (2m, d), rows 0..m-1 are W_{+1}."""
     act = torch.relu(X @ W.T) ** q  # (n, 2, 2m)
@@ -267,15 +353,19 @@ def cnn_f(W, X, q, m):
     return Fj[:, :m].sum(1) - Fj[:, m:].sum(1)  # (n,)
 
 
-def train_logistic(W, X, y, q, m, eta, steps):
-    """Full-batch GD on the logistic loss log(1 + exp(-y f)), as in Cao et al. 2022 and Zhang & Cao Sec. 3."""
+def train_logistic(W, X, y, q, m, eta, steps, tol):
+    """Full-batch GD on the logistic loss log(1 + exp(-y f)) (Cao et al. 2022; Zhang & Cao's fine-tuning) until the
+    training loss is below tol, the epsilon of both papers' theorems, or for `steps` steps. Returns W, the loss and
+    the steps taken."""
     W = W.clone().requires_grad_(True)
-    for _ in range(steps):
+    for step in range(steps + 1):
         loss = F.softplus(-y * cnn_f(W, X, q, m)).mean()
+        if loss.item() < tol or step == steps:
+            break
         (grad,) = torch.autograd.grad(loss, W)
         with torch.no_grad():
             W -= eta * grad
-    return W.detach(), loss.item()
+    return W.detach(), loss.item(), step
 
 
 def test_error(W, X, y, q, m):
@@ -288,230 +378,253 @@ def info_nce(h, hp, tau):
     return F.cross_entropy(logits, torch.arange(len(h)))
 
 
-def pretrain_linear_cnn(X, Xp, mu, m, tau, eta, steps, sigma0, g):
-    """SimCLR pre-training of the linear CNN h(x) = sum_p W x(p) (Zhang & Cao Sec. 4), GD from small init.
+def mean_abs_cos(W, mu):
+    """Mean over the filters of |cos(w_r, mu)|."""
+    return ((W @ mu).abs() / (W.norm(dim=1) * mu.norm())).mean().item()
 
-    Returns the 2m filters and the mean |cos(w_r, mu)| after every step: Lemmas 5.1-5.2 say that while h is
-    small the update is a power iteration w <- (I + eta A + noise) w whose top eigenvector is +-mu.
+
+def filter_response(W, mu, sigma_p):
+    """Median over the filters of |<w, mu>| / (sigma_p ||P w||), P the projection off mu: a filter's response to the
+    signal over the spread of its response to a noise patch (whose covariance is sigma_p^2 P)."""
+    u = mu / mu.norm()
+    off = (W - (W @ u)[:, None] * u).norm(dim=1)  # (2m,): ||P w||
+    return ((W @ mu).abs() / (sigma_p * off)).median().item()
+
+
+def pretrain_linear_cnn(X, Xp, mu, m, tau, eta, steps, drop, sigma0, g):
+    """SimCLR pre-training of the linear CNN h(x) = sum_p W x(p) (Zhang & Cao), GD from a small init.
+
+    While h is small the InfoNCE gradient is linear in W: a power iteration w <- (I + eta A) w whose top eigenvector
+    is +-mu once n0 SNR^2 is large (Zhang & Cao's analysis of pre-training). GD stops when the loss has fallen
+    `drop` below log n0, its value at h = 0: the end of that small-h phase, read off the unlabelled data alone.
+    Returns the 2m filters, the mean |cos(w_r, mu)| after every step (measured, never used) and the steps taken.
     """
     W = (sigma0 * torch.randn(2 * m, X.shape[-1], generator=g, dtype=torch.float64)).requires_grad_(True)
     s, sp = X.sum(1), Xp.sum(1)  # (n0, d): the projection head sums patch activations, so only x(1)+x(2) matters
-    cos, losses = [], []
-    for _ in range(steps):
+    cos = [mean_abs_cos(W.detach(), mu)]
+    for step in range(steps + 1):
         loss = info_nce(s @ W.T, sp @ W.T, tau)
+        if loss.item() < math.log(len(X)) - drop or step == steps:
+            break
         (grad,) = torch.autograd.grad(loss, W)
         with torch.no_grad():
             W -= eta * grad
-            cos.append(((W @ mu).abs() / (W.norm(dim=1) * mu.norm())).mean().item())
-            losses.append(loss.item())
-    return W.detach(), cos, losses
+        cos.append(mean_abs_cos(W.detach(), mu))
+    return W.detach(), cos, step
 
 
 def cnn_pretrain(args, snr, n0, seed):
-    """SimCLR pre-training for one (SNR, n0, seed), shared by every n it is fine-tuned on. Returns the 2m filters,
-    ready for fine-tuning, and the |cos(w_r, mu)| curve of pre-training."""
+    """SimCLR pre-training for one (SNR, n0, seed). Returns the 2m filters, ready for fine-tuning, and what they
+    learned: mean |cos(w_r, mu)| and the filter response at the stop, the steps, the |cos| curve."""
     g = generator(seed)
     mu = cnn_mu(args.d, snr, args.sigma_p)
     # pre-training set: n0 unlabelled x_i and their positive views, fresh draws with the same (hidden) label
     y0 = cnn_labels(n0, g)
     X0, X0p = cnn_data(y0, mu, args.sigma_p, g), cnn_data(y0, mu, args.sigma_p, g)
-    # step as a fixed fraction of the top eigenvalue lambda_1 = 2||mu||^2/tau of the power iteration (Lemma 5.1), so
-    # every SNR gets the same number of power steps; the tiny init keeps us in the linear (power-method) phase longer.
+    # step as a fixed fraction of the power iteration's top eigenvalue 2||mu||^2/tau (Zhang & Cao), so every SNR
+    # gets the same number of power steps; the tiny init keeps us in the linear (power-method) phase longer.
     eta0 = args.pre_rate * args.tau / (2 * mu.norm().item() ** 2)
-    Wp, cos, _ = pretrain_linear_cnn(X0, X0p, mu, args.m, args.tau, eta0, args.pre_steps, args.pre_sigma0, g)
+    W, curve, stop = pretrain_linear_cnn(X0, X0p, mu, args.m, args.tau, eta0, args.pre_steps, args.pre_drop,
+                                         args.pre_sigma0, g)
+    info = dict(cos=curve[-1], response=filter_response(W, mu, args.sigma_p), stop=stop, curve=curve)
     # Fine-tuning starts from the pre-trained *directions* at the norm of the random init (sigma0 sqrt d), so the
     # comparison is direction vs direction, not a bigger init vs a smaller one. Random split into W_{+1}, W_{-1}.
-    Wp = Wp / Wp.norm(dim=1, keepdim=True) * args.sigma0 * math.sqrt(args.d)
-    return Wp[torch.randperm(2 * args.m, generator=g)], cos
+    W = W / W.norm(dim=1, keepdim=True) * args.sigma0 * math.sqrt(args.d)
+    return W[torch.randperm(2 * args.m, generator=g)], info
 
 
-def cnn_finetune(args, snr, n, Wp, seed):
-    """Supervised-from-random vs fine-tuning from Wp on the same n labelled samples, the same steps; test error and
-    final training loss of both. The labelled data come from their own stream, one per (seed, n)."""
-    g = generator(100_003 * seed + n)
+def cnn_labelled(args, snr, n, j, sets):
+    """The j-th labelled set of size n, a test set and a random init. One stream per (set, n): supervised training
+    and fine-tuning see the same set, at every SNR and n0."""
+    g = generator(100_003 * (args.seed + j) + n)
     mu = cnn_mu(args.d, snr, args.sigma_p)
-    y, yt = cnn_labels(n, g), cnn_labels(args.n_test, g)
+    y, yt = stratified_labels(n, j, sets, g), cnn_labels(args.n_test, g)
     X, Xt = cnn_data(y, mu, args.sigma_p, g), cnn_data(yt, mu, args.sigma_p, g)
     W0 = args.sigma0 * torch.randn(2 * args.m, args.d, generator=g, dtype=torch.float64)
-    Ws, loss_s = train_logistic(W0, X, y, args.q, args.m, args.eta, args.steps)
-    Wf, loss_f = train_logistic(Wp, X, y, args.q, args.m, args.eta, args.steps)
-    return dict(err_sup=test_error(Ws, Xt, yt, args.q, args.m), err_ft=test_error(Wf, Xt, yt, args.q, args.m),
-                train_loss_sup=loss_s, train_loss_ft=loss_f)
+    return X.float(), y.float(), Xt.float(), yt.float(), W0.float()  # float32: GD here needs no more, at twice the speed
 
 
-def cnn_cell(args, snr, n, n0, seed):
-    """One (SNR, n, n0, seed) cell: pre-train on n0, then supervised-from-random vs fine-tuning on n labels."""
-    Wp, cos = cnn_pretrain(args, snr, n0, seed)
-    return dict(snr=snr, n=n, n0=n0, seed=seed, d=args.d, n_snr_q=n * snr ** args.q, n0_snr2=n0 * snr ** 2, cos=cos,
-                **cnn_finetune(args, snr, n, Wp, seed))
-
-
-def cnn_grid(args, snrs, ns, n0s, seeds):
-    """Every (SNR, n0, seed) pre-trained once and fine-tuned on every n. Returns the cells, loop order SNR, n0, seed, n."""
+def cnn_cells(args, snr, ns, sets, n0=None):
+    """Test error on `sets` labelled sets of every n in ns: supervised GD from a random init (n0 None), or
+    fine-tuning from the filters SimCLR pre-trains on n0 unlabelled samples, once per set and shared by every n."""
     cells = []
-    for snr in snrs:
-        for n0 in n0s:
-            for seed in seeds:
-                Wp, cos = cnn_pretrain(args, snr, n0, seed)
-                cells += [dict(snr=snr, n=n, n0=n0, seed=seed, d=args.d, n_snr_q=n * snr ** args.q,
-                               n0_snr2=n0 * snr ** 2, cos=cos, **cnn_finetune(args, snr, n, Wp, seed)) for n in ns]
+    for j in range(sets):
+        W_pre, pre = cnn_pretrain(args, snr, n0, args.seed + j) if n0 else (None, {})
+        for n in ns:
+            X, y, Xt, yt, W0 = cnn_labelled(args, snr, n, j, sets)
+            W, loss, steps = train_logistic(W0 if n0 is None else W_pre.float(), X, y, args.q, args.m, args.eta, args.steps,
+                                            args.loss_tol)
+            cells.append(dict(d=args.d, snr=snr, n=n, n0=n0, set=j, err=test_error(W, Xt, yt, args.q, args.m),
+                              loss=loss, steps=steps, one_class=bool(abs(y.sum().item()) == n), **pre))
     return cells
 
 
-def cnn_summary(cells, key):
-    return "%.3f ± %.3f" % mean_std([c[key] for c in cells])
+def first_crossing(ns, errs, level):
+    """The n at which the mean test error first falls to `level`, interpolated in log n; None if it never does."""
+    for n1, e1, n2, e2 in zip(ns, errs, ns[1:], errs[1:]):
+        if e1 > level >= e2:
+            return math.exp(math.log(n1) + math.log(n2 / n1) * (e1 - level) / (e1 - e2))
+    return None
 
 
 def run_cnn(args):
-    return {"main": cnn_main, "labels": cnn_labels_sweep, "scaling": cnn_scaling_sweep}[args.part](args)
+    return {"main": cnn_main, "scaling": cnn_scaling}[args.part](args)
 
 
 def cnn_main(args):
-    seeds = [args.seed + s for s in range(args.seeds)]
-    cells = cnn_grid(args, args.snrs, args.ns, [args.n0], seeds)
-    rows = []
-    for snr in args.snrs:
-        for n in args.ns:
-            c = [r for r in cells if r["snr"] == snr and r["n"] == n]
-            rows.append([snr, n, f"{n * snr ** args.q:.3g}", f"{args.n0 * snr ** 2:.3g}", cnn_summary(c, "err_sup"),
-                         f"{np.mean([r['train_loss_sup'] for r in c]):.0e}", cnn_summary(c, "err_ft"),
-                         f"{np.mean([r['train_loss_ft'] for r in c]):.0e}", f"{np.mean([r['cos'][-1] for r in c]):.3f}"])
-    print(f"\nTest error, mean ± std over {args.seeds} seeds, and final training loss, mean "
-          f"(d={args.d}, m={args.m}, q={args.q}, n0={args.n0}, {args.steps} GD steps)")
-    print_table(["SNR", "n", "n*SNR^q", "n0*SNR^2", "supervised", "train loss", "SimCLR + fine-tune", "train loss",
-                 "|cos(w,mu)|"], rows)
+    """Label complexity: supervised test error against n at each SNR (Cao et al.'s n SNR^q threshold), and
+    fine-tuned test error against n at each n0 SNR^2 (Zhang & Cao: pre-training removes the threshold)."""
+    t0, fmt = time.time(), lambda cs: "%.3f ± %.3f" % mean_std([c["err"] for c in cs])
+    sup = []
+    for snr in sorted(set(args.snrs) | {args.ft_snr}):
+        sup += cnn_cells(args, snr, args.ns, args.seeds)
+    print(f"supervised: {time.time() - t0:.0f}s")
+    ft = []
+    for k in args.n0_snr2s:
+        ft += [dict(c, n0_snr2=k) for c in cnn_cells(args, args.ft_snr, args.ns, args.seeds, round(k / args.ft_snr ** 2))]
+    print(f"SimCLR + fine-tune: {time.time() - t0:.0f}s")
+    at = lambda cells, **kv: [c for c in cells if all(c[key] == v for key, v in kv.items())]
 
-    sweep = cnn_grid(args, [args.n0_snr], [args.n0_n], args.n0s, [args.seed + 100 + s for s in range(args.seeds)])
-    rows0 = []
-    for n0 in args.n0s:
-        c = [r for r in sweep if r["n0"] == n0]
-        rows0.append([n0, f"{n0 * args.n0_snr ** 2:.3g}", f"{np.mean([max(r['cos']) for r in c]):.3f}",
-                      f"{np.mean([r['cos'][-1] for r in c]):.3f}", cnn_summary(c, "err_ft")])
-    print(f"\nn0 sweep at SNR={args.n0_snr}, n={args.n0_n}, d={args.d}: pre-training needs n0*SNR^2 large "
-          f"(supervised on the same labels: {cnn_summary(c, 'err_sup')})")
-    print_table(["n0", "n0*SNR^2", "max |cos|", "final |cos|", "SimCLR + fine-tune"], rows0)
+    print(f"\nSupervised test error, mean ± std over {args.seeds} labelled sets (d={args.d}, m={args.m}, q={args.q}, "
+          f"GD step {args.eta} until the training loss < {args.loss_tol:g})")
+    print_table(["n"] + [f"SNR {s}: n SNR^{args.q}" for s in args.snrs] + [f"SNR {s}" for s in args.snrs],
+                [[n] + [f"{n * s ** args.q:.3g}" for s in args.snrs] + [fmt(at(sup, snr=s, n=n)) for s in args.snrs]
+                 for n in args.ns])
+    crossings = {}
+    for s in args.snrs:
+        n_c = first_crossing(args.ns, [np.mean([c["err"] for c in at(sup, snr=s, n=n)]) for n in args.ns], args.level)
+        crossings[s] = n_c
+        print(f"SNR {s}: mean error first at {args.level} at " + (
+            f"n = {n_c:.0f}, n SNR^{args.q} = {n_c * s ** args.q:.2f}" if n_c else f"no n up to {args.ns[-1]}"))
+    fit = [(math.log(s), math.log(n_c)) for s, n_c in crossings.items() if n_c]
+    q_fit = -np.polyfit(*zip(*fit), 1)[0] if len(fit) > 1 else None
+    if q_fit is not None:
+        print(f"a line through log n against log SNR at those points: n ∝ SNR^-{q_fit:.2f} (the theorem's q = {args.q})")
 
-    # the power-method alignment over pre-training steps (Lemmas 5.1-5.2), one curve per SNR, first seed
-    curves = {str(r["snr"]): r["cos"] for r in cells if r["seed"] == args.seed and r["n"] == args.ns[0]}
-    steps_shown = sorted({0, 5, 10, 15, 20, 30, 40, args.pre_steps - 1} & set(range(args.pre_steps)))
-    print("\n|cos(w_r, mu)| (mean over 2m filters) during pre-training, n0 =", args.n0)
-    print_table(["step"] + [f"SNR {s}" for s in curves], [[t] + [f"{c[t]:.3f}" for c in curves.values()] for t in steps_shown])
-
-    strip = lambda r: {k: v for k, v in r.items() if k != "cos"}
-    summary = dict(config=vars(args), cells=[strip(r) for r in cells], n0_sweep=[strip(r) for r in sweep],
-                   cos_curves=curves, n0_sweep_cos={str(r["n0"]): r["cos"] for r in sweep if r["seed"] == args.seed + 100})
-    if plt is not None:
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
-        for snr in args.snrs:
-            c = [r for r in cells if r["snr"] == snr]
-            ax[0].plot(args.ns, [np.mean([r["err_sup"] for r in c if r["n"] == n]) for n in args.ns], "o--", label=f"sup SNR {snr}")
-            ax[0].plot(args.ns, [np.mean([r["err_ft"] for r in c if r["n"] == n]) for n in args.ns], "s-", label=f"SimCLR SNR {snr}")
-        ax[0].set(xlabel="labelled n", ylabel="test error", title="supervised (--) vs pre-trained (-)")
-        ax[0].legend(fontsize=6, ncol=2)
-        for k, c in curves.items():
-            ax[1].plot(c, label=f"SNR {k}")
-        ax[1].set(xlabel="pre-training step", ylabel="mean |cos(w_r, mu)|", title=f"power-method alignment, n0={args.n0}")
-        ax[1].legend(fontsize=7)
-        for k, c in summary["n0_sweep_cos"].items():
-            ax[2].plot(c, label=f"n0={k}")
-        ax[2].set(xlabel="pre-training step", ylabel="mean |cos(w_r, mu)|", title=f"n0 sweep, SNR={args.n0_snr}")
-        ax[2].legend(fontsize=7)
-        fig.tight_layout()
-        save_fig(fig, args.fig)
+    print(f"\nSimCLR + fine-tune at SNR {args.ft_snr}, test error mean ± std over {args.seeds} labelled sets; "
+          f"pre-training on n0 = n0 SNR^2 / SNR^2 unlabelled samples, one per set")
+    print_table(["n", "supervised"] + [f"n0 SNR^2 = {k:g} (n0 = {round(k / args.ft_snr ** 2)})" for k in args.n0_snr2s],
+                [[n, fmt(at(sup, snr=args.ft_snr, n=n))] + [fmt(at(ft, n0_snr2=k, n=n)) for k in args.n0_snr2s]
+                 for n in args.ns])
+    pre = [at(ft, n0_snr2=k, n=args.ns[0]) for k in args.n0_snr2s]
+    print_table(["pre-training, mean ± std over sets"] + [f"n0 SNR^2 = {k:g}" for k in args.n0_snr2s],
+                [[name] + ["%.3f ± %.3f" % mean_std([c[key] for c in p]) for p in pre]
+                 for name, key in [("|cos(w, mu)| at the stop", "cos"), ("filter response", "response"),
+                                   ("steps", "stop")]])
+    mean_err = lambda cs: "%.3f" % np.mean([c["err"] for c in cs]) if cs else "-"
+    rows = [[n, f"{len(at(sup, snr=args.ft_snr, n=n, one_class=True))} of {args.seeds}",
+             mean_err(at(sup, snr=args.ft_snr, n=n, one_class=True))]
+            + [mean_err(at(ft, n0_snr2=k, n=n, one_class=True)) + " / " + mean_err(at(ft, n0_snr2=k, n=n, one_class=False))
+               for k in args.n0_snr2s] for n in args.ns if at(ft, n=n, one_class=True)]
+    if rows:
+        print(f"\nthe sets holding one class only: test error on them / on the other sets, SNR {args.ft_snr}")
+        print_table(["n", "one-class sets", "supervised"] + [f"n0 SNR^2 = {k:g}" for k in args.n0_snr2s], rows)
+    strip = lambda cells: [{k: v for k, v in c.items() if k != "curve"} for c in cells]
+    summary = dict(config=vars(args), supervised=strip(sup), finetuned=strip(ft),
+                   crossings={str(s): n_c for s, n_c in crossings.items()}, q_fit=q_fit)
+    plot_cnn_main(args, sup, ft)
     return summary
 
 
-def cnn_labels_sweep(args):
-    """Label complexity: test error against n at one SNR, supervised vs SimCLR + fine-tuning (Cao et al. 2022's
-    n SNR^q threshold against Zhang & Cao's claim that pre-training removes it)."""
-    snr, seeds, t0 = args.label_snr, [args.seed + s for s in range(args.label_seeds)], time.time()
-    cells = cnn_grid(argparse.Namespace(**{**vars(args), "d": args.label_d}), [snr], args.label_ns, [args.n0], seeds)
-    rows = []
-    for n in args.label_ns:
-        c = [r for r in cells if r["n"] == n]
-        rows.append([n, f"{n * snr ** args.q:.3g}", cnn_summary(c, "err_sup"),
-                     f"{np.mean([r['train_loss_sup'] for r in c]):.0e}", cnn_summary(c, "err_ft"),
-                     f"{np.mean([r['train_loss_ft'] for r in c]):.0e}"])
-    print(f"\nLabel complexity at SNR={snr}: test error, mean ± std over {len(seeds)} seeds, and final training loss, "
-          f"mean (d={args.label_d}, m={args.m}, q={args.q}, "
-          f"n0={args.n0}, |cos(w,mu)| after pre-training {np.mean([r['cos'][-1] for r in cells]):.3f}), "
-          f"{time.time() - t0:.0f}s")
-    print_table(["n", "n*SNR^q", "supervised", "train loss", "SimCLR + fine-tune", "train loss"], rows)
-    summary = dict(config=vars(args), cells=[{k: v for k, v in r.items() if k != "cos"} for r in cells])
-    if plt is not None:
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-        for key, name, style, colour in [("sup", "supervised", "o--", "C0"), ("ft", "SimCLR + fine-tune", "s-", "C1")]:
-            m = [mean_std([r["err_" + key] for r in cells if r["n"] == n]) for n in args.label_ns]
-            ax[0].errorbar(args.label_ns, [v[0] for v in m], [v[1] for v in m], fmt=style, color=colour, capsize=3,
-                           label=name)
-            loss = np.maximum([[r["train_loss_" + key] for r in cells if r["n"] == n] for n in args.label_ns], 1e-12)
-            ax[1].plot(np.repeat(args.label_ns, len(seeds)), loss.flatten(), style[0], color=colour, ms=3, alpha=0.5)
-            ax[1].plot(args.label_ns, np.median(loss, 1), style[1:], color=colour, label=f"{name}, median")
-        for a in ax:
-            a.axvline(snr ** -args.q, color="gray", ls=":", label=f"n SNR^{args.q} = 1")
-            a.set(xscale="log", xlabel="labelled n")
-        ax[0].set(ylabel="test error", title=f"label complexity, SNR={snr}, d={args.label_d}, {len(seeds)} seeds")
-        ax[1].set(yscale="log", ylabel="final training loss (floored at 1e-12)", title="both fit their labels")
-        ax[1].legend(fontsize=7)
-        ax[0].legend(fontsize=7)
-        fig.tight_layout()
-        save_fig(fig, args.fig)
-    return summary
-
-
-def cnn_scaling_sweep(args):
-    """Which combination of n0 and SNR pre-training needs. In the power iteration the signal eigenvalue is
-    ||mu||^2 = SNR^2 sigma_p^2 d against a noise bulk ~ sigma_p^2 (d/n0 + 2 sqrt(d/n0)): their ratio is
-    n0 SNR^2 / (1 + 2 sqrt(n0/d)), which is n0 SNR^2 only when d >> n0. So at each d, n0 SNR^2 is held on a grid
-    while n0 varies: where the curves for different n0 fall on one another, n0 SNR^2 is the quantity that matters."""
-    seeds = [args.seed + s for s in range(args.seeds)]
+def cnn_scaling(args):
+    """Which combination of n0 and SNR pre-training needs, and what decides the fine-tuning outcome. In the power
+    iteration the signal eigenvalue is ||mu||^2 = SNR^2 sigma_p^2 d against a noise bulk ~ sigma_p^2 (d/n0 +
+    2 sqrt(d/n0)): their ratio is n0 SNR^2 / (1 + 2 sqrt(n0/d)), which is n0 SNR^2 only when d >> n0. So at each d,
+    n0 SNR^2 is held on a grid while n0 varies; at each cell supervised training and fine-tuning see the same labels."""
     cells, t0 = [], time.time()
     for d in args.scaling_ds:
+        a = argparse.Namespace(**{**vars(args), "d": d})
         for n0 in args.n0s:
-            snrs = [math.sqrt(c / n0) for c in args.scaling_n0snr2]  # n0 SNR^2 = c
-            cells += cnn_grid(argparse.Namespace(**{**vars(args), "d": d}), snrs, [args.n0_n], [n0], seeds)
+            for k in args.scaling_n0snr2:
+                snr = math.sqrt(k / n0)
+                ft = cnn_cells(a, snr, [args.scaling_n], args.scaling_seeds, n0)
+                sup = cnn_cells(a, snr, [args.scaling_n], args.scaling_seeds)
+                cells += [dict(f, n0_snr2=k, err_sup=s["err"]) for f, s in zip(ft, sup)]
         print(f"d={d}: {time.time() - t0:.0f}s")
+    at = lambda **kv: [c for c in cells if all(math.isclose(c[key], v) for key, v in kv.items())]
+    print(f"\nPre-training stopped by the loss (log n0 - {args.pre_drop}), mean over {args.scaling_seeds} seeds: "
+          f"|cos(w, mu)| at the stop, and test error at n={args.scaling_n} supervised -> fine-tuned; columns n0 SNR^2")
+    print_table(["d", "n0", "d/n0"] + [f"{k:g}" for k in args.scaling_n0snr2],
+                [[d, n0, f"{d / n0:.3g}"] + [
+                    "%.2f: %.2f -> %.2f" % tuple(np.mean([[c["cos"], c["err_sup"], c["err"]]
+                                                           for c in at(d=d, n0=n0, n0_snr2=k)], 0))
+                    for k in args.scaling_n0snr2] for d in args.scaling_ds for n0 in args.n0s])
+    # what decides the outcome: the filters' response to the signal against their response to the noise
+    bins = [0, 0.5, 1, 2, 4, 8, math.inf]  # octaves
     rows = []
-    for d in args.scaling_ds:
-        for n0 in args.n0s:
-            c = [r for r in cells if r["d"] == d and r["n0"] == n0]
-            rows.append([d, n0, f"{d / n0:.3g}"] + [
-                f"{np.mean([max(r['cos']) for r in c if math.isclose(r['n0_snr2'], k)]):.2f}" for k in args.scaling_n0snr2])
-    print(f"\nmax |cos(w_r, mu)| in pre-training, mean over {args.seeds} seeds, columns n0*SNR^2")
-    print_table(["d", "n0", "d/n0"] + [f"{k:g}" for k in args.scaling_n0snr2], rows)
-    rows = [[d, n0] + [cnn_summary([r for r in cells if r["d"] == d and r["n0"] == n0
-                                    and math.isclose(r["n0_snr2"], k)], "err_ft") for k in args.scaling_n0snr2]
-            for d in args.scaling_ds for n0 in args.n0s]
-    print(f"\nSimCLR + fine-tune test error at n={args.n0_n}, mean ± std over {args.seeds} seeds, columns n0*SNR^2")
-    print_table(["d", "n0"] + [f"{k:g}" for k in args.scaling_n0snr2], rows)
-    summary = dict(config=vars(args), cells=[{k: v for k, v in r.items() if k != "cos"} | dict(max_cos=max(r["cos"]))
-                                             for r in cells])
-    if plt is not None:
-        fig, ax = plt.subplots(1, len(args.scaling_ds) + 1, figsize=(4.6 * (len(args.scaling_ds) + 1), 3.8))
-        for j, d in enumerate(args.scaling_ds):
-            for i, n0 in enumerate(args.n0s):
-                c = np.array(args.scaling_n0snr2)
-                cos = [np.mean([max(r["cos"]) for r in cells if r["d"] == d and r["n0"] == n0
-                                and math.isclose(r["n0_snr2"], k)]) for k in c]
-                ax[j].plot(c, cos, "o-", color=f"C{i}", label=f"n0={n0}")
-                ax[-1].plot(c / (1 + 2 * math.sqrt(n0 / d)), cos, "o-" if j else "s--", color=f"C{i}", ms=4,
-                            label=f"d={d}, n0={n0}")
-            ax[j].set(xscale="log", xlabel="n0 SNR^2", ylabel="max |cos(w_r, mu)| in pre-training", title=f"d={d}",
-                      ylim=(0, 1.02))
-            ax[j].legend(fontsize=7)
-        ax[-1].set(xscale="log", xlabel="n0 SNR^2 / (1 + 2 sqrt(n0/d))", ylim=(0, 1.02),
-                   title="against the power iteration's signal/noise")
-        ax[-1].legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        save_fig(fig, args.fig)
+    for lo, hi in zip(bins, bins[1:]):
+        c = [c for c in cells if lo <= c["response"] < hi]
+        if c:
+            rows.append([f"[{lo:g}, {hi:g})", len(c), "%.3f" % np.mean([x["err_sup"] for x in c]),
+                         "%.3f" % np.mean([x["err"] for x in c]), "%.2f" % np.mean([x["cos"] for x in c])])
+    print("\nevery cell above, grouped by the filter response |<w, mu>| / (sigma_p ||P w||) at the stop (median "
+          "over filters)")
+    print_table(["response", "cells", "supervised error", "fine-tuned error", "|cos(w, mu)|"], rows)
+    summary = dict(config=vars(args), cells=[{k: v for k, v in c.items() if k != "curve"} for c in cells],
+                   by_response=rows)
+    plot_cnn_scaling(args, cells)
     return summary
 
 
-def save_fig(fig, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    print("figure:", path)
+def plot_cnn_main(args, sup, ft):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    for i, snr in enumerate(args.snrs):
+        m = [mean_std([c["err"] for c in sup if c["snr"] == snr and c["n"] == n]) for n in args.ns]
+        for a, x in [(ax[0], np.array(args.ns)), (ax[1], np.array(args.ns) * snr ** args.q)]:
+            a.errorbar(x, [v[0] for v in m], [v[1] for v in m], fmt="o-", color=f"C{i}", capsize=2, ms=4,
+                       label=f"SNR {snr}")
+    ax[0].set(xscale="log", xlabel="labelled n", ylabel="test error", title="supervised, from a random init")
+    ax[1].axhline(args.level, color="gray", ls=":")
+    ax[1].set(xscale="log", xlabel=f"n SNR^{args.q}", title=f"the same against n SNR^{args.q}")
+    m = [mean_std([c["err"] for c in sup if c["snr"] == args.ft_snr and c["n"] == n]) for n in args.ns]
+    ax[2].errorbar(args.ns, [v[0] for v in m], [v[1] for v in m], fmt="o--", color="gray", capsize=2, ms=4,
+                   label="supervised")
+    for i, k in enumerate(args.n0_snr2s):
+        m = [mean_std([c["err"] for c in ft if c["n0_snr2"] == k and c["n"] == n]) for n in args.ns]
+        ax[2].errorbar(args.ns, [v[0] for v in m], [v[1] for v in m], fmt="s-", color=f"C{i + 3}", capsize=2, ms=4,
+                       label=f"n0 SNR² = {k:g}")
+    ax[2].set(xscale="log", xlabel="labelled n", title=f"SimCLR + fine-tune, SNR {args.ft_snr}")
+    for a in ax:
+        a.set_ylim(-0.02, 0.6)
+        a.legend(fontsize=7)
+    fig.suptitle(f"d = {args.d}, {args.seeds} labelled sets per point (mean ± std)", fontsize=9)
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
+
+
+def plot_cnn_scaling(args, cells):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    for j, d in enumerate(args.scaling_ds):
+        for i, n0 in enumerate(args.n0s):
+            c = [x for x in cells if x["d"] == d and x["n0"] == n0]
+            k = np.array(args.scaling_n0snr2)
+            cos = [np.mean([x["cos"] for x in c if math.isclose(x["n0_snr2"], v)]) for v in k]
+            ax[1].plot(k / (1 + 2 * math.sqrt(n0 / d)), cos, "os"[j % 2] + "-", color=f"C{i}", ms=4,
+                       label=f"d={d}, n0={n0}")
+            if j == 0:  # the power iteration, first seed, at the middle n0 SNR^2
+                mid = [x for x in c if math.isclose(x["n0_snr2"], k[len(k) // 2]) and x["set"] == 0][0]
+                ax[0].plot(mid["curve"], color=f"C{i}", label=f"n0={n0}")
+    ax[0].set(xlabel="pre-training step", ylabel="mean |cos(w_r, mu)|",
+              title=f"power iteration until the stop, d={args.scaling_ds[0]}, n0 SNR²="
+                    f"{args.scaling_n0snr2[len(args.scaling_n0snr2) // 2]:g}")
+    ax[0].legend(fontsize=7)
+    ax[1].set(xscale="log", xlabel="n0 SNR² / (1 + 2 sqrt(n0/d))", ylabel="|cos(w, mu)| at the stop",
+              ylim=(0, 1.02), title="alignment against the power iteration's signal/noise")
+    ax[1].legend(fontsize=6, ncol=2)
+    resp = np.array([x["response"] for x in cells])
+    ax[2].scatter(resp, [x["err_sup"] for x in cells], s=10, marker="o", color="gray", alpha=0.6, label="supervised")
+    ax[2].scatter(resp, [x["err"] for x in cells], s=10, marker="s", color="C3", alpha=0.6, label="SimCLR + fine-tune")
+    ax[2].set(xscale="log", xlabel="filter response |<w, mu>| / (sigma_p ||P w||) at the stop",
+              ylabel=f"test error, n={args.scaling_n}", title="what decides the fine-tuning outcome")
+    ax[2].legend(fontsize=7)
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
 
 
 # =====================================================================================================
@@ -522,7 +635,8 @@ def save_fig(fig, path):
 # u(x) = (x_1 - x_2)/sqrt(2) unchanged, and u is the same for the clusters at (1, 1) and (-1, -1): what survives
 # augmentation tells apart 3 *groups* (u ~ -sqrt2, 0, +sqrt2), not 4 clusters, so the measures use the groups.
 #
-# (a) The loss alone does not pick a clustered minimiser. Two losses, one argument.
+# (a) The loss alone does not pick a clustered minimiser. Two losses, one argument; an exact identity (the loss
+# is a symmetric function of the latents), so part (a) illustrates Calder & Lee's first claim, it is no evidence.
 # Gaussian-kernel InfoNCE on a 1-D latent (the exploratory script's loss: SimCLR's with similarity -|z - z'|^2):
 #     L = 1/N sum_i [ |z_i - z'_i|^2 / tau + log sum_j exp(-|z_i - z'_j|^2 / tau) ]         (z = f(x), z' = f(x'))
 # Any embedding z = g(u) has zero alignment term, and L = 1/N sum_i log sum_j exp(-|z_i - z_j|^2/tau) depends
@@ -541,9 +655,13 @@ def save_fig(fig, path):
 # (b) Training dynamics (the paper's second claim): a one-hidden-layer net Linear(2, 100) -> LeakyReLU(0.2) ->
 # Linear(100, 2), its output normalised onto the circle, trained on NT-Xent by full-batch SGD with fresh views each
 # step, logged at log-spaced steps. Calder & Lee: clustering appears early and persists for a long time, though
-# training converges to a trivial minimiser. Measures: the Fisher ratio over the groups (reference: the uniform
-# circle's), the largest empty arc between neighbouring latents (a gap between clusters; 2 pi / N when equally
-# spaced), and Wang & Isola's uniformity log E exp(-2 |z - z'|^2) (the uniform circle's: log(e^-4 I_0(4)) = -1.574).
+# training converges to a trivial minimiser. The clustering measure is the Fisher ratio of the latents' angle along
+# the circle, cut at the widest empty arc: an affine map of u onto an arc of any length keeps u's own ratio, so a
+# net that only copies u scores u's level, and a higher score means the groups sit tighter than u has them.
+# Two references: that level, and a no-cluster control -- the same points with u redrawn uniform, the same net,
+# views and group sizes -- which shows what training does to the measure when the input holds no clusters.
+# Wang & Isola's uniformity log E exp(-2 |z - z'|^2) tracks the approach to the trivial minimiser (the uniform
+# circle's: log(e^-4 I_0(4)) = -1.574).
 
 
 def clusters(per_cluster, radius, g):
@@ -573,7 +691,7 @@ def gaussian_nce(z1, z2, tau):
 
 
 def fisher_ratio(z, lab):
-    """Between-cluster / within-cluster sum of squares of the embedding: the clustering measure (scale-free)."""
+    """Between-group / within-group sum of squares of the embedding (scale-free)."""
     z = z.reshape(len(z), -1).double()  # (N, k)
     mean, between, within = z.mean(0), 0.0, 0.0
     for c in lab.unique():
@@ -593,10 +711,20 @@ def knn_accuracy(z, lab, k=10):
     return (pred == lab).double().mean().item()
 
 
-def largest_gap(z):
-    """The widest empty arc (radians) between neighbouring latents z (N, 2) on the circle."""
-    a = torch.sort(torch.atan2(z[:, 1], z[:, 0])).values
-    return torch.cat([a[1:] - a[:-1], a[:1] + 2 * math.pi - a[-1:]]).max().item()
+def unwrapped_angle(z):
+    """The angles (N,) of latents z (N, 2) on the circle, measured from the far side of the widest empty arc, so they
+    run over one interval shorter than 2 pi. With no widest arc (equally spaced latents) the cut falls on a tie."""
+    a = torch.atan2(z[:, 1], z[:, 0]).double()
+    srt = torch.sort(a).values
+    gaps = torch.cat([srt[1:] - srt[:-1], srt[:1] + 2 * math.pi - srt[-1:]])  # gap i runs from srt[i] onwards
+    start = srt[(gaps.argmax() + 1) % len(srt)]
+    return (a - start) % (2 * math.pi)
+
+
+def angle_fisher(z, groups):
+    """The clustering measure of part (b): the Fisher ratio of the unwrapped angle over the groups. An affine image
+    of u on any arc scores exactly u's own ratio; a short arc alone does not raise it."""
+    return fisher_ratio(unwrapped_angle(z), groups)
 
 
 def uniformity(z, t=2.0):
@@ -626,19 +754,28 @@ def circle_embedding(X, u_ref, k=1):
 
 def mlp(hidden, out, g_seed):
     torch.manual_seed(g_seed)  # the init is part of the experiment: seeded here, from the one base seed
-    net = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, out))
-    return net.double()
+    return torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, out))
+
+
+def no_cluster_control(X, groups, g):
+    """Part (b)'s control: the same points with u redrawn uniform on u's range and v = (x_1 + x_2)/sqrt(2), the
+    coordinate the augmentation moves, kept; grouped into bins contiguous in u with the groups' sizes. (X, bins)"""
+    u, v = u_coord(X), (X[:, 0] + X[:, 1]) / math.sqrt(2)
+    u = u.min() + (u.max() - u.min()) * torch.rand(len(X), generator=g, dtype=torch.float64)
+    rank, sizes = torch.argsort(torch.argsort(u)), torch.bincount(groups).cumsum(0)
+    bins = (rank[:, None] >= sizes[None, :-1]).sum(1)  # (N,): 0 for the lowest sizes[0] values of u, ...
+    return torch.stack([(v + u) / math.sqrt(2), (v - u) / math.sqrt(2)], 1), bins
 
 
 def circle_measures(z, groups):
-    return dict(fisher=fisher_ratio(z, groups), gap=largest_gap(z), uniformity=uniformity(z),
-                knn=knn_accuracy(z, groups))
+    return dict(fisher=angle_fisher(z, groups), uniformity=uniformity(z.double()), knn=knn_accuracy(z, groups))
 
 
 def train_on_circle(X, groups, args, seed, log_at):
-    """Part (b): NT-Xent on normalised 2-D outputs, full-batch SGD, fresh views each step. Returns the net and the
-    measures at every step in log_at, with the latents' angles (for the figure)."""
-    net, g = mlp(args.hidden, 2, seed), generator(seed)
+    """Part (b): NT-Xent on normalised 2-D outputs, full-batch SGD, fresh views each step, in float32 (part (a)'s
+    exact identities need float64, training does not). Returns the net and the measures at every step in log_at,
+    with the latents' angles (for the figure)."""
+    net, g, X = mlp(args.hidden, 2, seed), generator(seed), X.float()
     opt = torch.optim.SGD(net.parameters(), lr=args.lr)
     hist, loss = [], None
     for step in range(args.steps + 1):
@@ -649,7 +786,8 @@ def train_on_circle(X, groups, args, seed, log_at):
                              angle=torch.atan2(z[:, 1], z[:, 0]).tolist()))
         if step == args.steps:
             break
-        loss = nt_xent(net(augment_diag(X, g)), net(augment_diag(X, g)), args.tau)
+        z = net(torch.cat([augment_diag(X, g), augment_diag(X, g)]))  # (2N, 2): both views in one pass
+        loss = nt_xent(z[:len(X)], z[len(X):], args.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -661,19 +799,18 @@ def run_clusters(args):
     X, lab = clusters(args.per_cluster, args.radius, g)
     groups = invariant_groups(lab)
     N = len(X)
-    assert math.gcd(args.k_scramble, N) == 1, "k must be coprime to N for k*rank mod N to be a permutation"
     X1, X2 = augment_diag(X, g), augment_diag(X, g)  # one fixed pair of views: the losses of (a) are exact on it
     u = u_coord(X)
     centre_u = (groups - 1).double()  # u of each group's centre / sqrt 2
 
-    # ---- (a) the same loss, with and without clusters --------------------------------------------------------
+    # ---- (a) the same loss, with and without clusters: an exact identity, an illustration ----------------------
     rows, part_a = [], []
     scrambled = f"g_{args.k_scramble} scrambled rank"
 
-    def add_row(loss_name, name, spacing, z1, z2, z, loss):
+    def add_row(loss_name, name, spacing, z1, z2, latent, loss):  # latent (N,): the 1-D latent, or the angle
         align = ((z1 - z2) ** 2).sum(1).mean().item()
         part_a.append(dict(loss_fn=loss_name, embedding=name, spacing=spacing, loss=loss, align=align,
-                           fisher=fisher_ratio(z, groups), knn=knn_accuracy(z, groups)))
+                           fisher=fisher_ratio(latent, groups), knn=knn_accuracy(latent, groups)))
         rows.append([loss_name, name, spacing, f"{loss:.6f}", f"{align:.1e}", f"{part_a[-1]['fisher']:.2f}",
                      f"{part_a[-1]['knn']:.3f}"])
 
@@ -688,87 +825,110 @@ def run_clusters(args):
     for name, k in [("groups -> 3 points", None), ("g_1 monotone rank", 1), (scrambled, args.k_scramble)]:
         if k is None:
             angle = 2 * math.pi / 3 * centre_u[:, None]  # the 3 groups at 3 equally spaced points
-            z1 = z2 = z = torch.cat([angle.cos(), angle.sin()], 1)
+            z1 = z2 = torch.cat([angle.cos(), angle.sin()], 1)
         else:
-            z1, z2, z = (circle_embedding(V, u, k) for V in (X1, X2, X))
-        add_row("NT-Xent, circle", name, "-", z1, z2, z, nt_xent(z1, z2, args.tau).item())
+            z1, z2 = (circle_embedding(V, u, k) for V in (X1, X2))
+            angle = rank_embedding(X, u, 2 * math.pi / N, k)
+        add_row("NT-Xent, circle", name, "-", z1, z2, angle, nt_xent(z1, z2, args.tau).item())
     print(f"\n(a) hand-built augmentation-invariant embeddings, N={N}: Gaussian-kernel InfoNCE (tau={args.kernel_tau}) "
-          f"on a line, NT-Xent (tau={args.tau}) on the unit circle; Fisher ratio and 10-NN over the 3 groups")
+          f"on a line, NT-Xent (tau={args.tau}) on the unit circle; Fisher ratio of the latent (or its angle) and "
+          f"10-NN over the 3 groups. The losses agree because they depend on the latents' multiset only")
     print_table(["loss", "embedding", "spacing/sqrt(tau)", "loss value", "align", "Fisher ratio", "10-NN acc"], rows)
 
-    # ---- (b) training dynamics of a one-hidden-layer net on the circle ----------------------------------------
+    # ---- (b) training dynamics of a one-hidden-layer net on the circle, and a no-cluster control ---------------
     log_at = sorted({0, args.steps} | {round(10 ** (e / 8)) for e in range(8 * math.ceil(math.log10(args.steps + 1)) + 1)
                                        if 10 ** (e / 8) <= args.steps})  # 8 per decade
-    ref = dict(uniform=circle_measures(circle_embedding(X, u), groups),
-               scrambled=circle_measures(circle_embedding(X, u, args.k_scramble), groups))
+    Xc, bins = no_cluster_control(X, groups, g)
+    ref = dict(input_u=fisher_ratio(u, groups), control_input_u=fisher_ratio(u_coord(Xc), bins),
+               uniform=dict(circle_measures(circle_embedding(X, u), groups),
+                            fisher=fisher_ratio(rank_embedding(X, u, 1.0), groups)))  # cut at the rank's ends
     print(f"\n(b) Linear(2,{args.hidden}) -> LeakyReLU(0.2) -> Linear({args.hidden},2) -> unit circle, NT-Xent "
-          f"tau {args.tau}, SGD lr {args.lr}, full batch, fresh views each step, {args.seeds} seeds")
-    runs, t0 = [], time.time()
+          f"tau {args.tau}, SGD lr {args.lr}, full batch, fresh views each step, {args.seeds} seeds; the control: "
+          f"u redrawn uniform, the same nets and views, bins of u of the groups' sizes")
+    runs, controls, t0 = [], [], time.time()
     for s in range(args.seeds):
         net, hist = train_on_circle(X, groups, args, args.seed + s, log_at)
+        controls.append(train_on_circle(Xc, bins, args, args.seed + s, log_at)[1])
         runs.append(hist)
-        peak = max(hist, key=lambda h: h["fisher"])
-        print(f"seed {args.seed + s}: Fisher ratio {hist[0]['fisher']:.2f} at init, peak {peak['fisher']:.2f} at "
-              f"step {peak['step']}, {hist[-1]['fisher']:.2f} at the end; largest gap {hist[0]['gap']:.2f} -> "
-              f"{peak['gap']:.2f} -> {hist[-1]['gap']:.2f} rad, {time.time() - t0:.1f}s")
+        print(f"seed {args.seed + s}: angle Fisher ratio {hist[0]['fisher']:.2f} at init, highest "
+              f"{max(h['fisher'] for h in hist):.2f}, {hist[-1]['fisher']:.2f} at the end | control "
+              f"{max(h['fisher'] for h in controls[-1]):.2f}, {controls[-1][-1]['fisher']:.2f}, {time.time() - t0:.1f}s")
+    fisher = np.array([[h["fisher"] for h in r] for r in runs])  # (seeds, steps)
+    fisher_c = np.array([[h["fisher"] for h in r] for r in controls])
+    top = int(fisher.mean(0).argmax())  # the one step where the mean over seeds peaks, the same step for every seed
     fmt = lambda xs, f: (f + " ± " + f) % mean_std(xs)
-    shown = [t for t in log_at if t in {0, args.steps} or any(t == round(10 ** (e / 2)) for e in range(12))]
-    table = []
-    for t in shown:
-        i = log_at.index(t)
-        table.append([t] + [fmt([r[i][key] for r in runs], f) for key, f in
-                            [("fisher", "%.2f"), ("gap", "%.2f"), ("uniformity", "%.3f"), ("knn", "%.3f")]])
-    table += [[name, f"{m['fisher']:.2f}", f"{m['gap']:.2f}", f"{m['uniformity']:.3f}", f"{m['knn']:.3f}"]
-              for name, m in [("equally spaced, by rank(u)", ref["uniform"]),
-                              (f"equally spaced, by {args.k_scramble} rank(u) mod N", ref["scrambled"])]]
-    print(f"\nmean ± std over {args.seeds} seeds; the last two rows are the trivial minimiser (a), for reference")
-    print_table(["step", "Fisher ratio (groups)", "largest gap (rad)", "uniformity", "10-NN acc (groups)"], table)
+    shown = sorted({log_at[top]} | {t for t in log_at if t in {0, args.steps} or any(t == round(10 ** (e / 2))
+                                                                                     for e in range(12))})
+    table = [[t] + [fmt(v, "%.2f") for v in (fisher[:, log_at.index(t)], fisher_c[:, log_at.index(t)])]
+             + [fmt([r[log_at.index(t)][key] for r in runs], "%.3f") for key in ("uniformity", "knn")] for t in shown]
+    table += [["input u, no net", f"{ref['input_u']:.2f}", f"{ref['control_input_u']:.2f}", "-", "-"],
+              ["equally spaced, by rank(u)", f"{ref['uniform']['fisher']:.2f}", "-",
+               f"{ref['uniform']['uniformity']:.3f}", f"{ref['uniform']['knn']:.3f}"]]
+    print(f"\nmean ± std over {args.seeds} seeds; the last rows: u itself, and the trivial minimiser of (a)")
+    print_table(["step", "angle Fisher ratio", "control: no clusters", "uniformity", "10-NN acc (groups)"], table)
+    peak = dict(step=log_at[top], fisher=mean_std(fisher[:, top]), control=mean_std(fisher_c[:, top]),
+                end=mean_std(fisher[:, -1]), control_end=mean_std(fisher_c[:, -1]))
+    print(f"at step {peak['step']}, where the mean peaks: {peak['fisher'][0]:.2f} ± {peak['fisher'][1]:.2f} against "
+          f"u's own {ref['input_u']:.2f}; the control {peak['control'][0]:.2f} ± {peak['control'][1]:.2f} against its "
+          f"u's {ref['control_input_u']:.2f}")
 
     # the trained net's own pairs, re-assigned to the data points by a permutation that mixes groups: the loss
     # is a symmetric function of the pairs (z_i, z'_i), so it cannot change, while the groups disappear
     with torch.no_grad():
-        z1, z2 = F.normalize(net(X1), dim=1), F.normalize(net(X2), dim=1)
+        z1, z2 = F.normalize(net(X1.float()), dim=1).double(), F.normalize(net(X2.float()), dim=1).double()
     perm = torch.randperm(N, generator=g)
-    trained = dict(loss=nt_xent(z1, z2, args.tau).item(), fisher=fisher_ratio(z1, groups), knn=knn_accuracy(z1, groups))
-    permuted = dict(loss=nt_xent(z1[perm], z2[perm], args.tau).item(), fisher=fisher_ratio(z1[perm], groups),
+    trained = dict(loss=nt_xent(z1, z2, args.tau).item(), fisher=angle_fisher(z1, groups), knn=knn_accuracy(z1, groups))
+    permuted = dict(loss=nt_xent(z1[perm], z2[perm], args.tau).item(), fisher=angle_fisher(z1[perm], groups),
                     knn=knn_accuracy(z1[perm], groups))
-    print(f"\nlast net vs the same pairs permuted across groups (one fixed pair of views)")
-    print_table(["embedding", "loss", "Fisher ratio", "10-NN acc"],
+    print("\nlast net vs the same pairs permuted across groups (one fixed pair of views): (a)'s identity again")
+    print_table(["embedding", "loss", "angle Fisher ratio", "10-NN acc"],
                 [[name, f"{m['loss']:.6f}", f"{m['fisher']:.2f}", f"{m['knn']:.3f}"]
                  for name, m in [("trained net", trained), ("pairs permuted", permuted)]])
 
     strip = lambda h: {k: v for k, v in h.items() if k != "angle"}
-    summary = dict(config=vars(args), part_a=part_a, reference=ref, runs=[[strip(h) for h in r] for r in runs],
+    summary = dict(config=vars(args), part_a=part_a, reference=ref, peak=peak,
+                   runs=[[strip(h) for h in r] for r in runs], controls=[[strip(h) for h in r] for r in controls],
                    trained=trained, permuted=permuted)
-    if plt is not None:
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw=dict(width_ratios=[1, 1, 1.5]))
-        for name, k in [("monotone g_1", 1), (f"scrambled g_{args.k_scramble}", args.k_scramble)]:
-            z = rank_embedding(X, u, 1.0, k)[:, 0]
-            ax[0].scatter(z, groups + (0.15 if k > 1 else -0.15), s=4, label=name)
-        ax[0].set(xlabel="latent (rank)", ylabel="group", yticks=[0, 1, 2], title="(a) same loss, with and without clusters")
-        ax[0].legend(fontsize=7)
-        for s, r in enumerate(runs):
-            ax[1].plot([h["step"] for h in r], [h["fisher"] for h in r], "-", label=f"seed {args.seed + s}")
-        ax[1].axhline(ref["uniform"]["fisher"], ls="--", color="gray", label="uniform circle, by rank(u)")
-        ax[1].set(xscale="symlog", xlim=(0, args.steps), xlabel="SGD step", ylabel="Fisher ratio over the groups",
-                  title="(b) clusters appear, then fade")
-        ax[1].legend(fontsize=7)
-        # the latents on the circle at init, at the Fisher peak and at the end, first seed; each group drawn on its
-        # own radius (0.8, 1, 1.2) so that groups sharing an arc stay visible
-        peak = max(runs[0], key=lambda h: h["fisher"])
-        for j, h in enumerate([runs[0][0], peak, runs[0][-1]]):
-            angle = torch.tensor(h["angle"])
-            for c in range(3):
-                r = 0.8 + 0.2 * c
-                ax[2].scatter(3 * j + r * angle[groups == c].cos(), r * angle[groups == c].sin(), s=2, color=f"C{c}",
-                              label=f"group {c}" if j == 0 else None)
-            ax[2].text(3 * j, -1.55, f"step {h['step']}", ha="center", fontsize=8)
-        ax[2].set(aspect="equal", xticks=[], yticks=[], ylim=(-1.75, 1.9),
-                  title=f"(b) latents at init, Fisher peak, end (seed {args.seed})")
-        ax[2].legend(fontsize=7, ncol=3, loc="upper center", markerscale=3)
-        fig.tight_layout()
-        save_fig(fig, args.fig)
+    plot_clusters(args, X, u, groups, runs, controls, ref, top)
     return summary
+
+
+def plot_clusters(args, X, u, groups, runs, controls, ref, top):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw=dict(width_ratios=[1, 1.2, 1.5]))
+    for name, k in [("monotone g_1", 1), (f"scrambled g_{args.k_scramble}", args.k_scramble)]:
+        z = rank_embedding(X, u, 1.0, k)[:, 0]
+        ax[0].scatter(z, groups + (0.15 if k > 1 else -0.15), s=4, label=name)
+    ax[0].set(xlabel="latent (rank)", ylabel="group", yticks=[0, 1, 2], title="(a) the same loss, exactly")
+    ax[0].legend(fontsize=7)
+    steps = [h["step"] for h in runs[0]]
+    for rs, colour, name in [(runs, "C0", "4 clusters"), (controls, "C1", "control: u uniform")]:
+        f = np.array([[h["fisher"] for h in r] for r in rs])
+        ax[1].plot(steps, f.T, "-", color=colour, lw=0.5, alpha=0.4)
+        ax[1].plot(steps, f.mean(0), "-", color=colour, lw=2, label=f"{name}, mean of {len(rs)}")
+    ax[1].axhline(ref["input_u"], color="C0", ls="--", lw=1, label="u of the 4 clusters itself")
+    ax[1].axhline(ref["control_input_u"], color="C1", ls="--", lw=1, label="u of the control itself")
+    ax[1].axhline(ref["uniform"]["fisher"], color="gray", ls=":", label="equally spaced by rank(u)")
+    ax[1].axvline(steps[top], color="gray", lw=0.5)
+    ax[1].set(xscale="symlog", xlim=(0, args.steps), xlabel="SGD step", ylabel="Fisher ratio of the angle",
+              title="(b) clustering of the latents over training")
+    ax[1].legend(fontsize=6)
+    # the latents on the circle at init, at the step where the mean peaks and at the end, first seed; each group
+    # drawn on its own radius (0.8, 1, 1.2) so that groups sharing an arc stay visible
+    for j, h in enumerate([runs[0][0], runs[0][top], runs[0][-1]]):
+        angle = torch.tensor(h["angle"])
+        for c in range(3):
+            r = 0.8 + 0.2 * c
+            ax[2].scatter(3 * j + r * angle[groups == c].cos(), r * angle[groups == c].sin(), s=2, color=f"C{c}",
+                          label=f"group {c}" if j == 0 else None)
+        ax[2].text(3 * j, -1.55, f"step {h['step']}", ha="center", fontsize=8)
+    ax[2].set(aspect="equal", xticks=[], yticks=[], ylim=(-1.75, 1.9),
+              title=f"(b) latents at init, the peak step, the end (seed {args.seed})")
+    ax[2].legend(fontsize=7, ncol=3, loc="upper center", markerscale=3)
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
 
 
 # =====================================================================================================
@@ -795,11 +955,6 @@ def relu_mlp(Ws, X):
     for l, W in enumerate(Ws):
         h = (torch.relu(h) if l > 0 else h) @ W.T
     return h
-
-
-def empirical_l_simp(W, Xa):
-    """E_emp[L_simp] for f(x) = W x. Xa: (N, K, D), Xa[i, k] = k-th augmentation of latent i. Naive, no shortcut."""
-    return l_simp_of_outputs(Xa @ W.T)
 
 
 def l_simp_of_outputs(f):
@@ -834,49 +989,93 @@ def covariance_operator(Ws, Xa, l):
 
 
 # Fig. 3 of the paper: a 1-layer conv net on 1-D signals holding the object "11" or "101" at a random position;
-# augmentation = a new position (plus pixel noise). Summing over positions, the two objects differ only through
-# the windows that see both of their 1s: with a *linear* activation the pooled code is sum_taps(w) times the
-# object's mass (2 for both), apart from edge effects, so the covariance operator is ~0 and nothing can become
-# selective. The ReLU's gate makes K depend on the object, and the operator amplifies what differs.
+# augmentation = a new position (plus pixel noise). The pooled code is h_c(x) = sum_p relu(<w_c, x_p>) over the
+# windows x_p, so h_c = <K_c(x), w_c> with the connection K_c(x) = sum_p 1[<w_c, x_p> > 0] x_p: a bias-free ReLU net,
+# one block per filter, and Theorem 3 holds for it with z0 = the object: -grad_{w_c} E[L_simp] = 4 V_z0[Kbar_c] w_c.
+# With two objects V_z0 is rank one, (Kbar_c("11") - Kbar_c("101")) (...)^T / 4, so each filter grows at the rate
+# (r_c("11") - r_c("101"))^2 / ||w_c||^2 of its pooled responses r_c: the operator amplifies what tells the objects
+# apart. The control keeps net, init and views but puts an independent object in the positive view: nothing is
+# shared, V_z0 is over a constant, and the operator is 0.
 
 
 def translated_objects(objects, L, noise, g):
     """Tian et al. Fig. 3: a 1-D signal of length L holding object "11" or "101" at a random position.
     objects: (B,) in {0, 1}. Returns (B, 1, L)."""
-    patterns = [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0, 1.0])]
+    span = 1 + objects  # from the first 1 to the second: "11" -> 1, "101" -> 2
     X = noise * torch.randn(len(objects), 1, L, generator=g)
-    for b, o in enumerate(objects.tolist()):
-        pat = patterns[o]
-        z = torch.randint(0, L - len(pat) + 1, (1,), generator=g).item()  # z': the position, changed by augmentation
-        X[b, 0, z:z + len(pat)] += pat
+    z = (torch.rand(len(objects), generator=g) * (L - span)).long()  # z': the position, changed by augmentation
+    rows = torch.arange(len(objects))
+    X[rows, 0, z] += 1
+    X[rows, 0, z + span] += 1
     return X
 
 
-def conv_h(conv, X, act=torch.relu):
-    """1-layer conv net: h = sum over positions of act(conv(x)), a translation-invariant pooled code. (B, C)"""
-    return act(conv(X)).sum(-1)
+def conv_h(conv, X):
+    """1-layer conv net: h = sum over positions of relu(conv(x)), a translation-invariant pooled code. (B, C)"""
+    return torch.relu(conv(X)).sum(-1)
 
 
-def object_responses(conv, L, act=torch.relu):
-    """Per filter, the pooled response to "11" and "101" averaged over all their clean positions (rows 0, 1), and the
-    same for the pooled |activation| (rows 2, 3; equal to rows 0, 1 for a ReLU). (4, C)"""
+def conv_connection(W, X):
+    """K_c(x) = sum_p 1[<w_c, x_p> > 0] x_p for every filter c of W (C, width) and signal of X (B, 1, L), so that
+    h_c(x) = <K_c(x), w_c>. (B, C, width)"""
+    win = X[:, 0].unfold(1, W.shape[1], 1)  # (B, P, width): every window of the signal
+    gate = (win @ W.T > 0).to(X.dtype)  # (B, P, C): the ReLU gates
+    return torch.einsum("bpc,bpk->bck", gate, win)
+
+
+def conv_covariance_operator(W, Xa):
+    """4 V_z0[Kbar_c(z0)] w_c for every filter, shaped like W (C, width), under the empirical distribution of
+    Xa (N, K, 1, L): N latents z0, K stored augmentations of each (Theorem 3 for the conv net)."""
+    N, K = Xa.shape[:2]
+    Kbar = conv_connection(W, Xa.flatten(0, 1)).unflatten(0, (N, K)).mean(1)  # (N, C, width): E_aug[K_c | z0]
+    Kbar = Kbar - Kbar.mean(0)
+    proj = torch.einsum("ncw,cw->nc", Kbar, W)  # (N, C): (Kbar_c - E Kbar_c)^T w_c
+    return 4 * torch.einsum("ncw,nc->cw", Kbar, proj) / N
+
+
+def object_augmentations(L, K, noise, g):
+    """The empirical distribution of the conv check: z0 = the object, K augmentations (position and noise) of
+    each. (2, K, 1, L), float64."""
+    return torch.stack([translated_objects(torch.full((K,), o), L, noise, g) for o in (0, 1)]).double()
+
+
+def operator_rate(W, Xa):
+    """Per filter, <w_c, 4 V[Kbar_c] w_c> / ||w_c||^2: the rate at which gradient flow on E[L_simp] grows ||w_c||^2 / 2."""
+    return ((conv_covariance_operator(W, Xa) * W).sum(1) / (W * W).sum(1)).numpy()
+
+
+def nt_xent_direction(conv, args, shared, g, batches=16):
+    """-grad of NT-Xent at the conv's weights, averaged over `batches` training batches: the expected SGD step. (C, width)"""
+    total = 0
+    for _ in range(batches):
+        obj = torch.randint(0, 2, (args.batch,), generator=g)
+        obj2 = obj if shared else torch.randint(0, 2, (args.batch,), generator=g)
+        x1, x2 = translated_objects(obj, args.L, args.noise, g), translated_objects(obj2, args.L, args.noise, g)
+        (grad,) = torch.autograd.grad(nt_xent(conv_h(conv, x1), conv_h(conv, x2), args.tau), conv.weight)
+        total = total - grad[:, 0] / batches
+    return total.double()
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def object_responses(conv, L):
+    """Per filter, the pooled response to "11" and "101" averaged over all their clean positions. (2, C)"""
     resp = []
-    for pool in (act, lambda v: act(v).abs()):
-        for pat in ([1.0, 1.0], [1.0, 0.0, 1.0]):
-            X = torch.zeros(L - len(pat) + 1, 1, L)
-            for z in range(len(X)):
-                X[z, 0, z:z + len(pat)] = torch.tensor(pat)
-            with torch.no_grad():
-                resp.append(conv_h(conv, X, pool).mean(0))  # (C,)
+    for pat in ([1.0, 1.0], [1.0, 0.0, 1.0]):
+        X = torch.zeros(L - len(pat) + 1, 1, L)
+        for z in range(len(X)):
+            X[z, 0, z:z + len(pat)] = torch.tensor(pat)
+        with torch.no_grad():
+            resp.append(conv_h(conv, X).mean(0))  # (C,)
     return torch.stack(resp)
 
 
-def selectivity(conv, L, act=torch.relu):
-    """Per filter |r(11) - r(101)| / (|r|(11) + |r|(101)), |r| pooling |activation|: for a ReLU the usual
-    |r(11) - r(101)| / (r(11) + r(101)); for the linear control a filter whose signed responses cancel does not
-    count as selective. 0 for a filter that responds to neither object (a dead one)."""
-    r = object_responses(conv, L, act)
-    return ((r[0] - r[1]).abs() / (r[2] + r[3] + 1e-8)).numpy()
+def selectivity(conv, L):
+    """Per filter |r(11) - r(101)| / (r(11) + r(101)); 0 for a filter that responds to neither (a dead one)."""
+    r = object_responses(conv, L)
+    return ((r[0] - r[1]).abs() / (r[0] + r[1] + 1e-8)).numpy()
 
 
 def object_only_nt_xent(N, tau, cos):
@@ -892,24 +1091,26 @@ def object_only_nt_xent(N, tau, cos):
     return loss
 
 
-def train_conv(args, seed, act):
-    """Fig. 3's net trained with NT-Xent from the seed's init, on the seed's stream of views. Returns the net and the
-    mean selectivity and mean loss (over the steps since the previous entry) every --log-every steps."""
-    torch.manual_seed(seed)  # the init: the same for the ReLU net and its linear control
+def train_conv(args, seed, shared=True):
+    """Fig. 3's net trained with NT-Xent from the seed's init, on the seed's stream of views; shared=False is the
+    control, whose positive view holds an independent object. Returns the net and the mean selectivity and mean
+    loss (over the steps since the previous entry) every --log-every steps."""
+    torch.manual_seed(seed)  # the init: the same for the run and its control
     conv = torch.nn.Conv1d(1, args.filters, args.width, bias=False)
     g = generator(seed)
     opt = torch.optim.SGD(conv.parameters(), lr=args.lr)
     hist, losses = [], []
     for step in range(args.steps + 1):
         if step % args.log_every == 0 or step == args.steps:
-            hist.append(dict(step=step, selectivity=float(selectivity(conv, args.L, act).mean()),
+            hist.append(dict(step=step, selectivity=float(selectivity(conv, args.L).mean()),
                              loss=float(np.mean(losses)) if losses else None))
             losses = []
         if step == args.steps:
             break
         obj = torch.randint(0, 2, (args.batch,), generator=g)
-        x1, x2 = translated_objects(obj, args.L, args.noise, g), translated_objects(obj, args.L, args.noise, g)
-        loss = nt_xent(conv_h(conv, x1, act), conv_h(conv, x2, act), args.tau)
+        obj2 = obj if shared else torch.randint(0, 2, (args.batch,), generator=g)
+        x1, x2 = translated_objects(obj, args.L, args.noise, g), translated_objects(obj2, args.L, args.noise, g)
+        loss = nt_xent(conv_h(conv, x1), conv_h(conv, x2), args.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -929,63 +1130,72 @@ def run_covariance(args):
     nets = {"linear f = W x": [torch.randn(args.D // 2, args.D, generator=g, dtype=torch.float64)],
             f"ReLU MLP {'-'.join(map(str, widths))}, no bias": [
                 torch.randn(o, i, generator=g, dtype=torch.float64) / math.sqrt(i) for i, o in zip(widths, widths[1:])]}
-    rows, theorem3 = [], []
+    checks = []  # (net, layer, shape, -grad, operator)
     for name, Ws in nets.items():
         Ws = [W.requires_grad_() for W in Ws]
         grads = torch.autograd.grad(l_simp_of_outputs(relu_mlp(Ws, Xa)), Ws)
-        for l, (W, grad) in enumerate(zip(Ws, grads)):
-            op = covariance_operator([W.detach() for W in Ws], Xa, l)
-            abs_err = (-grad - op).abs().max().item()
-            theorem3.append(dict(net=name, layer=l + 1, shape=list(W.shape), abs_err=abs_err,
-                                 rel_err=abs_err / op.abs().max().item(), max_grad=grad.abs().max().item()))
-            rows.append([name, l + 1, tuple(W.shape), f"{abs_err:.2e}", f"{theorem3[-1]['rel_err']:.2e}",
-                         f"{theorem3[-1]['max_grad']:.3f}"])
-    print(f"\n(a) Theorem 3 against autograd, N={args.N} latents x K={args.K} augmentations, float64")
-    print_table(["net", "layer l", "W_l", "max |-grad - 4 V[Kbar_l] w_l|", "relative", "max |grad|"], rows)
+        checks += [(name, l + 1, W.shape, -grad, covariance_operator([W.detach() for W in Ws], Xa, l))
+                   for l, (W, grad) in enumerate(zip(Ws, grads))]
+    # the conv net of (b) at its init, z0 = the object, K positions and noise draws of each
+    torch.manual_seed(args.seed)
+    W = torch.nn.Conv1d(1, args.filters, args.width, bias=False).weight.detach()[:, 0].double().requires_grad_()
+    Xo = object_augmentations(args.L, args.K, args.noise, g)  # (2, K, 1, L)
+    h = torch.relu(torch.nn.functional.conv1d(Xo.flatten(0, 1), W[:, None])).sum(-1)  # (2K, C)
+    (grad,) = torch.autograd.grad(l_simp_of_outputs(h.unflatten(0, (2, args.K))), W)
+    checks.append(("conv net of (b), z0 = object", 1, W.shape, -grad, conv_covariance_operator(W.detach(), Xo)))
+    theorem3 = [dict(net=name, layer=l, shape=list(shape), rel_err=((ng - op).abs().max() / op.abs().max()).item(),
+                     max_grad=ng.abs().max().item()) for name, l, shape, ng, op in checks]
+    print(f"\n(a) Theorem 3 against autograd, N={args.N} latents x K={args.K} augmentations (the conv net: 2 objects "
+          f"x K), float64")
+    print_table(["net", "layer l", "W_l", "max |-grad - 4 V[Kbar_l] w_l| / max |4 V[Kbar_l] w_l|", "max |grad|"],
+                [[t["net"], t["layer"], tuple(t["shape"]), f"{t['rel_err']:.1e}", f"{t['max_grad']:.3f}"]
+                 for t in theorem3])
 
-    # ---- (b) object selectivity of a 1-layer conv net, Fig. 3, and its linear-activation control --------------
-    print(f"\n(b) conv1d({args.filters} filters, width {args.width}, no bias) -> ReLU or identity -> sum pool, "
-          f"NT-Xent tau {args.tau}, batch {args.batch}, SGD lr {args.lr}, {args.steps} steps; "
-          f"positive view = same object, new position")
+    # ---- (b) object selectivity of a 1-layer conv net, Fig. 3, and its no-shared-object control ---------------
+    print(f"\n(b) conv1d({args.filters} filters, width {args.width}, no bias) -> ReLU -> sum pool, NT-Xent tau "
+          f"{args.tau}, batch {args.batch}, SGD lr {args.lr}, {args.steps} steps; positive view = the same object at "
+          f"a new position; control: an independent object")
+    Xo = object_augmentations(args.L, 256, args.noise, g)  # the empirical distribution of the operator's rates
     runs, t0 = [], time.time()
     for s in range(args.seeds):
         seed = args.seed + s
-        run = dict(seed=seed)
-        for key, act in [("relu", torch.relu), ("linear", lambda x: x)]:
-            torch.manual_seed(seed)
-            init = torch.nn.Conv1d(1, args.filters, args.width, bias=False)  # the same init train_conv draws
-            conv, hist = train_conv(args, seed, act)
-            r = object_responses(conv, args.L, act)
-            run[key] = dict(history=hist, sel_init=selectivity(init, args.L, act).tolist(),
-                            sel=selectivity(conv, args.L, act).tolist(), live=(r[2:].sum(0) > 1e-6).tolist(),
-                            norm_init=init.weight.detach()[:, 0].norm(dim=1).tolist(),
+        torch.manual_seed(seed)
+        init = torch.nn.Conv1d(1, args.filters, args.width, bias=False)  # the same init train_conv draws
+        W0 = init.weight.detach()[:, 0].double()
+        op = conv_covariance_operator(W0, Xo)
+        run = dict(seed=seed, sel_init=selectivity(init, args.L).tolist(), rate=operator_rate(W0, Xo).tolist(),
+                   norm_init=init.weight.detach()[:, 0].norm(dim=1).tolist(),
+                   step_cos={key: cosine(nt_xent_direction(init, args, shared, g), op)
+                             for key, shared in [("shared", True), ("control", False)]})
+        for key, shared in [("shared", True), ("control", False)]:
+            conv, hist = train_conv(args, seed, shared)
+            run[key] = dict(history=hist, sel=selectivity(conv, args.L).tolist(),
+                            live=(object_responses(conv, args.L).sum(0) > 1e-6).tolist(),
                             norm=conv.weight.detach()[:, 0].norm(dim=1).tolist(),
                             filters=conv.weight.detach()[:, 0].tolist())
         runs.append(run)
-        rl, ln = run["relu"], run["linear"]
-        top = int(np.argmax(rl["sel_init"]))
-        print(f"seed {seed}: ReLU loss {rl['history'][-1]['loss']:.3f}, mean selectivity {np.mean(rl['sel_init']):.3f} -> "
-              f"{np.mean(rl['sel']):.3f}, live {sum(rl['live'])}/{args.filters}; most selective filter at init "
-              f"{rl['sel_init'][top]:.2f} -> {rl['sel'][top]:.2f}, norm x{rl['norm'][top] / rl['norm_init'][top]:.2f} | "
-              f"linear loss {ln['history'][-1]['loss']:.3f}, max selectivity {max(ln['sel']):.3f}, {time.time() - t0:.1f}s")
+        sh, ct = run["shared"], run["control"]
+        print(f"seed {seed}: shared object: loss {sh['history'][-1]['loss']:.3f}, {sum(np.array(sh['sel']) > 0.9)} "
+              f"filters above 0.9, live {sum(sh['live'])}/{args.filters} | control: loss "
+              f"{ct['history'][-1]['loss']:.3f}, {sum(np.array(ct['sel']) > 0.9)} above 0.9, live "
+              f"{sum(ct['live'])}/{args.filters}, {time.time() - t0:.1f}s")
 
     def stats(key):
-        sel0, sel, live = (np.array([r[key][k] for r in runs]) for k in ("sel_init", "sel", "live"))  # (seeds, C)
-        top = sel0.argmax(1)  # each network's most selective filter at init
-        norm_ratio = np.array([r[key]["norm"][t] / r[key]["norm_init"][t] for r, t in zip(runs, top)])
+        sel0, rate = np.array([r["sel_init"] for r in runs]), np.array([r["rate"] for r in runs])  # (seeds, C)
+        sel, live = (np.array([r[key][k] for r in runs]) for k in ("sel", "live"))
+        top = rate.argmax(1)  # each network's filter with the fastest L_simp growth at init
         return {f"NT-Xent, mean of the last {args.log_every} steps": ([r[key]["history"][-1]["loss"] for r in runs], "%.3f"),
-                "mean selectivity at init": (sel0.mean(1), "%.3f"), "mean selectivity, trained": (sel.mean(1), "%.3f"),
+                "cos(NT-Xent step at init, Thm 3 operator)": ([r["step_cos"][key] for r in runs], "%.2f"),
+                "mean selectivity, trained (init: %.3f)" % sel0.mean(): (sel.mean(1), "%.3f"),
                 "live filters (respond to an object)": (live.sum(1), "%.1f"),
-                "mean selectivity of the live filters": ([s[l].mean() for s, l in zip(sel, live)], "%.3f"),
                 "filters with selectivity > 0.9": ((sel > 0.9).sum(1), "%.1f"),
-                "most selective filter at init (MSF): selectivity": (sel0.max(1), "%.3f"),
-                "MSF: selectivity, trained": (sel[np.arange(len(runs)), top], "%.3f"),
-                "MSF: norm, trained / init": (norm_ratio, "%.2f")}
-    table = {key: {k: (mean_std(v), f) for k, (v, f) in stats(key).items()} for key in ("relu", "linear")}
-    print(f"\nmean ± std over {args.seeds} networks of {args.filters} filters; the linear control starts from the same "
-          f"weights and sees the same views")
-    print_table(["", "ReLU", "linear control"], [[k] + [(f + " ± " + f) % table[key][k][0] for key in ("relu", "linear")]
-                                                for k, (_, f) in table["relu"].items()])
+                "fastest filter at init: selectivity, trained": (sel[np.arange(len(runs)), top], "%.3f")}
+    table = {key: {k: (mean_std(v), f) for k, (v, f) in stats(key).items()} for key in ("shared", "control")}
+    print(f"\nmean ± std over {args.seeds} networks of {args.filters} filters; the control starts from the same "
+          f"weights; Thm 3 rate: <w_c, 4 V[Kbar_c] w_c> / ||w_c||^2 at init, z0 = the object")
+    print_table(["", "shared object", "control: independent object"],
+                [[k] + [(f + " ± " + f) % table[key][k][0] for key in ("shared", "control")]
+                 for k, (_, f) in table["shared"].items()])
     table = {key: {k: m for k, (m, _) in t.items()} for key, t in table.items()}
     ref = dict(input_blind=math.log(2 * args.batch - 1), object_only=object_only_nt_xent(args.batch, args.tau, -1.0),
                object_only_nonneg=object_only_nt_xent(args.batch, args.tau, 0.0))
@@ -994,30 +1204,33 @@ def run_covariance(args):
           f"non-negative codes like the ReLU net's (cosine 0)")
 
     summary = dict(config=vars(args), theorem3=theorem3, table=table, reference=ref, runs=runs)
-    if plt is not None:
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
-        steps = [h["step"] for h in runs[0]["relu"]["history"]]
-        for key, ls in [("relu", "-"), ("linear", "--")]:
-            for r in runs:
-                ax[0].plot(steps, [h["selectivity"] for h in r[key]["history"]], ls, color="C0" if key == "relu" else "C1",
-                           alpha=0.6, label=f"{key}" if r is runs[0] else None)
-        ax[0].set(xlabel="SGD step", ylabel="mean selectivity over filters", title='(b) selectivity for "11" vs "101"')
-        ax[0].legend(fontsize=7)
-        for key, colour in [("relu", "C0"), ("linear", "C1")]:
-            sel0 = np.concatenate([r[key]["sel_init"] for r in runs])
-            sel = np.concatenate([r[key]["sel"] for r in runs])
-            grow = np.concatenate([np.array(r[key]["norm"]) / np.array(r[key]["norm_init"]) for r in runs])
-            live = np.concatenate([r[key]["live"] for r in runs])
-            ax[1].scatter(sel0[live], sel[live], s=12 * grow[live], color=colour, alpha=0.6, label=f"{key}, live")
-            ax[1].scatter(sel0[~live], sel[~live], s=12, marker="x", color=colour, label=f"{key}, dead")
-        ax[1].set(xlabel="selectivity at init", ylabel="selectivity, trained",
-                  title="(b) every filter (area: norm growth)")
-        ax[1].legend(fontsize=7)
-        ax[2].imshow(np.array(runs[0]["relu"]["filters"]), cmap="RdBu_r", aspect="auto")
-        ax[2].set(xlabel="tap", ylabel="filter", title=f"learned ReLU filters, seed {args.seed}")
-        fig.tight_layout()
-        save_fig(fig, args.fig)
+    plot_covariance(args, runs)
     return summary
+
+
+def plot_covariance(args, runs):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    steps = [h["step"] for h in runs[0]["shared"]["history"]]
+    for key, colour, name in [("shared", "C0", "shared object"), ("control", "C1", "control: independent object")]:
+        for r in runs:
+            ax[0].plot(steps, [h["selectivity"] for h in r[key]["history"]], color=colour, alpha=0.6,
+                       label=name if r is runs[0] else None)
+    ax[0].set(xlabel="SGD step", ylabel="mean selectivity over filters", title='(b) selectivity for "11" vs "101"')
+    ax[0].legend(fontsize=7)
+    sel0 = np.concatenate([r["sel_init"] for r in runs])
+    for key, colour, marker, name in [("shared", "C0", "o", "shared object"), ("control", "C1", "x", "control")]:
+        ax[1].scatter(sel0, np.concatenate([r[key]["sel"] for r in runs]), s=12, marker=marker, color=colour,
+                      alpha=0.7, label=f"{name}: NT-Xent step at init vs operator, cos "
+                                       f"{np.mean([r['step_cos'][key] for r in runs]):.2f}")
+    ax[1].set(xlabel="selectivity at init", ylabel="selectivity, trained", title="(b) every filter, same init")
+    ax[1].legend(fontsize=7)
+    ax[2].imshow(np.array(runs[0]["shared"]["filters"]), cmap="RdBu_r", aspect="auto")
+    ax[2].set(xlabel="tap", ylabel="filter", title=f"learned filters, shared object, seed {args.seed}")
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
 
 
 # =====================================================================================================
@@ -1070,15 +1283,16 @@ def hltm_posterior(deltas, x):
     return post[::-1]
 
 
-def hltm_init(depth, C, hid, g):
-    """Weights of the tree-shaped network, bottom level first: W (n_nodes, hid, C * fan_in_per_child), b (n, hid);
-    nn.Linear's default uniform init, one Linear per latent."""
+def hltm_init(depth, C, hid, g, emb=None):
+    """Weights of the tree-shaped network, bottom level first: W (n_nodes, width, C * fan_in_per_child), b (n, width);
+    nn.Linear's default uniform init, one Linear per latent. Every block has hid nodes but the root's, which has emb
+    (default hid): the embedding NT-Xent normalises."""
     Ws, bs = [], []
     for level in reversed(range(depth)):
-        fan_in = C * (1 if level == depth - 1 else hid)
+        fan_in, width = C * (1 if level == depth - 1 else hid), (emb or hid) if level == 0 else hid
         bound = 1 / math.sqrt(fan_in)
-        Ws.append(((2 * torch.rand(C ** level, hid, fan_in, generator=g) - 1) * bound).requires_grad_())
-        bs.append(((2 * torch.rand(C ** level, hid, generator=g) - 1) * bound).requires_grad_())
+        Ws.append(((2 * torch.rand(C ** level, width, fan_in, generator=g) - 1) * bound).requires_grad_())
+        bs.append(((2 * torch.rand(C ** level, width, generator=g) - 1) * bound).requires_grad_())
     return Ws, bs
 
 
@@ -1117,10 +1331,19 @@ def hltm_level_corrs(Ws, bs, z_eval):
     return [c.amax(1).mean().item() for c in hltm_node_corrs(Ws, bs, z_eval)]
 
 
+def authors_nce(f, f_pos, f_neg, tau):
+    """The `nce` loss of the authors' ssl/hltm code: minus the softmax probability of the positive against ONE
+    negative, on batch-mean squared distances of normalised outputs, -exp(-d+/tau) / (exp(-d+/tau) + exp(-d-/tau))."""
+    f, f_pos, f_neg = (F.normalize(v, dim=1) for v in (f, f_pos, f_neg))
+    d_pos, d_neg = ((f - f_pos) ** 2).mean(), ((f - f_neg) ** 2).mean()  # nn.MSELoss: mean over batch and nodes
+    return -torch.sigmoid((d_neg - d_pos) / tau)
+
+
 def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
-    """SimCLR on the tree: NT-Xent on the root block's output. shared_root=False is the control. The same g gives
+    """SimCLR on the tree: NT-Xent (2N - 2 negatives per view) on the root block's output, or with --loss nce the
+    authors' loss (one negative, a tree with a fresh root). shared_root=False is the control. The same g gives
     the same initial weights, so a run and its control start from one network."""
-    Ws, bs = hltm_init(len(deltas), len(deltas[0]), args.hid, g)
+    Ws, bs = hltm_init(len(deltas), len(deltas[0]), args.hid, g, args.emb)
     opt = torch.optim.SGD(Ws + bs, lr=args.lr)
     hist, loss = [], torch.tensor(float("nan"))
     for step in range(args.steps + 1):
@@ -1131,7 +1354,12 @@ def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
         root = torch.randint(0, 2, (args.batch,), generator=g)
         root2 = root if shared_root else torch.randint(0, 2, (args.batch,), generator=g)
         x1, x2 = hltm_sample(deltas, root, g)[-1], hltm_sample(deltas, root2, g)[-1]
-        loss = nt_xent(hltm_forward(Ws, bs, x1)[0][:, 0], hltm_forward(Ws, bs, x2)[0][:, 0], args.tau)
+        f1, f2 = hltm_forward(Ws, bs, x1)[0][:, 0], hltm_forward(Ws, bs, x2)[0][:, 0]  # (N, emb) each
+        if args.loss == "nce":
+            x_neg = hltm_sample(deltas, torch.randint(0, 2, (args.batch,), generator=g), g)[-1]
+            loss = authors_nce(f1, f2, hltm_forward(Ws, bs, x_neg)[0][:, 0], args.tau)
+        else:
+            loss = nt_xent(f1, f2, args.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1148,10 +1376,18 @@ def hltm_tree(args, seed):
     return deltas, z_eval, ceiling
 
 
+def hltm_dead(Ws, bs, x):
+    """A dead network: its normalised embedding is the same for every input (every ReLU below the root is off, or
+    the root block ignores them), so NT-Xent's gradient is 0 and it can never train."""
+    with torch.no_grad():
+        return F.normalize(hltm_forward(Ws, bs, x)[0][:, 0], dim=1).std(0).max().item() < 1e-6
+
+
 def run_hltm(args):
     print(f"tree: depth {args.depth}, {args.children} children, |delta| ~ U[{args.delta_lo}, {args.delta_hi}], "
-          f"{args.children ** args.depth} leaves; NT-Xent tau {args.tau}, batch {args.batch}, SGD lr {args.lr}, "
-          f"{args.steps} steps")
+          f"{args.children ** args.depth} leaves; "
+          + ("NT-Xent" if args.loss == "nt-xent" else "the authors' one-negative nce loss")
+          + f", tau {args.tau}, batch {args.batch}, SGD lr {args.lr}, {args.steps} steps")
     return {"main": hltm_main, "width": hltm_width_sweep}[args.part](args)
 
 
@@ -1159,28 +1395,30 @@ def hltm_main(args):
     levels = list(range(args.depth))  # non-leaf levels, root = 0
     log_at = sorted(set(range(0, args.steps + 1, args.log_every)) | {args.steps})
     runs, nodes = [], []
-    print(f"network: {args.hid} nodes per latent")
+    print(f"network: {args.hid} nodes per latent, {args.emb or args.hid} at the root")
     for s in range(args.seeds):
         deltas, z_eval, ceiling = hltm_tree(args, args.seed + s)
         t0, g_net = time.time(), args.seed + s + 1000
         Ws, bs, hist, loss = hltm_train(deltas, args, generator(g_net), True, log_at, z_eval)
         _, _, hist_ctrl, loss_ctrl = hltm_train(deltas, args, generator(g_net), False, log_at, z_eval)
         # every node's |corr| with its latent at init (hltm_train's first draw from the same seed) and trained
-        nodes.append((hltm_node_corrs(*hltm_init(args.depth, args.children, args.hid, generator(g_net)), z_eval),
-                      hltm_node_corrs(Ws, bs, z_eval)))
+        init = hltm_init(args.depth, args.children, args.hid, generator(g_net), args.emb)
+        nodes.append((hltm_node_corrs(*init, z_eval), hltm_node_corrs(Ws, bs, z_eval)))
         runs.append(dict(seed=args.seed + s, ceiling=ceiling, history=hist, control=hist_ctrl, loss=loss,
-                         loss_control=loss_ctrl))
+                         loss_control=loss_ctrl, dead=hltm_dead(Ws, bs, z_eval[-1])))
         print(f"seed {args.seed + s}: best |corr| per level (root first) init "
               + " ".join(f"{c:.2f}" for c in hist[0]["corr"]) + " -> trained "
               + " ".join(f"{c:.2f}" for c in hist[-1]["corr"]) + " | control "
-              + " ".join(f"{c:.2f}" for c in hist_ctrl[-1]["corr"]) + f", {time.time() - t0:.1f}s")
+              + " ".join(f"{c:.2f}" for c in hist_ctrl[-1]["corr"])
+              + (", DEAD" if runs[-1]["dead"] else "") + f", {time.time() - t0:.1f}s")
     fmt = lambda xs: "%.3f +- %.3f" % mean_std(xs)
+    live = [r for r in runs if not r["dead"]]
     rows, table, luck = [], [], []
     for l in levels:
-        init = [r["history"][0]["corr"][l] for r in runs]
-        trained = [r["history"][-1]["corr"][l] for r in runs]
-        control = [r["control"][-1]["corr"][l] for r in runs]
-        ceiling = [r["ceiling"][l] for r in runs]
+        init = [r["history"][0]["corr"][l] for r in live]
+        trained = [r["history"][-1]["corr"][l] for r in live]
+        control = [r["control"][-1]["corr"][l] for r in live]
+        ceiling = [r["ceiling"][l] for r in live]
         table.append(dict(level=l, latents=args.children ** l, init=mean_std(init), trained=mean_std(trained),
                           control=mean_std(control), ceiling=mean_std(ceiling)))
         rows.append([l, args.children ** l, fmt(init), fmt(trained), fmt(control), fmt(ceiling)])
@@ -1188,74 +1426,96 @@ def hltm_main(args):
         c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents * seeds, hid)
         luck.append(dict(level=l, kept=(c0.argmax(1) == c1.argmax(1)).double().mean().item(),
                          corr=float(np.corrcoef(c0.flatten(), c1.flatten())[0, 1]), latents=len(c0)))
-    print(f"\nbest |corr(z_mu, node)| per level, mean +- std over {args.seeds} seeds (level 0 = root; "
-          f"level {args.depth - 1} sits just above the leaves)")
+    print(f"\nbest |corr(z_mu, node)| per level, mean +- std over the {len(live)} of {args.seeds} networks that are not "
+          f"dead (level 0 = root; level {args.depth - 1} sits just above the leaves)")
     print_table(["level", "latents", "init", "SimCLR", "control: no shared root", "Bayes ceiling"], rows)
-    print(f"\nluck: the trained best node was the best at init (chance 1/{args.hid} = {1 / args.hid:.2f}), and the "
-          f"Pearson correlation of init and trained |corr| over all {args.hid} nodes of every latent, {args.seeds} seeds")
+    print(f"\nluck: the trained best node was the best at init (chance 1/{args.hid} = {1 / args.hid:.2f} below the "
+          f"root), and the Pearson correlation of init and trained |corr| over all nodes of every latent, "
+          f"{args.seeds} seeds")
     print_table(["level", "latents x seeds", "best node kept", "corr(init, trained)"],
                 [[d["level"], d["latents"], f"{d['kept']:.2f}", f"{d['corr']:.2f}"] for d in luck])
-    if plt is not None:
-        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-        for l in levels:
-            colour = f"C{l}"
-            steps = [h["step"] for h in runs[0]["history"]]
-            ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["history"]] for r in runs], 0), "-", color=colour,
-                       label=f"level {l}")
-            ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in runs], 0), ":", color=colour)
-            ax[0].plot(steps[-1] * (1.03 + 0.025 * l), table[l]["ceiling"][0], "<", color=colour, ms=7, clip_on=False)
-            if l < args.depth - 1:  # the bottom level has nothing left to learn (its init sits at the ceiling)
-                c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents, hid)
-                ax[1].scatter(c0.flatten(), c1.flatten(), s=5, color=colour, alpha=0.4, label=f"level {l}")
-                best = c0.argmax(1, keepdim=True)  # each latent's luckiest node at init
-                ax[1].scatter(c0.gather(1, best), c1.gather(1, best), s=22, color=colour, edgecolors="k")
-        ax[0].set(xlabel="SGD step", ylabel="best |corr(z, node)|",
-                  title="HLTM: solid SimCLR, dotted control, \u25c0 Bayes ceiling")
-        ax[0].legend(fontsize=8, ncol=2)
-        ax[1].plot([0, 1], [0, 1], color="gray", lw=0.8)
-        ax[1].set(xlabel="|corr(z, node)| at init", ylabel="|corr(z, node)|, trained",
-                  title=f"every node above the bottom level, {args.seeds} seeds (ringed: best at init)")
-        ax[1].legend(fontsize=8, markerscale=3)
-        fig.tight_layout()
-        save_fig(fig, args.fig)
+    plot_hltm(args, runs, nodes, table)
     return dict(config=vars(args), table=table, luck=luck, runs=runs)
 
 
+def plot_hltm(args, runs, nodes, table):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    live = [r for r in runs if not r["dead"]]
+    for l in range(args.depth):
+        colour = f"C{l}"
+        steps = [h["step"] for h in runs[0]["history"]]
+        ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["history"]] for r in live], 0), "-", color=colour,
+                   label=f"level {l}")
+        ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in live], 0), ":", color=colour)
+        ax[0].plot(steps[-1] * (1.03 + 0.025 * l), table[l]["ceiling"][0], "<", color=colour, ms=7, clip_on=False)
+        if l < args.depth - 1:  # the bottom level has nothing left to learn (its init sits at the ceiling)
+            c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents, hid)
+            ax[1].scatter(c0.flatten(), c1.flatten(), s=5, color=colour, alpha=0.4, label=f"level {l}")
+            best = c0.argmax(1, keepdim=True)  # each latent's luckiest node at init
+            ax[1].scatter(c0.gather(1, best), c1.gather(1, best), s=22, color=colour, edgecolors="k")
+    ax[0].set(xlabel="SGD step", ylabel="best |corr(z, node)|",
+              title="HLTM: solid SimCLR, dotted control, \u25c0 Bayes ceiling")
+    ax[0].legend(fontsize=8, ncol=2)
+    ax[1].plot([0, 1], [0, 1], color="gray", lw=0.8)
+    ax[1].set(xlabel="|corr(z, node)| at init", ylabel="|corr(z, node)|, trained",
+              title=f"every node above the bottom level, {args.seeds} seeds (ringed: best at init)")
+    ax[1].legend(fontsize=8, markerscale=3)
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
+
+
 def hltm_width_sweep(args):
-    """Theorem 5's lucky node needs enough nodes per latent: the same trees, networks of each width in --hids."""
+    """Theorem 5's lucky node needs enough nodes per latent: the same trees, networks with each of --hids nodes per
+    latent below the root, and the root block -- the embedding -- at --emb nodes (default --hid) for every width."""
     rows, sweep, t0 = [], [], time.time()
     trees = [hltm_tree(args, args.seed + s) for s in range(args.seeds)]
+    emb = args.emb or args.hid
+    below = list(range(1, args.depth - 1))  # below the root, above the bottom level (whose init is its ceiling)
     for hid in args.hids:
-        a = argparse.Namespace(**{**vars(args), "hid": hid})
+        a = argparse.Namespace(**{**vars(args), "hid": hid, "emb": emb})
         for s, (deltas, z_eval, ceiling) in enumerate(trees):
-            _, _, hist, loss = hltm_train(deltas, a, generator(args.seed + s + 1000), True, (0, args.steps), z_eval)
+            Ws, bs, hist, loss = hltm_train(deltas, a, generator(args.seed + s + 1000), True, (0, args.steps), z_eval)
             sweep.append(dict(hid=hid, seed=args.seed + s, init=hist[0]["corr"], trained=hist[-1]["corr"],
-                              ceiling=ceiling, loss=loss))
-        c = [r for r in sweep if r["hid"] == hid]
-        above = lambda key: [np.mean(r[key][:-1]) for r in c]  # the levels above the bottom one, where there is room
-        stuck = sum(abs(r["loss"] - math.log(2 * args.batch - 1)) < 1e-3 for r in c)  # the loss of a constant output
-        rows.append([hid] + ["%.3f +- %.3f" % mean_std(x) for x in
-                             ([r["init"][0] for r in c], [r["trained"][0] for r in c], above("init"), above("trained"))]
-                    + [f"{stuck}/{len(c)}"])
+                              ceiling=ceiling, loss=loss, dead=hltm_dead(Ws, bs, z_eval[-1])))
+        c = [r for r in sweep if r["hid"] == hid and not r["dead"]]
+        cells = lambda f: "%.3f +- %.3f" % mean_std([f(r) for r in c]) if c else "-"
+        rows.append([hid, f"{args.seeds - len(c)}/{args.seeds}", cells(lambda r: r["init"][0]),
+                     cells(lambda r: r["trained"][0]), cells(lambda r: r["trained"][0] - r["init"][0])]
+                    + ([cells(lambda r: np.mean([r["init"][l] for l in below])),
+                        cells(lambda r: np.mean([r["trained"][l] - r["init"][l] for l in below]))] if below else []))
         print(f"hid {hid}: {time.time() - t0:.0f}s")
     ceil = mean_std([r["ceiling"][0] for r in sweep[:args.seeds]])
-    print(f"\nbest |corr(z_mu, node)|, mean +- std over {args.seeds} trees (the same trees for every width); Bayes "
-          f"ceiling at the root {ceil[0]:.3f} +- {ceil[1]:.3f}")
-    print_table(["nodes per latent", "root: init", "root: SimCLR", f"levels 0-{args.depth - 2}: init",
-                 f"levels 0-{args.depth - 2}: SimCLR", "loss stuck at log(2N-1)"], rows)
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for key, style in [("init", "o:"), ("trained", "s-")]:
-            m = [mean_std([r[key][0] for r in sweep if r["hid"] == hid]) for hid in args.hids]
-            ax.errorbar(args.hids, [v[0] for v in m], [v[1] for v in m], fmt=style, capsize=3,
-                        label="root, " + ("init" if key == "init" else "SimCLR"))
-        ax.axhline(ceil[0], color="gray", ls="--", label="Bayes ceiling")
-        ax.set(xscale="log", xlabel="nodes per latent", ylabel="best |corr(z_root, node)|",
-               title=f"HLTM width sweep, {args.seeds} trees")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        save_fig(fig, args.fig)
+    print(f"\nbest |corr(z_mu, node)|, mean +- std over the trees whose network is not dead ({args.seeds} trees, the "
+          f"same for every width; root block {emb} nodes); Bayes ceiling at the root {ceil[0]:.3f} +- {ceil[1]:.3f}")
+    span = (f"levels {below[0]}-{below[-1]}" if len(below) > 1 else f"level {below[0]}") if below else ""
+    print_table(["nodes per latent", "dead", "root: init", "root: SimCLR", "root: gain"]
+                + ([f"{span}: init", f"{span}: gain"] if below else []), rows)
+    plot_hltm_width(args, sweep, ceil, emb)
     return dict(config=vars(args), sweep=sweep)
+
+
+def plot_hltm_width(args, sweep, ceil, emb):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, style in [("init", "o:"), ("trained", "s-")]:
+        m = [mean_std([r[key][0] for r in sweep if r["hid"] == hid and not r["dead"]] or [np.nan]) for hid in args.hids]
+        ax.errorbar(args.hids, [v[0] for v in m], [v[1] for v in m], fmt=style, capsize=3,
+                    label="root, " + ("init" if key == "init" else "SimCLR") + ", live networks")
+    for hid in args.hids:
+        dead = sum(r["dead"] for r in sweep if r["hid"] == hid)
+        if dead:
+            ax.annotate(f"{dead} dead", (hid, 0.05), ha="center", fontsize=7)
+    ax.axhline(ceil[0], color="gray", ls="--", label="Bayes ceiling")
+    ax.set(xscale="log", xlabel="nodes per latent below the root", ylabel="best |corr(z_root, node)|", ylim=(0, 1),
+           title=f"HLTM width sweep, {args.seeds} trees, root block {emb} nodes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_fig(plt, fig, args.fig)
 
 
 # =====================================================================================================
