@@ -1221,6 +1221,9 @@ def test_batches_from_host_memory_are_copied_over_and_train_as_on_the_device(mon
     assert copies == [8] * 8  # 2 epochs of 4 batches, each through to_device
     for k, v in runs[0].items():
         assert torch.equal(v, runs[1][k]), k
+    monkeypatch.undo()
+    moved = simclr.to_device(images[:8], torch.device("meta"))  # the real copy, to a device other than the images'
+    assert moved.device.type == "meta" and moved.shape == images[:8].shape and moved.dtype == torch.uint8
 
 
 def test_the_optimizer_decays_what_the_recipe_says(tmp_path, fake_imagenet_weights):
