@@ -146,8 +146,7 @@ def get_args(argv=None):
                         "(they use --lr 0.1 --tau 0.01) (default: nt-xent)")
     s.add_argument("--batch", type=int, default=128, help="SimCLR batch (default: 128)")
     s.add_argument("--tau", type=float, default=0.1, help="temperature of the loss (default: 0.1)")
-    s.add_argument("--lr", type=float, default=0.05,
-                   help="SGD learning rate; the authors' 0.1 with our loss left 2 of 10 networks dead (default: 0.05)")
+    s.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
     s.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
     s.add_argument("--log-every", type=int, default=250, help="steps between measurements (default: 250)")
     s.add_argument("--n-eval", type=int, default=8192, help="fresh samples the correlations are measured on (default: 8192)")
