@@ -304,7 +304,7 @@ def nt_xent(z1, z2, tau):
     """The mean over all 2N views i of -log( exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau) ), where j
     is the other view of i's image and sim the cosine similarity. z1, z2: (N, D), row n of each from image n."""
     N = len(z1)
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D); fp32 even under autocast
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D) in fp32: call it outside autocast, as sgd_step
     sim = z @ z.T / tau  # (2N, 2N): every view against every view
     sim = sim.masked_fill(torch.eye(2 * N, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
     positives = (torch.arange(2 * N, device=z.device) + N) % (2 * N)  # view i's partner: i + N (mod 2N)
@@ -553,9 +553,9 @@ def make_shapes(n, size, seed):
 # SimCLR end to end, on one device
 # ----------------------------------------------------------------------------------------------------------
 
-# What `python simclr.py` uses for 'shapes', sized for a 2-core CPU: ResNet18 with the ImageNet stem (~8x cheaper than
-# the CIFAR stem at 32 px), crops of at least 30% (a crop keeps part of the shape), tau 0.2, batch 64 (on a CPU more
-# steps beat bigger batches). n: train and test images.
+# What `python simclr.py` uses for 'shapes', sized for a 2-core CPU: ResNet18 with the ImageNet stem (it shrinks the
+# 32 px image 4x before the first block, unlike the CIFAR stem), crops of at least 30% (a crop keeps part of the
+# shape), tau 0.2, batch 64 (more steps in the same CPU time). n: train and test images.
 SHAPES = dict(img=32, batch=64, epochs=20, ae_epochs=10, n=(5000, 2000), arch="resnet18", stem="imagenet", tau=0.2,
               crop_min=0.3)
 
@@ -569,7 +569,7 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
     (train_x, train_y), (test_x, test_y) = make_shapes(n[0], SHAPES["img"], seed), make_shapes(n[1], SHAPES["img"],
                                                                                                   seed + 10_000)
     N = SHAPES["batch"]
-    hp = argparse.Namespace(epochs=epochs, batch_size=N, lr=0.3 * math.sqrt(N / 256),  # App. B.1 of SimCLR
+    hp = argparse.Namespace(epochs=epochs, batch_size=N, lr=0.3 * math.sqrt(N / 256),  # B.1's sqrt rule, 0.3 at N = 256
                             warmup_epochs=min(10, epochs / 10), lr_min_ratio=1 / 50, momentum=0.9, wd=1e-5,
                             decay_norm_and_bias=False, tau=SHAPES["tau"], seed=seed, crop_min=SHAPES["crop_min"],
                             jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5)
@@ -616,7 +616,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 # ----------------------------------------------------------------------------------------------------------
 
 # Per-dataset defaults: the paper's image and batch sizes (Sec. 4 of 2408.14514) with its 150 pre-training and 100
-# autoencoder epochs, and Part 1's shapes. Keys not given fall back to the flags' defaults.
+# autoencoder epochs (100 pre-training epochs for the two it does not use), and Part 1's shapes. Keys not given fall back to the flags' defaults.
 DATASETS = {
     "shapes":        SHAPES,
     "stl10":         dict(img=96, batch=500, epochs=150, ae_epochs=100),
@@ -669,7 +669,7 @@ def number(kind, ok, rule, many=False):
 
 POSITIVE, NONNEGATIVE = number(float, lambda v: v > 0, "> 0"), number(float, lambda v: v >= 0, ">= 0")
 PROBABILITY, COUNT = number(float, lambda v: 0 <= v <= 1, "in [0, 1]"), number(int, lambda v: v >= 1, ">= 1")
-EPOCHS, WIDTH = number(int, lambda v: v >= 0, ">= 0"), number(int, lambda v: 1 <= v <= 65536, "in 1..65536")
+NONNEGATIVE_INT, WIDTH = number(int, lambda v: v >= 0, ">= 0"), number(int, lambda v: 1 <= v <= 65536, "in 1..65536")
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -711,13 +711,13 @@ def build_parser():
     a("--ae-dim", type=WIDTH, default=None, help="width d of the autoencoder's embedding, the ae head's hidden "
       "width (the paper: 128, 256 or 512; default: 512)")
     a("--no-freeze", action="store_true", help="let the AE embedding train (ablation; frozen by default)")
-    a("--ae-epochs", type=EPOCHS, default=None, help="autoencoder epochs (default: per dataset)")
+    a("--ae-epochs", type=NONNEGATIVE_INT, default=None, help="autoencoder epochs (default: per dataset)")
     a("--ae-dir", default=None, help="cache of trained autoencoders, one per dataset, d and seed (default: "
       "runs/autoencoders)")
     a = p.add_argument_group("optimisation (Sec. B.1 of SimCLR; Sec. 4 of the paper)").add_argument
     a("--recipe", default="simclr", choices=tuple(RECIPES), help="simclr: from scratch, a linear warm-up, no weight "
       "decay on BatchNorm and biases; paper: the protocol of 2408.14514 (see RECIPES)")
-    a("--epochs", type=EPOCHS, default=None, help="pre-training epochs (default: per dataset)")
+    a("--epochs", type=NONNEGATIVE_INT, default=None, help="pre-training epochs (default: per dataset)")
     a("--batch-size", type=number(int, lambda v: v >= 2, "at least 2: NT-Xent needs a negative per view"),
       default=None, help="N images per step, 2N views (default: per dataset)")
     a("--lr", type=POSITIVE, default=None,
@@ -735,7 +735,7 @@ def build_parser():
       "top-1 on the test split; paper: the paper's probe on a 70/10/20 split of the test split (default: standard; "
       "recipe paper: paper)")
     a("--probe-steps", type=COUNT, default=200, help="L-BFGS iterations of the linear probe")
-    a("--knn-every", type=EPOCHS, default=5, help="kNN monitor every this many epochs (0: only at the end)")
+    a("--knn-every", type=NONNEGATIVE_INT, default=5, help="kNN monitor every this many epochs (0: only at the end)")
     a("--knn-k", type=COUNT, default=200, help="neighbours of the weighted kNN")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
     a = p.add_argument_group("few labels and pictures").add_argument
@@ -768,7 +768,7 @@ def build_parser():
     a("--bench", action="store_true", help="img/s of this pipeline and of the classic DataLoader one, into "
       "--out/bench.json, then exit")
     a("--bench-steps", type=COUNT, default=20, help="timed steps per stage of --bench, after warm-up")
-    a("--workers", type=EPOCHS, default=None,
+    a("--workers", type=NONNEGATIVE_INT, default=None,
       help="DataLoader workers of the classic pipeline (default: the CPU cores this process may use)")
     a("--peak-tflops", type=POSITIVE, default=None,
       help="the device's dense bf16 peak, for the MFU of --bench (default: known for H100, H200, A100)")
@@ -829,18 +829,24 @@ def resolve_args(args):
             "2048 features. Use --arch resnet34 or --head mlp.")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if args.precision == "auto":  # bf16 where the hardware computes it natively. On CPUs, oneDNN's bf16 backward
-        # of a stride-2 convolution on a 1x1 feature map gives wrong weight gradients (README, "Correctness"):
-        # images that small for the stem (16 px or less for the ImageNet stem, 4 for the CIFAR stem) stay in fp32
-        cpu_bf16 = cpu_has_bf16() and args.img_size > (16 if args.stem == "imagenet" else 4)
-        args.precision = "bf16" if args.device.startswith("cuda") or (args.device == "cpu" and cpu_bf16) else "fp32"
+    if args.precision == "auto":
+        args.precision = auto_precision(args)
     args.compile = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda")
                                             and not args.dry_run)  # compiling takes minutes, a dry run seconds
-    args.workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+    args.workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0)) \
+        if hasattr(os, "sched_getaffinity") else os.cpu_count()  # not on macOS
     if args.out is None:
         args.out = os.path.join("runs", ("bench-" if args.bench else "") +
                                 f"{args.dataset}-{args.head}-{args.act}-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
+
+
+def auto_precision(args):
+    """bf16 where the hardware computes it natively. On CPUs, oneDNN's bf16 backward of a stride-2 convolution on a
+    1x1 feature map gives wrong weight gradients (torch 2.14; README, Precision): images that small for the stem
+    (16 px or less for the ImageNet stem, 4 for the CIFAR stem) stay in fp32."""
+    cpu_bf16 = cpu_has_bf16() and args.img_size > (16 if args.stem == "imagenet" else 4)
+    return "bf16" if args.device.startswith("cuda") or (args.device == "cpu" and cpu_bf16) else "fp32"
 
 
 def parse_args(argv):
@@ -874,8 +880,12 @@ def parse_args(argv):
         cfg.update({k: getattr(given, k) for k in retune})
         write_json(cfg, cfg_path)
         os.remove(stop)
-    return argparse.Namespace(**{**cfg, "resume": args.resume, "out": args.resume, "device": args.device or cfg["device"],
-                                 "show_neighbours": args.show_neighbours})
+    resumed = argparse.Namespace(**{**cfg, "resume": args.resume, "out": args.resume,
+                                    "device": args.device or cfg["device"], "show_neighbours": args.show_neighbours})
+    if resumed.device != cfg["device"]:  # another device: its own precision (fp32 stays fp32) and compile
+        resumed.precision = "fp32" if cfg["precision"] == "fp32" else auto_precision(resumed)
+        resumed.compile = cfg["compile"] and resumed.device.startswith("cuda")
+    return resumed
 
 
 def read_config(path, parser):
@@ -1464,7 +1474,8 @@ def where_data_fits(nbytes, device, data_on="auto"):
 
 def prepare_data(args, device, rank, world, log=print):
     """The images, once into memory, then onto the device (or kept in host memory when they do not fit):
-    dict(images, train_x, train_y, test_x, test_y, classes), train_x a view of images."""
+    dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep): images the pre-training images, val_x the
+    paper's validation 10% (else None), prep each split's input standardisation (input_preps)."""
     t0 = time.time()
     if rank != 0:
         dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
@@ -1576,7 +1587,8 @@ def autoencoder_embedding(images, args, device, rank, world, log=print):
     of this dataset, d and seed (it draws the initial weights). Under torchrun rank 0 trains it and sends it."""
     tag = f"{args.dataset}-{args.img_size}px-d{args.ae_dim}-e{args.ae_epochs}-s{args.seed}" + \
         (f"-n{args.subset}" if args.subset else "") + ("-train" if args.dataset == "stl10" and
-                                                         args.stl10_pretrain == "train" else "")
+                                                         args.stl10_pretrain == "train" else "") + \
+        ("-paper" if args.recipe == "paper" else "")  # other images: squared, and 90% of the split
     if args.dataset == "folder":  # the folder's path, hashed: a long one would make too long a file name
         tag += "-" + hashlib.sha1(os.path.abspath(args.data_dir).encode()).hexdigest()[:12]
     ae_path = os.path.join(args.ae_dir, f"ae-{tag}.pt")
@@ -1694,6 +1706,15 @@ def validation_loss(model, val_x, args, prep):
     return total / max(n, 1)
 
 
+def load_best_epoch(model, data, history, args, device, log=print):
+    """Recipe paper: the backbone of the epoch of lowest validation NT-Xent (best_backbone.pt), which its code
+    evaluates; otherwise the last epoch's, as it is."""
+    if data["val_x"] is not None and history:
+        best = min(history, key=lambda m: m["val_loss"])
+        model.backbone.load_state_dict(torch.load(os.path.join(args.out, "best_backbone.pt"), map_location=device))
+        log(f"evaluating the backbone of epoch {best['epoch']}, of the lowest validation NT-Xent ({best['val_loss']:.4f})")
+
+
 def diverged(epoch, losses, bad, args, rank):
     """Stop a run whose loss or weights are no longer finite, keeping its last good checkpoint, and mark the folder
     so that --resume may continue from that checkpoint with a new --lr or --tau."""
@@ -1793,7 +1814,7 @@ def flip_and_crop(x, pad):
 
 
 def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, seed, device, precision="fp32",
-               batch=256, init=None, prep=normalize):
+               batch=256, init=None, prep=normalize, test_prep=None):
     """A backbone and a linear layer on h trained together with cross-entropy on the labelled uint8 images train_x:
     from scratch (random init from `seed`), or fine-tuned from the weights `init` (SimCLR's semi-supervised protocol,
     Sec. 6 of SimCLR), for a fixed number of steps (one budget for every number of labels), each step min(batch, n)
@@ -1823,7 +1844,8 @@ def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, see
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return (fc(extract_features(backbone, test_x, prep=prep)).argmax(1) == test_y).float().mean().item()
+        h_test = extract_features(backbone, test_x, prep=test_prep or prep)  # test_prep: the test split's own
+        return (fc(h_test).argmax(1) == test_y).float().mean().item()
 
 
 def label_efficiency(features, data, args, device, random_name, results, backbone, log=print):
@@ -1854,7 +1876,7 @@ def label_efficiency(features, data, args, device, random_name, results, backbon
                        random_init_linear=linear_probe(r_train[idx], labels, r_test, test_y, classes, args.probe_steps),
                        **{k: supervised(train_x[idx.to(train_x.device)], labels, test_x, test_y, classes, args.arch,
                                         args.stem, args.sup_steps, 1000 * args.seed + draw, device, args.precision,
-                                        init=init, prep=data["prep"]["train_x"])
+                                        init=init, prep=data["prep"]["train_x"], test_prep=data["prep"]["test_x"])
                           for k, init in (("simclr_finetuned", simclr_weights), ("supervised", None))})
             for key, acc in run.items():  # mean and sample std over the draws so far
                 runs = row.get(key, dict(runs=[]))["runs"] + [acc]
@@ -2114,16 +2136,14 @@ def run(args, stack):
     if args.resume and args.show_neighbours:  # a look at a saved run: its pictures, no training, no evaluation
         if start_epoch == 0:
             die(f"--show-neighbours: {args.resume} has no checkpoint of a trained epoch yet, so nothing to show")
+        load_best_epoch(model, data, history, args, device, log)
         return pictures(features, data, args, random_name, log)
     train_s = pretrain(model, data, args, start_epoch, opt_state, history, rank, world, log)
     if world > 1:
         dist.destroy_process_group()
         if rank != 0:
             return None  # evaluation runs once, on rank 0
-    if data["val_x"] is not None and history:  # the paper's code evaluates the epoch of lowest validation loss
-        best = min(history, key=lambda m: m["val_loss"])
-        model.backbone.load_state_dict(torch.load(os.path.join(args.out, "best_backbone.pt"), map_location=device))
-        log(f"evaluating the backbone of epoch {best['epoch']}, of the lowest validation NT-Xent ({best['val_loss']:.4f})")
+    load_best_epoch(model, data, history, args, device, log)
     save_atomic(model.backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
     results = evaluate_with_baselines(features, data, args, device, train_s, random_name, log)
     pictures(features, data, args, random_name, log)

@@ -884,6 +884,18 @@ def test_resume_of_a_run_saved_on_a_device_this_machine_lacks_says_how_to_contin
     assert e.value.code == 2 and f"--resume {tmp_path} --device cpu continues it here" in capsys.readouterr().err
 
 
+def test_a_gpu_run_resumed_on_the_cpu_takes_the_cpus_precision_and_no_compile(tmp_path, monkeypatch):
+    saved_config(tmp_path, "--device", "cuda")  # resolved for a GPU: bf16, compiled
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["precision"], cfg["compile"]) == ("bf16", True)
+    for native, expected in ((False, "fp32"), (True, "bf16")):  # a CPU without and with native bf16
+        monkeypatch.setattr(simclr, "cpu_has_bf16", lambda: native)
+        args = simclr.parse_args(["--resume", str(tmp_path), "--device", "cpu"])
+        assert (args.device, args.precision, args.compile) == ("cpu", expected, False)
+    saved_config(tmp_path, "--device", "cuda", "--precision", "fp32")
+    assert simclr.parse_args(["--resume", str(tmp_path), "--device", "cpu"]).precision == "fp32"  # fp32 stays fp32
+
+
 @pytest.mark.parametrize("text,message", [('{"tau": 0.5, "epo', "Unterminated string"),  # cut short
                                           ('[1, 2]', "not a JSON object"),
                                           (None, "its epochs is 'three': takes integers"),
@@ -1263,9 +1275,12 @@ def test_the_papers_recipe_runs_the_papers_protocol(tmp_path, fake_imagenet_weig
     assert f"evaluating the backbone of epoch {best['epoch']}" in printed
     a, b = (torch.load(tmp_path / "unit" / f) for f in ("backbone.pt", "best_backbone.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    simclr.main(["--resume", str(tmp_path / "unit"), "--show-neighbours", str(tmp_path / "nb.png")])  # the same epoch
+    assert f"evaluating the backbone of epoch {best['epoch']}" in capsys.readouterr().out
     seen.clear()
-    simclr.main([*flags, "--standardize", "--out", str(tmp_path / "standardized")])
-    test_inputs = [x for training, x in seen if not training and len(x) == 96][-1]  # the last: the test split's
+    simclr.main([*flags, "--standardize", "--eval", "standard", "--label-fractions", "1", "--sup-steps", "1",
+                 "--out", str(tmp_path / "standardized")])
+    test_inputs = [x for training, x in seen if not training and len(x) == 96][-1]  # the last: the supervised test's
     torch.testing.assert_close(test_inputs.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(test_inputs.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
 
