@@ -1133,6 +1133,17 @@ def test_autoencoder_cache_is_per_seed(tmp_path, capsys):
     assert len(os.listdir(tmp_path / "ae")) == 2
 
 
+def test_autoencoder_cache_names_differ_by_every_setting_that_changes_the_autoencoder():
+    """The images the autoencoder sees (dataset, size, subset, STL10's split, the paper's squared 90%) and its weights
+    (d, epochs, seed): each changes the cache's name, so no run reuses another's autoencoder."""
+    base = ["--head", "ae", "--dataset", "stl10"]
+    variants = [[], ["--img-size", "64"], ["--subset", "100"], ["--stl10-pretrain", "train"], ["--ae-dim", "256"],
+                ["--ae-epochs", "3"], ["--seed", "1"], ["--recipe", "paper", "--stl10-pretrain", "train"],
+                ["--dataset", "cifar10"]]
+    tags = [simclr.autoencoder_tag(simclr.parse_args([*base, *v])) for v in variants]
+    assert len(set(tags)) == len(tags), tags
+
+
 def test_config_saved_by_another_version_is_refused_naming_what_it_lacks(tmp_path, capsys):
     """A config.json without a flag of this simclr.py (an older version wrote it) is refused, never half-resumed."""
     saved_config(tmp_path, "--epochs", "1")
