@@ -424,8 +424,8 @@ def fmt_time(s):
 
 @torch.no_grad()
 def extract_features(backbone, images, batch=512, prep=normalize):
-    """h = f(x) for uint8 images (n, 3, H, W) -> (n, D), in fp32 (no autocast: the probe sees exact features),
-    BatchNorm in eval mode (its running statistics, not the batch's)."""
+    """h = f(x) for uint8 images (n, 3, H, W) -> (n, 512) (resnet50: 2048), in fp32 (no autocast: the probe sees exact
+    features), BatchNorm in eval mode (its running statistics, not the batch's)."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -475,11 +475,11 @@ def knn_top1(train_h, train_y, test_h, test_y, classes, k=200, T=0.1):
     return correct / len(test_h)
 
 
-def probes(h_train, train_y, h_test, test_y, classes, probe_steps=200, knn_k=200):
-    """The standard linear protocol: the probe and the kNN trained on the train split's features h_train, top-1 on
-    the test split's h_test."""
-    return dict(linear_top1=linear_probe(h_train, train_y, h_test, test_y, classes, probe_steps),
-                knn_top1=knn_top1(h_train, train_y, h_test, test_y, classes, knn_k))
+def probes(train_h, train_y, test_h, test_y, classes, probe_steps=200, knn_k=200):
+    """The standard linear protocol: the probe and the kNN trained on the train split's features train_h, top-1 on
+    the test split's test_h."""
+    return dict(linear_top1=linear_probe(train_h, train_y, test_h, test_y, classes, probe_steps),
+                knn_top1=knn_top1(train_h, train_y, test_h, test_y, classes, knn_k))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1679,9 +1679,9 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
             if m["val_loss"] <= min(h["val_loss"] for h in history + [m]) and rank == 0:
                 save_atomic(model.backbone.state_dict(), os.path.join(args.out, "best_backbone.pt"))
         if args.knn_every and (epoch + 1) % args.knn_every == 0 and rank == 0:  # the kNN monitor
-            h_train, h_test = (extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x",
+            train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x",
                                                                                                       "test_x"))
-            m["knn_top1"] = knn_top1(h_train, data["train_y"], h_test, data["test_y"], data["classes"], args.knn_k)
+            m["knn_top1"] = knn_top1(train_h, data["train_y"], test_h, data["test_y"], data["classes"], args.knn_k)
         rngs = [rng_state()]  # every process's RNG, so that each resumes its own augmentation stream
         if world > 1:
             rngs = [None] * world
@@ -1764,7 +1764,7 @@ def pixel_features(images, device, side=RAW_PIXELS_MAX, batch=1024):
 def evaluate_with_baselines(features, data, args, device, train_s, random_name, log=print):
     """The frozen backbone's linear and kNN top-1, next to the raw-pixel and random-init baselines, into results.json
     as soon as each number exists; then the table. Returns the results."""
-    evaluate_h = lambda h_train, h_test: evaluate(h_train, data["train_y"], h_test, data["test_y"], data["classes"],
+    evaluate_h = lambda train_h, test_h: evaluate(train_h, data["train_y"], test_h, data["test_y"], data["classes"],
                                                   args.eval, args.probe_steps, args.knn_k, args.batch_size)
     results = dict(evaluate_h(*features("simclr")), eval_protocol=args.eval, pretrain_seconds=train_s)
     write_results(results, args.out)
@@ -1849,8 +1849,8 @@ def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, see
             loss.backward()
             opt.step()
     with torch.no_grad():
-        h_test = extract_features(backbone, test_x, prep=test_prep or prep)  # test_prep: the test split's own
-        return (fc(h_test).argmax(1) == test_y).float().mean().item()
+        test_h = extract_features(backbone, test_x, prep=test_prep or prep)  # test_prep: the test split's own
+        return (fc(test_h).argmax(1) == test_y).float().mean().item()
 
 
 def label_efficiency(features, data, args, device, random_name, results, backbone, log=print):
@@ -1864,7 +1864,7 @@ def label_efficiency(features, data, args, device, random_name, results, backbon
                    simclr_finetuned=f"SimCLR fine-tuned ({args.sup_steps} steps)",
                    supervised=f"supervised ({args.sup_steps} steps)")
     simclr_weights = copy.deepcopy(backbone.state_dict())
-    (h_train, h_test), (r_train, r_test) = features("simclr"), features("random_init")
+    (train_h, test_h), (r_train, r_test) = features("simclr"), features("random_init")
     table = results["label_efficiency"] = dict(unit="labels per class" if per_class else "fraction of the labels",
                                                sup_steps=args.sup_steps, rows=[])
     name = lambda amount: f"{amount}/class" if per_class else f"{100 * amount:g}%"
@@ -1874,10 +1874,10 @@ def label_efficiency(features, data, args, device, random_name, results, backbon
         table["rows"].append(row)
         for draw in range(row["draws"]):
             t0 = time.time()
-            idx = label_draw(y, amount, per_class, args.seed, draw).to(h_train.device)
+            idx = label_draw(y, amount, per_class, args.seed, draw).to(train_h.device)
             labels = train_y[idx]
-            run = dict(simclr_linear=linear_probe(h_train[idx], labels, h_test, test_y, classes, args.probe_steps),
-                       simclr_knn=knn_top1(h_train[idx], labels, h_test, test_y, classes, args.knn_k),
+            run = dict(simclr_linear=linear_probe(train_h[idx], labels, test_h, test_y, classes, args.probe_steps),
+                       simclr_knn=knn_top1(train_h[idx], labels, test_h, test_y, classes, args.knn_k),
                        random_init_linear=linear_probe(r_train[idx], labels, r_test, test_y, classes, args.probe_steps),
                        **{k: supervised(train_x[idx.to(train_x.device)], labels, test_x, test_y, classes, args.arch,
                                         args.stem, args.sup_steps, 1000 * args.seed + draw, device, args.precision,
@@ -1975,8 +1975,8 @@ def pictures(features, data, args, random_name, log=print):
     train_x, test_x, test_y = data["train_x"], data["test_x"], data["test_y"]
     q = stratified(test_y.cpu(), 8, torch.Generator().manual_seed(args.seed))
     as_float = lambda x: x.cpu().float() / 255  # uint8 -> [0, 1], on the host, where save_image writes from
-    neighbours = [as_float(train_x[nearest(h_test[q.to(h_test.device)], h_train, 8)[1].to(train_x.device)])
-                  for h_train, h_test in map(features, ("simclr", "random_init"))]  # (8, k, 3, H, W) each
+    neighbours = [as_float(train_x[nearest(test_h[q.to(test_h.device)], train_h, 8)[1].to(train_x.device)])
+                  for train_h, test_h in map(features, ("simclr", "random_init"))]  # (8, k, 3, H, W) each
     tiles = neighbour_grid(as_float(test_x[q.to(test_x.device)]), *neighbours)  # (8 (2k + 3), 3, H, W)
     if tiles.shape[-1] > 64:  # large images: a picture of about a thousand pixels across, not thousands
         tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)  # (8 (2k+3), 3, 64, 64)
