@@ -875,7 +875,8 @@ def parse_args(argv):
     differ = [f"--{k.replace('_', '-')}: saved {cfg.get(k)!r}, given {getattr(given, k)!r}"
               for k in sorted(typed - retune) if cfg.get(k) != getattr(given, k)]
     if differ:
-        die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ))
+        die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ) + "\nA resume "
+            f"continues the run as {args.resume}/config.json holds it: drop these flags, or start a new run with them")
     if retune:  # the run continues from its last good checkpoint with the new values, saved in its config
         cfg.update({k: getattr(given, k) for k in retune})
         write_json(cfg, cfg_path)

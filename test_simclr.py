@@ -862,7 +862,7 @@ def test_resume_with_different_flags_names_them(tmp_path, capsys):
     with pytest.raises(SystemExit):
         simclr.main(["--resume", str(tmp_path), "--tau", "0.2"])
     err = capsys.readouterr().err
-    assert "--tau: saved 0.5, given 0.2" in err
+    assert "--tau: saved 0.5, given 0.2" in err and "drop these flags, or start a new run" in err
 
 
 def test_resume_checks_typed_flags_against_the_saved_run_not_the_defaults(tmp_path, capsys):
