@@ -1839,6 +1839,21 @@ def test_pretraining_stops_once_the_loss_is_below_log_n0_minus_drop(one_thread):
     assert cos[-1] > 0.9  # n0 SNR^2 = 14 at d = 30: the power iteration found +-mu
 
 
+def test_the_pretraining_step_reads_the_unlabelled_pairs_not_mu(one_thread):
+    """shared_energy: mean s . s' by hand, floored at mean ||s||^2 / d; over many draws its mean is ||mu||^2."""
+    X = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)  # s = (1, 2)
+    assert toy_theory.shared_energy(X, torch.tensor([[[2.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)) == 6.0
+    assert toy_theory.shared_energy(X, torch.tensor([[[3.0, 0.0], [0.0, -1.0]]], dtype=torch.float64)) == 2.5  # floor
+    g, d = torch.Generator().manual_seed(0), 50
+    mu = toy_theory.cnn_mu(d, 0.5, 1.0)  # ||mu||^2 = 12.5
+    est = []
+    for _ in range(200):
+        y = toy_theory.cnn_labels(100, g)
+        est.append(toy_theory.shared_energy(toy_theory.cnn_data(y, mu, 1.0, g), toy_theory.cnn_data(y, mu, 1.0, g)))
+    assert abs(np.mean(est) - 12.5) < 4 * np.std(est) / np.sqrt(len(est)), np.mean(est)  # unbiased
+    assert np.std(est) > 0.1  # a noisy estimate, not mu's norm read back
+
+
 def test_filter_response_and_first_crossing_against_closed_forms(one_thread):
     mu = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)
     W = torch.tensor([[1.0, 1.0, 0.0], [-3.0, 0.0, 4.0], [0.5, 0.0, 0.0001]], dtype=torch.float64)

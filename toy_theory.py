@@ -93,7 +93,7 @@ def get_args(argv=None):
     s.add_argument("--n-test", type=int, default=1000, help="test samples (default: 1000)")
     s.add_argument("--tau", type=float, default=1.0, help="InfoNCE temperature for pre-training (default: 1.0)")
     s.add_argument("--pre-sigma0", type=float, default=1e-6, help="init std for pre-training (default: 1e-6)")
-    s.add_argument("--pre-rate", type=float, default=0.4, help="pre-training step as a fraction of 1 / lambda_1, lambda_1 = 2||mu||^2/tau (default: 0.4)")
+    s.add_argument("--pre-rate", type=float, default=0.4, help="pre-training step as a fraction of 1 / lambda_1, lambda_1 = 2||mu||^2/tau with ||mu||^2 estimated from the unlabelled pairs (default: 0.4)")
     s.add_argument("--pre-drop", type=float, default=0.1,
                    help="pre-training stops once the InfoNCE loss is this far below log n0, its value at h = 0 (default: 0.1)")
     s.add_argument("--pre-steps", type=int, default=200, help="most pre-training GD steps (default: 200)")
@@ -412,6 +412,14 @@ def pretrain_linear_cnn(X, Xp, mu, m, tau, eta, steps, drop, sigma0, g):
     return W.detach(), cos, step
 
 
+def shared_energy(X, Xp):
+    """mean_i s_i . s'_i, s = x(1) + x(2) of a sample and s' of its positive view: the energy they share, an unbiased
+    estimate of ||mu||^2 (their noises are independent) from unlabelled pairs alone; at least the energy per
+    coordinate, mean_i ||s_i||^2 / d, so that a noisy estimate at low SNR cannot make the step unbounded."""
+    s, sp = X.sum(1), Xp.sum(1)
+    return max((s * sp).sum(1).mean().item(), (s * s).sum(1).mean().item() / s.shape[1])
+
+
 def cnn_pretrain(args, snr, n0, seed):
     """SimCLR pre-training for one (SNR, n0, seed). Returns the 2m filters, ready for fine-tuning, and what they
     learned: mean |cos(w_r, mu)| and the filter response at the stop, the steps, the |cos| curve."""
@@ -420,9 +428,10 @@ def cnn_pretrain(args, snr, n0, seed):
     # pre-training set: n0 unlabelled x_i and their positive views, fresh draws with the same (hidden) label
     y0 = cnn_labels(n0, g)
     X0, X0p = cnn_data(y0, mu, args.sigma_p, g), cnn_data(y0, mu, args.sigma_p, g)
-    # step as a fixed fraction of the power iteration's top eigenvalue 2||mu||^2/tau (Zhang & Cao), so every SNR
-    # gets the same number of power steps; the tiny init keeps us in the linear (power-method) phase longer.
-    eta0 = args.pre_rate * args.tau / (2 * mu.norm().item() ** 2)
+    # step as a fixed fraction of the power iteration's top eigenvalue 2||mu||^2/tau (Zhang & Cao), with ||mu||^2
+    # estimated from the unlabelled pairs (mu is hidden), so every SNR gets about the same number of power steps;
+    # the tiny init keeps us in the linear (power-method) phase longer.
+    eta0 = args.pre_rate * args.tau / (2 * shared_energy(X0, X0p))
     W, curve, stop = pretrain_linear_cnn(X0, X0p, mu, args.m, args.tau, eta0, args.pre_steps, args.pre_drop,
                                          args.pre_sigma0, g)
     info = dict(cos=curve[-1], response=filter_response(W, mu, args.sigma_p), stop=stop, curve=curve)
