@@ -336,7 +336,7 @@ def optimizer(model, hp):
 def lr_at(step, total, warmup, peak, final):
     """The learning rate of step `step` (from 0) of `total`: a linear warm-up over the first `warmup` steps that
     reaches `peak` at its last one, then a cosine decay (without restarts) that reaches `final` at the last step
-    (Sec. B.1 of SimCLR)."""
+    (the default setting of SimCLR, Sec. 2.3)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     start = max(warmup - 1, 0)  # the step at the peak, where the cosine starts
@@ -616,7 +616,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 # ----------------------------------------------------------------------------------------------------------
 
 # Per-dataset defaults: the paper's image and batch sizes (Sec. 4 of 2408.14514) with its 150 pre-training and 100
-# autoencoder epochs (100 pre-training epochs for the two it does not use), and Part 1's shapes. Keys not given fall back to the flags' defaults.
+# autoencoder epochs (100 pre-training epochs for the two it does not use), and Part 1's shapes. Keys not given fall
+# back to the flags' defaults.
 DATASETS = {
     "shapes":        SHAPES,
     "stl10":         dict(img=96, batch=500, epochs=150, ae_epochs=100),
@@ -629,7 +630,7 @@ DATASETS = {
 }
 
 # The two recipes (--recipe); a recipe's values win over DATASETS, flags typed on the command line over both.
-# simclr: from scratch, as SimCLR trains (App. B.1: a linear warm-up, then cosine decay; its code keeps BatchNorm and
+# simclr: from scratch, as SimCLR trains (Sec. 2.3: a linear warm-up, then cosine decay; its code keeps BatchNorm and
 # biases out of weight decay), with SGD + momentum for LARS and B.1's square-root rule 0.075 sqrt(N), re-anchored to
 # meet the linear rule at N = 256: 0.3 sqrt(N / 256). paper: the protocol of 2408.14514 (Sec. 4 and its code):
 # ResNet34 from ImageNet weights with their 7x7 stem at every image size, the linear rule 0.3 N / 256 without
@@ -714,7 +715,7 @@ def build_parser():
     a("--ae-epochs", type=NONNEGATIVE_INT, default=None, help="autoencoder epochs (default: per dataset)")
     a("--ae-dir", default=None, help="cache of trained autoencoders, one per dataset, d and seed (default: "
       "runs/autoencoders)")
-    a = p.add_argument_group("optimisation (Sec. B.1 of SimCLR; Sec. 4 of the paper)").add_argument
+    a = p.add_argument_group("optimisation (Sec. 2.3 and App. B.1 of SimCLR; Sec. 4 of the paper)").add_argument
     a("--recipe", default="simclr", choices=tuple(RECIPES), help="simclr: from scratch, a linear warm-up, no weight "
       "decay on BatchNorm and biases; paper: the protocol of 2408.14514 (see RECIPES)")
     a("--epochs", type=NONNEGATIVE_INT, default=None, help="pre-training epochs (default: per dataset)")
@@ -1491,7 +1492,8 @@ def prepare_data(args, device, rank, world, log=print):
         die(f"the images do not fit on {device}; run with --data-on host (or auto) to keep them in host memory")
     n_train, train_x, val_x = len(data["train_y"]), images[:len(data["train_y"])], None
     if args.recipe == "paper":  # the paper's code: 90% of the train split pre-trained on, 10% for the validation loss
-        split = torch.utils.data.random_split(range(len(images)), [0.9, 0.1], generator=torch.Generator().manual_seed(42))
+        split = torch.utils.data.random_split(range(len(images)), [0.9, 0.1],
+                                              generator=torch.Generator().manual_seed(42))
         images, val_x = (images[torch.tensor(s.indices, device=images.device)] for s in split)
     log(f"data: {args.dataset}, {len(images)} pre-training" + (f" + {len(val_x)} validation" if val_x is not None
         else "") + f" / {n_train} train / {len(test_x)} test images of "
@@ -1718,7 +1720,8 @@ def load_best_epoch(model, data, history, args, device, log=print):
     if data["val_x"] is not None and history:
         best = min(history, key=lambda m: m["val_loss"])
         model.backbone.load_state_dict(torch.load(os.path.join(args.out, "best_backbone.pt"), map_location=device))
-        log(f"evaluating the backbone of epoch {best['epoch']}, of the lowest validation NT-Xent ({best['val_loss']:.4f})")
+        log(f"evaluating the backbone of epoch {best['epoch']}, of the lowest validation NT-Xent "
+            f"({best['val_loss']:.4f})")
 
 
 def diverged(epoch, losses, bad, args, rank):
@@ -1732,8 +1735,9 @@ def diverged(epoch, losses, bad, args, rank):
     if rank == 0:
         write_json(dict(epoch=epoch + 1, step=at, lr=lr), os.path.join(args.out, "diverged.json"))
     kept = f"the checkpoint of epoch {epoch}" if epoch else "no checkpoint (the run starts again)"
-    die(f"{what} by step {at} (epoch {epoch + 1}, lr {lr:.4g}). {args.out} keeps {kept}; continue from it with a smaller learning rate or a larger temperature: python simclr.py --resume "
-        f"{args.out} --lr {args.lr / 10:.3g} (or --tau {2 * args.tau:g})")
+    die(f"{what} by step {at} (epoch {epoch + 1}, lr {lr:.4g}). {args.out} keeps {kept}; continue from it with a "
+        f"smaller learning rate or a larger temperature: python simclr.py --resume {args.out} --lr {args.lr / 10:.3g} "
+        f"(or --tau {2 * args.tau:g})")
 
 
 def feature_cache(model, data, args, device):
