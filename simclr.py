@@ -304,7 +304,7 @@ def nt_xent(z1, z2, tau):
     """The mean over all 2N views i of -log( exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau) ), where j
     is the other view of i's image and sim the cosine similarity. z1, z2: (N, D), row n of each from image n."""
     N = len(z1)
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D) in fp32: call it outside autocast, as sgd_step
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D) fp32; outside autocast (sgd_step) sim is too
     sim = z @ z.T / tau  # (2N, 2N): every view against every view
     sim = sim.masked_fill(torch.eye(2 * N, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
     positives = (torch.arange(2 * N, device=z.device) + N) % (2 * N)  # view i's partner: i + N (mod 2N)
