@@ -1142,6 +1142,7 @@ def test_autoencoder_cache_names_differ_by_every_setting_that_changes_the_autoen
                 ["--dataset", "cifar10"]]
     tags = [simclr.autoencoder_tag(simclr.parse_args([*base, *v])) for v in variants]
     assert len(set(tags)) == len(tags), tags
+    assert tags[0] == simclr.autoencoder_tag(simclr.parse_args(base))  # and the same settings, the same name
 
 
 def test_config_saved_by_another_version_is_refused_naming_what_it_lacks(tmp_path, capsys):
@@ -1227,21 +1228,21 @@ def test_data_too_big_for_the_gpu_stays_in_host_memory(monkeypatch):
 
 def test_batches_from_host_memory_are_copied_over_and_train_as_on_the_device(monkeypatch):
     """A GPU run with its images in host memory copies each batch over (to_device). On a CPU the copy is a no-op, so
-    to_device is made to copy (and count): the run takes every batch through it and ends as the run without it."""
+    to_device is made to invert (and count) what it copies: the run trains on what it returns, every batch."""
     import argparse
     hp = argparse.Namespace(epochs=2, batch_size=8, lr=0.1, warmup_epochs=0.5, lr_min_ratio=0.02, momentum=0.9,
                             wd=1e-5, decay_norm_and_bias=False, tau=0.5, seed=0, crop_min=0.3, jitter_prob=0.8,
                             gray_prob=0.2, blur_prob=0.5)
     images = simclr.make_shapes(32, 8, seed=0)[0]
     runs = []
-    for copy in (False, True):
+    for copy in (False, True):  # the inverted images as they are; the images, inverted by the "copy" to the device
         copies, real = [], simclr.to_device
-        monkeypatch.setattr(simclr, "to_device", (lambda x, d: copies.append(len(x)) or x.clone()) if copy else real)
+        monkeypatch.setattr(simclr, "to_device", (lambda x, d: copies.append(len(x)) or 255 - x) if copy else real)
         torch.manual_seed(0)
         model = small_simclr()
-        simclr.train(model, images, hp, log=lambda s: None)
+        simclr.train(model, images if copy else 255 - images, hp, log=lambda s: None)
         runs.append(model.state_dict())
-    assert copies == [8] * 8  # 2 epochs of 4 batches, each through to_device
+    assert copies == [8] * 8  # 2 epochs of 4 batches, each through to_device, and trained on what it returned
     for k, v in runs[0].items():
         assert torch.equal(v, runs[1][k]), k
     monkeypatch.undo()
@@ -1273,27 +1274,50 @@ def test_the_papers_recipe_runs_the_papers_protocol(tmp_path, fake_imagenet_weig
         net.conv1.register_forward_pre_hook(lambda m, x: seen.append((m.training, x[0].detach().clone())))
         return net
     monkeypatch.setattr(simclr, "make_backbone", watched)
+    scores, real_val = iter([2.0, 1.0, 3.0]), simclr.validation_loss  # epoch 2 the best, not the last
+    monkeypatch.setattr(simclr, "validation_loss", lambda *a: (real_val(*a), next(scores))[1])
+    epochs, real_save = [], simclr.save_atomic  # each epoch's backbone, from its checkpoint
+    monkeypatch.setattr(simclr, "save_atomic", lambda obj, path: (epochs.append(
+        {k[9:]: v.clone() for k, v in obj["model"].items() if k.startswith("backbone.")})
+        if path.endswith("checkpoint.pt") else None, real_save(obj, path))[1])
     flags = [*TINY, "--epochs", "3", "--recipe", "paper", "--arch", "resnet18", "--knn-every", "0"]
     simclr.main([*flags, "--out", str(tmp_path / "unit")])
+    monkeypatch.setattr(simclr, "validation_loss", real_val)
     printed = capsys.readouterr().out
     cfg = json.loads((tmp_path / "unit" / "config.json").read_text())
     assert cfg["precision"] == "fp32" and "87 pre-training + 9 validation" in printed  # random_split: 86.4 / 9.6
     train_inputs = [x for training, x in seen if training]
     assert {len(x) for x in train_inputs} == {16} and min(x.min() for x in train_inputs) >= 0 and \
         max(x.max() for x in train_inputs) <= 1 + 1e-5  # N views of 16 px, ToTensor's values
-    metrics = [json.loads(l) for l in (tmp_path / "unit" / "metrics.jsonl").read_text().splitlines()]
-    best = min(metrics, key=lambda m: m["val_loss"])
-    assert f"evaluating the backbone of epoch {best['epoch']}" in printed
-    a, b = (torch.load(tmp_path / "unit" / f) for f in ("backbone.pt", "best_backbone.pt"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "evaluating the backbone of epoch 2" in printed and len(epochs) == 3
+    for f in ("backbone.pt", "best_backbone.pt"):  # the evaluated backbone is epoch 2's, not the last epoch's
+        saved = torch.load(tmp_path / "unit" / f)
+        assert all(torch.equal(saved[k], epochs[1][k]) for k in saved)
+        assert not all(torch.equal(saved[k], epochs[2][k]) for k in saved)
     simclr.main(["--resume", str(tmp_path / "unit"), "--show-neighbours", str(tmp_path / "nb.png")])  # the same epoch
-    assert f"evaluating the backbone of epoch {best['epoch']}" in capsys.readouterr().out
+    assert "evaluating the backbone of epoch 2" in capsys.readouterr().out
     seen.clear()
     simclr.main([*flags, "--standardize", "--eval", "standard", "--label-fractions", "1", "--sup-steps", "1",
                  "--out", str(tmp_path / "standardized")])
     test_inputs = [x for training, x in seen if not training and len(x) == 96][-1]  # the last: the supervised test's
     torch.testing.assert_close(test_inputs.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(test_inputs.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_validation_loss_is_the_nt_xent_of_identical_views_weighted_by_batch(one_thread):
+    """Two identical views of each image, batch by batch (a last batch of one image has no negative: skipped), each
+    batch's loss weighted by its size; the model in eval mode and back in train mode after."""
+    import argparse
+    model = small_simclr().train()
+    val_x = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = [simclr.validation_loss(model, val_x, argparse.Namespace(batch_size=b, tau=0.5), lambda x: x.float() / 255)
+           for b in (3, 2)]  # batches of 3 and 2; of 2, 2 and 1
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        loss = lambda x: float(naive_nt_xent(*[model(x.float() / 255)] * 2, 0.5))
+        assert got[0] == pytest.approx((3 * loss(val_x[:3]) + 2 * loss(val_x[3:])) / 5, rel=1e-6)
+        assert got[1] == pytest.approx((loss(val_x[:2]) + loss(val_x[2:4])) / 2, rel=1e-6)
 
 
 def test_images_that_are_not_square_are_resized_to_a_square_for_the_paper():
@@ -1439,8 +1463,12 @@ def test_a_full_disk_names_the_file_and_leaves_the_previous_one_whole(tmp_path, 
 
 
 def test_files_are_written_with_the_umask_for_others_sharing_the_folder(tmp_path):
-    simclr.write_atomic(str(tmp_path / "f"), lambda f: f.write(b"x"))
-    assert os.stat(tmp_path / "f").st_mode & 0o777 == 0o666 & ~simclr.UMASK
+    """The mode a plain open() would give under the process's umask (mkstemp's is 0600), in a process started with
+    umask 027 and one with 002."""
+    for umask, mode in ((0o027, 0o640), (0o002, 0o664)):
+        code = f"import os, simclr; simclr.write_atomic({str(tmp_path / 'f')!r}, lambda f: f.write(b'x'))"
+        subprocess.run(["sh", "-c", f"umask {umask:03o} && {sys.executable} -c \"{code}\""], cwd=HERE, check=True)
+        assert os.stat(tmp_path / "f").st_mode & 0o777 == mode
 
 
 def test_a_corrupt_autoencoder_cache_is_named_and_trained_again(tmp_path, capsys):
