@@ -569,7 +569,7 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
     (train_x, train_y), (test_x, test_y) = make_shapes(n[0], SHAPES["img"], seed), make_shapes(n[1], SHAPES["img"],
                                                                                                   seed + 10_000)
     N = SHAPES["batch"]
-    hp = argparse.Namespace(epochs=epochs, batch_size=N, lr=0.3 * math.sqrt(N / 256),  # B.1's sqrt rule, 0.3 at N = 256
+    hp = argparse.Namespace(epochs=epochs, batch_size=N, lr=0.3 * math.sqrt(N / 256),  # B.1's sqrt scaling (RECIPES)
                             warmup_epochs=min(10, epochs / 10), lr_min_ratio=1 / 50, momentum=0.9, wd=1e-5,
                             decay_norm_and_bias=False, tau=SHAPES["tau"], seed=seed, crop_min=SHAPES["crop_min"],
                             jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5)
@@ -1358,7 +1358,8 @@ def idx_complete(path):
     integers, then one byte per value) holds every byte its header promises."""
     with open(path, "rb") as f:
         magic = f.read(4)
-        dims = np.frombuffer(f.read(4 * magic[3]), dtype=">u4") if len(magic) == 4 else []
+        header = f.read(4 * magic[3]) if len(magic) == 4 else b""
+    dims = np.frombuffer(header, dtype=">u4") if len(header) == 4 * magic[3] else []  # a header cut short: none
     return len(dims) > 0 and os.path.getsize(path) == 4 + 4 * len(dims) + int(np.prod(dims.astype(np.int64)))
 
 
@@ -1502,8 +1503,8 @@ def prepare_data(args, device, rank, world, log=print):
         f" ({time.time() - t0:.1f}s)")
     if len(images) < args.batch_size:
         die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
-    n = len(test_x) // args.batch_size * args.batch_size or len(test_x)  # the paper's protocol: whole batches
-    if args.eval == "paper" and min(int(0.7 * n), int(0.8 * n) - int(0.7 * n), n - int(0.8 * n)) < 1:
+    n, a, b = paper_split(len(test_x), args.batch_size)
+    if args.eval == "paper" and min(a, b - a, n - b) < 1:
         die(f"--eval paper splits {n} test images 70/10/20 and one part is empty; it needs at least 10 (or use "
             f"--eval standard)")
     smallest = int(data["train_y"].unique(return_counts=True)[1].min())
@@ -1525,8 +1526,9 @@ def input_preps(args, splits):
         n = len(x) * x[0, 0].numel()
         s, ss = (sum(c.double().pow(k).sum((0, 2, 3)) for c in x.split(1000)) / 255 ** k for k in (1, 2))
         return dict(mean=(s / n).tolist(), std=(ss / n - (s / n) ** 2).sqrt().tolist())
-    return {k: functools.partial(normalize, **(stats(x) if args.standardize else dict(mean=(0,) * 3, std=(1,) * 3)))
-            for k, x in splits.items()}
+    if not args.standardize:
+        return dict.fromkeys(splits, lambda x: x.float() / 255 if x.dtype == torch.uint8 else x)  # ToTensor's
+    return {k: functools.partial(normalize, **stats(x)) for k, x in splits.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1566,6 +1568,13 @@ def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=
         return (clf(test_h).argmax(1) == test_y).float().mean().item()
 
 
+def paper_split(n, batch=None):
+    """The paper's split of n test images: those that fill whole batches (its loader drops the last one), cut 70/10/20
+    at a and b. Returns (n, a, b)."""
+    n = (n // batch * batch or n) if batch else n
+    return n, int(0.7 * n), int(0.8 * n)
+
+
 def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", probe_steps=200, knn_k=200,
              batch=None):
     """Linear and kNN top-1. 'standard': Part 1's probes. 'paper' (Sec. 4 of the paper): the test features of the
@@ -1573,9 +1582,8 @@ def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", pro
     seed 42: its probe trains on the 70%, selects its epoch on the 10%, is measured on the 20% (the kNN likewise)."""
     if protocol == "standard":
         return probes(train_h, train_y, test_h, test_y, classes, probe_steps, knn_k)
-    n = len(test_h) // batch * batch if batch and len(test_h) >= batch else len(test_h)
+    n, a, b = paper_split(len(test_h), batch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(42)).to(test_h.device)
-    a, b = int(0.7 * n), int(0.8 * n)
     (tr_h, tr_y), (va_h, va_y), (te_h, te_y) = ((test_h[i], test_y[i]) for i in (perm[:a], perm[a:b], perm[b:]))
     return dict(linear_top1=paper_probe(tr_h, tr_y, va_h, va_y, te_h, te_y, classes),
                 knn_top1=knn_top1(tr_h, tr_y, te_h, te_y, classes, knn_k))
@@ -1638,8 +1646,10 @@ def build_model(args, embedding, device, world):
 
 def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, log=print):
     """Part 1's train with the machinery hooked in: bf16 autocast, torch.compile, DistributedDataParallel and the
-    gathered loss under torchrun, and at the end of every epoch a stop on a non-finite loss, the kNN monitor,
-    metrics.jsonl and checkpoint.pt (model, optimizer, epoch and every process's RNG). Returns its seconds."""
+    gathered loss under torchrun, and at the end of every epoch a stop on a non-finite loss or weight, a warning on a
+    collapsed embedding, the paper's validation loss (and best_backbone.pt), the kNN monitor, metrics.jsonl and
+    checkpoint.pt (model, optimizer, epoch and every process's RNG). Returns the pre-training seconds, resumes
+    included."""
     log(f"SimCLR: {args.arch} ({args.stem} stem{', ImageNet weights' if args.pretrained else ''}) + {args.head} head "
         f"({args.act}, {'frozen' if args.head == 'ae' and not args.no_freeze else 'trained'}), "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable parameters, "
@@ -1679,7 +1689,7 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
                 f"longer --warmup-epochs may let it learn")
         if data["val_x"] is not None:  # the paper's code evaluates the epoch of lowest validation loss
             m["val_loss"] = validation_loss(model, data["val_x"], args, data["prep"]["val_x"])
-            if m["val_loss"] <= min(h["val_loss"] for h in history + [m]) and rank == 0:
+            if m["val_loss"] < min((h["val_loss"] for h in history), default=math.inf) and rank == 0:
                 save_atomic(model.backbone.state_dict(), os.path.join(args.out, "best_backbone.pt"))
         if args.knn_every and (epoch + 1) % args.knn_every == 0 and rank == 0:  # the kNN monitor
             train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x",
