@@ -591,21 +591,9 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
 # Part 2: the machinery. The command line, exact resume, devices, multi-GPU, datasets at scale, the paper's
 # protocol, few labels, pictures, the benchmark and main(), each under its own banner.
 # ==========================================================================================================
-import contextlib  # noqa: E402 (Part 2's own imports: Part 1 needs none of them)
-import datetime  # noqa: E402
-import errno  # noqa: E402
-import fcntl  # noqa: E402
-import functools  # noqa: E402
-import gzip  # noqa: E402
-import hashlib  # noqa: E402
-import heapq  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
+# Part 2's own imports: Part 1 needs none of them.
+import contextlib, datetime, errno, fcntl, functools, gzip, hashlib, heapq, json, random  # noqa: E401, E402
+import shutil, signal, sys, tempfile, threading  # noqa: E401, E402
 
 import PIL.Image  # noqa: E402
 import torch.distributed as dist  # noqa: E402
