@@ -603,9 +603,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 # Command line: every flag once, with its rule and its default; the values computed from the flags, in one place
 # ----------------------------------------------------------------------------------------------------------
 
-# Per-dataset defaults: the paper's image and batch sizes (Sec. 4 of 2408.14514) with its 150 pre-training and 100
-# autoencoder epochs (100 pre-training epochs for the two it does not use), and Part 1's shapes. Keys not given fall
-# back to the flags' defaults.
+# Per dataset: the paper's image side and batch (Sec. 4 of 2408.14514), its 150 pre-training and 100 autoencoder
+# epochs (100 pre-training epochs for the datasets it does not use), and Part 1's shapes.
 DATASETS = {
     "shapes":        SHAPES,
     "stl10":         dict(img=96, batch=500, epochs=150, ae_epochs=100),
@@ -617,32 +616,29 @@ DATASETS = {
     "folder":        dict(img=96, batch=256, epochs=100, ae_epochs=100),
 }
 
-# The two recipes (--recipe); a recipe's values win over DATASETS, flags typed on the command line over both.
-# simclr: from scratch, as SimCLR trains (Sec. 2.3: a linear warm-up, then cosine decay; its code keeps BatchNorm and
-# biases out of weight decay), with SGD + momentum for LARS and B.1's square-root rule 0.075 sqrt(N), re-anchored to
-# meet the linear rule at N = 256: 0.3 sqrt(N / 256). paper: the protocol of 2408.14514 (Sec. 4 and its code):
-# ResNet34 from ImageNet weights with their 7x7 stem at every image size, the linear rule 0.3 N / 256 without
-# warm-up, weight decay on every parameter, tau 0.5, STL10's 5k labelled images only, fp32, and as its code runs them:
-# images resized to a square and given to the backbone as ToTensor's [0, 1] values (or standardised per split,
-# --standardize), each view through the backbone on its own, 90% of the train split pre-trained on and the epoch of
-# lowest validation NT-Xent on the other 10% evaluated, by its probe (--eval paper).
+# --recipe: its values win over DATASETS, flags typed on the command line over both (README, Recipes).
+# simclr: from scratch as SimCLR trains (Sec. 2.3: linear warm-up, cosine decay; its code: no weight decay on
+# BatchNorm and biases), SGD + momentum for LARS, lr 0.3 sqrt(N / 256): B.1's square-root rule, meeting the linear
+# one at N = 256.
+# paper: the protocol of 2408.14514 as its code runs it (Sec. 4): the values below, lr 0.3 N / 256, ToTensor's [0, 1]
+# inputs (or --standardize), each view through the backbone alone, 90% of the train split pre-trained on and the
+# epoch of lowest NT-Xent on the other 10% evaluated.
 RECIPES = {
     "simclr": dict(lr_scaling="sqrt", decay_norm_and_bias=False),
     "paper": dict(lr_scaling="linear", decay_norm_and_bias=True, pretrained=True, arch="resnet34", stem="imagenet",
                   tau=0.5, crop_min=0.08, warmup_epochs=0, eval="paper", stl10_pretrain="train", precision="fp32"),
 }
-ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
 def die(msg, code=2):
-    """A user mistake, or a run that cannot go on: say what was wrong and what to do, exit 2, no traceback."""
+    """A user mistake, or a run that cannot go on: what was wrong and what to do, exit 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
 def number(kind, ok, rule, many=False):
-    """An argparse type: a finite number of `kind` for which ok(value) holds, or with `many` a comma-separated list
-    of them ('0.01,0.1,1' -> [0.01, 0.1, 1.0], sorted, distinct); anything else is refused with the rule."""
+    """An argparse type: a finite number of `kind` for which ok(value) holds, else refused with `rule`; with `many`, a
+    comma-separated list of them, sorted and distinct."""
     def parse(text):
         try:
             values = [kind(v) for v in (text.split(",") if many else [text])]
@@ -675,172 +671,157 @@ def build_parser():
     a("--dataset", default="shapes", choices=tuple(DATASETS), help="the images to learn from")
     a("--data-dir", default="data", help="where datasets are read from (and downloaded to)")
     a("--no-download", action="store_true", help="never download; fail with a list of the files to put in place")
-    a("--stl10-pretrain", default=None, choices=("train+unlabeled", "train"),
+    a("--stl10-pretrain", choices=("train+unlabeled", "train"),
       help="STL10's pre-training images (default: train+unlabeled; recipe paper: train, the 5k labelled ones)")
-    a("--img-size", type=number(int, lambda v: 8 <= v <= 1024, "in 8..1024"), default=None,
-      help="image side in pixels (default: per dataset, see DATASETS; folder: its images' median side, at most 96)")
-    a("--data-on", default="auto", choices=("auto", "device", "host"), help="where the uint8 images live (host: "
-      "each batch is copied over); auto: on the device when they take at most half of its free memory")
+    a("--img-size", type=number(int, lambda v: 8 <= v <= 1024, "in 8..1024"),
+      help="image side in pixels (default: per dataset; folder: its images' median side, at most 96)")
+    a("--data-on", default="auto", choices=("auto", "device", "host"),
+      help="where the uint8 images live (host: copied per batch; auto: the device if at most half its free memory)")
     a = p.add_argument_group("augmentations (Sec. 3 of SimCLR; the paper's values)").add_argument
-    a("--crop-min", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=None,
+    a("--crop-min", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]"),
       help="smallest crop area of RandomResizedCrop (default: 0.08; shapes 0.3)")
     a("--jitter-prob", type=PROBABILITY, default=0.8, help="probability of colour jitter (0.8, 0.8, 0.8, 0.2)")
     a("--gray-prob", type=PROBABILITY, default=0.2, help="probability of grayscale")
     a("--blur-prob", type=PROBABILITY, default=0.5, help="probability of Gaussian blur (kernel ~10%% of the image)")
-    a("--show-augs", default=None, metavar="FILE.png", help="save a grid of images and their two views, then exit")
+    a("--show-augs", metavar="FILE.png", help="save a grid of images and their two views, then exit")
     a = p.add_argument_group("model: backbone f, projection head g, autoencoder").add_argument
-    a("--arch", default=None, choices=ARCHS, help="the backbone (default: resnet34; shapes: resnet18)")
-    a("--stem", default=None, choices=("auto", "imagenet", "cifar"), help="auto: ImageNet's 7x7 stem and maxpool "
-      "with --pretrained or over 64 px, else 3x3 stride 1, no maxpool (default: auto; shapes: imagenet)")
+    a("--arch", choices=("resnet18", "resnet34", "resnet50"), help="backbone (default: resnet34; shapes: resnet18)")
+    a("--stem", choices=("auto", "imagenet", "cifar"), help="auto: ImageNet's 7x7 stem and maxpool with --pretrained "
+      "or over 64 px, else 3x3 stride 1, no maxpool (default: auto; shapes: imagenet)")
     a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (recipe paper: on)")
     a("--head", default="mlp", choices=("mlp", "ae"), help="projection head: random MLP, or AE embedding first")
     a("--act", default="relu", choices=tuple(ACTIVATIONS), help="activation between the two head layers")
-    a("--proj-hidden", type=WIDTH, default=None, help="hidden width of the MLP head (default: 512)")
+    a("--proj-hidden", type=WIDTH, help="hidden width of the MLP head (default: 512)")
     a("--proj-out", type=WIDTH, default=128, help="output width of the projection head")
-    a("--ae-dim", type=WIDTH, default=None, help="width d of the autoencoder's embedding, the ae head's hidden "
-      "width (the paper: 128, 256 or 512; default: 512)")
+    a("--ae-dim", type=WIDTH, help="width d of the AE embedding, the ae head's hidden width (the paper: 128, 256 or "
+      "512; default: 512)")
     a("--no-freeze", action="store_true", help="let the AE embedding train (ablation; frozen by default)")
-    a("--ae-epochs", type=NONNEGATIVE_INT, default=None, help="autoencoder epochs (default: per dataset)")
-    a("--ae-dir", default=None, help="cache of trained autoencoders, one per dataset, d and seed (default: "
-      "runs/autoencoders)")
+    a("--ae-epochs", type=NONNEGATIVE_INT, help="autoencoder epochs (default: per dataset)")
+    a("--ae-dir", help="cache of trained autoencoders, one per dataset, d and seed (default: runs/autoencoders)")
     a = p.add_argument_group("optimisation (Sec. 2.3 and App. B.1 of SimCLR; Sec. 4 of the paper)").add_argument
-    a("--recipe", default="simclr", choices=tuple(RECIPES), help="simclr: from scratch, a linear warm-up, no weight "
-      "decay on BatchNorm and biases; paper: the protocol of 2408.14514 (see RECIPES)")
-    a("--epochs", type=NONNEGATIVE_INT, default=None, help="pre-training epochs (default: per dataset)")
+    a("--recipe", default="simclr", choices=tuple(RECIPES), help="simclr: from scratch as SimCLR trains; paper: "
+      "2408.14514's protocol (see RECIPES)")
+    a("--epochs", type=NONNEGATIVE_INT, help="pre-training epochs (default: per dataset)")
     a("--batch-size", type=number(int, lambda v: v >= 2, "at least 2: NT-Xent needs a negative per view"),
-      default=None, help="N images per step, 2N views (default: per dataset)")
-    a("--lr", type=POSITIVE, default=None,
-      help="peak learning rate (default: recipe simclr: 0.3 * sqrt(N / 256); recipe paper: 0.3 * N / 256)")
-    a("--warmup-epochs", type=NONNEGATIVE, default=None, help="linear warm-up of the learning rate, stepped every "
-      "step (default: recipe simclr: a tenth of the run, at most 10 epochs; recipe paper: 0)")
+      help="N images per step, 2N views (default: per dataset)")
+    a("--lr", type=POSITIVE, help="peak learning rate (default: recipe simclr 0.3 sqrt(N / 256), paper 0.3 N / 256)")
+    a("--warmup-epochs", type=NONNEGATIVE, help="linear warm-up of the learning rate (default: recipe simclr: a tenth "
+      "of the run, at most 10 epochs; recipe paper: 0)")
     a("--momentum", type=number(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.9, help="SGD momentum")
     a("--wd", type=NONNEGATIVE, default=1e-5, help="weight decay")
     a("--lr-min-ratio", type=PROBABILITY, default=1 / 50, help="cosine schedule ends at lr * this")
-    a("--tau", type=POSITIVE, default=None, help="NT-Xent temperature (default: 0.5, the paper's; shapes: 0.2)")
-    a("--standardize", action="store_true", help="recipe paper: standardise each split's images with its own "
-      "channel means and stds (the paper's optional STANDARDIZE), not ToTensor's [0, 1] values")
+    a("--tau", type=POSITIVE, help="NT-Xent temperature (default: 0.5, the paper's; shapes: 0.2)")
+    a("--standardize", action="store_true", help="recipe paper: standardise each split by its own channel statistics "
+      "(the paper's STANDARDIZE), not ToTensor's [0, 1]")
     a = p.add_argument_group("evaluation").add_argument
-    a("--eval", default=None, choices=("standard", "paper"), help="standard: probe on the train split's features, "
-      "top-1 on the test split; paper: the paper's probe on a 70/10/20 split of the test split (default: standard; "
-      "recipe paper: paper)")
+    a("--eval", choices=("standard", "paper"), help="standard: probe on train features, top-1 on test; paper: the "
+      "paper's probe on a 70/10/20 split of the test split (default: standard; recipe paper: paper)")
     a("--probe-steps", type=COUNT, default=200, help="L-BFGS iterations of the linear probe")
-    a("--knn-every", type=NONNEGATIVE_INT, default=5, help="kNN monitor every this many epochs (0: only at the end)")
+    a("--knn-every", type=NONNEGATIVE_INT, default=5, help="kNN monitor every this many epochs (0: at the end only)")
     a("--knn-k", type=COUNT, default=200, help="neighbours of the weighted kNN")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
     a = p.add_argument_group("few labels and pictures").add_argument
     a("--label-fractions", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]", many=True), metavar="F,F,...",
-      help="for each fraction of the train labels (e.g. 0.01,0.1,1), the probes on a class-stratified seeded draw of "
-           "that many, next to the random-init probe and supervised training from scratch on them (default: off)")
+      help="for each fraction of the train labels (e.g. 0.01,0.1,1): the probes, the random-init probe and supervised "
+           "training from scratch on a seeded class-stratified draw of that many (default: off)")
     a("--labels-per-class", type=number(int, lambda v: v >= 1, "at least 1", many=True), metavar="K,K,...",
       help="the same with K labelled train images of every class (default: off)")
     a("--label-draws", type=number(int, lambda v: 1 <= v <= 1000, "in 1..1000"), default=3,
       help="draws of every label set smaller than the train split (mean +- std over them)")
-    a("--sup-steps", type=COUNT, default=500,
-      help="SGD steps of the supervised baseline, batch min(256, labels): one budget for every label set")
-    a("--show-neighbours", default=None, metavar="FILE.png", help="save 8 test images with their nearest train "
-      "images by SimCLR's h and a random-init h (every run writes neighbours.png); with --resume DIR: DIR's, then exit")
+    a("--sup-steps", type=COUNT, default=500, help="SGD steps of the supervised baseline, batch min(256, labels), "
+      "one budget for every label set")
+    a("--show-neighbours", metavar="FILE.png", help="save 8 test images with their nearest train images by SimCLR's "
+      "h and a random-init h (every run writes neighbours.png); with --resume DIR: DIR's, then exit")
     a = p.add_argument_group("run: device, precision, processes, output").add_argument
-    a("--device", default=None, help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
-    a("--precision", default=None, choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA and on CPUs "
-      "with native bf16 (AVX512-BF16, AMX; not for tiny images) (default: auto; recipe paper: fp32)")
+    a("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
+    a("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA and on CPUs with native bf16 "
+      "(AVX512-BF16, AMX; not for tiny images) (default: auto; recipe paper: fp32)")
     a("--compile", default="auto", choices=("auto", "on", "off"),
       help="torch.compile the augmentation and the model (auto: on CUDA, not for --dry-run)")
-    a("--seed", type=number(int, lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), default=0,
-      help="seed of everything random")
-    a("--out", default=None, help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
-    a("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+    a("--seed", type=number(int, lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), default=0, help="seeds everything")
+    a("--out", help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
+    a("--resume", metavar="DIR", help="continue the run saved in DIR")
     a("--dry-run", action="store_true", help="run every stage for a couple of steps on a few images")
-    a("--subset", type=number(int, lambda v: v >= 2, "at least 2"), default=None,
+    a("--subset", type=number(int, lambda v: v >= 2, "at least 2"),
       help="a seeded class-stratified draw of this many images of every labelled split, for quick experiments")
     a("--no-sync-bn", action="store_true", help="under torchrun: BatchNorm statistics per process, not global")
     a = p.add_argument_group("benchmark").add_argument
-    a("--bench", action="store_true", help="img/s of this pipeline and of the classic DataLoader one, into "
+    a("--bench", action="store_true", help="img/s of this pipeline and the classic DataLoader one, into "
       "--out/bench.json, then exit")
     a("--bench-steps", type=COUNT, default=20, help="timed steps per stage of --bench, after warm-up")
-    a("--workers", type=NONNEGATIVE_INT, default=None,
-      help="DataLoader workers of the classic pipeline (default: the CPU cores this process may use)")
-    a("--peak-tflops", type=POSITIVE, default=None,
-      help="the device's dense bf16 peak, for the MFU of --bench (default: known for H100, H200, A100)")
+    a("--workers", type=NONNEGATIVE_INT, help="DataLoader workers of the classic pipeline (default: its CPU cores)")
+    a("--peak-tflops", type=POSITIVE, help="the device's dense bf16 peak, for the MFU of --bench (default: known for "
+      "H100, H200, A100)")
     return p
 
 
 def resolve_args(args):
-    """Values computed from flags, in one place."""
+    """The values computed from the flags, in one place: a typed flag wins over its recipe, a recipe over DATASETS."""
     recipe, ds = RECIPES[args.recipe], DATASETS[args.dataset]
-    pick = lambda key, default: (getattr(args, key) if getattr(args, key) is not None  # typed, else recipe,
-                                 else recipe[key] if key in recipe else ds.get(key, default))  # else dataset
-    args.arch, args.stem, args.tau = pick("arch", "resnet34"), pick("stem", "auto"), pick("tau", 0.5)
-    args.crop_min, args.eval = pick("crop_min", 0.08), pick("eval", "standard")
-    args.stl10_pretrain = pick("stl10_pretrain", "train+unlabeled")
-    args.precision = pick("precision", "auto")
-    if args.standardize and args.recipe != "paper":
-        die("--standardize is the paper's option (--recipe paper); recipe simclr standardises with ImageNet's "
-            "statistics")
-    args.pretrained = args.pretrained or recipe.get("pretrained", False)
-    args.decay_norm_and_bias = recipe["decay_norm_and_bias"]
-    if args.label_fractions is not None and args.labels_per_class is not None:
-        die("--label-fractions and --labels-per-class exclude each other: give fractions of the train labels, or "
-            "counts per class")
+    for key, default in dict(arch="resnet34", stem="auto", tau=0.5, crop_min=0.08, eval="standard", precision="auto",
+                             stl10_pretrain="train+unlabeled", epochs=None).items():
+        if getattr(args, key) is None:
+            setattr(args, key, recipe.get(key, ds.get(key, default)))
     args.label_amounts = args.label_fractions or args.labels_per_class or []  # the few-labels stage's label sets
-    if args.label_amounts and args.eval == "paper":  # its probe trains on the test split: no train labels to draw
-        die("--label-fractions / --labels-per-class train the probes on train-split labels (the standard protocol); "
-            "--eval paper (also set by --recipe paper) trains its probe on the test split. Add --eval standard.")
+    if args.standardize and args.recipe != "paper":
+        die("--standardize only applies to --recipe paper (recipe simclr standardises with ImageNet's statistics)")
+    if args.label_fractions is not None and args.labels_per_class is not None:
+        die("--label-fractions and --labels-per-class exclude each other: give fractions, or counts per class")
+    if args.label_amounts and args.eval == "paper":
+        die("--label-fractions / --labels-per-class draw train-split labels, and --eval paper (set by --recipe paper) "
+            "probes on the test split. Add --eval standard.")
     if args.head == "mlp" and (args.ae_epochs is not None or args.ae_dir is not None):
         die("--ae-epochs and --ae-dir only apply to --head ae (the MLP head has no autoencoder)")
-    if args.img_size is None and args.dataset == "folder":
-        args.img_size = folder_image_side(args.data_dir, ds["img"])
-    args.img_size, args.batch_size = args.img_size or ds["img"], args.batch_size or ds["batch"]
-    args.epochs = args.epochs if args.epochs is not None else ds["epochs"]
-    args.ae_epochs = args.ae_epochs if args.ae_epochs is not None else ds["ae_epochs"]
+    if args.head == "mlp" and (args.no_freeze or args.ae_dim is not None):
+        die(f"{'--no-freeze' if args.no_freeze else '--ae-dim'} only applies to --head ae (the MLP head's width is "
+            "--proj-hidden)")
+    if args.head == "ae" and args.proj_hidden is not None:
+        die(f"--proj-hidden is the MLP head's width; the ae head's is the AE's embedding width d: use --ae-dim "
+            f"{args.proj_hidden}")
+    if args.head == "ae" and args.arch == "resnet50":
+        die("--head ae needs a 512-d backbone for its AE, not resnet50's 2048-d: use --arch resnet34 or --head mlp")
+    args.pretrained = args.pretrained or recipe.get("pretrained", False)
+    args.decay_norm_and_bias = recipe["decay_norm_and_bias"]
+    if args.img_size is None:
+        args.img_size = folder_image_side(args.data_dir, ds["img"]) if args.dataset == "folder" else ds["img"]
+    args.batch_size = args.batch_size or ds["batch"]
+    args.ae_epochs = ds["ae_epochs"] if args.ae_epochs is None else args.ae_epochs
     if args.dry_run:
         args.batch_size, args.epochs, args.ae_epochs, args.probe_steps, args.sup_steps = 16, 1, 1, 5, 2
         args.subset = args.subset or 64
-    if args.head == "mlp":
-        args.ae_epochs = None
-    args.ae_dir = args.ae_dir or ("runs/autoencoders" if args.head == "ae" else None)
-    N = args.batch_size  # the linear rule of SimCLR's B.1, or the square-root one (RECIPES)
+    if args.head == "ae":  # one width per head: d of the AE whose embedding is the ae head's first layer
+        args.ae_dir, args.ae_dim = args.ae_dir or "runs/autoencoders", args.ae_dim or 512
+    else:  # or the MLP's hidden width
+        args.ae_epochs, args.proj_hidden = None, args.proj_hidden or 512
+    N = args.batch_size  # SimCLR's B.1: the linear rule, or the square-root one (RECIPES)
     args.lr = args.lr or (0.3 * N / 256 if recipe["lr_scaling"] == "linear" else 0.3 * math.sqrt(N / 256))
-    # SimCLR warms up for 10 epochs of 100 or more; a short run warms up for a tenth of its length
-    args.warmup_epochs = pick("warmup_epochs", min(10.0, args.epochs / 10))
+    if args.warmup_epochs is None:  # SimCLR warms up for 10 epochs of 100 or more; a short run for a tenth of it
+        args.warmup_epochs = recipe.get("warmup_epochs", min(10.0, args.epochs / 10))
     if args.stem == "auto":  # ImageNet weights come with their stem: a 3x3 conv1 would start from random weights
         args.stem = "imagenet" if args.pretrained or args.img_size > 64 else "cifar"
-    if args.head == "mlp" and (args.no_freeze or args.ae_dim is not None):
-        die(f"{'--no-freeze' if args.no_freeze else '--ae-dim'} only applies to --head ae (the MLP head has nothing "
-            f"frozen; its hidden width is --proj-hidden)")
-    if args.head == "ae" and args.proj_hidden is not None:
-        die(f"--proj-hidden is the MLP head's hidden width; the ae head's is the width d of the autoencoder's "
-            f"embedding: use --ae-dim {args.proj_hidden}")
-    # one width per head: that of the MLP head, or d of the autoencoder whose embedding is the ae head's first layer
-    args.proj_hidden = (args.proj_hidden or 512) if args.head == "mlp" else None
-    args.ae_dim = (args.ae_dim or 512) if args.head == "ae" else None
-    if args.head == "ae" and args.arch == "resnet50":
-        die("--head ae needs a 512-d backbone (resnet18/34): the AE's hidden layer is 512 wide, resnet50 gives "
-            "2048 features. Use --arch resnet34 or --head mlp.")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if args.precision == "auto":
         args.precision = auto_precision(args)
     args.compile = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda")
                                             and not args.dry_run)  # compiling takes minutes, a dry run seconds
-    args.workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0)) \
-        if hasattr(os, "sched_getaffinity") else os.cpu_count()  # not on macOS
+    if args.workers is None:  # the cores this process may use (macOS lacks sched_getaffinity)
+        args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if args.out is None:
-        args.out = os.path.join("runs", ("bench-" if args.bench else "") +
-                                f"{args.dataset}-{args.head}-{args.act}-{time.strftime('%Y%m%d-%H%M%S')}")
+        name = f"{args.dataset}-{args.head}-{args.act}-{time.strftime('%Y%m%d-%H%M%S')}"
+        args.out = os.path.join("runs", ("bench-" if args.bench else "") + name)
     return args
 
 
 def auto_precision(args):
-    """bf16 where the hardware computes it natively. On CPUs, oneDNN's bf16 backward of a stride-2 convolution on a
-    1x1 feature map gives wrong weight gradients (torch 2.14; README, Precision): images that small for the stem
-    (16 px or less for the ImageNet stem, 4 for the CIFAR stem) stay in fp32."""
+    """bf16 where the hardware computes it natively; on CPUs, fp32 for images so small that a stride-2 conv of the
+    stem sees a 1x1 map, as oneDNN's bf16 backward of it gives wrong weight gradients (README, Precision)."""
     cpu_bf16 = cpu_has_bf16() and args.img_size > (16 if args.stem == "imagenet" else 4)
     return "bf16" if args.device.startswith("cuda") or (args.device == "cpu" and cpu_bf16) else "fp32"
 
 
 def parse_args(argv):
-    """The flags, with the values computed from them (resolve_args); with --resume, the saved run's config, which the
-    flags typed now must match."""
+    """The flags and the values computed from them; with --resume, the saved run's config, which typed flags match."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume is None:
@@ -853,20 +834,21 @@ def parse_args(argv):
     cfg = read_config(cfg_path, parser)
     missing = sorted(set(vars(args)) - set(cfg))
     if missing:
-        die(f"{cfg_path} has no {', '.join(missing)}: it was written by another version of simclr.py. Resume it "
-            f"with that version, or start a new run.")
-    typed = {act.dest for act in parser._actions if {a.split("=")[0] for a in argv} & set(act.option_strings)}
+        die(f"{cfg_path} has no {', '.join(missing)}: another version of simclr.py wrote it. Resume it with that "
+            "version, or start a new run.")
+    words = {a.split("=")[0] for a in argv}
+    typed = {act.dest for act in parser._actions if words & set(act.option_strings)}
     typed -= {"resume", "device", "out", "show_neighbours"}
-    stop = os.path.join(args.resume, "diverged.json")  # after a stop on divergence: a new --lr or --tau may follow
-    retune = {k for k in typed & {"lr", "tau"} if os.path.exists(stop)}
-    saved = {k: v for k, v in cfg.items() if k in vars(args) and k not in typed}  # the flags not typed
+    stop = os.path.join(args.resume, "diverged.json")  # after a stop on divergence, a new --lr or --tau may follow
+    retune = typed & {"lr", "tau"} if os.path.exists(stop) else set()
+    saved = {k: cfg[k] for k in vars(args) if k not in typed}
     given = resolve_args(argparse.Namespace(**{**vars(args), **saved, "resume": None, "out": args.resume}))
-    differ = [f"--{k.replace('_', '-')}: saved {cfg.get(k)!r}, given {getattr(given, k)!r}"
-              for k in sorted(typed - retune) if cfg.get(k) != getattr(given, k)]
+    differ = [f"--{k.replace('_', '-')}: saved {cfg[k]!r}, given {getattr(given, k)!r}"
+              for k in sorted(typed - retune) if cfg[k] != getattr(given, k)]
     if differ:
         die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ) + "\nA resume "
             f"continues the run as {args.resume}/config.json holds it: drop these flags, or start a new run with them")
-    if retune:  # the run continues from its last good checkpoint with the new values, saved in its config
+    if retune:  # the run goes on from its last good checkpoint with the new values, saved in its config
         cfg.update({k: getattr(given, k) for k in retune})
         write_json(cfg, cfg_path)
         os.remove(stop)
@@ -879,30 +861,35 @@ def parse_args(argv):
 
 
 def read_config(path, parser):
-    """A saved run's config.json, every value checked by its flag's rule: a file cut short or edited by hand is
-    named with what is wrong, never half-used."""
+    """A saved run's config.json, each value checked by its flag's rule: a broken file is refused, never half-used."""
+    refuse = lambda why: die(f"{path} cannot be read ({why}); it is not the config.json of a run of this simclr.py")
     try:
         with open(path) as f:
             cfg = json.load(f)
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
-        for act in parser._actions:
-            v = cfg.get(act.dest)
-            try:
-                if v is not None and act.type is not None:
-                    act.type(",".join(map(str, v)) if isinstance(v, list) else str(v))
-                if v is not None and act.choices is not None and v not in act.choices and act.dest != "compile":
-                    raise ValueError(f"not one of {', '.join(map(str, act.choices))}")
-            except (ValueError, argparse.ArgumentTypeError) as e:
-                raise ValueError(f"its {act.dest} is {v!r}: {e}")
     except ValueError as e:  # json's errors are ValueErrors
-        die(f"{path} cannot be read ({e}); it is not the config.json of a run of this simclr.py")
+        refuse(e)
+    if not isinstance(cfg, dict):
+        refuse("not a JSON object")
+    for act in parser._actions:
+        v = cfg.get(act.dest)
+        try:
+            if v is not None and act.type is not None:
+                act.type(",".join(map(str, v)) if isinstance(v, list) else str(v))
+        except argparse.ArgumentTypeError as e:
+            refuse(f"its {act.dest} is {v!r}: {e}")
+        if v is not None and act.choices and v not in act.choices and act.dest != "compile":  # compile: saved a bool
+            refuse(f"its {act.dest} is {v!r}: not one of {', '.join(act.choices)}")
     return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Runs that can stop: files written whole or not at all, and an exact resume
 # ----------------------------------------------------------------------------------------------------------
+
+UMASK = os.umask(0o22)  # the process's umask, read (set and put back) once
+os.umask(UMASK)
+AE_SAVE_EVERY_S = 300  # between checkpoints of the autoencoder stage (up to ~0.8 GB at 128 px: not every epoch)
+
 
 def seed_everything(seed):
     random.seed(seed)
@@ -924,8 +911,7 @@ def set_rng_state(s):
 
 
 def write_atomic(path, write):
-    """write(f) into a temporary file of this process's own next to `path`, then rename it to `path`: a run killed
-    mid-write leaves the previous file intact, and processes writing one file at once never see half of it."""
+    """write(f) to a temporary file, renamed to `path` once whole: no reader, nor a run killed mid-write, sees half."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 would hide the file from the others sharing the folder
@@ -939,10 +925,6 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
-UMASK = os.umask(0o22)  # the process's umask, read (set and put back) once
-os.umask(UMASK)
-
-
 def save_atomic(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f))
 
@@ -951,22 +933,26 @@ def write_json(obj, path):
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
+def write_metrics(history, out):
+    """metrics.jsonl, one line per trained epoch, rewritten whole from the history at each checkpoint."""
+    lines = "".join(json.dumps(m) + "\n" for m in history)
+    write_atomic(os.path.join(out, "metrics.jsonl"), lambda f: f.write(lines.encode()))
+
+
 def write_results(results, out):
-    """results.json, rewritten as soon as each number exists, but never with fewer numbers than it holds: a resumed
-    run stopped while evaluating again keeps the complete results of the run before it."""
+    """results.json, rewritten as each number comes, never with fewer numbers than it holds: a resumed run stopped
+    while evaluating keeps the complete results of the run before it."""
     path, size = os.path.join(out, "results.json"), lambda r: json.dumps(r).count(":")  # how many entries
-    try:
+    with contextlib.suppress(OSError, ValueError):  # none yet, or unreadable: replace it
         with open(path) as f:
             if size(json.load(f)) > size(results):
                 return
-    except (OSError, ValueError):  # none yet, or unreadable: replace it
-        pass
     write_json(results, path)
 
 
 def open_run_dir(args, stack):
-    """Lock the output directory for the whole run (the lock goes with the process, even killed: two runs never
-    write one folder at once), and save the whole config in it (not for --bench, nor again for --resume)."""
+    """Lock --out for the whole run (the lock goes with the process, even killed) and save the config in it. The
+    check that no run is there is setup()'s again, under the lock: another run may have started since."""
     lock = stack.enter_context(open(os.path.join(args.out, ".lock"), "w"))
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -979,9 +965,8 @@ def open_run_dir(args, stack):
 
 
 def resume_checkpoint(model, args, rank, world, log=print):
-    """With --resume, the saved run's model weights and this process's RNG states, from its checkpoint.pt, all read
-    and checked before any is used. Returns (the epoch to start from, the optimizer's state or None, the metrics of
-    the epochs trained), and rewrites metrics.jsonl from them (a run killed after a checkpoint may lack a line)."""
+    """With --resume, the weights and this process's RNG states from checkpoint.pt. Returns (the epoch to start from,
+    the optimizer's state or None, the metrics) and rewrites metrics.jsonl from them (a killed run may lack a line)."""
     start_epoch, opt_state, history, path = 0, None, [], os.path.join(args.out, "checkpoint.pt")
     if args.resume and os.path.exists(path):
         try:
@@ -1001,28 +986,18 @@ def resume_checkpoint(model, args, rank, world, log=print):
     return start_epoch, opt_state, history
 
 
-def write_metrics(history, out):
-    """metrics.jsonl: one line per trained epoch, rewritten whole after each checkpoint, from its history."""
-    write_atomic(os.path.join(out, "metrics.jsonl"), lambda f: f.write("".join(json.dumps(m) + "\n"
-                                                                               for m in history).encode()))
-
-
-AE_SAVE_EVERY_S = 300  # between checkpoints of the autoencoder stage (up to ~0.8 GB at 128 px: not every epoch)
-
-
 def autoencoder_checkpoint(path, epochs, log=print):
-    """train_autoencoder's resume and save: a checkpoint at `path` after the last epoch and every AE_SAVE_EVERY_S
-    seconds, with Adam's state, the best weights and the RNG: a restarted stage ends as one never stopped."""
-    last_save = [time.time()]
+    """train_autoencoder's resume(s) and save(s): a checkpoint after the last epoch and every AE_SAVE_EVERY_S
+    seconds, with Adam's state, the best weights and the RNG, so that a restarted stage ends as one never stopped."""
+    modules, values, last_save = ("ae", "opt", "sched"), ("epoch", "order", "best", "best_epoch"), [time.time()]
 
     def resume(s):
         if os.path.exists(path):
             try:
                 c = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-                for k in ("ae", "opt", "sched"):
+                for k in modules:
                     s[k].load_state_dict(c[k])
-                s.update({k: c[k] for k in ("epoch", "order", "best", "best_epoch")},
-                         best_state=c["best_state"] if c["best_state"] is not None else c["ae"])
+                s.update({k: c[k] for k in values}, best_state=c["ae"] if c["best_state"] is None else c["best_state"])
                 set_rng_state(c["rng"])
             except Exception as e:
                 die(f"cannot resume the autoencoder from {path}: the file is corrupt or from another model "
@@ -1031,9 +1006,9 @@ def autoencoder_checkpoint(path, epochs, log=print):
 
     def save(s):
         if s["epoch"] == epochs or time.time() - last_save[0] > AE_SAVE_EVERY_S:
-            save_atomic(dict({k: s[k].state_dict() for k in ("ae", "opt", "sched")}, rng=rng_state(),
-                             **{k: s[k] for k in ("epoch", "order", "best", "best_epoch")},
-                             best_state=None if s["best_epoch"] == s["epoch"] else s["best_state"]), path)  # None: "ae"
+            best = None if s["best_epoch"] == s["epoch"] else s["best_state"]  # None: the weights of "ae"
+            save_atomic(dict({k: s[k].state_dict() for k in modules}, rng=rng_state(), best_state=best,
+                             **{k: s[k] for k in values}), path)
             last_save[0] = time.time()
     return dict(resume=resume, save=save)
 
@@ -1043,16 +1018,14 @@ def autoencoder_checkpoint(path, epochs, log=print):
 # ----------------------------------------------------------------------------------------------------------
 
 def setup(args):
-    """Device and processes, in one place, and the seed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK). Returns
-    (device, rank, world)."""
+    """Device, processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), seed and checked paths, in one place."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError):
         die(f"--device {args.device}: not a device; use cuda, cuda:N, mps or cpu")
-    here = dict(cuda=torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-                mps=torch.backends.mps.is_available(), cpu=True).get(device.type, False)
-    if not here:
+    if not dict(cuda=torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                mps=torch.backends.mps.is_available(), cpu=True).get(device.type, False):
         die(f"--device {args.device}: this machine has no such device" + (
             f" (the run was saved on it: --resume {args.out} --device cpu continues it here)" if args.resume else
             "; use --device cpu"))
@@ -1076,8 +1049,7 @@ def setup(args):
 
 
 def check_paths(args):
-    """Every path the run will write, checked before anything heavy starts: a folder that cannot be made or written,
-    or a file name of the wrong kind, stops the run now, not after an hour of training."""
+    """Every path the run will write, checked before anything heavy: a bad one stops the run now, not in an hour."""
     def folder(path, flag):
         if not path:
             die(f"{flag} is empty; give a folder")
@@ -1095,7 +1067,7 @@ def check_paths(args):
             if not path.lower().endswith(exts) or os.path.isdir(path):
                 die(f"{flag} {path}: give the name of a {' or '.join(exts)} file to write")
             folder(os.path.dirname(os.path.abspath(path)), flag)
-    if args.dataset not in ("shapes",) and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+    if args.dataset != "shapes" and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         die(f"--data-dir {args.data_dir} is a file; give the folder that holds (or will hold) the dataset")
     if not args.show_augs:
         folder(args.out, "--out")
@@ -1105,11 +1077,9 @@ def check_paths(args):
 
 def cpu_has_bf16():
     """Whether this CPU computes bf16 dot products natively; without that, autocast to bf16 is slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(flag in f.read() for flag in ("avx512_bf16", "amx_bf16"))
-    except OSError:  # not Linux
-        return False
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # not Linux: False
+        return any(flag in f.read() for flag in ("avx512_bf16", "amx_bf16"))
+    return False
 
 
 def autocast_for(device, precision):
@@ -1120,12 +1090,11 @@ def autocast_for(device, precision):
 
 
 def try_compile(fn, example, name, model=None, amp=nullcontext, log=print):
-    """torch.compile(fn), compiled now by one call on `example` (and a backward when it returns a tensor that needs a
-    gradient); if compiling fails (no Triton, an op Inductor cannot handle...) say so and return fn. The trial
-    leaves no trace: the RNG streams are forked, `model`'s weights, BatchNorm statistics and gradients put back."""
+    """torch.compile(fn), compiled now by a call (and a backward) on `example`, or fn with a warning if that fails.
+    The trial leaves no trace: the RNG forked; `model`'s weights, BatchNorm statistics and gradients put back."""
     log(f"torch.compile: compiling {name} (once; this can take a minute or two)")
     compiled = torch.compile(fn)
-    saved = {k: v.clone() for k, v in model.state_dict().items()} if model is not None else None
+    saved = copy.deepcopy(model.state_dict()) if model is not None else None
     try:
         with torch.random.fork_rng(devices=[example.device] if example.device.type == "cuda" else []):
             for f in (fn, compiled):
@@ -1134,8 +1103,8 @@ def try_compile(fn, example, name, model=None, amp=nullcontext, log=print):
                 if out.requires_grad:
                     out.float().square().mean().backward()
     except Exception as e:  # compile errors surface at the first call, as many different exception types
-        log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-            f"running without it")
+        log(f"warning: torch.compile failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+            "running without it")
         compiled = fn
     if model is not None:
         model.load_state_dict(saved)
@@ -1144,8 +1113,8 @@ def try_compile(fn, example, name, model=None, amp=nullcontext, log=print):
 
 
 def step_functions(forward, model, example, args, amp, log=print, prep=normalize):
-    """What each step calls: views_fn (uint8 (N, 3, H, W) -> standardised views (2N, 3, H, W)) and the model call
-    forward, each torch.compile'd when args.compile (each falls back to eager on its own); and which were."""
+    """What each step calls: views_fn (uint8 (N, 3, H, W) -> views (2N, 3, H, W)) and forward, each compiled with
+    --compile (each falling back to eager on its own); and which were."""
     channels_last = example.device.type == "cuda"  # what cuDNN's bf16 convolutions prefer
     layout = lambda v: v.contiguous(memory_format=torch.channels_last) if channels_last else v
     eager = lambda x: layout(two_views(x, augmentation(args), prep))
@@ -1176,18 +1145,16 @@ class AllReduce(torch.autograd.Function):
 
 
 def nt_xent_gathered(z1, z2, tau, rank, world):
-    """NT-Xent of the global batch (Sec. 2.3 of SimCLR: negatives from every process), from this process's n = N /
-    world rows z1, z2 (n, D). Every process gathers all rows with gradient and computes the same global loss;
-    DistributedDataParallel averages the processes' gradients, and the mean of identical losses is that loss."""
+    """NT-Xent of the global batch (negatives from every process, Sec. 2.3 of SimCLR) from this process's rows
+    z1, z2 (n, D): every process computes the same loss, so DDP's mean of the gradients is its gradient."""
     def gather(z):  # (n, D) -> (N, D): this process's rows at its offset, zeros elsewhere, summed over processes
         return AllReduce.apply(F.pad(z, (0, 0, rank * len(z), (world - rank - 1) * len(z))))
     return nt_xent(gather(z1), gather(z2), tau)
 
 
 def sync_batchnorm(model, device):
-    """Global BatchNorm under torchrun (Sec. 2.3 of SimCLR): with per-process statistics the two views of an image
-    (always on the same process) would share statistics that their negatives from other processes do not, a cue
-    the loss can use. torch's SyncBatchNorm runs on GPUs only; on CPUs (gloo) SyncBatchNormCPU does the same."""
+    """Global BatchNorm under torchrun (Sec. 2.3 of SimCLR): per-process statistics, shared by an image's two views
+    but not by their negatives on other processes, are a cue the loss can use. torch's SyncBatchNorm is GPU-only."""
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for m in model.modules():
@@ -1206,8 +1173,8 @@ class SyncBatchNormCPU(nn.BatchNorm2d):
         count = torch.full((1,), xf.numel() / C, dtype=torch.float32)  # values per channel here
         sums = AllReduce.apply(torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count]))  # (2C + 1,)
         n = sums[-1]
-        mean = sums[:C] / n
-        var = sums[C:2 * C] / n - mean.square()  # biased: what the batch is normalised with
+        mean, mean_sq = (sums[:-1] / n).view(2, C)  # E[x], E[x^2] per channel
+        var = mean_sq - mean.square()  # biased: what the batch is normalised with
         with torch.no_grad():  # running statistics as BatchNorm keeps them (unbiased variance)
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / (n - 1), self.momentum)
@@ -1221,9 +1188,7 @@ class SyncBatchNormCPU(nn.BatchNorm2d):
 # ----------------------------------------------------------------------------------------------------------
 
 FASHION_MNIST_LOCAL = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
-
-# Where each dataset's files must be when torchvision cannot download them (paths under --data-dir).
-EXPECTED_FILES = {
+EXPECTED_FILES = {  # where each dataset's files go under --data-dir when torchvision cannot download them
     "stl10": "stl10_binary/{train_X,train_y,test_X,test_y,unlabeled_X}.bin  (from stl10_binary.tar.gz)",
     "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}  (from cifar-10-python.tar.gz)",
     "cifar100": "cifar-100-python/{train,test,meta}  (from cifar-100-python.tar.gz)",
@@ -1236,65 +1201,54 @@ EXPECTED_FILES = {
 
 def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabeled", seed=0, subset=None,
                  square=False):
-    """dict(pretrain, train_x, train_y, test_x, test_y, classes), uint8 images (n, 3, size, size). The labelled train
-    images are the first pre-training images (train_x is a view of pretrain: one copy in memory). With `subset`, a
-    seeded class-stratified draw of `subset` images from each labelled split (and as large a share of STL10's
-    unlabeled images). Images that are not square are centre-cropped, or with `square` resized to a square."""
+    """dict(pretrain, train_x, train_y, test_x, test_y, classes) of uint8 images (n, 3, size, size), train_x the first
+    rows of pretrain (one copy); with `subset`, a seeded class-stratified draw of that many from each labelled split."""
     if name == "shapes":
         train_x, train_y = make_shapes(subset or SHAPES["n"][0], size, seed=seed)
         test_x, test_y = make_shapes(subset or SHAPES["n"][1], size, seed=seed + 10_000)  # another seed: unseen
         return dict(pretrain=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=10)
     data = read_dataset(name, root, size, download, stl10_pretrain, square)
+    unlabeled, n_train = data.pop("unlabeled"), len(data["train_y"])
     if subset:
-        g, n_train = torch.Generator().manual_seed(seed), len(data["train_y"])
+        g = torch.Generator().manual_seed(seed)
         for split in ("train", "test"):
             idx = stratified(data[f"{split}_y"], subset, g)
             data[f"{split}_x"], data[f"{split}_y"] = data[f"{split}_x"][idx], data[f"{split}_y"][idx]
-        if data["unlabeled"] is not None:
-            keep = round(len(data["unlabeled"]) * len(data["train_y"]) / n_train)
-            data["unlabeled"] = data["unlabeled"][torch.randperm(len(data["unlabeled"]), generator=g)[:keep].sort()[0]]
-    if data["train_x"].shape[-1] != size:  # e.g. --img-size 64 on CIFAR: resize once here, not in every step
+        if unlabeled is not None:  # STL10's unlabeled images: the train split's share of them
+            keep = round(len(unlabeled) * len(data["train_y"]) / n_train)
+            unlabeled = unlabeled[torch.randperm(len(unlabeled), generator=g)[:keep].sort()[0]]
+    if data["train_x"].shape[-1] != size:  # e.g. --img-size 64 on CIFAR: resized once here, not in every step
         rs = lambda x: torchvision.transforms.v2.functional.resize(x, [size, size], antialias=True)
-        data = {k: rs(v) if k.endswith("_x") or (k == "unlabeled" and v is not None) else v for k, v in data.items()}
-    unlabeled = data.pop("unlabeled")
-    data["pretrain"] = data["train_x"] if unlabeled is None else torch.cat([data["train_x"], unlabeled])
-    data["train_x"] = data["pretrain"][:len(data["train_y"])]
-    return data
+        data["train_x"], data["test_x"] = rs(data["train_x"]), rs(data["test_x"])
+        unlabeled = None if unlabeled is None else rs(unlabeled)
+    pretrain = data["train_x"] if unlabeled is None else torch.cat([data["train_x"], unlabeled])
+    return dict(data, pretrain=pretrain, train_x=pretrain[:len(data["train_y"])])
 
 
 def stratified(y, n, g, floor=0):
-    """Sorted indices of a random draw of n of the labels y (all if n >= len(y)) in which every class keeps its share
-    (at least `floor` images each): images given one at a time to the class furthest below its share (the divisors
-    2k + 1 of Sainte-Lague's method), the first k of each class's shuffle. A larger draw holds every smaller one."""
+    """Sorted indices of a seeded draw of n of the labels y in which every class keeps its share (and at least `floor`
+    images): each next image to the class of the largest count / (2k + 1), k the images it has (Sainte-Lague), the
+    first of each class's shuffle, so a larger draw holds every smaller one."""
     if n >= len(y):
         return torch.arange(len(y))
     classes, counts = y.unique(return_counts=True)
     take = [min(floor, int(c)) for c in counts]
-    heap = [(-int(c) / (2 * k + 1), i) for i, (c, k) in enumerate(zip(counts, take)) if k < c]
-    heapq.heapify(heap)
-    for _ in range(n - sum(take)):
-        _, i = heapq.heappop(heap)
+    quotients = [(-int(c) / (2 * k + 1), i) for i, c in enumerate(counts) for k in range(take[i], int(c))]
+    for _, i in heapq.nsmallest(n - sum(take), quotients):
         take[i] += 1
-        if take[i] < counts[i]:
-            heapq.heappush(heap, (-int(counts[i]) / (2 * take[i] + 1), i))
-    idx = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int(count), generator=g)[:k]]
-           for c, count, k in zip(classes, counts, take)]
-    return torch.cat(idx).sort().values
-
-
-def open_torchvision(cls, root, name, download, **kw):
-    """A torchvision dataset; a failed download or a missing file says which files go where."""
-    try:
-        return cls(root, download=download, **kw)
-    except Exception as e:  # URLError, RuntimeError("Dataset not found"), checksum errors...
-        die(f"could not load {name} from '{root}' ({type(e).__name__}: {e}).\nWithout internet, put the files at "
-            f"{os.path.join(root, EXPECTED_FILES[name])} and run with --no-download.")
+    return torch.cat([torch.nonzero(y == c).squeeze(1)[torch.randperm(int(m), generator=g)[:k]]
+                      for c, m, k in zip(classes, counts, take)]).sort().values
 
 
 def read_dataset(name, root, size, download, stl10_pretrain, square=False):
-    """One of the paper's datasets, Fashion-MNIST or a folder, from disk: dict(train_x, train_y, test_x, test_y,
-    classes, unlabeled), uint8 (n, 3, H, W); `unlabeled` is None but for STL10's extra pre-training images."""
-    D, tv = torchvision.datasets, functools.partial(open_torchvision, root=root, name=name, download=download)
+    """A dataset from its files: dict(train_x, train_y, test_x, test_y, classes, unlabeled: STL10's extra or None)."""
+    def tv(cls, **kw):  # a torchvision dataset; a failed download or a missing file says which files go where
+        try:
+            return cls(root, download=download, **kw)
+        except Exception as e:  # URLError, RuntimeError("Dataset not found"), checksum errors...
+            die(f"could not load {name} from '{root}' ({type(e).__name__}: {e}).\nWithout internet, put the files at "
+                f"{os.path.join(root, EXPECTED_FILES[name])} and run with --no-download.")
+    D = torchvision.datasets
     if name in ("cifar10", "cifar100"):
         tr, te = (tv(D.CIFAR10 if name == "cifar10" else D.CIFAR100, train=t) for t in (True, False))
         to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # (n, 32, 32, 3) -> (n, 3, 32, 32)
@@ -1307,17 +1261,18 @@ def read_dataset(name, root, size, download, stl10_pretrain, square=False):
                     test_x=torch.from_numpy(te.data), test_y=torch.from_numpy(te.labels).long(), classes=10,
                     unlabeled=None if unlabeled is None else torch.from_numpy(unlabeled))
     if name == "fashion-mnist":
-        raw, debian = os.path.join(root, "FashionMNIST", "raw"), os.path.isdir(FASHION_MNIST_LOCAL)
+        raw = os.path.join(root, "FashionMNIST", "raw")
         for f in (f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")):
-            if os.path.exists(os.path.join(raw, f)) and idx_complete(os.path.join(raw, f)):
+            path = os.path.join(raw, f)
+            if os.path.exists(path) and idx_complete(path):
                 continue
-            if debian:  # Debian's package: un-gzipped once into --data-dir
+            if os.path.isdir(FASHION_MNIST_LOCAL):  # Debian's package: un-gzipped once into --data-dir
                 os.makedirs(raw, exist_ok=True)
                 with gzip.open(os.path.join(FASHION_MNIST_LOCAL, f + ".gz")) as src:
-                    write_atomic(os.path.join(raw, f), lambda out: shutil.copyfileobj(src, out))
-            elif os.path.exists(os.path.join(raw, f)):
-                die(f"{os.path.join(raw, f)} is cut short (its header promises more bytes); delete it and put the "
-                    f"whole file there, or run without --no-download")
+                    write_atomic(path, lambda out: shutil.copyfileobj(src, out))
+            elif os.path.exists(path):
+                die(f"{path} is cut short (its header promises more bytes); delete it and put the whole file there, "
+                    f"or run without --no-download")
         tr, te = (tv(D.FashionMNIST, train=t) for t in (True, False))
         gray3 = lambda a: a.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (n, 28, 28) -> (n, 3, 28, 28)
         return dict(train_x=gray3(tr.data), train_y=tr.targets, test_x=gray3(te.data), test_y=te.targets,
@@ -1325,48 +1280,51 @@ def read_dataset(name, root, size, download, stl10_pretrain, square=False):
     # JPEGs take minutes to decode: once, into a cache that later runs (and the other torchrun processes) read
     cache = os.path.join(root, f"{name}-{size}px" + ("-square" if square else "") +
                          (f"-{folder_key(root)}" if name == "folder" else "") + ".pt")
-    data = read_cache(cache)
-    if data is None:
-        tr, te = ([tv(D.Imagenette, split=s, size="160px") for s in ("train", "val")] if name == "imagenette" else
-                  [tv(D.FGVCAircraft, split=s, annotation_level="manufacturer") for s in ("trainval", "test")]
-                  if name == "fgvc-aircraft" else load_folder(root))
-        banner = 20 if name == "fgvc-aircraft" else 0  # the paper crops FGVC-Aircraft's copyright banner off
-        (train_x, train_y), (test_x, test_y) = (pil_to_uint8(ds, size, banner, square) for ds in (tr, te))
-        data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=len(tr.classes),
-                    unlabeled=None)
-        try:
-            save_atomic(data, cache)
-        except OSError as e:  # a read-only data directory
-            print(f"note: could not cache the decoded images at {cache} ({e}); the next run decodes them again")
+    try:
+        data = torch.load(cache)
+        if {"train_x", "train_y", "test_x", "test_y", "classes", "unlabeled"} <= set(data):
+            return data
+        raise ValueError("written by another version of simclr.py")
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # cut short (EOFError, RuntimeError, UnpicklingError...) or another version's
+        print(f"note: the cache {cache} cannot be read ({type(e).__name__}: {str(e)[:100]}); decoding the images again")
+    tr, te = ([tv(D.Imagenette, split=s, size="160px") for s in ("train", "val")] if name == "imagenette" else
+              [tv(D.FGVCAircraft, split=s, annotation_level="manufacturer") for s in ("trainval", "test")]
+              if name == "fgvc-aircraft" else load_folder(root))
+    banner = 20 if name == "fgvc-aircraft" else 0  # the paper crops FGVC-Aircraft's copyright banner off
+    (train_x, train_y), (test_x, test_y) = (pil_to_uint8(ds, size, banner, square) for ds in (tr, te))
+    data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=len(tr.classes),
+                unlabeled=None)
+    try:
+        save_atomic(data, cache)
+    except OSError as e:  # a read-only data directory
+        print(f"note: could not cache the decoded images at {cache} ({e}); the next run decodes them again")
     return data
 
 
 def idx_complete(path):
-    """Whether an idx file (a 4-byte magic whose last byte counts the dimensions, the dimensions as 4-byte big-endian
-    integers, then one byte per value) holds every byte its header promises."""
+    """Whether an idx file (a magic whose 4th byte counts the dimensions, each a big-endian uint32, then a byte per
+    value) holds every byte its header promises."""
     with open(path, "rb") as f:
         magic = f.read(4)
-        header = f.read(4 * magic[3]) if len(magic) == 4 else b""
-    dims = np.frombuffer(header, dtype=">u4") if len(header) == 4 * magic[3] else []  # a header cut short: none
-    return len(dims) > 0 and os.path.getsize(path) == 4 + 4 * len(dims) + int(np.prod(dims.astype(np.int64)))
+        dims = [int.from_bytes(f.read(4), "big") for _ in range(magic[3] if len(magic) == 4 else 0)]
+    return len(dims) > 0 and os.path.getsize(path) == 4 + 4 * len(dims) + math.prod(dims)  # a short header: smaller
 
 
 def pil_to_uint8(ds, size, banner=0, square=False):
-    """Decode a PIL dataset once: drop `banner` bottom rows, resize the short side and centre-crop (or with `square`
-    resize to size x size, as the paper's code does). (n, 3, size, size)
-    An image that cannot be decoded (cut short, not an image, a decompression bomb) is skipped, counted and named."""
-    xs, ys, small, bad = [], [], 0, []
+    """A dataset of RGB PIL images decoded into (n, 3, size, size) uint8 and labels: `banner` bottom rows dropped, the
+    short side resized and centre-cropped (with `square` resized to a square, as the paper's code does)."""
+    TF, xs, ys, small, bad = torchvision.transforms.v2.functional, [], [], 0, []
     for i in range(len(ds)):
         try:
             img, label = ds[i]
-            img = eight_bit_rgb(img)
-        except Exception as e:  # OSError, PIL's UnidentifiedImageError and DecompressionBombError...
+        except Exception as e:  # cut short, not an image, a decompression bomb: skipped and named
             bad.append(f"{ds.samples[i][0] if hasattr(ds, 'samples') else f'image {i}'} ({e})")
             continue
         small += min(img.size) < size
-        t = torchvision.transforms.functional.pil_to_tensor(img)[:, :img.height - banner]  # (3, H, W) uint8
-        xs.append(torchvision.transforms.v2.functional.center_crop(
-            torchvision.transforms.v2.functional.resize(t, [size, size] if square else size, antialias=True), size))
+        t = TF.pil_to_tensor(img)[:, :img.height - banner]  # (3, H, W) uint8
+        xs.append(TF.center_crop(TF.resize(t, [size, size] if square else size, antialias=True), size))
         ys.append(label)
     if bad:
         print(f"note: skipped {len(bad)} of {len(ds)} images that cannot be decoded, e.g. {bad[0]}")
@@ -1378,73 +1336,42 @@ def pil_to_uint8(ds, size, banner=0, square=False):
     return torch.stack(xs), torch.tensor(ys)
 
 
-def eight_bit_rgb(img):
-    """A PIL image as 8-bit RGB. 16-bit and 32-bit integer and float images are scaled to 0..255 by their range (16
-    bits, or [0, 1] for floats) first: PIL's own conversion clips them, almost all white."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        a = a * 255 if img.mode == "F" and a.max() <= 1 else a / 257 if img.mode != "F" else a
-        img = torchvision.transforms.functional.to_pil_image(np.clip(a, 0, 255).round().astype(np.uint8))
-    return img.convert("RGB")  # grayscale, palette and RGBA images become RGB
-
-
 def open_image(path):
-    """ImageFolder's loader without its conversion to RGB (eight_bit_rgb does it, scaling high bit depths)."""
+    """ImageFolder's loader, with 16/32-bit and float images scaled to 8 bits first (PIL's conversion clips them)."""
     with open(path, "rb") as f:
         img = PIL.Image.open(f)
-        img.load()
-    return img
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # integers by 16 bits' range, floats in [0, 1] by 255
+            a = np.asarray(img, dtype=np.float64)
+            a = a / 257 if img.mode != "F" else a * 255 if a.max() <= 1 else a
+            img = PIL.Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
+        return img.convert("RGB")  # grayscale, palette and RGBA images too
 
 
 def folder_image_side(root, largest):
-    """--dataset folder without --img-size: the median short side of its train images (up to 1,000 of them, read
-    from their headers), at most `largest`: small images are not upscaled into a slow run that learns nothing new."""
+    """--dataset folder without --img-size: the median short side of (up to 1,000 of) its train images, at most
+    `largest`, so that small images are not upscaled into a slow run that learns nothing new."""
     sides = []
     for dirpath, _, files in os.walk(os.path.join(root, "train")):
-        for f in files[:1000 - len(sides)]:
-            try:
-                with PIL.Image.open(os.path.join(dirpath, f)) as img:
-                    sides.append(min(img.size))
-            except Exception:  # not an image: loading says so
-                pass
+        for f in files[:1000 - len(sides)]:  # PIL reads the header only; what is not an image, loading names
+            with contextlib.suppress(Exception), PIL.Image.open(os.path.join(dirpath, f)) as img:
+                sides.append(min(img.size))
     return max(8, min(largest, int(np.median(sides)))) if sides else largest
 
 
 def folder_key(root):
     """A folder's cache key: its path, number of files and newest modification time (a changed image: a new cache)."""
-    n, newest = 0, 0.0
-    for split in ("train", "test"):
-        for dirpath, _, files in os.walk(os.path.join(root, split)):
-            for f in files:
-                n, newest = n + 1, max(newest, os.stat(os.path.join(dirpath, f)).st_mtime)
-    return hashlib.sha1(f"{os.path.abspath(root)}|{n}|{newest}".encode()).hexdigest()[:12]
-
-
-def read_cache(path):
-    """The decoded images cached at `path`, or None when there are none or they cannot be read (cut short, or
-    written by another version of this file): then they are decoded again."""
-    if not os.path.exists(path):
-        return None
-    try:
-        data = torch.load(path)
-        if {"train_x", "train_y", "test_x", "test_y", "classes", "unlabeled"} <= set(data):
-            return data
-        why = "written by another version of simclr.py"
-    except Exception as e:  # EOFError, RuntimeError, UnpicklingError...
-        why = f"{type(e).__name__}: {str(e)[:100]}"
-    print(f"note: the cache {path} cannot be read ({why}); decoding the images again")
-    return None
+    files = [os.path.join(d, f) for s in ("train", "test") for d, _, fs in os.walk(os.path.join(root, s)) for f in fs]
+    newest = max((os.stat(f).st_mtime for f in files), default=0.0)
+    return hashlib.sha1(f"{os.path.abspath(root)}|{len(files)}|{newest}".encode()).hexdigest()[:12]
 
 
 def load_folder(root):
     """--dataset folder: root/train/<class>/* and root/test/<class>/*, read with torchvision's ImageFolder."""
     try:
         for split in (os.path.join(root, "train"), os.path.join(root, "test")):
-            if not os.path.isdir(split):
-                die(f"--dataset folder needs {split}/<class>/<images>; set --data-dir to the folder with train/ and "
-                    f"test/")
-            if not any(e.is_dir() for e in os.scandir(split)):
-                die(f"--dataset folder: {split} holds no class folders; expected {split}/<class>/<images>")
+            if not os.path.isdir(split) or not any(e.is_dir() for e in os.scandir(split)):
+                die(f"--dataset folder: {split} {'holds no class folders' if os.path.isdir(split) else 'is missing'}; "
+                    f"expected {split}/<class>/<images>; set --data-dir to the folder with train/ and test/")
         tr, te = (torchvision.datasets.ImageFolder(os.path.join(root, s), loader=open_image) for s in ("train", "test"))
     except (OSError, RuntimeError) as e:  # a folder that cannot be read, or without images
         die(f"--dataset folder: {e}")
@@ -1456,17 +1383,15 @@ def load_folder(root):
 
 
 def where_data_fits(nbytes, device, data_on="auto"):
-    """'device' or 'host': where the uint8 images live while training. auto: on the device when they take at most
-    half of its free memory (the rest is for the model's activations), else in host memory."""
-    if data_on == "auto":
+    """'device' or 'host' for the uint8 images; auto: the device when they take at most half its free memory."""
+    if data_on == "auto":  # the other half is for the model's activations
         data_on = "host" if device.type == "cuda" and nbytes > torch.cuda.mem_get_info(device)[0] / 2 else "device"
     return data_on
 
 
 def prepare_data(args, device, rank, world, log=print):
-    """The images, once into memory, then onto the device (or kept in host memory when they do not fit):
-    dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep): images the pre-training images, val_x the
-    paper's validation 10% (else None), prep each split's input standardisation (input_preps)."""
+    """dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep): the pre-training images, the paper's
+    validation 10% (else None), each split's input preparation; on the device, or in host memory."""
     t0 = time.time()
     if rank != 0:
         dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
@@ -1479,16 +1404,16 @@ def prepare_data(args, device, rank, world, log=print):
         images, test_x = (data[k].to(device) if on_device else data[k] for k in ("pretrain", "test_x"))
     except torch.OutOfMemoryError:
         die(f"the images do not fit on {device}; run with --data-on host (or auto) to keep them in host memory")
-    n_train, train_x, val_x = len(data["train_y"]), images[:len(data["train_y"])], None
+    train_x, val_x = images[:len(data["train_y"])], None
     if args.recipe == "paper":  # the paper's code: 90% of the train split pre-trained on, 10% for the validation loss
         split = torch.utils.data.random_split(range(len(images)), [0.9, 0.1],
                                               generator=torch.Generator().manual_seed(42))
         images, val_x = (images[torch.tensor(s.indices, device=images.device)] for s in split)
-    log(f"data: {args.dataset}, {len(images)} pre-training" + (f" + {len(val_x)} validation" if val_x is not None
-        else "") + f" / {n_train} train / {len(test_x)} test images of "
-        f"{args.img_size}px, {data['classes']} classes, {(images.nbytes + test_x.nbytes) / 2 ** 30:.2f} GiB " +
-        (f"on {device}" if on_device else f"in host memory, each batch copied to {device}") +
-        f" ({time.time() - t0:.1f}s)")
+    val = "" if val_x is None else f" + {len(val_x)} validation"
+    where = f"on {device}" if on_device else f"in host memory, each batch copied to {device}"
+    log(f"data: {args.dataset}, {len(images)} pre-training{val} / {len(train_x)} train / {len(test_x)} test images of "
+        f"{args.img_size}px, {data['classes']} classes, {(images.nbytes + test_x.nbytes) / 2 ** 30:.2f} GiB {where} "
+        f"({time.time() - t0:.1f}s)")
     if len(images) < args.batch_size:
         die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
     n, a, b = paper_split(len(test_x), args.batch_size)
@@ -1504,19 +1429,18 @@ def prepare_data(args, device, rank, world, log=print):
 
 
 def input_preps(args, splits):
-    """How each split's images become the backbone's input: with ImageNet's channel statistics (recipe simclr), as
-    ToTensor's [0, 1] values (recipe paper), or with --standardize with the split's own channel means and stds (the
-    paper's STANDARDIZE: train, validation and test each their own)."""
+    """Each split's images into the backbone's input: ImageNet's channel statistics (recipe simclr), ToTensor's [0, 1]
+    values (recipe paper), or with --standardize the split's own channel means and stds (the paper's STANDARDIZE)."""
     if args.recipe != "paper":
         return dict.fromkeys(splits, normalize)
-
-    def stats(x):  # uint8 images -> the per-channel mean and std of their [0, 1] values
-        n = len(x) * x[0, 0].numel()
-        s, ss = (sum(c.double().pow(k).sum((0, 2, 3)) for c in x.split(1000)) / 255 ** k for k in (1, 2))
-        return dict(mean=(s / n).tolist(), std=(ss / n - (s / n) ** 2).sqrt().tolist())
     if not args.standardize:
         return dict.fromkeys(splits, lambda x: x.float() / 255 if x.dtype == torch.uint8 else x)  # ToTensor's
-    return {k: functools.partial(normalize, **stats(x)) for k, x in splits.items()}
+    preps = {}
+    for k, x in splits.items():  # the per-channel mean and std of the [0, 1] values, 1,000 images at a time
+        n = len(x) * x[0, 0].numel()
+        s, ss = (sum(c.double().pow(p).sum((0, 2, 3)) for c in x.split(1000)) / 255 ** p for p in (1, 2))
+        preps[k] = functools.partial(normalize, mean=(s / n).tolist(), std=(ss / n - (s / n) ** 2).sqrt().tolist())
+    return preps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1524,10 +1448,8 @@ def input_preps(args, splits):
 # ----------------------------------------------------------------------------------------------------------
 
 def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=50, batch=32, lr=1e-3, seed=42):
-    """The paper's linear probe (Sec. 4 of 2408.14514, as its code does it): a linear layer (torch's default init) on
-    the raw features (its FeatureDataset hands f(x) to a plain nn.Linear), trained by plain SGD, batch 32, 50 epochs,
-    ReduceLROnPlateau(factor 0.1, patience 10) on the epoch's training loss; the epoch with the lowest validation
-    loss is tested. Returns top-1 accuracy on the test features."""
+    """The paper's linear probe as its code runs it (Sec. 4 of 2408.14514): nn.Linear on the raw features, plain SGD,
+    ReduceLROnPlateau on the training loss, the epoch of lowest validation loss tested. Returns its test top-1."""
     g = torch.Generator().manual_seed(seed)
     clf = nn.Linear(train_h.shape[1], classes)
     bound = 1 / math.sqrt(train_h.shape[1])  # nn.Linear's default init, drawn from our own generator
@@ -1557,17 +1479,15 @@ def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=
 
 
 def paper_split(n, batch=None):
-    """The paper's split of n test images: those that fill whole batches (its loader drops the last one), cut 70/10/20
-    at a and b. Returns (n, a, b)."""
+    """(n, a, b): the n test images filling whole batches (the paper's loader drops the last), cut 70/10/20 at a, b."""
     n = (n // batch * batch or n) if batch else n
     return n, int(0.7 * n), int(0.8 * n)
 
 
 def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", probe_steps=200, knn_k=200,
              batch=None):
-    """Linear and kNN top-1. 'standard': Part 1's probes. 'paper' (Sec. 4 of the paper): the test features of the
-    test images that fill whole batches of `batch` (the paper extracts them with drop_last), split 70/10/20 with
-    seed 42: its probe trains on the 70%, selects its epoch on the 10%, is measured on the 20% (the kNN likewise)."""
+    """Linear and kNN top-1: 'standard', Part 1's probes; 'paper' (Sec. 4 of the paper), its probe and the kNN on the
+    test features split 70/10/20 with seed 42, trained on the 70%, the epoch picked on the 10%, tested on the 20%."""
     if protocol == "standard":
         return probes(train_h, train_y, test_h, test_y, classes, probe_steps, knn_k)
     n, a, b = paper_split(len(test_h), batch)
@@ -1582,19 +1502,19 @@ def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", pro
 # ----------------------------------------------------------------------------------------------------------
 
 def autoencoder_tag(args):
-    """What the autoencoder's cache file is named by: everything that changes the images it sees or its weights."""
-    tag = f"{args.dataset}-{args.img_size}px-d{args.ae_dim}-e{args.ae_epochs}-s{args.seed}" + \
-        (f"-n{args.subset}" if args.subset else "") + ("-train" if args.dataset == "stl10" and
-                                                         args.stl10_pretrain == "train" else "") + \
-        ("-paper" if args.recipe == "paper" else "")  # other images: squared, and 90% of the split
+    """The name of the autoencoder's cache: every setting that changes the images it sees or its weights."""
+    tag = f"{args.dataset}-{args.img_size}px-d{args.ae_dim}-e{args.ae_epochs}-s{args.seed}"
+    tag += f"-n{args.subset}" if args.subset else ""
+    tag += "-train" if args.dataset == "stl10" and args.stl10_pretrain == "train" else ""
+    tag += "-paper" if args.recipe == "paper" else ""  # other images: squared, and 90% of the split
     if args.dataset == "folder":  # the folder's path, hashed: a long one would make too long a file name
         tag += "-" + hashlib.sha1(os.path.abspath(args.data_dir).encode()).hexdigest()[:12]
     return tag
 
 
 def autoencoder_embedding(images, args, device, rank, world, log=print):
-    """The ae head's first layer: the embedding of an autoencoder trained on the images, or read from --ae-dir's cache
-    of this dataset, d and seed (it draws the initial weights). Under torchrun rank 0 trains it and sends it."""
+    """The ae head's first layer: the embedding of an autoencoder trained on the images (by rank 0 under torchrun,
+    then sent to all), or read from its cache in --ae-dir."""
     ae_path = os.path.join(args.ae_dir, f"ae-{autoencoder_tag(args)}.pt")
     ae, cached = AutoEncoder(images[0].numel(), args.ae_dim), False
     if os.path.exists(ae_path) and not args.dry_run:
@@ -1633,11 +1553,8 @@ def build_model(args, embedding, device, world):
 
 
 def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, log=print):
-    """Part 1's train with the machinery hooked in: bf16 autocast, torch.compile, DistributedDataParallel and the
-    gathered loss under torchrun, and at the end of every epoch a stop on a non-finite loss or weight, a warning on a
-    collapsed embedding, the paper's validation loss (and best_backbone.pt), the kNN monitor, metrics.jsonl and
-    checkpoint.pt (model, optimizer, epoch and every process's RNG). Returns the pre-training seconds, resumes
-    included."""
+    """Part 1's train with bf16 autocast, torch.compile and DistributedDataParallel, and end_of_epoch's checks,
+    validation loss, kNN monitor and checkpoint. Returns the pre-training seconds, resumes included."""
     log(f"SimCLR: {args.arch} ({args.stem} stem{', ImageNet weights' if args.pretrained else ''}) + {args.head} head "
         f"({args.act}, {'frozen' if args.head == 'ae' and not args.no_freeze else 'trained'}), "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable parameters, "
@@ -1660,7 +1577,7 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
     views_fn, forward, _ = step_functions(forward, model, to_device(images[:args.batch_size // world], device), args,
                                           amp, log, data["prep"]["images"])
     loss_fn = nt_xent if world == 1 else functools.partial(nt_xent_gathered, rank=rank, world=world)
-    steps = len(images) // args.batch_size
+    steps, collapsed = len(images) // args.batch_size, math.log(2 * args.batch_size - 1)  # every view alike
     if args.epochs * steps < 300 and not args.dry_run:
         log(f"note: {args.epochs} epochs of {steps} steps: SimCLR needs a few hundred steps or more to learn much; "
             f"raise --epochs or lower --batch-size")
@@ -1669,26 +1586,36 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
     def end_of_epoch(epoch, losses, m, opt):
         m["pretrain_s"] = seconds + time.time() - t0
         bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if not math.isfinite(m["loss"]) or bad:
-            diverged(epoch, losses, bad, args, rank)
-        if epoch + 1 > args.warmup_epochs and losses.min() > math.log(2 * args.batch_size - 1) - 0.01:
-            log(f"warning: the loss stayed at ln(2N - 1) = {math.log(2 * args.batch_size - 1):.3f} all epoch "
-                f"{epoch + 1}: every view looks alike to the model (a collapsed embedding). A smaller --lr or a "
-                f"longer --warmup-epochs may let it learn")
+        if not math.isfinite(m["loss"]) or bad:  # stop; the folder keeps its last good checkpoint
+            finite = torch.isfinite(losses)
+            at = epoch * steps + (steps if finite.all() else int((~finite).nonzero()[0]) + 1)  # the first bad step
+            lr = lr_at(at - 1, args.epochs * steps, round(args.warmup_epochs * steps), args.lr,
+                       args.lr * args.lr_min_ratio)
+            if rank == 0:  # diverged.json: --resume may then take a new --lr or --tau
+                write_json(dict(epoch=epoch + 1, step=at, lr=lr), os.path.join(args.out, "diverged.json"))
+            what = f"{', '.join(bad[:3])} became inf or nan" if bad else f"loss became {losses.mean().item()}"
+            kept = f"the checkpoint of epoch {epoch}" if epoch else "no checkpoint (the run starts again)"
+            die(f"{what} by step {at} (epoch {epoch + 1}, lr {lr:.4g}). {args.out} keeps {kept}; continue from it "
+                f"with a smaller learning rate or a larger temperature: python simclr.py --resume {args.out} "
+                f"--lr {args.lr / 10:.3g} (or --tau {2 * args.tau:g})")
+        if epoch + 1 > args.warmup_epochs and losses.min() > collapsed - 0.01:
+            log(f"warning: the loss stayed at ln(2N - 1) = {collapsed:.3f} all epoch {epoch + 1}: every view looks "
+                f"alike to the model (a collapsed embedding). A smaller --lr or a longer --warmup-epochs may let it "
+                f"learn")
         if data["val_x"] is not None:  # the paper's code evaluates the epoch of lowest validation loss
             m["val_loss"] = validation_loss(model, data["val_x"], args, data["prep"]["val_x"])
             if m["val_loss"] < min((h["val_loss"] for h in history), default=math.inf) and rank == 0:
                 save_atomic(model.backbone.state_dict(), os.path.join(args.out, "best_backbone.pt"))
         if args.knn_every and (epoch + 1) % args.knn_every == 0 and rank == 0:  # the kNN monitor
-            train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x",
-                                                                                                      "test_x"))
+            train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k])
+                               for k in ("train_x", "test_x"))
             m["knn_top1"] = knn_top1(train_h, data["train_y"], test_h, data["test_y"], data["classes"], args.knn_k)
         rngs = [rng_state()]  # every process's RNG, so that each resumes its own augmentation stream
         if world > 1:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
         history.append(m)
-        if rank == 0:  # only rank 0 writes files
+        if rank == 0:
             save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, rng=rngs,
                              metrics=history, config=vars(args)), os.path.join(args.out, "checkpoint.pt"))
             write_metrics(history, args.out)
@@ -1700,8 +1627,7 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
 
 @torch.no_grad()
 def validation_loss(model, val_x, args, prep):
-    """The paper's validation loss: the NT-Xent of two identical, un-augmented views of each validation image, the
-    model in eval mode, batch by batch, weighted by the batches' sizes."""
+    """The paper's validation loss: NT-Xent of identical un-augmented views, in eval mode, weighted by batch size."""
     model.eval()
     device, total, n = next(model.parameters()).device, 0.0, 0
     for x in val_x.split(args.batch_size):
@@ -1713,8 +1639,7 @@ def validation_loss(model, val_x, args, prep):
 
 
 def load_best_epoch(model, data, history, args, device, log=print):
-    """Recipe paper: the backbone of the epoch of lowest validation NT-Xent (best_backbone.pt), which its code
-    evaluates; otherwise the last epoch's, as it is."""
+    """Recipe paper: load best_backbone.pt, the epoch of lowest validation NT-Xent, which the paper's code evaluates."""
     if data["val_x"] is not None and history:
         best = min(history, key=lambda m: m["val_loss"])
         model.backbone.load_state_dict(torch.load(os.path.join(args.out, "best_backbone.pt"), map_location=device))
@@ -1722,35 +1647,16 @@ def load_best_epoch(model, data, history, args, device, log=print):
             f"({best['val_loss']:.4f})")
 
 
-def diverged(epoch, losses, bad, args, rank):
-    """Stop a run whose loss or weights are no longer finite, keeping its last good checkpoint, and mark the folder
-    so that --resume may continue from that checkpoint with a new --lr or --tau."""
-    steps = len(losses)
-    at = epoch * steps + int((~torch.isfinite(losses)).nonzero()[0]) + 1 if not torch.isfinite(losses).all() else \
-        (epoch + 1) * steps
-    lr = lr_at(at - 1, args.epochs * steps, round(args.warmup_epochs * steps), args.lr, args.lr * args.lr_min_ratio)
-    what = f"loss became {losses.mean().item()}" if not bad else f"{', '.join(bad[:3])} became inf or nan"
-    if rank == 0:
-        write_json(dict(epoch=epoch + 1, step=at, lr=lr), os.path.join(args.out, "diverged.json"))
-    kept = f"the checkpoint of epoch {epoch}" if epoch else "no checkpoint (the run starts again)"
-    die(f"{what} by step {at} (epoch {epoch + 1}, lr {lr:.4g}). {args.out} keeps {kept}; continue from it with a "
-        f"smaller learning rate or a larger temperature: python simclr.py --resume {args.out} --lr {args.lr / 10:.3g} "
-        f"(or --tau {2 * args.tau:g})")
-
-
 def feature_cache(model, data, args, device):
-    """features(name): (train_h, test_h) of the trained backbone ("simclr") or of a random-init one ("random_init"),
-    each extracted once, when first needed."""
-    cache = {}
-
+    """features(name): (train_h, test_h) of the trained backbone ("simclr") or a random-init one ("random_init"),
+    extracted once, when first asked for."""
+    @functools.cache
     def features(name):
-        if name not in cache:
-            f = model.backbone
-            if name == "random_init":
-                torch.manual_seed(args.seed + 1)  # its weights: the same whichever stage asks first
-                f = make_backbone(args.arch, args.stem, args.pretrained).to(device)
-            cache[name] = tuple(extract_features(f, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x"))
-        return cache[name]
+        f = model.backbone
+        if name == "random_init":
+            torch.manual_seed(args.seed + 1)  # its weights: the same whichever stage asks first
+            f = make_backbone(args.arch, args.stem, args.pretrained).to(device)
+        return tuple(extract_features(f, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x"))
     return features
 
 
@@ -1758,49 +1664,44 @@ RAW_PIXELS_MAX = 32  # the raw-pixel baseline's side: n x 3HW floats at 128 px w
 
 
 def pixel_features(images, device, side=RAW_PIXELS_MAX, batch=1024):
-    """The raw-pixel baseline's features: uint8 images (n, 3, H, W) -> values in [0, 1], area-averaged down to
-    side x side when larger, flattened: (n, 3 min(H, side)^2) on `device`."""
+    """The raw-pixel baseline: uint8 (n, 3, H, W) -> [0, 1], area-averaged down to side x side, flattened."""
     x = [to_device(x, device).float() / 255 for x in images.split(batch)]
     return torch.cat([(F.adaptive_avg_pool2d(b, side) if b.shape[-1] > side else b).flatten(1) for b in x])
 
 
 def evaluate_with_baselines(features, data, args, device, train_s, random_name, log=print):
-    """The frozen backbone's linear and kNN top-1, next to the raw-pixel and random-init baselines, into results.json
-    as soon as each number exists; then the table. Returns the results."""
+    """Linear and kNN top-1 of SimCLR's backbone, raw pixels and a random-init backbone, each into results.json."""
     evaluate_h = lambda train_h, test_h: evaluate(train_h, data["train_y"], test_h, data["test_y"], data["classes"],
                                                   args.eval, args.probe_steps, args.knn_k, args.batch_size)
     results = dict(evaluate_h(*features("simclr")), eval_protocol=args.eval, pretrain_seconds=train_s)
     write_results(results, args.out)
-    rows = [(f"SimCLR {args.arch}, {args.head} head ({args.act})", results)]
-    pixels = lambda x: pixel_features(x, device)  # (n, 3 s^2), s = min(image side, 32)
-    for i, (key, name, run) in enumerate([] if args.no_baselines else [
-            ("raw_pixels", f"raw pixels ({min(args.img_size, RAW_PIXELS_MAX)}px)",
-             lambda: evaluate_h(pixels(data["train_x"]), pixels(data["test_x"]))),
-            ("random_init", random_name, lambda: evaluate_h(*features("random_init")))]):
+    baselines = [] if args.no_baselines else [
+        ("raw_pixels", f"raw pixels ({min(args.img_size, RAW_PIXELS_MAX)}px)",
+         lambda: evaluate_h(pixel_features(data["train_x"], device), pixel_features(data["test_x"], device))),
+        ("random_init", random_name, lambda: evaluate_h(*features("random_init")))]
+    for key, name, baseline in baselines:
         try:
-            results[key] = run()
+            results[key] = baseline()
         except (torch.OutOfMemoryError, MemoryError) as e:  # a skipped baseline, never a lost run
             results[key] = dict(skipped=f"out of memory ({type(e).__name__})")
             log(f"note: the {name} baseline ran out of memory; skipped")
         write_results(results, args.out)
-        rows.insert(i, (name, results[key]))
     print(f"\ntop-1 on the {'test split' if args.eval == 'standard' else '20% of the test split (the paper protocol)'}:"
           f"{'linear':>12}{'kNN':>9}")
-    for name, r in rows:
+    for name, r in [(name, results[key]) for key, name, _ in baselines] + [
+            (f"SimCLR {args.arch}, {args.head} head ({args.act})", results)]:
         print(f"  {name:<44}" + (f"{r['skipped']:>17}" if "skipped" in r else
                                  f"{100 * r['linear_top1']:>6.1f}%{100 * r['knn_top1']:>8.1f}%"))
     return results
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Few labels (--label-fractions): SimCLR's semi-supervised question (Sec. 6 and Table 7 of SimCLR: draws of 1% and
-# 10% of the labels), asked of the frozen backbone and of the fine-tuned one, next to supervised training from scratch
+# Few labels (--label-fractions): SimCLR's semi-supervised question (Sec. 6 and Table 7), next to training from scratch
 # ----------------------------------------------------------------------------------------------------------
 
 def label_draw(y, amount, per_class, seed, draw):
-    """Sorted indices of one draw of labelled train images from the labels y: a fraction `amount` of them, every
-    class keeping its share (stratified; at least one image each), or with per_class exactly `amount` images of every
-    class. Seeded by (seed, draw) alone: draw d of a smaller label set is inside draw d of a larger one."""
+    """Sorted indices of one seeded draw of labelled images: a fraction `amount` of y, stratified (at least one per
+    class), or with per_class `amount` of each class. Draw d of a smaller set is inside draw d of a larger one."""
     g = torch.Generator().manual_seed(1000 * seed + draw)  # --label-draws is at most 1000: no two seeds meet
     classes = y.unique()
     if not per_class:
@@ -1811,9 +1712,8 @@ def label_draw(y, amount, per_class, seed, draw):
 
 
 def flip_and_crop(x, pad):
-    """The standard supervised augmentation (He et al. 2016, arXiv:1512.03385 Sec. 4.2: pad 4 px of 32, a random
-    crop of the original size, a horizontal flip w.p. 0.5) on x (N, 3, H, H), through resized_crop at scale 1. The
-    padding reflects the border where He et al. add zeros: no black frame for the network to learn."""
+    """The standard supervised augmentation (He et al. 2016, arXiv:1512.03385 Sec. 4.2): a random crop of the padded
+    image and a horizontal flip w.p. 0.5, on x (N, 3, H, H). Reflect padding, not zeros: no black frame to learn."""
     N, _, H, _ = x.shape
     x = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (N, 3, H + 2 pad, H + 2 pad)
     top, left = torch.randint(0, 2 * pad + 1, (2, N), device=x.device)
@@ -1823,12 +1723,8 @@ def flip_and_crop(x, pad):
 
 def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, seed, device, precision="fp32",
                batch=256, init=None, prep=normalize, test_prep=None):
-    """A backbone and a linear layer on h trained together with cross-entropy on the labelled uint8 images train_x:
-    from scratch (random init from `seed`), or fine-tuned from the weights `init` (SimCLR's semi-supervised protocol,
-    Sec. 6 of SimCLR), for a fixed number of steps (one budget for every number of labels), each step min(batch, n)
-    of them under flip_and_crop. SGD, momentum 0.9, lr 0.05 per 128 images (scaled with the batch) after a linear
-    warm-up over the first tenth of the steps (Goyal et al. 2017, arXiv:1706.02677), cosine decay to 0; weight decay
-    5e-4 (Zagoruyko & Komodakis 2016, arXiv:1605.07146). Returns top-1 on test_x, in eval mode."""
+    """A backbone and a linear layer trained with cross-entropy on labelled uint8 images, from scratch or fine-tuned
+    from the weights `init` (Sec. 6 of SimCLR), for a fixed number of steps. Returns top-1 on test_x."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
         torch.manual_seed(seed)  # the init, the batches and the crops: one run per seed
@@ -1838,10 +1734,10 @@ def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, see
         fc = nn.Linear(2048 if arch == "resnet50" else 512, classes).to(device)
         net, amp, n = nn.Sequential(backbone, fc).train(), autocast_for(device, precision), len(train_y)
         N = min(batch, n)
-        peak = 0.05 * N / 128
+        peak = 0.05 * N / 128  # lr 0.05 per 128 images; weight decay 5e-4 (Zagoruyko & Komodakis, arXiv:1605.07146)
         opt = torch.optim.SGD(param_groups(net, 5e-4), lr=peak, momentum=0.9)
         for step in range(steps):
-            for group in opt.param_groups:
+            for group in opt.param_groups:  # linear warm-up over a tenth (Goyal et al., arXiv:1706.02677), cosine
                 group["lr"] = lr_at(step, steps, steps // 10, peak, 0.0)
             idx = torch.randperm(n)[:N]
             x = to_device(train_x[idx.to(train_x.device)], device).float() / 255  # (N, 3, H, H) in [0, 1]
@@ -1857,17 +1753,14 @@ def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, see
 
 
 def label_efficiency(features, data, args, device, random_name, results, backbone, log=print):
-    """For every label set and draw (label_draw): SimCLR's linear probe and kNN and the random-init backbone's probe
-    on the drawn images' features, and `supervised` on the same images from scratch and fine-tuned from SimCLR's
-    backbone (the same steps, learning rate and seed), each measured on the whole test
-    split; into results.json as soon as each exists, then the table and label_efficiency.png."""
+    """For every label set and draw: SimCLR's probes and the random-init probe on the drawn images, and `supervised`
+    on them fine-tuned from SimCLR and from scratch (the same steps and seed); into results.json as each exists."""
     train_x, train_y, test_x, test_y, classes = (data[k] for k in ("train_x", "train_y", "test_x", "test_y", "classes"))
-    per_class, y = args.labels_per_class is not None, train_y.cpu()
+    per_class, y, weights = args.labels_per_class is not None, train_y.cpu(), copy.deepcopy(backbone.state_dict())
+    (train_h, test_h), (r_train, r_test) = features("simclr"), features("random_init")
     methods = dict(simclr_linear="SimCLR linear", simclr_knn="SimCLR kNN", random_init_linear=f"{random_name} linear",
                    simclr_finetuned=f"SimCLR fine-tuned ({args.sup_steps} steps)",
                    supervised=f"supervised ({args.sup_steps} steps)")
-    simclr_weights = copy.deepcopy(backbone.state_dict())
-    (train_h, test_h), (r_train, r_test) = features("simclr"), features("random_init")
     table = results["label_efficiency"] = dict(unit="labels per class" if per_class else "fraction of the labels",
                                                sup_steps=args.sup_steps, rows=[])
     name = lambda amount: f"{amount}/class" if per_class else f"{100 * amount:g}%"
@@ -1876,16 +1769,15 @@ def label_efficiency(features, data, args, device, random_name, results, backbon
         row = dict(amount=amount, labels=n, draws=1 if n == len(y) else args.label_draws)  # the whole split: once
         table["rows"].append(row)
         for draw in range(row["draws"]):
-            t0 = time.time()
-            idx = label_draw(y, amount, per_class, args.seed, draw).to(train_h.device)
+            t0, idx = time.time(), label_draw(y, amount, per_class, args.seed, draw).to(train_h.device)
             labels = train_y[idx]
             run = dict(simclr_linear=linear_probe(train_h[idx], labels, test_h, test_y, classes, args.probe_steps),
                        simclr_knn=knn_top1(train_h[idx], labels, test_h, test_y, classes, args.knn_k),
-                       random_init_linear=linear_probe(r_train[idx], labels, r_test, test_y, classes, args.probe_steps),
-                       **{k: supervised(train_x[idx.to(train_x.device)], labels, test_x, test_y, classes, args.arch,
-                                        args.stem, args.sup_steps, 1000 * args.seed + draw, device, args.precision,
-                                        init=init, prep=data["prep"]["train_x"], test_prep=data["prep"]["test_x"])
-                          for k, init in (("simclr_finetuned", simclr_weights), ("supervised", None))})
+                       random_init_linear=linear_probe(r_train[idx], labels, r_test, test_y, classes, args.probe_steps))
+            for key, init in (("simclr_finetuned", weights), ("supervised", None)):
+                run[key] = supervised(train_x[idx.to(train_x.device)], labels, test_x, test_y, classes, args.arch,
+                                      args.stem, args.sup_steps, 1000 * args.seed + draw, device, args.precision,
+                                      init=init, prep=data["prep"]["train_x"], test_prep=data["prep"]["test_x"])
             for key, acc in run.items():  # mean and sample std over the draws so far
                 runs = row.get(key, dict(runs=[]))["runs"] + [acc]
                 row[key] = dict(mean=float(np.mean(runs)), std=float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
@@ -1900,13 +1792,16 @@ def label_efficiency(features, data, args, device, random_name, results, backbon
     for row in table["rows"]:
         print(f"  {name(row['amount']):<10}{row['labels']:>8}{row['draws']:>6}" +
               "".join(f"{pm(row[k]):>{width[k]}}" for k in methods))
-    plot_label_efficiency(table["rows"], methods, os.path.join(args.out, "label_efficiency.png"), log)
+    rows = table["rows"]
+    save_plot(os.path.join(args.out, "label_efficiency.png"), [dict(
+        title="top-1 on the test split (%)", xlabel="labelled train images", logx=True,
+        lines=[(label, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows],
+                [100 * r[k]["std"] for r in rows]) for k, label in methods.items()])], log)
     return table
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pictures: the augmentations, the curves, the nearest neighbours. matplotlib is optional: without it the plots are
-# skipped with a note; the image grids need only torchvision's save_image.
+# Pictures: the augmentations, the curves, the nearest neighbours (matplotlib optional: without it, a note per plot)
 # ----------------------------------------------------------------------------------------------------------
 
 def show_augs(images, args, log=print):
@@ -1920,8 +1815,8 @@ def show_augs(images, args, log=print):
 
 
 def save_plot(path, panels, log=print):
-    """A row of line charts into the PNG `path` (90 dpi). panels: dicts of title, xlabel, logx and lines, each line
-    (label, xs, ys, yerr or None). Returns whether it was drawn."""
+    """A row of line charts into the PNG `path`. panels: dicts of title, xlabel, logx and lines, each line (label,
+    xs, ys, yerr or None). Returns whether it was drawn."""
     try:
         from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend, no global state
     except ImportError:
@@ -1946,48 +1841,34 @@ def plot_curves(metrics_path, png, log=print):
         return log(f"note: no epoch was trained, so no {os.path.basename(png)}")
     with open(metrics_path) as f:
         m = [json.loads(line) for line in f]
-    line = lambda key, rows: [("", [r["epoch"] for r in rows], [r[key] * (100 if key == "knn_top1" else 1)
-                                                                 for r in rows], None)]
     knn = [r for r in m if "knn_top1" in r]
+    line = lambda key, rows, scale=1: [("", [r["epoch"] for r in rows], [r[key] * scale for r in rows], None)]
     save_plot(png, [dict(title="NT-Xent loss", xlabel="epoch", lines=line("loss", m)),
                     dict(title="learning rate (end of epoch)", xlabel="epoch", lines=line("lr", m)),
                     dict(title="kNN monitor, top-1 %" if knn else "kNN monitor: off (--knn-every)", xlabel="epoch",
-                         lines=line("knn_top1", knn))], log)
-
-
-def plot_label_efficiency(rows, methods, png, log=print):
-    """label_efficiency.png: each method's top-1 (mean +- std over the draws) against the number of labels."""
-    save_plot(png, [dict(title="top-1 on the test split (%)", xlabel="labelled train images", logx=True,
-                         lines=[(name, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows],
-                                 [100 * r[k]["std"] for r in rows]) for k, name in methods.items()])], log)
-
-
-def neighbour_grid(query, simclr_nb, random_nb):
-    """The tiles of the neighbour picture, one row per query: the query, a gap, its neighbours by SimCLR's h, a gap,
-    its neighbours by the random-init backbone's h. query (Q, 3, H, W), *_nb (Q, k, 3, H, W), floats in [0, 1]
-    -> (Q (2k + 3), 3, H, W), for save_image(nrow=2k + 3)."""
-    gap = torch.ones_like(query)[:, None]  # (Q, 1, 3, H, W): white, as save_image's padding below
-    return torch.cat([query[:, None], gap, simclr_nb, gap, random_nb], 1).flatten(0, 1)  # (Q, 2k+3, ...) -> rows
+                         lines=line("knn_top1", knn, 100))], log)
 
 
 def pictures(features, data, args, random_name, log=print):
-    """Every run's pictures: curves.png, and neighbours.png (also to --show-neighbours): 8 test images, one per class
-    while there are 8 classes (with more, stratified's rounding picks the largest), each with its 8 nearest train
-    images by cosine similarity of SimCLR's h, then of the random-init backbone's h."""
+    """curves.png, and neighbours.png (and --show-neighbours): 8 test images, one per class while there are 8, each
+    with its 8 nearest train images by cosine similarity of SimCLR's h, then of the random-init backbone's h."""
     plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"), log)
-    train_x, test_x, test_y = data["train_x"], data["test_x"], data["test_y"]
-    q = stratified(test_y.cpu(), 8, torch.Generator().manual_seed(args.seed))
+    train_x, test_x = data["train_x"], data["test_x"]
+    q = stratified(data["test_y"].cpu(), 8, torch.Generator().manual_seed(args.seed))
     as_float = lambda x: x.cpu().float() / 255  # uint8 -> [0, 1], on the host, where save_image writes from
-    neighbours = [as_float(train_x[nearest(test_h[q.to(test_h.device)], train_h, 8)[1].to(train_x.device)])
-                  for train_h, test_h in map(features, ("simclr", "random_init"))]  # (8, k, 3, H, W) each
-    tiles = neighbour_grid(as_float(test_x[q.to(test_x.device)]), *neighbours)  # (8 (2k + 3), 3, H, W)
+    query = as_float(test_x[q.to(test_x.device)])[:, None]  # (8, 1, 3, H, W)
+    simclr_nb, random_nb = (as_float(train_x[nearest(test_h[q.to(test_h.device)], train_h, 8)[1].to(train_x.device)])
+                            for train_h, test_h in map(features, ("simclr", "random_init")))  # (8, k, 3, H, W)
+    gap = torch.ones_like(query)  # white, as save_image's padding
+    tiles = torch.cat([query, gap, simclr_nb, gap, random_nb], 1)  # (8, 2k + 3, 3, H, W): a row per query
+    nrow, tiles = tiles.shape[1], tiles.flatten(0, 1)  # (8 (2k + 3), 3, H, W)
     if tiles.shape[-1] > 64:  # large images: a picture of about a thousand pixels across, not thousands
-        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)  # (8 (2k+3), 3, 64, 64)
+        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)
     paths = [os.path.join(args.out, "neighbours.png")] + ([args.show_neighbours] if args.show_neighbours else [])
     for path in paths:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_atomic(path, lambda f: torchvision.utils.save_image(tiles, f, format="png", padding=2, pad_value=1,
-                                                                  nrow=2 * neighbours[0].shape[1] + 3))
+                                                                  nrow=nrow))
     log(f"saved {' and '.join(paths)}: each row a test image, then its nearest train images by SimCLR's h, then by "
         f"the {random_name}'s")
 
@@ -1997,19 +1878,17 @@ def pictures(features, data, args, random_name, log=print):
 # ----------------------------------------------------------------------------------------------------------
 
 def classic_views(images, transform):
-    """The classic input pipeline, in each DataLoader worker: two views of each uint8 (3, H, W) image, one image at a
-    time on the CPU."""
+    """The classic pipeline, in each DataLoader worker: two views of each uint8 image, one at a time on the CPU."""
     return [torch.stack([transform(x) for x in images]) for _ in range(2)]
 
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), for model FLOP utilisation.
-# Only cards whose figure we are sure of; the most specific name first. Others: pass --peak-tflops.
+# Only cards whose figure we are sure of, the most specific name first; others (and CPUs): --peak-tflops.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 
 
 def step_flops(model, views, tau, amp):
-    """FLOPs of one forward + backward of the SimCLR step (convolutions and matmuls, as FlopCounterMode counts), on
-    a copy of the model so that nothing is trained or recorded."""
+    """FLOPs of one forward + backward of the SimCLR step, as FlopCounterMode counts them, on a copy of the model."""
     model, N = copy.deepcopy(model), len(views) // 2
     with FlopCounterMode(display=False) as counter:
         with amp():
@@ -2019,67 +1898,59 @@ def step_flops(model, views, tau, amp):
 
 
 def classic_window(workers, bench_steps):
-    """(warm-up steps, timed steps) of the classic rows. DataLoader workers take batches in turn and start together,
-    so with w workers the batches come in bursts of w, each worker keeping 2 queued (prefetch_factor 2): a window
-    shorter than a burst times the queue, not the workers. So the warm-up drains the first queue (4w + 3 steps)
-    and the clock runs whole bursts, at least 16 of them."""
+    """(warm-up, timed) steps of the classic rows: w workers deliver in bursts of w with 2 batches queued each, so
+    the warm-up drains that queue (4w + 3 steps) and the clock runs whole bursts, at least 16."""
     if workers == 0:  # the main process makes each batch when asked: no queue
         return 3, bench_steps
     return 4 * workers + 3, -(-max(bench_steps, 16 * workers) // workers) * workers  # a multiple of w
 
 
 def bench(model, images, args, device, log=print):
-    """Images/s of (a) our pipeline, (b) the classic DataLoader pipeline feeding the same step, and (c) each stage
-    alone, each timed over args.bench_steps steps after warm-up (the classic ones over whole bursts of their
-    workers: classic_window), the device synchronised; into bench.json."""
+    """Images/s of (a) our pipeline, (b) the classic DataLoader one into the same step, (c) each stage: bench.json."""
     amp, N, cuda = autocast_for(device, args.precision), args.batch_size, device.type == "cuda"
     opt = optimizer(model, args)
     views_fn, forward, compiled = step_functions(model, model, to_device(images[:N], device), args, amp, log)
-    ours = lambda i: views_fn(to_device(images[torch.randint(len(images), (N,), device=images.device)], device))
-    fixed_views = ours(0)  # (2N, 3, H, W): the train step alone reuses one batch
-
+    ours = lambda: views_fn(to_device(images[torch.randint(len(images), (N,), device=images.device)], device))
+    fixed_views = ours()  # (2N, 3, H, W): the train step alone reuses one batch
+    step = lambda views: sgd_step(forward, views, opt, args.tau, amp)
     sync = lambda: torch.cuda.synchronize(device) if cuda else None
 
     def timed(name, fn, warmup=3, steps=args.bench_steps):
-        for i in range(warmup):
-            fn(i)
+        for _ in range(warmup):
+            fn()
         sync()
         t0 = time.perf_counter()
-        for i in range(steps):
-            fn(i)
+        for _ in range(steps):
+            fn()
         sync()
         ms = 1000 * (time.perf_counter() - t0) / steps
         log(f"bench: {name:<44} {ms:9.1f} ms/step {1000 * N / ms:9.0f} img/s")
         return dict(ms_per_step=ms, img_per_s=1000 * N / ms)
 
     model.train()
-    rows = dict(ours=timed("(a) ours: augment + train step", lambda i: sgd_step(forward, ours(i), opt, args.tau, amp)),
+    rows = dict(ours=timed("(a) ours: augment + train step", lambda: step(ours())),
                 augment=timed("(c) ours: augmentation alone", ours),
-                train_step=timed("(c) train step alone (fixed views)",
-                                 lambda i: sgd_step(forward, fixed_views, opt, args.tau, amp)))
-    # Steady state: sampling with replacement never ends an epoch (no pause while workers restart), and
-    # classic_window sizes warm-up and clock so that the batches the workers keep queued don't count as speed.
-    warmup, steps = classic_window(args.workers, args.bench_steps)
-    sampler = torch.utils.data.RandomSampler(range(len(images)), replacement=True,
+                train_step=timed("(c) train step alone (fixed views)", lambda: step(fixed_views)))
+    warmup, steps = classic_window(args.workers, args.bench_steps)  # the workers' queue is not their speed
+    sampler = torch.utils.data.RandomSampler(range(len(images)), replacement=True,  # no epoch end, no worker restart
                                              num_samples=N * (2 * (warmup + steps) + 4 * args.workers))
     loader = iter(torch.utils.data.DataLoader(
         images.cpu(), batch_size=N, sampler=sampler, num_workers=args.workers, pin_memory=cuda, collate_fn=
         functools.partial(classic_views, transform=classic_transform(images.shape[-1], **augmentation(args)))))
     layout = lambda v: v.contiguous(memory_format=torch.channels_last) if cuda else v
-    classic = lambda i: layout(torch.cat([v.to(device, non_blocking=True) for v in next(loader)]))  # (2N, 3, H, W)
-    rows["classic"] = timed(f"(b) classic: {args.workers} DataLoader workers + step",
-                            lambda i: sgd_step(forward, classic(i), opt, args.tau, amp), warmup, steps)
+    classic = lambda: layout(torch.cat([v.to(device, non_blocking=True) for v in next(loader)]))  # (2N, 3, H, W)
+    rows["classic"] = timed(f"(b) classic: {args.workers} DataLoader workers + step", lambda: step(classic()),
+                            warmup, steps)
     rows["classic_loader"] = timed("(c) classic: DataLoader alone", classic, warmup, steps)
     flops = step_flops(model, fixed_views, args.tau, amp)
-    peak = args.peak_tflops or (next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(
-        device)), None) if cuda else None)  # no honest single figure for a CPU: achieved FLOP/s only
+    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
     tflops = flops * 1000 / rows["ours"]["ms_per_step"] / 1e12  # achieved by our whole step
     result = dict(rows=rows, speedup=rows["ours"]["img_per_s"] / rows["classic"]["img_per_s"],
                   augment_share=rows["augment"]["ms_per_step"] / rows["ours"]["ms_per_step"], flops_per_step=flops,
                   achieved_tflops=tflops, peak_bf16_tflops=peak, mfu=tflops / peak if peak else None,
-                  device=torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
-                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), compiled=compiled, workers=args.workers,
-                  classic_warmup=warmup, classic_steps=steps, batch=N, img_size=images.shape[-1],
+                  device=device_name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), compiled=compiled,
+                  workers=args.workers, classic_warmup=warmup, classic_steps=steps, batch=N, img_size=images.shape[-1],
                   **{k: getattr(args, k) for k in ("arch", "stem", "precision", "dataset")}, steps=args.bench_steps)
     mfu = f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s bf16" if peak else ""
     log(f"bench: ours / classic = {result['speedup']:.2f}x; augmentation = {100 * result['augment_share']:.1f}% "
@@ -2095,7 +1966,7 @@ def bench(model, images, args, device, log=print):
 
 def main(argv=None):
     """The command line: a run's stages (run), and every way it can stop said in one line with what to do: a mistake
-    or a file that cannot be written or read (exit 2), Ctrl-C or SIGTERM (exit 130)."""
+    or a file that cannot be written or read (exit 2), Ctrl-C or SIGTERM (exit 130, with the command to continue)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None  # as Ctrl-C
@@ -2103,26 +1974,23 @@ def main(argv=None):
         with contextlib.ExitStack() as stack:  # what run holds open (the folder's lock) is let go however it ends
             return run(args, stack)
     except KeyboardInterrupt:
-        die(interrupted(args), 130)
+        ckpt, world = os.path.join(args.out, "checkpoint.pt"), int(os.environ.get("WORLD_SIZE", 1))
+        if args.show_augs or args.bench or not os.path.exists(os.path.join(args.out, "config.json")):
+            die("interrupted before a run was saved; start it again", 130)
+        done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] if os.path.exists(ckpt) else 0
+        launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+        die(f"interrupted; {args.out} holds {done} of {args.epochs} epochs. Continue with: {launch} simclr.py --resume "
+            f"{args.out}", 130)
     except OSError as e:  # a full disk, a read-only folder, a file that cannot be read
-        die(f"{e.filename or ''}: {e.strerror or e}" + ("; free some space, then continue with --resume "
-                                                       f"{args.out}" if e.errno == errno.ENOSPC else ""))
+        space = f"; free some space, then continue with --resume {args.out}" if e.errno == errno.ENOSPC else ""
+        die(f"{e.filename or ''}: {e.strerror or e}{space}")
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, term)
 
 
-def interrupted(args):
-    """Where an interrupted run stands, and the command that continues it."""
-    ckpt, world = os.path.join(args.out, "checkpoint.pt"), int(os.environ.get("WORLD_SIZE", 1))
-    if args.show_augs or args.bench or not os.path.exists(os.path.join(args.out, "config.json")):
-        return "interrupted before a run was saved; start it again"
-    done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] if os.path.exists(ckpt) else 0
-    return (f"interrupted; {args.out} holds {done} of {args.epochs} epochs. Continue with: " +
-            (f"torchrun --nproc_per_node {world}" if world > 1 else "python") + f" simclr.py --resume {args.out}")
-
-
 def run(args, stack):
+    """A run's stages: the data, the autoencoder, the model, pre-training, evaluation, pictures, few labels."""
     device, rank, world = setup(args)
     log = print if rank == 0 else (lambda *a, **k: None)  # under torchrun, rank 0 speaks for all
     data = prepare_data(args, device, rank, world, log)
