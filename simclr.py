@@ -618,8 +618,8 @@ DATASETS = {
 
 # --recipe: its values win over DATASETS, flags typed on the command line over both (README, Recipes).
 # simclr: from scratch as SimCLR trains (Sec. 2.3: linear warm-up, cosine decay; its code: no weight decay on
-# BatchNorm and biases), SGD + momentum for LARS, lr 0.3 sqrt(N / 256): B.1's square-root rule, meeting the linear
-# one at N = 256.
+# BatchNorm and biases), SGD + momentum for LARS, lr 0.3 sqrt(N / 256): B.1's square-root rule 0.075 sqrt(N),
+# re-anchored to meet the linear rule at N = 256.
 # paper: the protocol of 2408.14514 as its code runs it (Sec. 4): the values below, lr 0.3 N / 256, ToTensor's [0, 1]
 # inputs (or --standardize), each view through the backbone alone, 90% of the train split pre-trained on and the
 # epoch of lowest NT-Xent on the other 10% evaluated.
@@ -749,7 +749,8 @@ def build_parser():
     a("--bench", action="store_true", help="img/s of this pipeline and the classic DataLoader one, into "
       "--out/bench.json, then exit")
     a("--bench-steps", type=COUNT, default=20, help="timed steps per stage of --bench, after warm-up")
-    a("--workers", type=NONNEGATIVE_INT, help="DataLoader workers of the classic pipeline (default: its CPU cores)")
+    a("--workers", type=NONNEGATIVE_INT, help="DataLoader workers of the classic pipeline (default: the CPU cores "
+      "this process may use)")
     a("--peak-tflops", type=POSITIVE, help="the device's dense bf16 peak, for the MFU of --bench (default: known for "
       "H100, H200, A100)")
     return p
@@ -773,8 +774,8 @@ def resolve_args(args):
     if args.head == "mlp" and (args.ae_epochs is not None or args.ae_dir is not None):
         die("--ae-epochs and --ae-dir only apply to --head ae (the MLP head has no autoencoder)")
     if args.head == "mlp" and (args.no_freeze or args.ae_dim is not None):
-        die(f"{'--no-freeze' if args.no_freeze else '--ae-dim'} only applies to --head ae (the MLP head's width is "
-            "--proj-hidden)")
+        die(f"{'--no-freeze' if args.no_freeze else '--ae-dim'} only applies to --head ae (the MLP head has nothing "
+            "frozen; its hidden width is --proj-hidden)")
     if args.head == "ae" and args.proj_hidden is not None:
         die(f"--proj-hidden is the MLP head's width; the ae head's is the AE's embedding width d: use --ae-dim "
             f"{args.proj_hidden}")
@@ -795,7 +796,7 @@ def resolve_args(args):
         args.ae_epochs, args.proj_hidden = None, args.proj_hidden or 512
     N = args.batch_size  # SimCLR's B.1: the linear rule, or the square-root one (RECIPES)
     args.lr = args.lr or (0.3 * N / 256 if recipe["lr_scaling"] == "linear" else 0.3 * math.sqrt(N / 256))
-    if args.warmup_epochs is None:  # SimCLR warms up for 10 epochs of 100 or more; a short run for a tenth of it
+    if args.warmup_epochs is None:  # SimCLR warms up 10 epochs of 100 or more; a shorter run, a tenth of its epochs
         args.warmup_epochs = recipe.get("warmup_epochs", min(10.0, args.epochs / 10))
     if args.stem == "auto":  # ImageNet weights come with their stem: a 3x3 conv1 would start from random weights
         args.stem = "imagenet" if args.pretrained or args.img_size > 64 else "cifar"
@@ -814,8 +815,9 @@ def resolve_args(args):
 
 
 def auto_precision(args):
-    """bf16 where the hardware computes it natively; on CPUs, fp32 for images so small that a stride-2 conv of the
-    stem sees a 1x1 map, as oneDNN's bf16 backward of it gives wrong weight gradients (README, Precision)."""
+    """bf16 where the hardware computes it natively; on CPUs, fp32 for images so small (16 px or less for the
+    ImageNet stem, 4 for the CIFAR stem) that a stride-2 conv sees a 1x1 map, where oneDNN's bf16 backward gives
+    wrong weight gradients (README, Precision)."""
     cpu_bf16 = cpu_has_bf16() and args.img_size > (16 if args.stem == "imagenet" else 4)
     return "bf16" if args.device.startswith("cuda") or (args.device == "cpu" and cpu_bf16) else "fp32"
 
@@ -987,7 +989,7 @@ def resume_checkpoint(model, args, rank, world, log=print):
 
 
 def autoencoder_checkpoint(path, epochs, log=print):
-    """train_autoencoder's resume(s) and save(s): a checkpoint after the last epoch and every AE_SAVE_EVERY_S
+    """train_autoencoder's resume and save: a checkpoint after the last epoch and every AE_SAVE_EVERY_S
     seconds, with Adam's state, the best weights and the RNG, so that a restarted stage ends as one never stopped."""
     modules, values, last_save = ("ae", "opt", "sched"), ("epoch", "order", "best", "best_epoch"), [time.time()]
 
@@ -1154,7 +1156,8 @@ def nt_xent_gathered(z1, z2, tau, rank, world):
 
 def sync_batchnorm(model, device):
     """Global BatchNorm under torchrun (Sec. 2.3 of SimCLR): per-process statistics, shared by an image's two views
-    but not by their negatives on other processes, are a cue the loss can use. torch's SyncBatchNorm is GPU-only."""
+    but not by their negatives on other processes, are a cue the loss can use. torch's SyncBatchNorm is GPU-only;
+    on CPUs (gloo), SyncBatchNormCPU."""
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for m in model.modules():
@@ -1233,9 +1236,13 @@ def stratified(y, n, g, floor=0):
         return torch.arange(len(y))
     classes, counts = y.unique(return_counts=True)
     take = [min(floor, int(c)) for c in counts]
-    quotients = [(-int(c) / (2 * k + 1), i) for i, c in enumerate(counts) for k in range(take[i], int(c))]
-    for _, i in heapq.nsmallest(n - sum(take), quotients):
+    heap = [(-int(c) / (2 * k + 1), i) for i, (c, k) in enumerate(zip(counts, take)) if k < c]  # next quotients
+    heapq.heapify(heap)
+    for _ in range(n - sum(take)):
+        _, i = heapq.heappop(heap)
         take[i] += 1
+        if take[i] < counts[i]:
+            heapq.heappush(heap, (-int(counts[i]) / (2 * take[i] + 1), i))
     return torch.cat([torch.nonzero(y == c).squeeze(1)[torch.randperm(int(m), generator=g)[:k]]
                       for c, m, k in zip(classes, counts, take)]).sort().values
 
@@ -1369,9 +1376,11 @@ def load_folder(root):
     """--dataset folder: root/train/<class>/* and root/test/<class>/*, read with torchvision's ImageFolder."""
     try:
         for split in (os.path.join(root, "train"), os.path.join(root, "test")):
-            if not os.path.isdir(split) or not any(e.is_dir() for e in os.scandir(split)):
-                die(f"--dataset folder: {split} {'holds no class folders' if os.path.isdir(split) else 'is missing'}; "
-                    f"expected {split}/<class>/<images>; set --data-dir to the folder with train/ and test/")
+            if not os.path.isdir(split):
+                die(f"--dataset folder needs {split}/<class>/<images>; set --data-dir to the folder with train/ and "
+                    f"test/")
+            if not any(e.is_dir() for e in os.scandir(split)):
+                die(f"--dataset folder: {split} holds no class folders; expected {split}/<class>/<images>")
         tr, te = (torchvision.datasets.ImageFolder(os.path.join(root, s), loader=open_image) for s in ("train", "test"))
     except (OSError, RuntimeError) as e:  # a folder that cannot be read, or without images
         die(f"--dataset folder: {e}")
@@ -1448,8 +1457,9 @@ def input_preps(args, splits):
 # ----------------------------------------------------------------------------------------------------------
 
 def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=50, batch=32, lr=1e-3, seed=42):
-    """The paper's linear probe as its code runs it (Sec. 4 of 2408.14514): nn.Linear on the raw features, plain SGD,
-    ReduceLROnPlateau on the training loss, the epoch of lowest validation loss tested. Returns its test top-1."""
+    """The paper's linear probe as its code runs it (Sec. 4 of 2408.14514): nn.Linear on the raw features (its
+    FeatureDataset hands f(x) to it), plain SGD, ReduceLROnPlateau(factor 0.1, patience 10) on the training loss, the
+    epoch of lowest validation loss tested. Returns its test top-1."""
     g = torch.Generator().manual_seed(seed)
     clf = nn.Linear(train_h.shape[1], classes)
     bound = 1 / math.sqrt(train_h.shape[1])  # nn.Linear's default init, drawn from our own generator
@@ -1553,8 +1563,10 @@ def build_model(args, embedding, device, world):
 
 
 def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, log=print):
-    """Part 1's train with bf16 autocast, torch.compile and DistributedDataParallel, and end_of_epoch's checks,
-    validation loss, kNN monitor and checkpoint. Returns the pre-training seconds, resumes included."""
+    """Part 1's train with bf16 autocast, torch.compile, and under torchrun DistributedDataParallel and the gathered
+    loss; after every epoch a stop on a non-finite loss or weight, a warning on a collapsed embedding, the paper's
+    validation loss (and best_backbone.pt), the kNN monitor, metrics.jsonl and checkpoint.pt (model, optimizer, epoch,
+    every process's RNG). Returns the pre-training seconds, resumes included."""
     log(f"SimCLR: {args.arch} ({args.stem} stem{', ImageNet weights' if args.pretrained else ''}) + {args.head} head "
         f"({args.act}, {'frozen' if args.head == 'ae' and not args.no_freeze else 'trained'}), "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable parameters, "
@@ -1639,7 +1651,8 @@ def validation_loss(model, val_x, args, prep):
 
 
 def load_best_epoch(model, data, history, args, device, log=print):
-    """Recipe paper: load best_backbone.pt, the epoch of lowest validation NT-Xent, which the paper's code evaluates."""
+    """Recipe paper: load best_backbone.pt, the epoch of lowest validation NT-Xent, which the paper's code evaluates;
+    otherwise the last epoch's backbone stays as it is."""
     if data["val_x"] is not None and history:
         best = min(history, key=lambda m: m["val_loss"])
         model.backbone.load_state_dict(torch.load(os.path.join(args.out, "best_backbone.pt"), map_location=device))
@@ -1664,7 +1677,8 @@ RAW_PIXELS_MAX = 32  # the raw-pixel baseline's side: n x 3HW floats at 128 px w
 
 
 def pixel_features(images, device, side=RAW_PIXELS_MAX, batch=1024):
-    """The raw-pixel baseline: uint8 (n, 3, H, W) -> [0, 1], area-averaged down to side x side, flattened."""
+    """The raw-pixel baseline: uint8 (n, 3, H, W) -> [0, 1], area-averaged down to side x side when larger,
+    flattened: (n, 3 min(H, side)^2)."""
     x = [to_device(x, device).float() / 255 for x in images.split(batch)]
     return torch.cat([(F.adaptive_avg_pool2d(b, side) if b.shape[-1] > side else b).flatten(1) for b in x])
 
@@ -1863,7 +1877,7 @@ def pictures(features, data, args, random_name, log=print):
     tiles = torch.cat([query, gap, simclr_nb, gap, random_nb], 1)  # (8, 2k + 3, 3, H, W): a row per query
     nrow, tiles = tiles.shape[1], tiles.flatten(0, 1)  # (8 (2k + 3), 3, H, W)
     if tiles.shape[-1] > 64:  # large images: a picture of about a thousand pixels across, not thousands
-        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)
+        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)  # (8 (2k+3), 3, 64, 64)
     paths = [os.path.join(args.out, "neighbours.png")] + ([args.show_neighbours] if args.show_neighbours else [])
     for path in paths:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1883,7 +1897,8 @@ def classic_views(images, transform):
 
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), for model FLOP utilisation.
-# Only cards whose figure we are sure of, the most specific name first; others (and CPUs): --peak-tflops.
+# Only cards whose figure we are sure of, the most specific name first; others: --peak-tflops. A CPU has no honest
+# single figure: its bench reports achieved FLOP/s only.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 
 
