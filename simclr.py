@@ -844,9 +844,13 @@ def parse_args(argv):
     stop = os.path.join(args.resume, "diverged.json")  # after a stop on divergence, a new --lr or --tau may follow
     retune = typed & {"lr", "tau"} if os.path.exists(stop) else set()
     saved = {k: cfg[k] for k in vars(args) if k not in typed}
-    given = resolve_args(argparse.Namespace(**{**vars(args), **saved, "resume": None, "out": args.resume}))
+    # the flags that decide which others apply, compared as typed: resolved beside the saved run's values, a new
+    # --head would be refused for the saved --proj-hidden, which the user never typed
+    given = argparse.Namespace(**{k: getattr(args, k) for k in typed & {"dataset", "recipe", "head", "arch", "eval"}})
+    if all(v == cfg[k] for k, v in vars(given).items()):
+        given = resolve_args(argparse.Namespace(**{**vars(args), **saved, "resume": None, "out": args.resume}))
     differ = [f"--{k.replace('_', '-')}: saved {cfg[k]!r}, given {getattr(given, k)!r}"
-              for k in sorted(typed - retune) if cfg[k] != getattr(given, k)]
+              for k in sorted(typed - retune) if k in vars(given) and cfg[k] != getattr(given, k)]
     if differ:
         die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ) + "\nA resume "
             f"continues the run as {args.resume}/config.json holds it: drop these flags, or start a new run with them")

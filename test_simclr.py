@@ -877,6 +877,20 @@ def test_resume_checks_typed_flags_against_the_saved_run_not_the_defaults(tmp_pa
     assert "--tau: saved 0.5, given 0.2" in err and "--no-freeze" not in err
 
 
+@pytest.mark.parametrize("saved,typed,named", [
+    (["--head", "mlp"], ["--head", "ae"], "--head: saved 'mlp', given 'ae'"),  # its saved --proj-hidden is not typed
+    (["--head", "ae", "--arch", "resnet34"], ["--arch", "resnet50"], "--arch: saved 'resnet34', given 'resnet50'"),
+    (["--recipe", "paper", "--standardize"], ["--recipe", "simclr"], "--recipe: saved 'paper', given 'simclr'")])
+def test_resume_with_a_flag_that_decides_which_others_apply_names_that_flag(tmp_path, capsys, saved, typed, named):
+    """A new --head, --arch or --recipe is a different run: the message names it, not a saved value the user never
+    typed (the ae head refusing the MLP run's saved --proj-hidden)."""
+    saved_config(tmp_path, *saved)
+    with pytest.raises(SystemExit) as e:
+        simclr.main(["--resume", str(tmp_path), *typed])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and named in err and "drop these flags, or start a new run" in err
+
+
 def test_resume_of_a_run_saved_on_a_device_this_machine_lacks_says_how_to_continue(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
