@@ -704,7 +704,8 @@ def build_parser():
     a("--epochs", type=NONNEGATIVE_INT, help="pre-training epochs (default: per dataset)")
     a("--batch-size", type=number(int, lambda v: v >= 2, "at least 2: NT-Xent needs a negative per view"),
       help="N images per step, 2N views (default: per dataset)")
-    a("--lr", type=POSITIVE, help="peak learning rate (default: recipe simclr 0.3 sqrt(N / 256), paper 0.3 N / 256)")
+    a("--lr", type=POSITIVE, help="peak learning rate (default: recipe simclr: 0.3 sqrt(N / 256); recipe paper: "
+      "0.3 N / 256)")
     a("--warmup-epochs", type=NONNEGATIVE, help="linear warm-up of the learning rate (default: recipe simclr: a tenth "
       "of the run, at most 10 epochs; recipe paper: 0)")
     a("--momentum", type=number(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.9, help="SGD momentum")
