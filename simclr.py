@@ -1292,15 +1292,14 @@ def read_dataset(name, root, size, download, stl10_pretrain, square=False):
     # JPEGs take minutes to decode: once, into a cache that later runs (and the other torchrun processes) read
     cache = os.path.join(root, f"{name}-{size}px" + ("-square" if square else "") +
                          (f"-{folder_key(root)}" if name == "folder" else "") + ".pt")
-    try:
-        data = torch.load(cache)
-        if {"train_x", "train_y", "test_x", "test_y", "classes", "unlabeled"} <= set(data):
-            return data
-        raise ValueError("written by another version of simclr.py")
-    except FileNotFoundError:
-        pass
-    except Exception as e:  # cut short (EOFError, RuntimeError, UnpicklingError...) or another version's
-        print(f"note: the cache {cache} cannot be read ({type(e).__name__}: {str(e)[:100]}); decoding the images again")
+    if os.path.exists(cache):
+        try:
+            data, why = torch.load(cache), "written by another version of simclr.py"
+            if {"train_x", "train_y", "test_x", "test_y", "classes", "unlabeled"} <= set(data):
+                return data
+        except Exception as e:  # cut short: EOFError, RuntimeError, UnpicklingError...
+            why = f"{type(e).__name__}: {str(e)[:100]}"
+        print(f"note: the cache {cache} cannot be read ({why}); decoding the images again")
     tr, te = ([tv(D.Imagenette, split=s, size="160px") for s in ("train", "val")] if name == "imagenette" else
               [tv(D.FGVCAircraft, split=s, annotation_level="manufacturer") for s in ("trainval", "test")]
               if name == "fgvc-aircraft" else load_folder(root))
