@@ -228,20 +228,27 @@ class AutoEncoder(nn.Module):
         return self.decoder(self.embedding(self.encoder(x)))
 
 
+def val_split(n):
+    """(train, val): indices of a 90/10 split of n images, torch's random_split with seed 42 as the paper's code
+    splits a train split (on the CPU, as every order)."""
+    train, val = (torch.tensor(s.indices, dtype=torch.long) for s in torch.utils.data.random_split(
+        range(n), [0.9, 0.1], generator=torch.Generator().manual_seed(42)))
+    return (train, val) if len(val) else (train[:-1], train[-1:])  # under 10 images: one still validates
+
+
 def train_autoencoder(images, d, epochs, device, batch=100, lr=1e-4, resume=None, save=None, log=print):
     """The paper's autoencoder recipe (as its code runs it) on uint8 images (n, 3, H, W):
     MSE on flattened pixels in [0, 1], Adam, ReduceLROnPlateau(patience 10, factor 0.5) on the validation loss of a
     90/10 split (seed 42); the best validation epoch's weights. Returns (autoencoder, its validation MSE).
     Part 2 passes resume(state) and save(state), which continue a stopped run from a checkpoint."""
     device = torch.device(device)
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(42))  # on the CPU, as every order
-    n_val = max(1, len(images) // 10)
-    val = perm[:n_val].to(images.device)
+    order, val = val_split(len(images))
+    n_val, val = len(val), val.to(images.device)
     flat = lambda idx: to_device(images[idx], device).float().flatten(1) / 255  # (B, 3HW) in [0, 1]
     ae = AutoEncoder(images[0].numel(), d).to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=10, factor=0.5)
-    s = dict(ae=ae, opt=opt, sched=sched, epoch=0, order=perm[n_val:], best=float("inf"), best_epoch=0,
+    s = dict(ae=ae, opt=opt, sched=sched, epoch=0, order=order, best=float("inf"), best_epoch=0,
              best_state=copy.deepcopy(ae.state_dict()))
     if resume:
         resume(s)
@@ -369,12 +376,13 @@ PROGRESS_EVERY_S = 60  # between progress lines inside an epoch
 
 
 def train(model, images, hp, amp=nullcontext, log=print, opt_state=None, start_epoch=0, views_fn=None, forward=None,
-          loss_fn=nt_xent, rank=0, world=1, end_of_epoch=None):
+          loss_fn=nt_xent, rank=0, world=1, end_of_epoch=None, schedule=None):
     """SimCLR pre-training (Algorithm 1 of SimCLR) on uint8 images (n, 3, H, W): every step, two views of each of N
     images, z = g(f(x)), NT-Xent, SGD; the learning rate set before every step by lr_at. hp: the hyper-parameters
     (epochs, batch_size, lr, warmup_epochs, lr_min_ratio, momentum, wd, decay_norm_and_bias, tau, seed, and
     augment's). Part 2 passes the rest: a resumed run's optimizer state and epoch, a compiled views_fn and forward,
-    the loss and this process's share of each batch under torchrun, and end_of_epoch(epoch, losses, metrics, opt)."""
+    the loss and this process's share of each batch under torchrun, end_of_epoch(epoch, losses, metrics, opt) and
+    schedule(epoch, step), the learning rate of a step."""
     device = next(model.parameters()).device  # the images may live in host memory (Part 2, --data-on host)
     N, steps = hp.batch_size, len(images) // hp.batch_size
     opt = optimizer(model, hp)
@@ -382,7 +390,8 @@ def train(model, images, hp, amp=nullcontext, log=print, opt_state=None, start_e
         opt.load_state_dict(opt_state)
     views_fn = views_fn or (lambda x: two_views(x, augmentation(hp)))
     forward = forward or model
-    total, warmup = hp.epochs * steps, round(hp.warmup_epochs * steps)
+    total, warmup, final = hp.epochs * steps, round(hp.warmup_epochs * steps), hp.lr * hp.lr_min_ratio
+    schedule = schedule or (lambda epoch, step: lr_at(epoch * steps + step, total, warmup, hp.lr, final))
     t_start = time.time()
     for epoch in range(start_epoch, hp.epochs):
         model.train()
@@ -394,7 +403,7 @@ def train(model, images, hp, amp=nullcontext, log=print, opt_state=None, start_e
             idx = order[step * N:(step + 1) * N].chunk(world)[rank]  # the batch (this process's share of it)
             x = to_device(images[idx], device)  # (N, 3, H, W) uint8
             for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * steps + step, total, warmup, hp.lr, hp.lr * hp.lr_min_ratio)
+                group["lr"] = schedule(epoch, step)
             losses.append(sgd_step(forward, views_fn(x), opt, hp.tau, amp, loss_fn))
             if time.time() - t_shown > PROGRESS_EVERY_S:  # a long epoch still shows life
                 step_s = (time.time() - t0) / (step + 1)
@@ -620,9 +629,9 @@ DATASETS = {
 # simclr: from scratch as SimCLR trains (Sec. 2.3: linear warm-up, cosine decay; its code: no weight decay on
 # BatchNorm and biases), SGD + momentum for LARS, lr 0.3 sqrt(N / 256): B.1's square-root rule 0.075 sqrt(N),
 # re-anchored to meet the linear rule at N = 256.
-# paper: the protocol of 2408.14514 as its code runs it (Sec. 4): the values below, lr 0.3 N / 256, ToTensor's [0, 1]
-# inputs (or --standardize), each view through the backbone alone, 90% of the train split pre-trained on and the
-# epoch of lowest NT-Xent on the other 10% evaluated.
+# paper: the protocol of 2408.14514 as its code runs it (Sec. 4): the values below, lr 0.3 N / 256 with the cosine
+# stepped once an epoch, ToTensor's [0, 1] inputs (or --standardize), each view through the backbone alone, 90% of the
+# train split pre-trained on (the autoencoder too) and the epoch of lowest NT-Xent on the other 10% evaluated.
 RECIPES = {
     "simclr": dict(lr_scaling="sqrt", decay_norm_and_bias=False),
     "paper": dict(lr_scaling="linear", decay_norm_and_bias=True, pretrained=True, arch="resnet34", stem="imagenet",
@@ -712,8 +721,8 @@ def build_parser():
     a("--wd", type=NONNEGATIVE, default=1e-5, help="weight decay")
     a("--lr-min-ratio", type=PROBABILITY, default=1 / 50, help="cosine schedule ends at lr * this")
     a("--tau", type=POSITIVE, help="NT-Xent temperature (default: 0.5, the paper's; shapes: 0.2)")
-    a("--standardize", action="store_true", help="recipe paper: standardise each split by its own channel statistics "
-      "(the paper's STANDARDIZE), not ToTensor's [0, 1]")
+    a("--standardize", action="store_true", help="recipe paper: the paper's STANDARDIZE, not ToTensor's [0, 1]: per "
+      "channel, the mean of every image's mean and std (the train split's for its 90%% and 10%%, the test split's)")
     a = p.add_argument_group("evaluation").add_argument
     a("--eval", choices=("standard", "paper"), help="standard: probe on train features, top-1 on test; paper: the "
       "paper's probe on a 70/10/20 split of the test split (default: standard; recipe paper: paper)")
@@ -1200,7 +1209,8 @@ EXPECTED_FILES = {  # where each dataset's files go under --data-dir when torchv
     "stl10": "stl10_binary/{train_X,train_y,test_X,test_y,unlabeled_X}.bin  (from stl10_binary.tar.gz)",
     "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}  (from cifar-10-python.tar.gz)",
     "cifar100": "cifar-100-python/{train,test,meta}  (from cifar-100-python.tar.gz)",
-    "imagenette": "imagenette2-160/{train,val}/<wnid>/*.JPEG  (from imagenette2-160.tgz)",
+    "imagenette": "imagenette2-160/{train,val}/<wnid>/*.JPEG  (from imagenette2-160.tgz; --recipe paper: the "
+                  "full-size imagenette2/, from imagenette2.tgz)",
     "fgvc-aircraft": "fgvc-aircraft-2013b/data/{images/*.jpg,images_manufacturer_{trainval,test}.txt,manufacturers.txt}",
     "fashion-mnist": "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte  (un-gzipped)",
     "folder": "train/<class>/*.png|jpg and test/<class>/*.png|jpg",
@@ -1208,14 +1218,15 @@ EXPECTED_FILES = {  # where each dataset's files go under --data-dir when torchv
 
 
 def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabeled", seed=0, subset=None,
-                 square=False):
+                 paper=False):
     """dict(pretrain, train_x, train_y, test_x, test_y, classes) of uint8 images (n, 3, size, size), train_x the first
-    rows of pretrain (one copy); with `subset`, a seeded class-stratified draw of that many from each labelled split."""
+    rows of pretrain (one copy); with `subset`, a seeded class-stratified draw of that many from each labelled split;
+    with `paper`, the paper's images (resized to a square; Imagenette's full-size files)."""
     if name == "shapes":
         train_x, train_y = make_shapes(subset or SHAPES["n"][0], size, seed=seed)
         test_x, test_y = make_shapes(subset or SHAPES["n"][1], size, seed=seed + 10_000)  # another seed: unseen
         return dict(pretrain=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=10)
-    data = read_dataset(name, root, size, download, stl10_pretrain, square)
+    data = read_dataset(name, root, size, download, stl10_pretrain, paper)
     unlabeled, n_train = data.pop("unlabeled"), len(data["train_y"])
     if subset:
         g = torch.Generator().manual_seed(seed)
@@ -1252,7 +1263,7 @@ def stratified(y, n, g, floor=0):
                       for c, m, k in zip(classes, counts, take)]).sort().values
 
 
-def read_dataset(name, root, size, download, stl10_pretrain, square=False):
+def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
     """A dataset from its files: dict(train_x, train_y, test_x, test_y, classes, unlabeled: STL10's extra or None)."""
     def tv(cls, **kw):  # a torchvision dataset; a failed download or a missing file says which files go where
         try:
@@ -1290,7 +1301,7 @@ def read_dataset(name, root, size, download, stl10_pretrain, square=False):
         return dict(train_x=gray3(tr.data), train_y=tr.targets, test_x=gray3(te.data), test_y=te.targets,
                     classes=10, unlabeled=None)
     # JPEGs take minutes to decode: once, into a cache that later runs (and the other torchrun processes) read
-    cache = os.path.join(root, f"{name}-{size}px" + ("-square" if square else "") +
+    cache = os.path.join(root, f"{name}-{size}px" + ("-paper" if paper else "") +
                          (f"-{folder_key(root)}" if name == "folder" else "") + ".pt")
     if os.path.exists(cache):
         try:
@@ -1300,11 +1311,12 @@ def read_dataset(name, root, size, download, stl10_pretrain, square=False):
         except Exception as e:  # cut short: EOFError, RuntimeError, UnpicklingError...
             why = f"{type(e).__name__}: {str(e)[:100]}"
         print(f"note: the cache {cache} cannot be read ({why}); decoding the images again")
-    tr, te = ([tv(D.Imagenette, split=s, size="160px") for s in ("train", "val")] if name == "imagenette" else
+    tr, te = ([tv(D.Imagenette, split=s, size="full" if paper else "160px") for s in ("train", "val")]
+              if name == "imagenette" else
               [tv(D.FGVCAircraft, split=s, annotation_level="manufacturer") for s in ("trainval", "test")]
               if name == "fgvc-aircraft" else load_folder(root))
     banner = 20 if name == "fgvc-aircraft" else 0  # the paper crops FGVC-Aircraft's copyright banner off
-    (train_x, train_y), (test_x, test_y) = (pil_to_uint8(ds, size, banner, square) for ds in (tr, te))
+    (train_x, train_y), (test_x, test_y) = (pil_to_uint8(ds, size, banner, square=paper) for ds in (tr, te))
     data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=len(tr.classes),
                 unlabeled=None)
     try:
@@ -1403,13 +1415,14 @@ def where_data_fits(nbytes, device, data_on="auto"):
 
 
 def prepare_data(args, device, rank, world, log=print):
-    """dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep): the pre-training images, the paper's
-    validation 10% (else None), each split's input preparation; on the device, or in host memory."""
+    """dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep, pool): the pre-training images, the paper's
+    validation 10% (else None), each split's input preparation, all the images before that cut (the autoencoder's);
+    on the device, or in host memory."""
     t0 = time.time()
     if rank != 0:
         dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
     data = load_dataset(args.dataset, args.data_dir, args.img_size, not args.no_download, args.stl10_pretrain,
-                        args.seed, args.subset, square=args.recipe == "paper")
+                        args.seed, args.subset, paper=args.recipe == "paper")
     if world > 1 and rank == 0:
         dist.barrier()
     on_device = where_data_fits(data["pretrain"].nbytes + data["test_x"].nbytes, device, args.data_on) == "device"
@@ -1417,11 +1430,9 @@ def prepare_data(args, device, rank, world, log=print):
         images, test_x = (data[k].to(device) if on_device else data[k] for k in ("pretrain", "test_x"))
     except torch.OutOfMemoryError:
         die(f"the images do not fit on {device}; run with --data-on host (or auto) to keep them in host memory")
-    train_x, val_x = images[:len(data["train_y"])], None
+    pool, train_x, val_x = images, images[:len(data["train_y"])], None
     if args.recipe == "paper":  # the paper's code: 90% of the train split pre-trained on, 10% for the validation loss
-        split = torch.utils.data.random_split(range(len(images)), [0.9, 0.1],
-                                              generator=torch.Generator().manual_seed(42))
-        images, val_x = (images[torch.tensor(s.indices, device=images.device)] for s in split)
+        images, val_x = (images[i.to(images.device)] for i in val_split(len(pool)))
     val = "" if val_x is None else f" + {len(val_x)} validation"
     where = f"on {device}" if on_device else f"in host memory, each batch copied to {device}"
     log(f"data: {args.dataset}, {len(images)} pre-training{val} / {len(train_x)} train / {len(test_x)} test images of "
@@ -1436,24 +1447,27 @@ def prepare_data(args, device, rank, world, log=print):
     smallest = int(data["train_y"].unique(return_counts=True)[1].min())
     if args.labels_per_class and max(args.label_amounts) > smallest:
         die(f"--labels-per-class {max(args.label_amounts)}: the smallest class has {smallest} train images")
-    splits = dict(images=images, val_x=val_x, train_x=train_x, test_x=test_x)
-    return dict(splits, train_y=data["train_y"].to(device), test_y=data["test_y"].to(device), classes=data["classes"],
-                prep=input_preps(args, {k: v for k, v in splits.items() if v is not None}))
+    splits = {k: v for k, v in dict(images=images, val_x=val_x, train_x=train_x, test_x=test_x).items()
+              if v is not None}
+    return dict(splits, val_x=val_x, pool=pool, train_y=data["train_y"].to(device), test_y=data["test_y"].to(device),
+                classes=data["classes"], prep=input_preps(args, splits, pool))
 
 
-def input_preps(args, splits):
+def input_preps(args, splits, pool):
     """Each split's images into the backbone's input: ImageNet's channel statistics (recipe simclr), ToTensor's [0, 1]
-    values (recipe paper), or with --standardize the split's own channel means and stds (the paper's STANDARDIZE)."""
+    values (recipe paper), or with --standardize the paper's STANDARDIZE: per channel, the mean over the images of
+    each one's mean and std, for both parts of the train split those of all of it (its code unwraps the Subset)."""
     if args.recipe != "paper":
         return dict.fromkeys(splits, normalize)
     if not args.standardize:
         return dict.fromkeys(splits, lambda x: x.float() / 255 if x.dtype == torch.uint8 else x)  # ToTensor's
-    preps = {}
-    for k, x in splits.items():  # the per-channel mean and std of the [0, 1] values, 1,000 images at a time
-        n = len(x) * x[0, 0].numel()
-        s, ss = (sum(c.double().pow(p).sum((0, 2, 3)) for c in x.split(1000)) / 255 ** p for p in (1, 2))
-        preps[k] = functools.partial(normalize, mean=(s / n).tolist(), std=(ss / n - (s / n) ** 2).sqrt().tolist())
-    return preps
+
+    def standardize(x):  # per image and channel over H x W, 1,000 images (b, 3, H, W) at a time; then their mean
+        m, s = (sum(f(b.double() / 255, (2, 3)).sum(0) for b in x.split(1000)) / len(x)
+                for f in (torch.mean, torch.std))
+        return functools.partial(normalize, mean=m.tolist(), std=s.tolist())
+    train, test = standardize(pool), standardize(splits["test_x"])
+    return {k: test if k == "test_x" else train for k in splits}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1462,8 +1476,8 @@ def input_preps(args, splits):
 
 def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=50, batch=32, lr=1e-3, seed=42):
     """The paper's linear probe as its code runs it (Sec. 4 of 2408.14514): nn.Linear on the raw features (its
-    FeatureDataset hands f(x) to it), plain SGD, ReduceLROnPlateau(factor 0.1, patience 10) on the training loss, the
-    epoch of lowest validation loss tested. Returns its test top-1."""
+    FeatureDataset hands f(x) to it), plain SGD, ReduceLROnPlateau(factor 0.1, patience 10) on the last batch's
+    training loss, the epoch of lowest validation loss tested. Returns its test top-1."""
     g = torch.Generator().manual_seed(seed)
     clf = nn.Linear(train_h.shape[1], classes)
     bound = 1 / math.sqrt(train_h.shape[1])  # nn.Linear's default init, drawn from our own generator
@@ -1474,15 +1488,13 @@ def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=10)
     best, best_state = float("inf"), None
     for epoch in range(epochs):
-        order, loss_sum = torch.randperm(len(train_h), generator=g).to(train_h.device), 0
         with torch.enable_grad():
-            for idx in order.split(batch):
+            for idx in torch.randperm(len(train_h), generator=g).to(train_h.device).split(batch):
                 loss = F.cross_entropy(clf(train_h[idx]), train_y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                loss_sum = loss_sum + loss.detach() * len(idx)  # a device tensor: no sync per step
-        sched.step(loss_sum.item() / len(order))
+        sched.step(loss.item())  # what Lightning hands it: the last step's logged train_loss, not the epoch's mean
         with torch.no_grad():
             val_loss = F.cross_entropy(clf(val_h), val_y).item()
         if val_loss < best:
@@ -1520,7 +1532,7 @@ def autoencoder_tag(args):
     tag = f"{args.dataset}-{args.img_size}px-d{args.ae_dim}-e{args.ae_epochs}-s{args.seed}"
     tag += f"-n{args.subset}" if args.subset else ""
     tag += "-train" if args.dataset == "stl10" and args.stl10_pretrain == "train" else ""
-    tag += "-paper" if args.recipe == "paper" else ""  # other images: squared, and 90% of the split
+    tag += "-square" if args.recipe == "paper" else ""  # the paper's images: resized to a square
     if args.dataset == "folder":  # the folder's path, hashed: a long one would make too long a file name
         tag += "-" + hashlib.sha1(os.path.abspath(args.data_dir).encode()).hexdigest()[:12]
     return tag
@@ -1577,7 +1589,8 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
         f"{args.epochs} epochs of batch {args.batch_size}, tau {args.tau}, {args.precision}" +
         (f", {world} processes with {'per-process' if args.no_sync_bn else 'global'} BatchNorm" if world > 1 else ""))
     log(f"recipe {args.recipe}: SGD (momentum {args.momentum}), lr {args.lr:.3g} after {args.warmup_epochs:g} "
-        f"epochs of linear warm-up, cosine to {args.lr * args.lr_min_ratio:.3g}; weight decay {args.wd:g} on "
+        f"epochs of linear warm-up, cosine to {args.lr * args.lr_min_ratio:.3g}"
+        f"{' stepped once an epoch' if args.recipe == 'paper' else ''}; weight decay {args.wd:g} on "
         f"{'every parameter' if args.decay_norm_and_bias else 'conv and linear weights (not BatchNorm, not biases)'}")
     if args.pretrained and args.stem == "cifar":
         log("note: --stem cifar replaces the ImageNet 7x7 conv1 with a random 3x3 conv (re-initialised); the other "
@@ -1598,6 +1611,12 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
         log(f"note: {args.epochs} epochs of {steps} steps: SimCLR needs a few hundred steps or more to learn much; "
             f"raise --epochs or lower --batch-size")
     t0, seconds = time.time(), history[-1]["pretrain_s"] if history else 0.0  # a resumed run adds to its time
+    warmup, final = args.warmup_epochs, args.lr * args.lr_min_ratio
+    if args.recipe == "paper":  # the paper's CosineAnnealingLR(T_max=epochs), stepped once an epoch (Lightning's)
+        schedule = lambda epoch, step: lr_at(epoch, args.epochs + 1, round(warmup), args.lr, final)
+    else:  # Part 1's: every step
+        schedule = lambda epoch, step: lr_at(epoch * steps + step, args.epochs * steps, round(warmup * steps), args.lr,
+                                             final)
 
     def end_of_epoch(epoch, losses, m, opt):
         m["pretrain_s"] = seconds + time.time() - t0
@@ -1605,8 +1624,7 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
         if not math.isfinite(m["loss"]) or bad:  # stop; the folder keeps its last good checkpoint
             finite = torch.isfinite(losses)
             at = epoch * steps + (steps if finite.all() else int((~finite).nonzero()[0]) + 1)  # the first bad step
-            lr = lr_at(at - 1, args.epochs * steps, round(args.warmup_epochs * steps), args.lr,
-                       args.lr * args.lr_min_ratio)
+            lr = schedule(epoch, at - 1 - epoch * steps)
             if rank == 0:  # diverged.json: --resume may then take a new --lr or --tau
                 write_json(dict(epoch=epoch + 1, step=at, lr=lr), os.path.join(args.out, "diverged.json"))
             what = f"{', '.join(bad[:3])} became inf or nan" if bad else f"loss became {losses.mean().item()}"
@@ -1637,21 +1655,19 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
             write_metrics(history, args.out)
 
     train(model, images, args, amp, log, opt_state=opt_state, start_epoch=start_epoch, views_fn=views_fn,
-          forward=forward, loss_fn=loss_fn, rank=rank, world=world, end_of_epoch=end_of_epoch)
+          forward=forward, loss_fn=loss_fn, rank=rank, world=world, end_of_epoch=end_of_epoch, schedule=schedule)
     return history[-1]["pretrain_s"] if history else 0.0
 
 
 @torch.no_grad()
 def validation_loss(model, val_x, args, prep):
-    """The paper's validation loss: NT-Xent of identical un-augmented views, in eval mode, weighted by batch size."""
+    """The paper's validation loss: NT-Xent of identical un-augmented views, in eval mode, averaged over the whole
+    batches (its loader drops the last one; with fewer images than a batch, they are the one)."""
     model.eval()
-    device, total, n = next(model.parameters()).device, 0.0, 0
-    for x in val_x.split(args.batch_size):
-        if len(x) > 1:  # one image has no negative
-            z = model(prep(to_device(x, device)))  # (b, out)
-            total, n = total + nt_xent(z, z, args.tau).item() * len(x), n + len(x)
+    device, n = next(model.parameters()).device, paper_split(len(val_x), args.batch_size)[0]
+    z = [model(prep(to_device(x, device))) for x in val_x[:n].split(args.batch_size)]  # each (N, out)
     model.train()
-    return total / max(n, 1)
+    return sum(nt_xent(zb, zb, args.tau).item() for zb in z) / len(z)
 
 
 def load_best_epoch(model, data, history, args, device, log=print):
@@ -2017,7 +2033,7 @@ def run(args, stack):
         return show_augs(data["images"], args, log)
     if rank == 0:
         open_run_dir(args, stack)
-    embedding = autoencoder_embedding(data["images"], args, device, rank, world, log) if args.head == "ae" else None
+    embedding = autoencoder_embedding(data["pool"], args, device, rank, world, log) if args.head == "ae" else None
     seed_everything(args.seed)  # the same initial weights whether the AE was trained now or read from the cache
     model = build_model(args, embedding, device, world)
     seed_everything(args.seed + rank)  # each process draws its own augmentations

@@ -376,6 +376,29 @@ def test_paper_probe_separates_separable_data_fails_on_noise_and_sees_the_raw_fe
     assert simclr.paper_probe(*split(torch.randn(700, 20, generator=g)), 3) < 0.5
 
 
+def test_paper_probe_steps_its_plateau_on_the_last_batch_loss(monkeypatch):
+    """The paper's probe logs train_loss per step, which Lightning hands ReduceLROnPlateau at the end of each epoch:
+    the last batch's loss (here a batch of 4 of 100 images), not the epoch's mean."""
+    events, real_ce = [], F.cross_entropy
+
+    class Plateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics):
+            events.append(("plateau", float(metrics)))
+            return super().step(metrics)
+    monkeypatch.setattr(torch.optim.lr_scheduler, "ReduceLROnPlateau", Plateau)
+    monkeypatch.setattr(F, "cross_entropy", lambda logits, y: events.append(
+        ("train" if torch.is_grad_enabled() else "val", real_ce(logits, y).item(), len(y))) or real_ce(logits, y))
+    g = torch.Generator().manual_seed(0)
+    h, y = torch.randn(140, 8, generator=g), torch.randint(0, 3, (140,), generator=g)
+    simclr.paper_probe(h[:100], y[:100], h[100:120], y[100:120], h[120:], y[120:], 3, epochs=4)
+    plateaus = [i for i, e in enumerate(events) if e[0] == "plateau"]
+    assert len(plateaus) == 4
+    for i in plateaus:
+        last, epoch = events[i - 1], [e for e in events[max(0, i - 5):i] if e[0] == "train"]
+        assert last[0] == "train" and last[2] == 4 and events[i][1] == pytest.approx(last[1], rel=1e-6)
+        assert len(epoch) == 4 and events[i][1] != pytest.approx(sum(e[1] * e[2] for e in epoch) / 100, rel=1e-3)
+
+
 def test_paper_protocol_splits_the_whole_batches_of_the_test_features_70_10_20(monkeypatch):
     seen = {}
     monkeypatch.setattr(simclr, "paper_probe", lambda *a: seen.update(sizes=[len(t) for t in a[:6:2]]) or 0.0)
@@ -645,6 +668,19 @@ def test_imagenette_loads_from_wnid_folders(tmp_path):
     assert d["train_y"].tolist() == [0, 1]
     assert d["train_x"][0, 0].float().mean() > 200 and d["train_x"][1, 2].float().mean() > 200  # red, blue
     assert os.path.exists(tmp_path / "imagenette-24px.pt")  # decoded once, cached
+
+
+def test_the_papers_imagenette_is_the_full_size_one(tmp_path):
+    """The paper's code reads datasets.Imagenette(size="full"): imagenette2/, not the 160 px imagenette2-160/."""
+    for split in ("train", "val"):
+        for wnid, colour in (("n01440764", (255, 0, 0)), ("n02102040", (0, 0, 255))):
+            d = tmp_path / "imagenette2" / split / wnid
+            d.mkdir(parents=True)
+            save_rgb(d / "a.JPEG", colour, size=(80, 60))
+    d = simclr.load_dataset("imagenette", str(tmp_path), 24, download=False, paper=True)
+    assert d["train_x"].shape == (2, 3, 24, 24) and os.path.exists(tmp_path / "imagenette-24px-paper.pt")
+    with pytest.raises(SystemExit):  # the 160 px files are not there: recipe simclr's loading says which to put
+        simclr.load_dataset("imagenette", str(tmp_path), 24, download=False)
 
 
 def test_fgvc_aircraft_manufacturer_labels_and_banner_crop(tmp_path):
@@ -1306,6 +1342,13 @@ def test_the_papers_recipe_runs_the_papers_protocol(tmp_path, fake_imagenet_weig
     assert {len(x) for x in train_inputs} == {16} and min(x.min() for x in train_inputs) >= 0 and \
         max(x.max() for x in train_inputs) <= 1 + 1e-5  # N views of 16 px, ToTensor's values
     assert "evaluating the backbone of epoch 2" in printed and len(epochs) == 3
+    lrs, opt = [], torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg["lr"])  # Lightning's schedule:
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3, eta_min=cfg["lr"] / 50)  # once an epoch
+    for _ in range(3):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step(), sched.step()
+    metrics = [json.loads(line) for line in (tmp_path / "unit" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics] == pytest.approx(lrs, rel=1e-9)  # the lr of each epoch's last step
     for f in ("backbone.pt", "best_backbone.pt"):  # the evaluated backbone is epoch 2's, not the last epoch's
         saved = torch.load(tmp_path / "unit" / f)
         assert all(torch.equal(saved[k], epochs[1][k]) for k in saved)
@@ -1315,25 +1358,52 @@ def test_the_papers_recipe_runs_the_papers_protocol(tmp_path, fake_imagenet_weig
     seen.clear()
     simclr.main([*flags, "--standardize", "--eval", "standard", "--label-fractions", "1", "--sup-steps", "1",
                  "--out", str(tmp_path / "standardized")])
+    # STANDARDIZE as calculate_dataset_stats: per channel the mean of each image's mean and (n - 1) std; the train
+    # split's for its 90% and its 10% (the Subset unwrapped), the test split's its own
+    stats = lambda x: [np.mean(f(x / 255, axis=(2, 3)), 0) for f in (np.mean, functools.partial(np.std, ddof=1))]
+    standardized = lambda x, m, s: torch.from_numpy((x / 255 - m[:, None, None]) / s[:, None, None]).float()
+    train_x, test_x = (simclr.make_shapes(96, 16, seed=s)[0].numpy().astype(np.float64) for s in (0, 10_000))
+    val = torch.utils.data.random_split(range(96), [0.9, 0.1], generator=torch.Generator().manual_seed(42))[1].indices
+    val_inputs = [x for training, x in seen if not training and len(x) == len(val)][0]  # the first validation loss
+    torch.testing.assert_close(val_inputs, standardized(train_x[val], *stats(train_x)), atol=1e-5, rtol=0)
     test_inputs = [x for training, x in seen if not training and len(x) == 96][-1]  # the last: the supervised test's
-    torch.testing.assert_close(test_inputs.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
-    torch.testing.assert_close(test_inputs.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(test_inputs, standardized(test_x, *stats(test_x)), atol=1e-5, rtol=0)
 
 
-def test_validation_loss_is_the_nt_xent_of_identical_views_weighted_by_batch(one_thread):
-    """Two identical views of each image, batch by batch (a last batch of one image has no negative: skipped), each
-    batch's loss weighted by its size; the model in eval mode and back in train mode after."""
+def test_the_papers_autoencoder_trains_on_the_pretraining_90_percent_and_validates_on_the_10(tmp_path, monkeypatch,
+                                                                                             fake_imagenet_weights):
+    """The paper's autoencoder sees the split SimCLR sees (split_vision_dataset, seed 42): it trains on the 90% that
+    SimCLR pre-trains on and validates on the 10% of SimCLR's validation loss, not on a 90/10 split of the 90%."""
+    seen, data, real_ae, real_prepare = {True: [], False: []}, {}, simclr.AutoEncoder, simclr.prepare_data
+
+    class Watched(real_ae):
+        def forward(self, x):
+            seen[self.training].append((x * 255).round().to(torch.uint8))
+            return super().forward(x)
+    monkeypatch.setattr(simclr, "AutoEncoder", Watched)
+    monkeypatch.setattr(simclr, "prepare_data", lambda *a, **k: data.update(real_prepare(*a, **k)) or data)
+    simclr.main([*TINY, "--epochs", "1", "--recipe", "paper", "--head", "ae", "--ae-epochs", "1", "--ae-dim", "32",
+                 "--ae-dir", str(tmp_path / "ae"), "--out", str(tmp_path / "run")])
+    rows = lambda x: sorted(bytes(r.tolist()) for r in x.flatten(1).cpu())  # the images, in any order
+    assert rows(torch.cat(seen[True])) == rows(data["images"]) and len(data["images"]) == 87
+    assert rows(torch.cat(seen[False])) == rows(data["val_x"]) and len(data["val_x"]) == 9
+
+
+def test_validation_loss_is_the_nt_xent_of_identical_views_over_whole_batches(one_thread):
+    """Two identical views of each image, batch by batch, the mean over the whole batches (the paper's val loader
+    drops the last; fewer images than a batch are one batch); the model in eval mode and back in train mode after."""
     import argparse
     model = small_simclr().train()
     val_x = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     got = [simclr.validation_loss(model, val_x, argparse.Namespace(batch_size=b, tau=0.5), lambda x: x.float() / 255)
-           for b in (3, 2)]  # batches of 3 and 2; of 2, 2 and 1
+           for b in (3, 2, 8)]  # batches of 3 (and 2, dropped); of 2, 2 (and 1, dropped); of all 5
     assert model.training
     model.eval()
     with torch.no_grad():
         loss = lambda x: float(naive_nt_xent(*[model(x.float() / 255)] * 2, 0.5))
-        assert got[0] == pytest.approx((3 * loss(val_x[:3]) + 2 * loss(val_x[3:])) / 5, rel=1e-6)
+        assert got[0] == pytest.approx(loss(val_x[:3]), rel=1e-6)
         assert got[1] == pytest.approx((loss(val_x[:2]) + loss(val_x[2:4])) / 2, rel=1e-6)
+        assert got[2] == pytest.approx(loss(val_x), rel=1e-6)
 
 
 def test_images_that_are_not_square_are_resized_to_a_square_for_the_paper():
