@@ -715,8 +715,8 @@ def build_parser():
       help="N images per step, 2N views (default: per dataset)")
     a("--lr", type=POSITIVE, help="peak learning rate (default: recipe simclr: 0.3 sqrt(N / 256); recipe paper: "
       "0.3 N / 256)")
-    a("--warmup-epochs", type=NONNEGATIVE, help="linear warm-up of the learning rate (default: recipe simclr: a tenth "
-      "of the run, at most 10 epochs; recipe paper: 0)")
+    a("--warmup-epochs", type=number(float, lambda v: 0 <= v <= 10_000, "in [0, 10000]"), help="linear warm-up of "
+      "the learning rate (default: recipe simclr: a tenth of the run, at most 10 epochs; recipe paper: 0)")
     a("--momentum", type=number(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.9, help="SGD momentum")
     a("--wd", type=NONNEGATIVE, default=1e-5, help="weight decay")
     a("--lr-min-ratio", type=PROBABILITY, default=1 / 50, help="cosine schedule ends at lr * this")
@@ -882,15 +882,16 @@ def read_config(path, parser):
     try:
         with open(path) as f:
             cfg = json.load(f)
-    except ValueError as e:  # json's errors are ValueErrors
+    except (OSError, ValueError) as e:  # json's errors are ValueErrors; a folder named config.json an OSError
         refuse(e)
     if not isinstance(cfg, dict):
         refuse("not a JSON object")
     for act in parser._actions:
         v = cfg.get(act.dest)
-        try:
-            if v is not None and act.type is not None:
-                act.type(",".join(map(str, v)) if isinstance(v, list) else str(v))
+        try:  # the value as its flag reads it, and of its type: "1" is no --epochs, [128] no --proj-out
+            if v is not None and act.type is not None and act.type(
+                    ",".join(map(str, v)) if isinstance(v, list) else str(v)) != v:
+                raise argparse.ArgumentTypeError(f"not a value of --{act.dest.replace('_', '-')}")
         except argparse.ArgumentTypeError as e:
             refuse(f"its {act.dest} is {v!r}: {e}")
         if v is not None and act.choices and v not in act.choices and act.dest != "compile":  # compile: saved a bool
@@ -934,8 +935,11 @@ def write_atomic(path, write):
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except OSError as e:  # a full disk, a read-only folder: name the file, not the temporary one
-        raise OSError(e.errno, e.strerror, path) from e
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder: name the file, not the temporary one
+        cause = e if isinstance(e, OSError) else e.__context__  # torch.save's zip writer: a RuntimeError after it
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(cause.errno, cause.strerror, path) from e
     finally:
         if os.path.exists(tmp):  # the write failed
             os.remove(tmp)
@@ -1297,6 +1301,10 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
                 die(f"{path} is cut short (its header promises more bytes); delete it and put the whole file there, "
                     f"or run without --no-download")
         tr, te = (tv(D.FashionMNIST, train=t) for t in (True, False))
+        for split, ds in (("train", tr), ("t10k", te)):  # two files, each whole, may still be of two splits
+            if len(ds.data) != len(ds.targets):
+                die(f"{raw}: {split}-images-idx3-ubyte holds {len(ds.data)} images but {split}-labels-idx1-ubyte "
+                    f"{len(ds.targets)} labels; put the two files of one split there")
         gray3 = lambda a: a.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (n, 28, 28) -> (n, 3, 28, 28)
         return dict(train_x=gray3(tr.data), train_y=tr.targets, test_x=gray3(te.data), test_y=te.targets,
                     classes=10, unlabeled=None)
@@ -1438,7 +1446,7 @@ def prepare_data(args, device, rank, world, log=print):
     log(f"data: {args.dataset}, {len(images)} pre-training{val} / {len(train_x)} train / {len(test_x)} test images of "
         f"{args.img_size}px, {data['classes']} classes, {(images.nbytes + test_x.nbytes) / 2 ** 30:.2f} GiB {where} "
         f"({time.time() - t0:.1f}s)")
-    if len(images) < args.batch_size:
+    if len(images) < args.batch_size and not args.show_augs:  # --show-augs shows 8 and trains on none
         die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
     n, a, b = paper_split(len(test_x), args.batch_size)
     if args.eval == "paper" and min(a, b - a, n - b) < 1:
@@ -2002,7 +2010,10 @@ def bench(model, images, args, device, log=print):
 def main(argv=None):
     """The command line: a run's stages (run), and every way it can stop said in one line with what to do: a mistake
     or a file that cannot be written or read (exit 2), Ctrl-C or SIGTERM (exit 130, with the command to continue)."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except OSError as e:  # --resume: a config.json that cannot be rewritten with a new --lr or --tau
+        die(f"{e.filename or ''}: {e.strerror or e}")
     in_main_thread = threading.current_thread() is threading.main_thread()
     term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None  # as Ctrl-C
     try:
@@ -2012,12 +2023,16 @@ def main(argv=None):
         ckpt, world = os.path.join(args.out, "checkpoint.pt"), int(os.environ.get("WORLD_SIZE", 1))
         if args.show_augs or args.bench or not os.path.exists(os.path.join(args.out, "config.json")):
             die("interrupted before a run was saved; start it again", 130)
-        done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] if os.path.exists(ckpt) else 0
+        done = 0
+        with contextlib.suppress(Exception):  # a checkpoint that cannot be read counts none, as a resume would say
+            done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] if os.path.exists(ckpt) else 0
         launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
         die(f"interrupted; {args.out} holds {done} of {args.epochs} epochs. Continue with: {launch} simclr.py --resume "
             f"{args.out}", 130)
     except OSError as e:  # a full disk, a read-only folder, a file that cannot be read
+        saved = os.path.exists(os.path.join(args.out, "config.json")) and not (args.show_augs or args.bench)
         space = f"; free some space, then continue with --resume {args.out}" if e.errno == errno.ENOSPC else ""
+        space = space if saved else "; free some space" if space else ""
         die(f"{e.filename or ''}: {e.strerror or e}{space}")
     finally:
         if in_main_thread:

@@ -600,6 +600,35 @@ def test_fashion_mnist_loads_from_idx_files_as_three_channels(tmp_path):
     assert d["test_y"].tolist() == [3, 1, 4, 1]
 
 
+def test_fashion_mnist_images_and_labels_of_two_splits_are_refused(tmp_path, capsys):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", random_uint8(n, 28, 28))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(4, dtype=np.uint8))  # t10k's labels for both
+    with pytest.raises(SystemExit) as e:
+        simclr.load_dataset("fashion-mnist", str(tmp_path), 28, download=False)
+    assert e.value.code == 2 and "holds 6 images but train-labels-idx1-ubyte 4 labels" in capsys.readouterr().err
+
+
+def test_a_write_that_fails_inside_torch_save_is_an_os_error_naming_the_file(tmp_path):
+    """On a full disk torch.save's zip writer raises a RuntimeError while handling the OSError: the OSError is what
+    the run reports (and main turns into one line); no temporary file stays."""
+    import errno
+
+    def full(f):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    with pytest.raises(OSError) as e:
+        simclr.write_atomic(str(tmp_path / "checkpoint.pt"), full)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "checkpoint.pt")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(RuntimeError):  # a RuntimeError of its own is not a disk's
+        simclr.write_atomic(str(tmp_path / "x.pt"), lambda f: (_ for _ in ()).throw(RuntimeError("bug")))
+
+
 def test_a_fashion_mnist_file_cut_short_is_named_or_rebuilt_from_debians_copy(tmp_path, monkeypatch, capsys):
     raw = tmp_path / "data" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -844,7 +873,8 @@ def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsy
     (["--blur-prob", "1.5"], "argument --blur-prob: must be in [0, 1]"),
     (["--momentum", "1"], "argument --momentum: must be in [0, 1)"),
     (["--img-size", "0"], "argument --img-size: must be in 8..1024"),
-    (["--warmup-epochs", "-1"], "argument --warmup-epochs: must be >= 0"),
+    (["--warmup-epochs", "-1"], "argument --warmup-epochs: must be in [0, 10000]"),
+    (["--warmup-epochs", "1e308"], "argument --warmup-epochs: must be in [0, 10000]"),
     (["--knn-k", "0"], "argument --knn-k: must be >= 1"),
     (["--label-fractions", "0.1", "--labels-per-class", "5"], "exclude each other"),
     (["--label-fractions", "0"], "argument --label-fractions: must be in (0, 1] (got 0.0)"),
@@ -951,12 +981,15 @@ def test_a_gpu_run_resumed_on_the_cpu_takes_the_cpus_precision_and_no_compile(tm
 @pytest.mark.parametrize("text,message", [('{"tau": 0.5, "epo', "Unterminated string"),  # cut short
                                           ('[1, 2]', "not a JSON object"),
                                           (None, "its epochs is 'three': takes integers"),
-                                          (None, "its head is 'cnn': not one of mlp, ae")])
+                                          (None, "its head is 'cnn': not one of mlp, ae"),
+                                          (None, "its lr is '0.1': not a value of --lr"),
+                                          (None, "its proj_out is [128]: not a value of --proj-out")])
 def test_broken_config_is_refused_naming_the_file_and_what_is_wrong(tmp_path, capsys, text, message):
     saved_config(tmp_path, "--epochs", "3")
     if text is None:  # a whole config.json with one wrong value
         cfg = json.loads((tmp_path / "config.json").read_text())
-        cfg.update(epochs="three") if "epochs" in message else cfg.update(head="cnn")
+        key = message.split()[1]
+        cfg[key] = dict(epochs="three", head="cnn", lr="0.1", proj_out=[128])[key]
         text = json.dumps(cfg)
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(SystemExit) as e:
