@@ -35,9 +35,11 @@ What each experiment measures (numbers and verdicts: README.md, "Toy theory"):
              the positive view holds an independent one, and its first NT-Xent step follows its covariance
              operator only in the first case.
   hltm       a tree-shaped ReLU net trained on pairs that share only the root of a hierarchical latent tree model:
-             its nodes come to correlate with latents it never sees, against a control trained on pairs that share
-             nothing and the Bayes ceiling. The loss is NT-Xent, 2N - 2 negatives per view, where the authors' code
-             uses a one-negative loss (--loss nce). --part width: nodes per latent below a root block of fixed size.
+             its nodes come to correlate with latents it never sees, against the Bayes ceiling and a control
+             trained as far on pairs that share one latent just above the leaves instead of the root (--control-level):
+             it learns that latent, not the root. The loss is NT-Xent, 2N - 2 negatives per view, where the authors'
+             code uses a one-negative loss (--loss nce). --part width: nodes per latent below a root block of fixed
+             size.
 """
 
 import argparse
@@ -141,6 +143,9 @@ def get_args(argv=None):
     s.add_argument("--delta-hi", type=float, default=1.0, help="largest |delta| of an edge (default: 1.0)")
     s.add_argument("--hid", type=int, default=10, help="network nodes per latent (default: 10)")
     s.add_argument("--emb", type=int, default=None, help="nodes of the root block, the embedding (default: --hid)")
+    s.add_argument("--control-level", type=int, default=None,
+                   help="the control's views share latent 0 of this level instead of the root (1 .. --depth; "
+                        "default: --depth - 1, the latent just above the first two leaves, or 1 at --depth 1)")
     s.add_argument("--loss", choices=["nt-xent", "nce"], default="nt-xent",
                    help="nt-xent: SimCLR's, 2N - 2 negatives per view; nce: the authors' code's, one negative "
                         "(they use --lr 0.1 --tau 0.01) (default: nt-xent)")
@@ -177,6 +182,8 @@ def get_args(argv=None):
             subs[args.cmd].error(f"{flag} {path}: {problem}; give another path")
     if args.cmd == "cnn":
         args.ns = sorted(set(args.ns))
+    if args.cmd == "hltm" and args.control_level is None:
+        args.control_level = max(1, args.depth - 1)
     return args
 
 
@@ -184,7 +191,7 @@ def get_args(argv=None):
 AT_LEAST = dict(seed=0, threads=1, steps=1, seeds=1, d=2, m=1, q=3, ns=1, scaling_seeds=1, n_test=1,
                 pre_steps=0, loss_tol=0, scaling_ds=2, n0s=2, scaling_n=1, per_cluster=3, hidden=1, k_scramble=1, D=2,
                 widths=1, N=2, K=1, L=3, filters=1, width=1, batch=2, log_every=1, noise=0, depth=1, children=1,
-                delta_lo=0, hid=1, emb=1, n_eval=2, hids=1)
+                delta_lo=0, hid=1, emb=1, n_eval=2, hids=1, control_level=1)
 POSITIVE = ["sigma_p", "snrs", "level", "ft_snr", "n0_snr2s", "sigma0", "eta", "tau", "pre_sigma0", "pre_rate",
             "pre_drop", "scaling_n0snr2", "radius", "kernel_tau", "lr"]
 
@@ -217,6 +224,9 @@ def check_args(p, args):
     if args.cmd == "hltm" and not args.delta_lo <= args.delta_hi <= 1:
         p.error(f"need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
                 "delta is the correlation between a latent and its parent")
+    if args.cmd == "hltm" and (args.control_level or 0) > args.depth:
+        p.error(f"--control-level {args.control_level} is below the leaves (level --depth = {args.depth}): give "
+                f"at most {args.depth}")
 
 
 def unwritable(path, folder):
@@ -1254,9 +1264,13 @@ def plot_covariance(args, runs):
 # about z_mu. Measure: for each latent, the best |Pearson correlation| between z_mu and the hid pre-activations at
 # its place, averaged over the latents of a level. Theorem 5: some node is "lucky" at initialisation (already
 # partly correlated); the covariance operator amplifies it (Theorem 6), so the correlation grows with training.
-# Two references make the numbers readable: a control trained on pairs that share nothing (the positive view drawn
-# from an independent root), and the Bayes ceiling corr(z_mu, P(z_mu = 1 | leaves under mu)), which no function of
-# those leaves can beat (Cauchy-Schwarz: corr(z, f(x)) <= corr(z, E[z | x])).
+# Two references make the numbers readable. A control: the same network, init and loss, trained on pairs that share
+# one latent z_s of level --control-level (default: just above the leaves) instead of the root, each view alone a
+# draw of the model. It trains as hard (its weights move as far), but Theorem 3's operator is then V_{z_s}[Kbar(z_s)]:
+# what survives its augmentation is z_s, so the embedding should learn z_s and the root only as far as z_s carries it
+# (|corr(z_root, z_s)| = the product of the deltas between them). Pairs sharing nothing would not do: their expected
+# gradient is about 0, so such a control never leaves its init. And the Bayes ceiling corr(z_mu, P(z_mu = 1 |
+# leaves under mu)), which no function of those leaves can beat (Cauchy-Schwarz: corr(z, f(x)) <= corr(z, E[z | x])).
 
 
 def hltm_deltas(depth, C, lo, hi, g):
@@ -1265,15 +1279,32 @@ def hltm_deltas(depth, C, lo, hi, g):
             * torch.where(torch.rand(C ** (l + 1), generator=g) < 0.5, -1.0, 1.0) for l in range(depth)]
 
 
-def hltm_sample(deltas, root, g):
-    """Latents of every level given the root (B,) in {0, 1}: [(B, 1), (B, C), ..., (B, C^D)]; the last is x."""
+def hltm_sample(deltas, root, g, path=None):
+    """Latents of every level given the root (B,) in {0, 1}: [(B, 1), (B, C), ..., (B, C^D)]; the last is x.
+    path {level: (index, values (B,))} holds those latents at the given values (hltm_view's ancestors)."""
     C = len(deltas[0])
     z = [root[:, None]]  # (B, 1)
-    for delta in deltas:
+    for level, delta in enumerate(deltas, 1):
         parent = z[-1].repeat_interleave(C, dim=1)  # (B, n_children): node j's children are j*C .. j*C + C-1
         keep = torch.rand(parent.shape, generator=g) < (1 + delta) / 2
         z.append(torch.where(keep, parent, 1 - parent))
+        if path and level in path:
+            z[-1][:, path[level][0]] = path[level][1]
     return z
+
+
+def hltm_view(deltas, z, shared, g):
+    """A positive view of the trees z: the latent shared = (level, index) kept, the rest of the tree drawn from the
+    model given it. Its ancestors are drawn upwards (with uniform marginals the reverse of a symmetric channel is
+    the same channel), then everything else downwards from them, so each view alone is a draw of the model and the
+    pair shares exactly that latent. shared = (0, 0), the root, is the augmentation of Sec. 6."""
+    level, index = shared
+    C, path = len(deltas[0]), {level: (index, z[level][:, index])}
+    for l in range(level, 0, -1):  # the parent of node j at level l is node j // C at level l - 1
+        child, delta = path[l][1], deltas[l - 1][path[l][0]]
+        keep = torch.rand(child.shape, generator=g) < (1 + delta) / 2
+        path[l - 1] = (path[l][0] // C, torch.where(keep, child, 1 - child))
+    return hltm_sample(deltas, path.pop(0)[1], g, path)
 
 
 def hltm_posterior(deltas, x):
@@ -1347,10 +1378,11 @@ def authors_nce(f, f_pos, f_neg, tau):
     return -torch.sigmoid((d_neg - d_pos) / tau)
 
 
-def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
+def hltm_train(deltas, args, g, shared=(0, 0), log_at=(), z_eval=None):
     """SimCLR on the tree: NT-Xent (2N - 2 negatives per view) on the root block's output, or with --loss nce the
-    authors' loss (one negative, a tree with a fresh root). shared_root=False is the control. The same g gives
-    the same initial weights, so a run and its control start from one network."""
+    authors' loss (one negative, a tree with a fresh root). The views share the latent shared = (level, index):
+    the root for SimCLR, one latent of level 1 for the control. The same g gives the same initial weights, so a run
+    and its control start from one network."""
     Ws, bs = hltm_init(len(deltas), len(deltas[0]), args.hid, g, args.emb)
     opt = torch.optim.SGD(Ws + bs, lr=args.lr)
     hist, loss = [], torch.tensor(float("nan"))
@@ -1359,9 +1391,8 @@ def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
             hist.append(dict(step=step, corr=hltm_level_corrs(Ws, bs, z_eval)))
         if step == args.steps:
             break
-        root = torch.randint(0, 2, (args.batch,), generator=g)
-        root2 = root if shared_root else torch.randint(0, 2, (args.batch,), generator=g)
-        x1, x2 = hltm_sample(deltas, root, g)[-1], hltm_sample(deltas, root2, g)[-1]
+        z1 = hltm_sample(deltas, torch.randint(0, 2, (args.batch,), generator=g), g)
+        x1, x2 = z1[-1], hltm_view(deltas, z1, shared, g)[-1]
         f1, f2 = hltm_forward(Ws, bs, x1)[0][:, 0], hltm_forward(Ws, bs, x2)[0][:, 0]  # (N, emb) each
         if args.loss == "nce":
             x_neg = hltm_sample(deltas, torch.randint(0, 2, (args.batch,), generator=g), g)[-1]
@@ -1372,6 +1403,14 @@ def hltm_train(deltas, args, g, shared_root=True, log_at=(), z_eval=None):
         loss.backward()
         opt.step()
     return Ws, bs, hist, loss.item()
+
+
+def hltm_moved(Ws, bs, init):
+    """How far training moved each level's weights and biases, root level first: ||theta - theta_0|| / ||theta_0||."""
+    with torch.no_grad():
+        return [math.sqrt(sum((p - p0).pow(2).sum().item() for p, p0 in zip(now, then))
+                          / sum(p0.pow(2).sum().item() for p0 in then))
+                for now, then in zip(zip(Ws, bs), zip(*init))][::-1]
 
 
 def hltm_tree(args, seed):
@@ -1402,22 +1441,34 @@ def run_hltm(args):
 def hltm_main(args):
     levels = list(range(args.depth))  # non-leaf levels, root = 0
     log_at = sorted(set(range(0, args.steps + 1, args.log_every)) | {args.steps})
+    shared = (args.control_level, 0)  # the latent the control's two views share
     runs, nodes = [], []
-    print(f"network: {args.hid} nodes per latent, {args.emb or args.hid} at the root")
+    print(f"network: {args.hid} nodes per latent, {args.emb or args.hid} at the root; control: the views share "
+          f"latent 0 of level {shared[0]} ({args.children ** (args.depth - shared[0])} leaves under it), not the root")
     for s in range(args.seeds):
         deltas, z_eval, ceiling = hltm_tree(args, args.seed + s)
         t0, g_net = time.time(), args.seed + s + 1000
-        Ws, bs, hist, loss = hltm_train(deltas, args, generator(g_net), True, log_at, z_eval)
-        _, _, hist_ctrl, loss_ctrl = hltm_train(deltas, args, generator(g_net), False, log_at, z_eval)
+        Ws, bs, hist, loss = hltm_train(deltas, args, generator(g_net), (0, 0), log_at, z_eval)
+        Wc, bc, hist_ctrl, loss_ctrl = hltm_train(deltas, args, generator(g_net), shared, log_at, z_eval)
         # every node's |corr| with its latent at init (hltm_train's first draw from the same seed) and trained
         init = hltm_init(args.depth, args.children, args.hid, generator(g_net), args.emb)
-        nodes.append((hltm_node_corrs(*init, z_eval), hltm_node_corrs(Ws, bs, z_eval)))
+        nodes.append([hltm_node_corrs(*w, z_eval) for w in (init, (Ws, bs), (Wc, bc))])
+        # the embedding (the root block) against the latent the control shares: what each loss was told to keep
+        z_shared = z_eval[shared[0]][:, :1]
+        with torch.no_grad():
+            emb_shared = [best_abs_corr(z_shared, hltm_forward(*w, z_eval[-1])[0]).item()
+                          for w in (init, (Ws, bs), (Wc, bc))]
         runs.append(dict(seed=args.seed + s, ceiling=ceiling, history=hist, control=hist_ctrl, loss=loss,
-                         loss_control=loss_ctrl, dead=hltm_dead(Ws, bs, z_eval[-1])))
+                         loss_control=loss_ctrl, dead=hltm_dead(Ws, bs, z_eval[-1]),
+                         moved=hltm_moved(Ws, bs, init), moved_control=hltm_moved(Wc, bc, init),
+                         root_vs_shared=dict(zip(["init", "trained", "control"], emb_shared))))
         print(f"seed {args.seed + s}: best |corr| per level (root first) init "
               + " ".join(f"{c:.2f}" for c in hist[0]["corr"]) + " -> trained "
               + " ".join(f"{c:.2f}" for c in hist[-1]["corr"]) + " | control "
               + " ".join(f"{c:.2f}" for c in hist_ctrl[-1]["corr"])
+              + f"; root block vs the shared latent {emb_shared[0]:.2f} -> {emb_shared[1]:.2f} | {emb_shared[2]:.2f}"
+              + "; weights moved " + " ".join(f"{m:.0%}" for m in runs[-1]["moved"]) + " | control "
+              + " ".join(f"{m:.0%}" for m in runs[-1]["moved_control"])
               + (", DEAD" if runs[-1]["dead"] else "") + f", {time.time() - t0:.1f}s")
     fmt = lambda xs: "%.3f +- %.3f" % mean_std(xs)
     live = [r for r in runs if not r["dead"]]
@@ -1427,23 +1478,37 @@ def hltm_main(args):
         trained = [r["history"][-1]["corr"][l] for r in live]
         control = [r["control"][-1]["corr"][l] for r in live]
         ceiling = [r["ceiling"][l] for r in live]
+        moved, moved_c = [r["moved"][l] for r in live], [r["moved_control"][l] for r in live]
         table.append(dict(level=l, latents=args.children ** l, init=mean_std(init), trained=mean_std(trained),
-                          control=mean_std(control), ceiling=mean_std(ceiling)))
-        rows.append([l, args.children ** l, fmt(init), fmt(trained), fmt(control), fmt(ceiling)])
-        # Theorem 5's "lucky node": does the node that ends best start best? and do good starts end well?
-        c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents * seeds, hid)
-        luck.append(dict(level=l, kept=(c0.argmax(1) == c1.argmax(1)).double().mean().item(),
-                         corr=float(np.corrcoef(c0.flatten(), c1.flatten())[0, 1]), latents=len(c0)))
+                          control=mean_std(control), ceiling=mean_std(ceiling), moved=mean_std(moved),
+                          moved_control=mean_std(moved_c)))
+        rows.append([l, args.children ** l, fmt(init), fmt(trained), fmt(control), fmt(ceiling),
+                     "%.0f%% / %.0f%%" % (100 * np.mean(moved), 100 * np.mean(moved_c))])
+        # Theorem 5's "lucky node": does the node that ends best start best? The null is the control, trained as
+        # far from the same init: how often its best node stays the one best at init
+        c0, c1, cc = (torch.cat([n[k][l] for n in nodes]) for k in range(3))  # (latents * seeds, hid)
+        luck.append(dict(level=l, latents=len(c0), kept=(c0.argmax(1) == c1.argmax(1)).double().mean().item(),
+                         kept_control=(c0.argmax(1) == cc.argmax(1)).double().mean().item(),
+                         corr=float(np.corrcoef(c0.flatten(), c1.flatten())[0, 1]),
+                         corr_control=float(np.corrcoef(c0.flatten(), cc.flatten())[0, 1])))
+    shared_rows = {k: mean_std([r["root_vs_shared"][k] for r in live]) for k in ("init", "trained", "control")}
     print(f"\nbest |corr(z_mu, node)| per level, mean +- std over the {len(live)} of {args.seeds} networks that are not "
-          f"dead (level 0 = root; level {args.depth - 1} sits just above the leaves)")
-    print_table(["level", "latents", "init", "SimCLR", "control: no shared root", "Bayes ceiling"], rows)
-    print(f"\nluck: the trained best node was the best at init (chance 1/{args.hid} = {1 / args.hid:.2f} below the "
-          f"root), and the Pearson correlation of init and trained |corr| over all nodes of every latent, "
-          f"{args.seeds} seeds")
-    print_table(["level", "latents x seeds", "best node kept", "corr(init, trained)"],
-                [[d["level"], d["latents"], f"{d['kept']:.2f}", f"{d['corr']:.2f}"] for d in luck])
+          f"dead (level 0 = root; level {args.depth - 1} sits just above the leaves); the control's views share "
+          f"latent 0 of level {shared[0]}; moved: ||W - W_0|| / ||W_0|| of the level's weights and biases")
+    print_table(["level", "latents", "init", "SimCLR", f"control: shares a level-{shared[0]} latent", "Bayes ceiling",
+                 "moved: SimCLR / control"], rows)
+    print("\nthe root block (the embedding) against the latent the control shares, best |corr|: "
+          + ", ".join(f"{name} %.3f +- %.3f" % shared_rows[k]
+                      for name, k in (("init", "init"), ("SimCLR", "trained"), ("control", "control"))))
+    print(f"\nluck: how often the trained best node of a latent is the one best at init, and the Pearson correlation "
+          f"of init and trained |corr| over all nodes of every latent, {args.seeds} seeds; the null is the control, "
+          f"trained from the same init")
+    print_table(["level", "latents x seeds", "best node kept: SimCLR / control",
+                 "corr(init, trained): SimCLR / control"],
+                [[d["level"], d["latents"], f"{d['kept']:.2f} / {d['kept_control']:.2f}",
+                  f"{d['corr']:.2f} / {d['corr_control']:.2f}"] for d in luck])
     plot_hltm(args, runs, nodes, table)
-    return dict(config=vars(args), table=table, luck=luck, runs=runs)
+    return dict(config=vars(args), table=table, root_vs_shared=shared_rows, luck=luck, runs=runs)
 
 
 def plot_hltm(args, runs, nodes, table):
@@ -1465,11 +1530,12 @@ def plot_hltm(args, runs, nodes, table):
             best = c0.argmax(1, keepdim=True)  # each latent's luckiest node at init
             ax[1].scatter(c0.gather(1, best), c1.gather(1, best), s=22, color=colour, edgecolors="k")
     ax[0].set(xlabel="SGD step", ylabel="best |corr(z, node)|",
-              title="HLTM: solid SimCLR, dotted control, \u25c0 Bayes ceiling")
+              title=f"HLTM: solid SimCLR, \u25c0 Bayes ceiling,\ndotted control (views share a level-"
+                    f"{args.control_level} latent)")
     ax[0].legend(fontsize=8, ncol=2)
     ax[1].plot([0, 1], [0, 1], color="gray", lw=0.8)
     ax[1].set(xlabel="|corr(z, node)| at init", ylabel="|corr(z, node)|, trained",
-              title=f"every node above the bottom level, {args.seeds} seeds (ringed: best at init)")
+              title=f"every node above the bottom level, {args.seeds} seeds,\nSimCLR (ringed: best at init)")
     ax[1].legend(fontsize=8, markerscale=3)
     fig.tight_layout()
     save_fig(plt, fig, args.fig)
@@ -1485,7 +1551,7 @@ def hltm_width_sweep(args):
     for hid in args.hids:
         a = argparse.Namespace(**{**vars(args), "hid": hid, "emb": emb})
         for s, (deltas, z_eval, ceiling) in enumerate(trees):
-            Ws, bs, hist, loss = hltm_train(deltas, a, generator(args.seed + s + 1000), True, (0, args.steps), z_eval)
+            Ws, bs, hist, loss = hltm_train(deltas, a, generator(args.seed + s + 1000), (0, 0), (0, args.steps), z_eval)
             sweep.append(dict(hid=hid, seed=args.seed + s, init=hist[0]["corr"], trained=hist[-1]["corr"],
                               ceiling=ceiling, loss=loss, dead=hltm_dead(Ws, bs, z_eval[-1])))
         c = [r for r in sweep if r["hid"] == hid and not r["dead"]]
