@@ -1324,7 +1324,7 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
               [tv(D.FGVCAircraft, split=s, annotation_level="manufacturer") for s in ("trainval", "test")]
               if name == "fgvc-aircraft" else load_folder(root))
     banner = 20 if name == "fgvc-aircraft" else 0  # the paper crops FGVC-Aircraft's copyright banner off
-    (train_x, train_y), (test_x, test_y) = (pil_to_uint8(ds, size, banner, square=paper) for ds in (tr, te))
+    (train_x, train_y), (test_x, test_y) = (pil_to_uint8(ds, size, banner, paper) for ds in (tr, te))
     data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=len(tr.classes),
                 unlabeled=None)
     try:
