@@ -25,11 +25,9 @@ ResNet18: 53.1%), in 6 minutes on a 2-core CPU; every figure with its command an
 import argparse
 import copy
 import math
-import os
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,18 +48,20 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def blur_kernel(size):
-    return int(0.1 * size) // 2 * 2 + 1  # odd, ~10% of the image side (Appendix A of SimCLR)
+    # odd, ~10% of the image side (Appendix A of SimCLR); 3 at 32 px, where the paper blurs and SimCLR's CIFAR runs do
+    # not (App. B.9: --blur-prob 0)
+    return int(0.1 * size) // 2 * 2 + 1
 
 
 def classic_transform(size, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
     """The SimCLR view of one uint8 image (3, H, W), written with torchvision's transforms: the specification that
     augment() below computes in batches (and the classic pipeline that --bench races it against)."""
-    T = torchvision.transforms.v2
-    ops = [T.RandomResizedCrop(size, scale=(crop_min, 1.0), antialias=True), T.RandomHorizontalFlip(),
-           T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=jitter_prob), T.RandomGrayscale(gray_prob)]
+    v2 = torchvision.transforms.v2
+    ops = [v2.RandomResizedCrop(size, scale=(crop_min, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+           v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=jitter_prob), v2.RandomGrayscale(gray_prob)]
     if blur_kernel(size) >= 3:
-        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=blur_prob))
-    return T.Compose(ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=blur_prob))
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def crop_params(N, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu"):
@@ -96,29 +96,29 @@ def resized_crop(x, top, left, ch, cw, size, flip):
         return (2 * c + 1) / full - 1  # pixel -> [-1, 1], align_corners=False
     gx, gy = coords(left, cw, W), coords(top, ch, H)
     gx = torch.where(flip[:, None], gx.flip(1), gx)
-    # (N, S, S, 2): the (x, y) input coordinate of every output pixel
+    # (N, size, size, 2): the (x, y) input coordinate of every output pixel
     grid = torch.stack([gx[:, None, :].expand(N, size, size), gy[:, :, None].expand(N, size, size)], -1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (N, 3, S, S)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (N, 3, size, size)
 
 
 def gray(x):
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (N, 1, H, W), ITU-R 601 luma
 
 
-def blend(x, f, target):
-    """f x + (1 - f) target, clipped to [0, 1]; f is per image, (N,) or (N, 1, 1, 1)."""
-    f = f.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * target).clamp(0, 1)
+def blend(x, factor, target):
+    """factor x + (1 - factor) target, clipped to [0, 1]; factor is per image, (N,) or (N, 1, 1, 1)."""
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * x + (1 - factor) * target).clamp(0, 1)
 
 
-def adjust_hue(x, f):
-    """Rotate the hue by f turns (|f| <= 0.5): RGB -> HSV, shift H, HSV -> RGB. HSV keeps max = V and
+def adjust_hue(x, turns):
+    """Rotate the hue by `turns` (per image, (N,), |turns| <= 0.5): RGB -> HSV, shift H, HSV -> RGB. HSV keeps max = V and
     max - min = V S, so only H needs computing and each channel comes back in closed form."""
     r, g, b = x.unbind(1)
     v, delta = x.amax(1), x.amax(1) - x.amin(1)  # (N, H, W)
     dd = torch.where(delta == 0, 1, delta)
     hue = torch.where(v == r, (g - b) / dd, torch.where(v == g, 2 + (b - r) / dd, 4 + (r - g) / dd))  # in sixths
-    hue = torch.remainder(hue + 6 * f.view(-1, 1, 1), 6).unsqueeze(1)  # (N, 1, H, W)
+    hue = torch.remainder(hue + 6 * turns.view(-1, 1, 1), 6).unsqueeze(1)  # (N, 1, H, W)
     n = 5 - 2 * torch.arange(3, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1 for R, G, B
     k = torch.remainder(n + hue, 6)
     return v.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)  # (N, 3, H, W)
@@ -134,9 +134,11 @@ def color_jitter(x, factors, order):
     def blends(x, steps, active):
         for step in steps:
             op = order[:, step].view(-1, 1, 1, 1)  # which op each image applies at this step
-            f = torch.where(active(step), factors.gather(1, order[:, step:step + 1]).squeeze(1), 1.0)  # (N,)
-            g = gray(x)  # blend towards black (brightness), the mean grey level (contrast), the grey image (saturation)
-            x = blend(x, f, torch.where(op == 0, 0, torch.where(op == 1, g.mean((1, 2, 3), keepdim=True), g)))
+            # (N,): 1 (no change) where this step is the image's hue, or on the other side of it
+            factor = torch.where(active(step), factors.gather(1, order[:, step:step + 1]).squeeze(1), 1.0)
+            x_gray = gray(x)  # blend towards black (brightness), the mean grey (contrast), the grey image (saturation)
+            target = torch.where(op == 1, x_gray.mean((1, 2, 3), keepdim=True), x_gray)
+            x = blend(x, factor, torch.where(op == 0, 0, target))
         return x
 
     x = blends(x, range(3), lambda step: step < hue_at)  # brightness / contrast / saturation before the hue
@@ -186,6 +188,14 @@ def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(mean, std))], 1)
 
 
+def to_device(x, device):
+    """A batch onto the training device. From host memory it goes through pinned memory, so that the copy does not
+    make the CPU wait (non_blocking)."""
+    if x.device == device:
+        return x
+    return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+
+
 def two_views(x, aug, prep=normalize):
     """uint8 images (N, 3, H, W) on the device -> (2N, 3, H, W): two augmented views of each, standardised (prep).
     Rows i and i + N are the positive pair of NT-Xent. aug: augment's keyword arguments."""
@@ -194,7 +204,7 @@ def two_views(x, aug, prep=normalize):
         return prep(torch.cat([augment(x, **aug), augment(x, **aug)]))  # (2N, 3, H, W)
 
 
-def augmentation(hp):
+def augment_kwargs(hp):
     """augment's keyword arguments, from the hyper-parameters."""
     return dict(crop_min=hp.crop_min, jitter_prob=hp.jitter_prob, gray_prob=hp.gray_prob, blur_prob=hp.blur_prob)
 
@@ -230,7 +240,7 @@ class AutoEncoder(nn.Module):
 
 def val_split(n):
     """(train, val): indices of a 90/10 split of n images, torch's random_split with seed 42 as the paper's code
-    splits a train split (on the CPU, as every order)."""
+    splits a train split (drawn on the CPU, so the same split on every device)."""
     train, val = (torch.tensor(s.indices, dtype=torch.long) for s in torch.utils.data.random_split(
         range(n), [0.9, 0.1], generator=torch.Generator().manual_seed(42)))
     return (train, val) if len(val) else (train[:-1], train[-1:])  # under 10 images: one still validates
@@ -309,9 +319,9 @@ class SimCLR(nn.Module):
 
 def nt_xent(z1, z2, tau):
     """The mean over all 2N views i of -log( exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau) ), where j
-    is the other view of i's image and sim the cosine similarity. z1, z2: (N, D), row n of each from image n."""
+    is the other view of i's image and sim the cosine similarity. z1, z2: (N, out), row n of each from image n."""
     N = len(z1)
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D) fp32; outside autocast (sgd_step) sim is too
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, out) fp32: sgd_step calls this outside autocast
     sim = z @ z.T / tau  # (2N, 2N): every view against every view
     sim = sim.masked_fill(torch.eye(2 * N, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
     positives = (torch.arange(2 * N, device=z.device) + N) % (2 * N)  # view i's partner: i + N (mod 2N)
@@ -343,20 +353,12 @@ def optimizer(model, hp):
 def lr_at(step, total, warmup, peak, final):
     """The learning rate of step `step` (from 0) of `total`: a linear warm-up over the first `warmup` steps that
     reaches `peak` at its last one, then a cosine decay (without restarts) that reaches `final` at the last step
-    (the default setting of SimCLR, Sec. 2.3)."""
+    (SimCLR's default setting, Sec. 2.3, whose cosine ends at 0: here `final`, lr * --lr-min-ratio)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     start = max(warmup - 1, 0)  # the step at the peak, where the cosine starts
     progress = (step - start) / max(1, total - 1 - start)  # 0 -> 1
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def to_device(x, device):
-    """A batch onto the training device. From host memory it goes through pinned memory, so that the copy does not
-    make the CPU wait (non_blocking)."""
-    if x.device == device:
-        return x
-    return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
 
 
 def sgd_step(model, views, opt, tau, amp=nullcontext, loss_fn=nt_xent):
@@ -388,7 +390,7 @@ def train(model, images, hp, amp=nullcontext, log=print, opt_state=None, start_e
     opt = optimizer(model, hp)
     if opt_state:
         opt.load_state_dict(opt_state)
-    views_fn = views_fn or (lambda x: two_views(x, augmentation(hp)))
+    views_fn = views_fn or (lambda x: two_views(x, augment_kwargs(hp)))
     forward = forward or model
     total, warmup, final = hp.epochs * steps, round(hp.warmup_epochs * steps), hp.lr * hp.lr_min_ratio
     schedule = schedule or (lambda epoch, step: lr_at(epoch * steps + step, total, warmup, hp.lr, final))
@@ -396,12 +398,13 @@ def train(model, images, hp, amp=nullcontext, log=print, opt_state=None, start_e
     for epoch in range(start_epoch, hp.epochs):
         model.train()
         t0 = t_shown = time.time()
-        # a function of seed and epoch alone: the same on every process, and again on a resumed run
+        # a function of seed and epoch alone: the same on every process, and again on a resumed run (100_003, a prime
+        # above any epoch count: no two (seed, epoch) pairs share an order)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(hp.seed * 100_003 + epoch))
         order, losses = order.to(images.device), []  # the indices go where the images are, once an epoch
         for step in range(steps):
             idx = order[step * N:(step + 1) * N].chunk(world)[rank]  # the batch (this process's share of it)
-            x = to_device(images[idx], device)  # (N, 3, H, W) uint8
+            x = to_device(images[idx], device)  # (N, 3, H, W) uint8 (N / world under torchrun)
             for group in opt.param_groups:
                 group["lr"] = schedule(epoch, step)
             losses.append(sgd_step(forward, views_fn(x), opt, hp.tau, amp, loss_fn))
@@ -526,7 +529,8 @@ def shape_mask(u, v, cls):
 
 # What the two views of an image share beyond its class is what SimCLR learns first (the colour shortcut of Sec. 3 of
 # SimCLR): a unique colour, clutter or a rotation per image would let it match views without looking at the shape.
-# So shapes are upright, and colours come from a small palette: telling 64 images apart needs the shape.
+# So shapes are upright, and colours come from a small palette: its 30 (shape, background) pairs are fewer than the
+# 64 images of a batch, so telling them apart needs the shape.
 PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.3, 0.9], [0.9, 0.9, 0.2], [0.9, 0.9, 0.9],
                         [0.1, 0.1, 0.1]])
 
@@ -534,12 +538,12 @@ PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.3, 0.9], [0.9,
 def make_shapes(n, size, seed):
     """The embedded dataset: 10 shape classes at random position and scale, in palette colours, with pixel noise.
     Generated from `seed` in seconds, no files, no per-image Python. Returns uint8 (n, 3, size, size), labels (n,)."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=g)
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=gen)
     S = 2 * size  # drawn at twice the size and average-pooled: anti-aliased edges
     lin = (torch.arange(S) + 0.5) / S * 2 - 1
     gy, gx = torch.meshgrid(lin, lin, indexing="ij")  # (S, S) pixel centres in [-1, 1]
-    xs, ys = [], torch.randint(0, len(SHAPE_NAMES), (n,), generator=g)
+    xs, ys = [], torch.randint(0, len(SHAPE_NAMES), (n,), generator=gen)
     for start in range(0, n, 1000):  # chunks keep memory small
         y = ys[start:start + 1000]
         m = len(y)
@@ -550,10 +554,10 @@ def make_shapes(n, size, seed):
         for cls in range(len(SHAPE_NAMES)):
             idx = (y == cls).nonzero().squeeze(1)
             inside[idx] = shape_mask(u[idx], v[idx], cls)
-        fg_i = torch.randint(0, len(PALETTE), (m,), generator=g)
-        bg_i = (fg_i + torch.randint(1, len(PALETTE), (m,), generator=g)) % len(PALETTE)  # never the shape's colour
+        fg_i = torch.randint(0, len(PALETTE), (m,), generator=gen)
+        bg_i = (fg_i + torch.randint(1, len(PALETTE), (m,), generator=gen)) % len(PALETTE)  # never the shape's colour
         img = torch.where(inside.unsqueeze(1), PALETTE[fg_i].view(m, 3, 1, 1), PALETTE[bg_i].view(m, 3, 1, 1))
-        img = F.avg_pool2d(img, 2) + 0.03 * torch.randn(m, 3, size, size, generator=g)  # (m, 3, size, size)
+        img = F.avg_pool2d(img, 2) + 0.03 * torch.randn(m, 3, size, size, generator=gen)  # (m, 3, size, size)
         xs.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
     return torch.cat(xs), ys
 
@@ -572,13 +576,14 @@ SHAPES = dict(img=32, batch=64, epochs=20, ae_epochs=10, n=(5000, 2000), arch="r
 def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["n"], device=None, seed=0, log=print):
     """SimCLR on the embedded shapes, end to end: the images, (head ae) the autoencoder whose frozen embedding is the
     head's first layer, pre-training, then the linear probe and kNN of the frozen backbone, next to a randomly
-    initialised one. The hyper-parameters are those of `python simclr.py`. Returns the four top-1 accuracies."""
+    initialised one. The hyper-parameters are those of `python simclr.py`. Returns {"simclr": {linear_top1, knn_top1},
+    "random_init": {...}}."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     (train_x, train_y), (test_x, test_y) = make_shapes(n[0], SHAPES["img"], seed), make_shapes(n[1], SHAPES["img"],
                                                                                                   seed + 10_000)
     N = SHAPES["batch"]
-    hp = argparse.Namespace(epochs=epochs, batch_size=N, lr=0.3 * math.sqrt(N / 256),  # B.1's sqrt scaling (RECIPES)
+    hp = argparse.Namespace(epochs=epochs, batch_size=N, lr=0.3 * math.sqrt(N / 256),  # App. B.1's sqrt rule (RECIPES)
                             warmup_epochs=min(10, epochs / 10), lr_min_ratio=1 / 50, momentum=0.9, wd=1e-5,
                             decay_norm_and_bias=False, tau=SHAPES["tau"], seed=seed, crop_min=SHAPES["crop_min"],
                             jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5)
@@ -601,8 +606,10 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
 # protocol, few labels, pictures, the benchmark and main(), each under its own banner.
 # ==========================================================================================================
 # Part 2's own imports: Part 1 needs none of them.
-import contextlib, datetime, errno, fcntl, functools, gzip, hashlib, heapq, json, random  # noqa: E401, E402
+import contextlib, datetime, errno, fcntl, functools, gzip, hashlib, heapq, json, os, random  # noqa: E401, E402
 import shutil, signal, sys, tempfile, threading  # noqa: E401, E402
+
+import numpy as np  # noqa: E402
 
 import PIL.Image  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -1137,7 +1144,7 @@ def step_functions(forward, model, example, args, amp, log=print, prep=normalize
     --compile (each falling back to eager on its own); and which were."""
     channels_last = example.device.type == "cuda"  # what cuDNN's bf16 convolutions prefer
     layout = lambda v: v.contiguous(memory_format=torch.channels_last) if channels_last else v
-    eager = lambda x: layout(two_views(x, augmentation(args), prep))
+    eager = lambda x: layout(two_views(x, augment_kwargs(args), prep))
     views_fn, compiled = eager, forward
     if args.compile:  # fuses the augmentation's many elementwise passes into a few kernels, and the model's
         views_fn = try_compile(eager, example, "the augmentation", log=log)
@@ -1233,13 +1240,13 @@ def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabele
     data = read_dataset(name, root, size, download, stl10_pretrain, paper)
     unlabeled, n_train = data.pop("unlabeled"), len(data["train_y"])
     if subset:
-        g = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
         for split in ("train", "test"):
-            idx = stratified(data[f"{split}_y"], subset, g)
+            idx = stratified(data[f"{split}_y"], subset, gen)
             data[f"{split}_x"], data[f"{split}_y"] = data[f"{split}_x"][idx], data[f"{split}_y"][idx]
         if unlabeled is not None:  # STL10's unlabeled images: the train split's share of them
             keep = round(len(unlabeled) * len(data["train_y"]) / n_train)
-            unlabeled = unlabeled[torch.randperm(len(unlabeled), generator=g)[:keep].sort()[0]]
+            unlabeled = unlabeled[torch.randperm(len(unlabeled), generator=gen)[:keep].sort()[0]]
     if data["train_x"].shape[-1] != size:  # e.g. --img-size 64 on CIFAR: resized once here, not in every step
         rs = lambda x: torchvision.transforms.v2.functional.resize(x, [size, size], antialias=True)
         data["train_x"], data["test_x"] = rs(data["train_x"]), rs(data["test_x"])
@@ -1248,7 +1255,7 @@ def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabele
     return dict(data, pretrain=pretrain, train_x=pretrain[:len(data["train_y"])])
 
 
-def stratified(y, n, g, floor=0):
+def stratified(y, n, gen, floor=0):
     """Sorted indices of a seeded draw of n of the labels y in which every class keeps its share (and at least `floor`
     images): each next image to the class of the largest count / (2k + 1), k the images it has (Sainte-Lague), the
     first of each class's shuffle, so a larger draw holds every smaller one."""
@@ -1263,7 +1270,7 @@ def stratified(y, n, g, floor=0):
         take[i] += 1
         if take[i] < counts[i]:
             heapq.heappush(heap, (-int(counts[i]) / (2 * take[i] + 1), i))
-    return torch.cat([torch.nonzero(y == c).squeeze(1)[torch.randperm(int(m), generator=g)[:k]]
+    return torch.cat([torch.nonzero(y == c).squeeze(1)[torch.randperm(int(m), generator=gen)[:k]]
                       for c, m, k in zip(classes, counts, take)]).sort().values
 
 
@@ -1391,7 +1398,8 @@ def folder_image_side(root, largest):
 
 def folder_key(root):
     """A folder's cache key: its path, number of files and newest modification time (a changed image: a new cache)."""
-    files = [os.path.join(d, f) for s in ("train", "test") for d, _, fs in os.walk(os.path.join(root, s)) for f in fs]
+    files = [os.path.join(dirpath, f) for split in ("train", "test")
+             for dirpath, _, fs in os.walk(os.path.join(root, split)) for f in fs]
     newest = max((os.stat(f).st_mtime for f in files), default=0.0)
     return hashlib.sha1(f"{os.path.abspath(root)}|{len(files)}|{newest}".encode()).hexdigest()[:12]
 
@@ -1486,18 +1494,18 @@ def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=
     """The paper's linear probe as its code runs it (Sec. 4 of 2408.14514): nn.Linear on the raw features (its
     FeatureDataset hands f(x) to it), plain SGD, ReduceLROnPlateau(factor 0.1, patience 10) on the last batch's
     training loss, the epoch of lowest validation loss tested. Returns its test top-1."""
-    g = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     clf = nn.Linear(train_h.shape[1], classes)
     bound = 1 / math.sqrt(train_h.shape[1])  # nn.Linear's default init, drawn from our own generator
     with torch.no_grad():
-        clf.weight.uniform_(-bound, bound, generator=g), clf.bias.uniform_(-bound, bound, generator=g)
+        clf.weight.uniform_(-bound, bound, generator=gen), clf.bias.uniform_(-bound, bound, generator=gen)
     clf = clf.to(train_h.device)
     opt = torch.optim.SGD(clf.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=10)
     best, best_state = float("inf"), None
     for epoch in range(epochs):
         with torch.enable_grad():
-            for idx in torch.randperm(len(train_h), generator=g).to(train_h.device).split(batch):
+            for idx in torch.randperm(len(train_h), generator=gen).to(train_h.device).split(batch):
                 loss = F.cross_entropy(clf(train_h[idx]), train_y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -1744,11 +1752,11 @@ def evaluate_with_baselines(features, data, args, device, train_s, random_name, 
 def label_draw(y, amount, per_class, seed, draw):
     """Sorted indices of one seeded draw of labelled images: a fraction `amount` of y, stratified (at least one per
     class), or with per_class `amount` of each class. Draw d of a smaller set is inside draw d of a larger one."""
-    g = torch.Generator().manual_seed(1000 * seed + draw)  # --label-draws is at most 1000: no two seeds meet
+    gen = torch.Generator().manual_seed(1000 * seed + draw)  # --label-draws is at most 1000: no two seeds meet
     classes = y.unique()
     if not per_class:
-        return stratified(y, max(len(classes), round(amount * len(y))), g, floor=1)
-    idx = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int((y == c).sum()), generator=g)[:amount]]
+        return stratified(y, max(len(classes), round(amount * len(y))), gen, floor=1)
+    idx = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int((y == c).sum()), generator=gen)[:amount]]
            for c in classes]
     return torch.cat(idx).sort().values
 
@@ -1849,7 +1857,7 @@ def label_efficiency(features, data, args, device, random_name, results, backbon
 def show_augs(images, args, log=print):
     """--show-augs: 8 images (top row) and two augmented views of each (rows 2 and 3), into one PNG."""
     x = images[:8].float() / 255
-    grid = torch.cat([x, augment(x, **augmentation(args)), augment(x, **augmentation(args))])
+    grid = torch.cat([x, augment(x, **augment_kwargs(args)), augment(x, **augment_kwargs(args))])
     os.makedirs(os.path.dirname(os.path.abspath(args.show_augs)), exist_ok=True)
     grid = F.interpolate(grid, scale_factor=max(1, 96 // args.img_size), mode="nearest")  # small: enlarge
     torchvision.utils.save_image(grid, args.show_augs, nrow=8, padding=2)
@@ -1979,7 +1987,7 @@ def bench(model, images, args, device, log=print):
                                              num_samples=N * (2 * (warmup + steps) + 4 * args.workers))
     loader = iter(torch.utils.data.DataLoader(
         images.cpu(), batch_size=N, sampler=sampler, num_workers=args.workers, pin_memory=cuda, collate_fn=
-        functools.partial(classic_views, transform=classic_transform(images.shape[-1], **augmentation(args)))))
+        functools.partial(classic_views, transform=classic_transform(images.shape[-1], **augment_kwargs(args)))))
     layout = lambda v: v.contiguous(memory_format=torch.channels_last) if cuda else v
     classic = lambda: layout(torch.cat([v.to(device, non_blocking=True) for v in next(loader)]))  # (2N, 3, H, W)
     rows["classic"] = timed(f"(b) classic: {args.workers} DataLoader workers + step", lambda: step(classic()),
