@@ -246,15 +246,19 @@ def val_split(n):
     return (train, val) if len(val) else (train[:-1], train[-1:])  # under 10 images: one still validates
 
 
-def train_autoencoder(images, d, epochs, device, batch=100, lr=1e-4, resume=None, save=None, log=print):
+def train_autoencoder(images, d, epochs, device, val_images=None, batch=100, lr=1e-4, resume=None, save=None,
+                      log=print):
     """The paper's autoencoder recipe (as its code runs it) on uint8 images (n, 3, H, W):
-    MSE on flattened pixels in [0, 1], Adam, ReduceLROnPlateau(patience 10, factor 0.5) on the validation loss of a
-    90/10 split (seed 42); the best validation epoch's weights. Returns (autoencoder, its validation MSE).
-    Part 2 passes resume(state) and save(state), which continue a stopped run from a checkpoint."""
+    MSE on flattened pixels in [0, 1], Adam, ReduceLROnPlateau(patience 10, factor 0.5) on the validation loss of
+    val_images (default: a 90/10 split of the images, seed 42); the best validation epoch's weights. Returns
+    (autoencoder, its validation MSE). Part 2 passes resume(state) and save(state), which continue a stopped run."""
     device = torch.device(device)
-    order, val = val_split(len(images))
-    n_val, val = len(val), val.to(images.device)
-    flat = lambda idx: to_device(images[idx], device).float().flatten(1) / 255  # (B, 3HW) in [0, 1]
+    if val_images is None:
+        order, val = val_split(len(images))
+        val_images = images[val.to(images.device)]  # a tenth, copied once
+    else:
+        order = torch.randperm(len(images))
+    flat = lambda x: to_device(x, device).float().flatten(1) / 255  # (B, 3HW) in [0, 1]
     ae = AutoEncoder(images[0].numel(), d).to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=10, factor=0.5)
@@ -265,15 +269,15 @@ def train_autoencoder(images, d, epochs, device, batch=100, lr=1e-4, resume=None
     for epoch in range(s["epoch"], epochs):
         ae.train()
         for idx in s["order"].to(images.device).split(batch):
-            x = flat(idx)
+            x = flat(images[idx])
             loss = F.mse_loss(ae(x), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         ae.eval()
         with torch.no_grad():
-            val_loss = sum(F.mse_loss(ae(x), x, reduction="sum").item() for x in map(flat, val.split(1000)))
-        val_loss /= n_val * images[0].numel()
+            val_loss = sum(F.mse_loss(ae(x), x, reduction="sum").item() for x in map(flat, val_images.split(1000)))
+        val_loss /= val_images.numel()
         sched.step(val_loss)
         if val_loss < s["best"]:
             s.update(best=val_loss, best_epoch=epoch + 1, best_state=copy.deepcopy(ae.state_dict()))
@@ -644,6 +648,11 @@ RECIPES = {
     "paper": dict(lr_scaling="linear", decay_norm_and_bias=True, pretrained=True, arch="resnet34", stem="imagenet",
                   tau=0.5, crop_min=0.08, warmup_epochs=0, eval="paper", stl10_pretrain="train", precision="fp32"),
 }
+
+
+# The paper's code validates on 10% of the train split, but Imagenette's on 10% of its "val" split, the test images
+# (split_vision_dataset in its dataset.py loads Imagenette's "val" for the split "val").
+PAPER_VALIDATES_ON_TEST = ("imagenette",)
 
 
 def die(msg, code=2):
@@ -1432,8 +1441,8 @@ def where_data_fits(nbytes, device, data_on="auto"):
 
 def prepare_data(args, device, rank, world, log=print):
     """dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep, pool): the pre-training images, the paper's
-    validation 10% (else None), each split's input preparation, all the images before that cut (the autoencoder's);
-    on the device, or in host memory."""
+    validation images (else None), each split's input preparation, and the pre-training images before the paper's
+    90% was cut from them (recipe simclr's autoencoder trains on these); on the device, or in host memory."""
     t0 = time.time()
     if rank != 0:
         dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
@@ -1448,7 +1457,10 @@ def prepare_data(args, device, rank, world, log=print):
         die(f"the images do not fit on {device}; run with --data-on host (or auto) to keep them in host memory")
     pool, train_x, val_x = images, images[:len(data["train_y"])], None
     if args.recipe == "paper":  # the paper's code: 90% of the train split pre-trained on, 10% for the validation loss
-        images, val_x = (images[i.to(images.device)] for i in val_split(len(pool)))
+        (train, val), held_out = val_split(len(pool)), pool
+        if args.dataset in PAPER_VALIDATES_ON_TEST:  # its 10% of the split it loads as "val": the test images
+            val, held_out = val_split(len(test_x))[1], test_x
+        images, val_x = images[train.to(images.device)], held_out[val.to(held_out.device)]
     val = "" if val_x is None else f" + {len(val_x)} validation"
     where = f"on {device}" if on_device else f"in host memory, each batch copied to {device}"
     log(f"data: {args.dataset}, {len(images)} pre-training{val} / {len(train_x)} train / {len(test_x)} test images of "
@@ -1472,7 +1484,7 @@ def prepare_data(args, device, rank, world, log=print):
 def input_preps(args, splits, pool):
     """Each split's images into the backbone's input: ImageNet's channel statistics (recipe simclr), ToTensor's [0, 1]
     values (recipe paper), or with --standardize the paper's STANDARDIZE: per channel, the mean over the images of
-    each one's mean and std, for both parts of the train split those of all of it (its code unwraps the Subset)."""
+    each one's mean and std, for both parts of a split those of all of it (its code unwraps the Subset)."""
     if args.recipe != "paper":
         return dict.fromkeys(splits, normalize)
     if not args.standardize:
@@ -1483,7 +1495,8 @@ def input_preps(args, splits, pool):
                 for f in (torch.mean, torch.std))
         return functools.partial(normalize, mean=m.tolist(), std=s.tolist())
     train, test = standardize(pool), standardize(splits["test_x"])
-    return {k: test if k == "test_x" else train for k in splits}
+    from_test = ("test_x", "val_x") if args.dataset in PAPER_VALIDATES_ON_TEST else ("test_x",)
+    return {k: test if k in from_test else train for k in splits}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1554,9 +1567,10 @@ def autoencoder_tag(args):
     return tag
 
 
-def autoencoder_embedding(images, args, device, rank, world, log=print):
-    """The ae head's first layer: the embedding of an autoencoder trained on the images (by rank 0 under torchrun,
-    then sent to all), or read from its cache in --ae-dir."""
+def autoencoder_embedding(data, args, device, rank, world, log=print):
+    """The ae head's first layer: the embedding of an autoencoder trained on the train split (by rank 0 under
+    torchrun, then sent to all), or read from its cache in --ae-dir. Recipe paper: on SimCLR's own split."""
+    images, val_images = (data["pool"], None) if data["val_x"] is None else (data["images"], data["val_x"])
     ae_path = os.path.join(args.ae_dir, f"ae-{autoencoder_tag(args)}.pt")
     ae, cached = AutoEncoder(images[0].numel(), args.ae_dim), False
     if os.path.exists(ae_path) and not args.dry_run:
@@ -1567,8 +1581,8 @@ def autoencoder_embedding(images, args, device, rank, world, log=print):
         except Exception as e:  # cut short, or not an autoencoder of this shape
             log(f"note: the cached autoencoder {ae_path} cannot be read ({type(e).__name__}); training it again")
     if not cached and rank == 0:
-        ae, mse = train_autoencoder(images, args.ae_dim, args.ae_epochs, device, log=log, **autoencoder_checkpoint(
-            os.path.join(args.out, "ae_checkpoint.pt"), args.ae_epochs, log))
+        ckpt = autoencoder_checkpoint(os.path.join(args.out, "ae_checkpoint.pt"), args.ae_epochs, log)
+        ae, mse = train_autoencoder(images, args.ae_dim, args.ae_epochs, device, val_images, log=log, **ckpt)
         log(f"autoencoder: best validation MSE {mse:.5f}")
         if not args.dry_run:
             os.makedirs(args.ae_dir, exist_ok=True)
@@ -2056,7 +2070,7 @@ def run(args, stack):
         return show_augs(data["images"], args, log)
     if rank == 0:
         open_run_dir(args, stack)
-    embedding = autoencoder_embedding(data["pool"], args, device, rank, world, log) if args.head == "ae" else None
+    embedding = autoencoder_embedding(data, args, device, rank, world, log) if args.head == "ae" else None
     seed_everything(args.seed)  # the same initial weights whether the AE was trained now or read from the cache
     model = build_model(args, embedding, device, world)
     seed_everything(args.seed + rank)  # each process draws its own augmentations

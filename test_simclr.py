@@ -712,6 +712,30 @@ def test_the_papers_imagenette_is_the_full_size_one(tmp_path):
         simclr.load_dataset("imagenette", str(tmp_path), 24, download=False)
 
 
+def test_the_papers_imagenette_validates_on_a_tenth_of_its_val_split(tmp_path):
+    """The paper's code loads Imagenette's "val" split for its validation set (every other dataset's comes from the
+    train split): SimCLR pre-trains on 90% of the train images and validates on random_split(val, [0.9, 0.1], seed
+    42)[1], standardised with the test split's statistics, as calculate_dataset_stats unwraps that Subset."""
+    for split in ("train", "val"):
+        for i in range(20):
+            d = tmp_path / "imagenette2" / split / ("n01440764", "n02102040")[i % 2]
+            d.mkdir(parents=True, exist_ok=True)
+            pixels = np.random.default_rng(i + 100 * (split == "val")).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(d / f"{i}.JPEG")
+    args = simclr.parse_args(["--dataset", "imagenette", "--data-dir", str(tmp_path), "--no-download", "--recipe",
+                              "paper", "--standardize", "--img-size", "16", "--batch-size", "2", "--out",
+                              str(tmp_path / "run")])
+    data = simclr.prepare_data(args, torch.device("cpu"), 0, 1, log=lambda s: None)
+    split = lambda n: [torch.tensor(s.indices) for s in torch.utils.data.random_split(
+        range(n), [0.9, 0.1], generator=torch.Generator().manual_seed(42))]
+    assert torch.equal(data["images"], data["train_x"][split(20)[0]])
+    assert torch.equal(data["val_x"], data["test_x"][split(20)[1]]) and len(data["val_x"]) == 2
+    x = data["test_x"].double().numpy() / 255
+    m, s = (np.mean(f(x, axis=(2, 3)), 0) for f in (np.mean, functools.partial(np.std, ddof=1)))
+    expected = (data["val_x"].double() / 255 - torch.from_numpy(m)[:, None, None]) / torch.from_numpy(s)[:, None, None]
+    torch.testing.assert_close(data["prep"]["val_x"](data["val_x"]), expected.float(), atol=1e-5, rtol=0)
+
+
 def test_fgvc_aircraft_manufacturer_labels_and_banner_crop(tmp_path):
     data = tmp_path / "fgvc-aircraft-2013b" / "data"
     (data / "images").mkdir(parents=True)
@@ -1607,8 +1631,8 @@ def test_the_autoencoder_cache_of_a_folder_with_a_long_path_has_a_short_name(tmp
     args = simclr.parse_args(["--dataset", "folder", "--data-dir", str(deep), "--head", "ae", "--ae-epochs", "1",
                               "--ae-dir", str(tmp_path / "ae"), "--out", str(tmp_path / "run")])
     os.makedirs(args.out)
-    simclr.autoencoder_embedding(torch.zeros(6, 3, 8, 8, dtype=torch.uint8), args, torch.device("cpu"), 0, 1,
-                                 log=lambda s: None)
+    simclr.autoencoder_embedding(dict(pool=torch.zeros(6, 3, 8, 8, dtype=torch.uint8), val_x=None), args,
+                                 torch.device("cpu"), 0, 1, log=lambda s: None)
     assert all(len(f) < 100 for f in os.listdir(tmp_path / "ae"))
 
 
