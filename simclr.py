@@ -1181,7 +1181,7 @@ class AllReduce(torch.autograd.Function):
 
 
 def nt_xent_gathered(z1, z2, tau, rank, world):
-    """NT-Xent of the global batch (negatives from every process, Sec. 2.3 of SimCLR) from this process's rows
+    """NT-Xent of the global batch (negatives from every process, Sec. 2.2 of SimCLR) from this process's rows
     z1, z2 (n, D): every process computes the same loss, so DDP's mean of the gradients is its gradient."""
     def gather(z):  # (n, D) -> (N, D): this process's rows at its offset, zeros elsewhere, summed over processes
         return AllReduce.apply(F.pad(z, (0, 0, rank * len(z), (world - rank - 1) * len(z))))
@@ -1189,7 +1189,7 @@ def nt_xent_gathered(z1, z2, tau, rank, world):
 
 
 def sync_batchnorm(model, device):
-    """Global BatchNorm under torchrun (Sec. 2.3 of SimCLR): per-process statistics, shared by an image's two views
+    """Global BatchNorm under torchrun (Sec. 2.2 of SimCLR): per-process statistics, shared by an image's two views
     but not by their negatives on other processes, are a cue the loss can use. torch's SyncBatchNorm is GPU-only;
     on CPUs (gloo), SyncBatchNormCPU."""
     if device.type != "cpu":

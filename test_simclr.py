@@ -1784,7 +1784,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     out = tmp_path / "run"
     stdout = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "simclr.py", "--dry-run",
                         "--out", str(out))
-    assert "2 processes with global BatchNorm" in stdout  # SyncBatchNorm by default (Sec. 2.3 of SimCLR)
+    assert "2 processes with global BatchNorm" in stdout  # SyncBatchNorm by default (Sec. 2.2 of SimCLR)
     assert stdout.count("epoch 1/1") == 1  # only rank 0 logs
     assert json.loads((out / "results.json").read_text())["linear_top1"] >= 0
 
