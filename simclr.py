@@ -1641,6 +1641,9 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
         log(f"note: {args.epochs} epochs of {steps} steps: SimCLR needs a few hundred steps or more to learn much; "
             f"raise --epochs or lower --batch-size")
     t0, seconds = time.time(), history[-1]["pretrain_s"] if history else 0.0  # a resumed run adds to its time
+    best_path = os.path.join(args.out, "best_backbone.pt")
+    if data["val_x"] is not None and history and rank == 0 and min(history, key=lambda m: m["val_loss"]) is history[-1]:
+        save_atomic(model.backbone.state_dict(), best_path)  # the checkpoint's epoch is the best: its file, whole
     warmup, final = args.warmup_epochs, args.lr * args.lr_min_ratio
     if args.recipe == "paper":  # the paper's CosineAnnealingLR(T_max=epochs), stepped once an epoch (Lightning's)
         schedule = lambda epoch, step: lr_at(epoch, args.epochs + 1, round(warmup), args.lr, final)
@@ -1666,10 +1669,10 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
             log(f"warning: the loss stayed at ln(2N - 1) = {collapsed:.3f} all epoch {epoch + 1}: every view looks "
                 f"alike to the model (a collapsed embedding). A smaller --lr or a longer --warmup-epochs may let it "
                 f"learn")
+        best = False
         if data["val_x"] is not None:  # the paper's code evaluates the epoch of lowest validation loss
             m["val_loss"] = validation_loss(model, data["val_x"], args, data["prep"]["val_x"])
-            if m["val_loss"] < min((h["val_loss"] for h in history), default=math.inf) and rank == 0:
-                save_atomic(model.backbone.state_dict(), os.path.join(args.out, "best_backbone.pt"))
+            best = m["val_loss"] < min((h["val_loss"] for h in history), default=math.inf)
         if args.knn_every and (epoch + 1) % args.knn_every == 0 and rank == 0:  # the kNN monitor
             train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k])
                                for k in ("train_x", "test_x"))
@@ -1682,6 +1685,8 @@ def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, lo
         if rank == 0:
             save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, rng=rngs,
                              metrics=history, config=vars(args)), os.path.join(args.out, "checkpoint.pt"))
+            if best:  # after the checkpoint, which holds the same weights: a kill between the two is mended below
+                save_atomic(model.backbone.state_dict(), best_path)
             write_metrics(history, args.out)
 
     train(model, images, args, amp, log, opt_state=opt_state, start_epoch=start_epoch, views_fn=views_fn,
@@ -1704,8 +1709,12 @@ def load_best_epoch(model, data, history, args, device, log=print):
     """Recipe paper: load best_backbone.pt, the epoch of lowest validation NT-Xent, which the paper's code evaluates;
     otherwise the last epoch's backbone stays as it is."""
     if data["val_x"] is not None and history:
-        best = min(history, key=lambda m: m["val_loss"])
-        model.backbone.load_state_dict(torch.load(os.path.join(args.out, "best_backbone.pt"), map_location=device))
+        best, path = min(history, key=lambda m: m["val_loss"]), os.path.join(args.out, "best_backbone.pt")
+        try:
+            model.backbone.load_state_dict(torch.load(path, map_location=device))
+        except Exception as e:  # missing, cut short, or another model's
+            die(f"cannot read {path}, the backbone of epoch {best['epoch']} that the paper's protocol evaluates "
+                f"({type(e).__name__}: {str(e)[:200]}). No other file holds it: start the run again in a new --out")
         log(f"evaluating the backbone of epoch {best['epoch']}, of the lowest validation NT-Xent "
             f"({best['val_loss']:.4f})")
 

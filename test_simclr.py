@@ -1427,6 +1427,31 @@ def test_the_papers_recipe_runs_the_papers_protocol(tmp_path, fake_imagenet_weig
     torch.testing.assert_close(test_inputs, standardized(test_x, *stats(test_x)), atol=1e-5, rtol=0)
 
 
+def test_a_best_backbone_lost_after_its_checkpoint_is_mended_on_resume_and_one_lost_for_good_is_named(
+        tmp_path, fake_imagenet_weights, capsys):
+    """Recipe paper writes best_backbone.pt after checkpoint.pt: a run killed between the two resumes with the file
+    rewritten from the checkpoint's weights (the best epoch's); a best epoch whose file is gone stops in one line."""
+    out = tmp_path / "run"
+    flags = [*TINY, "--epochs", "1", "--recipe", "paper", "--arch", "resnet18"]
+    simclr.main([*flags, "--out", str(out)])
+    (out / "best_backbone.pt").write_bytes(b"cut")  # as if killed while writing it
+    simclr.main(["--resume", str(out)])
+    saved, ckpt = torch.load(out / "best_backbone.pt"), torch.load(out / "checkpoint.pt", weights_only=False)
+    assert saved.keys() and all(torch.equal(v, ckpt["model"][f"backbone.{k}"]) for k, v in saved.items())
+    ckpt["metrics"][0]["val_loss"] = -1.0  # as if epoch 1 were best and epoch 2 not: a best no checkpoint holds
+    ckpt["metrics"].append(dict(ckpt["metrics"][0], epoch=2, val_loss=0.0))
+    ckpt["epoch"] = 2
+    torch.save(ckpt, out / "checkpoint.pt")
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, epochs=2)))
+    (out / "best_backbone.pt").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        simclr.main(["--resume", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot read" in err and "the backbone of epoch 1" in err and "new --out" in err
+
+
 def test_the_papers_autoencoder_trains_on_the_pretraining_90_percent_and_validates_on_the_10(tmp_path, monkeypatch,
                                                                                              fake_imagenet_weights):
     """The paper's autoencoder sees the split SimCLR sees (split_vision_dataset, seed 42): it trains on the 90% that
