@@ -1247,6 +1247,11 @@ def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabele
         test_x, test_y = make_shapes(subset or SHAPES["n"][1], size, seed=seed + 10_000)  # another seed: unseen
         return dict(pretrain=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=10)
     data = read_dataset(name, root, size, download, stl10_pretrain, paper)
+    for split in ("train", "test"):  # a label the classifier has no output for would stop the run after pre-training
+        bad = data[f"{split}_y"][(data[f"{split}_y"] < 0) | (data[f"{split}_y"] >= data["classes"])]
+        if len(bad):
+            die(f"--dataset {name}: its {split} labels hold {int(bad[0])}, outside 0..{data['classes'] - 1}: "
+                f"{len(bad)} labels that are not this dataset's; put its own label files in {root}")
     unlabeled, n_train = data.pop("unlabeled"), len(data["train_y"])
     if subset:
         gen = torch.Generator().manual_seed(seed)
@@ -1307,15 +1312,15 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
         raw = os.path.join(root, "FashionMNIST", "raw")
         for f in (f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")):
             path = os.path.join(raw, f)
-            if os.path.exists(path) and idx_complete(path):
+            problem = idx_problem(path) if os.path.exists(path) else "is missing"
+            if not problem:
                 continue
             if os.path.isdir(FASHION_MNIST_LOCAL):  # Debian's package: un-gzipped once into --data-dir
                 os.makedirs(raw, exist_ok=True)
                 with gzip.open(os.path.join(FASHION_MNIST_LOCAL, f + ".gz")) as src:
                     write_atomic(path, lambda out: shutil.copyfileobj(src, out))
             elif os.path.exists(path):
-                die(f"{path} is cut short (its header promises more bytes); delete it and put the whole file there, "
-                    f"or run without --no-download")
+                die(f"{path} {problem}; delete it, then put the whole file there or run without --no-download")
         tr, te = (tv(D.FashionMNIST, train=t) for t in (True, False))
         for split, ds in (("train", tr), ("t10k", te)):  # two files, each whole, may still be of two splits
             if len(ds.data) != len(ds.targets):
@@ -1341,6 +1346,10 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
               if name == "fgvc-aircraft" else load_folder(root))
     banner = 20 if name == "fgvc-aircraft" else 0  # the paper crops FGVC-Aircraft's copyright banner off
     (train_x, train_y), (test_x, test_y) = (pil_to_uint8(ds, size, banner, paper) for ds in (tr, te))
+    missing = [c for i, c in enumerate(tr.classes) if not (train_y == i).any()]
+    if missing:  # every image of the class failed to decode: a probe would be trained without it
+        die(f"--dataset {name}: no train image of class {missing[0]!r} can be decoded ({len(missing)} such classes); "
+            f"mend or remove its images")
     data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=len(tr.classes),
                 unlabeled=None)
     try:
@@ -1350,13 +1359,23 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
     return data
 
 
-def idx_complete(path):
-    """Whether an idx file (a magic whose 4th byte counts the dimensions, each a big-endian uint32, then a byte per
-    value) holds every byte its header promises."""
+def idx_problem(path):
+    """What is wrong with an idx file (a magic 0, 0, 8 (bytes), then the number of dimensions, each a big-endian
+    uint32, then a byte per value), or '' when it holds the items and every byte its header promises."""
     with open(path, "rb") as f:
         magic = f.read(4)
         dims = [int.from_bytes(f.read(4), "big") for _ in range(magic[3] if len(magic) == 4 else 0)]
-    return len(dims) > 0 and os.path.getsize(path) == 4 + 4 * len(dims) + math.prod(dims)  # a short header: smaller
+    size, header = os.path.getsize(path), 4 + 4 * len(dims)
+    if len(magic) < 4 or size < header:
+        return "is cut short inside its header"
+    if magic[:3] != b"\0\0\x08" or not dims:
+        return f"is not an idx file of bytes (its header starts {magic.hex()})"
+    if dims[0] == 0:
+        return "holds no items"
+    expected = header + math.prod(dims)
+    if size == expected:
+        return ""
+    return f"is {'cut short' if size < expected else 'longer than its header says'} ({size} bytes, not {expected})"
 
 
 def pil_to_uint8(ds, size, banner=0, square=False):

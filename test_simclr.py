@@ -653,6 +653,35 @@ def test_a_fashion_mnist_file_cut_short_is_named_or_rebuilt_from_debians_copy(tm
                        torch.from_numpy(imgs))
 
 
+@pytest.mark.parametrize("header,values,problem", [
+    (bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big"), bytes([3, 1, 4]), "is cut short (11 bytes, not 12)"),
+    (bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big"), bytes([3, 1, 4, 1, 5]), "is longer than its header says"),
+    (bytes([0, 0, 8, 1]) + (0).to_bytes(4, "big"), b"", "holds no items"),
+    (bytes([0, 0, 8, 0]), b"", "is not an idx file of bytes (its header starts 00000800)"),
+    (bytes([0, 0, 13, 1]) + (4).to_bytes(4, "big"), bytes(16), "is not an idx file of bytes")])
+def test_a_fashion_mnist_label_file_that_is_not_whole_says_what_is_wrong(tmp_path, capsys, header, values, problem):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", random_uint8(4, 28, 28))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.array([3, 1, 4, 1], dtype=np.uint8))
+    (raw / "train-labels-idx1-ubyte").write_bytes(header + values)
+    with pytest.raises(SystemExit) as e:
+        simclr.load_dataset("fashion-mnist", str(tmp_path), 28, download=False)
+    assert e.value.code == 2 and f"{raw / 'train-labels-idx1-ubyte'} {problem}" in capsys.readouterr().err
+
+
+def test_labels_outside_the_datasets_classes_are_refused_before_training(tmp_path, capsys):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, labels in (("train", [3, 255, 4, 1]), ("t10k", [3, 1, 4, 1])):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", random_uint8(4, 28, 28))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.array(labels, dtype=np.uint8))
+    with pytest.raises(SystemExit) as e:
+        simclr.load_dataset("fashion-mnist", str(tmp_path), 28, download=False)
+    assert e.value.code == 2 and "train labels hold 255, outside 0..9" in capsys.readouterr().err
+
+
 def read_idx_gz(path):
     """The idx format read with numpy alone (not torchvision): magic (0, 0, 8, ndim), big-endian dims, bytes."""
     with gzip.open(path) as f:
@@ -788,6 +817,15 @@ def test_folder_images_that_cannot_be_decoded_are_named_and_skipped_and_deep_one
     assert "skipped 3 of 7 images" in note and ("text.png" in note or "cut.jpg" in note or "bomb.png" in note)
     values = sorted(d["train_x"].float().mean((1, 2, 3)).tolist())  # kept: float, a/0 and b/0 (83.3), deep
     assert len(values) == 4 and values[0] == pytest.approx(64, abs=1) and values[3] == pytest.approx(128, abs=1)
+
+
+def test_a_class_whose_train_images_all_fail_to_decode_is_named(tmp_path, capsys):
+    make_folder(tmp_path, n=2)
+    for f in (tmp_path / "train" / "b").iterdir():
+        f.write_bytes(b"")  # zero-byte images
+    with pytest.raises(SystemExit) as e:
+        simclr.load_dataset("folder", str(tmp_path), 8, download=False)
+    assert e.value.code == 2 and "no train image of class 'b' can be decoded" in capsys.readouterr().err
 
 
 def test_a_folder_that_cannot_be_read_says_so(tmp_path, monkeypatch, capsys):
