@@ -860,7 +860,7 @@ def parse_args(argv):
     if not os.path.exists(cfg_path):
         die(f"--resume {args.resume}: no config.json there; is it a run directory?")
     cfg = read_config(cfg_path, parser)
-    missing = sorted(set(vars(args)) - set(cfg))
+    missing = sorted((set(vars(args)) | {"label_amounts", "decay_norm_and_bias"}) - set(cfg))
     if missing:
         die(f"{cfg_path} has no {', '.join(missing)}: another version of simclr.py wrote it. Resume it with that "
             "version, or start a new run.")
@@ -902,16 +902,28 @@ def read_config(path, parser):
         refuse(e)
     if not isinstance(cfg, dict):
         refuse("not a JSON object")
-    for act in parser._actions:
-        v = cfg.get(act.dest)
+    may_be_null = {"label_fractions", "labels_per_class", "show_augs", "show_neighbours", "subset", "resume",
+                   "peak_tflops"} | ({"proj_hidden"} if cfg.get("head") == "ae" else {"ae_epochs", "ae_dim", "ae_dir"})
+    for act in (a for a in parser._actions if a.dest in cfg):  # a missing key: parse_args names it
+        v = cfg[act.dest]
+        if v is None and act.dest not in may_be_null:
+            refuse(f"its {act.dest} is null")
+        if v is None:
+            continue
+        if (act.nargs == 0 or act.dest == "compile") and not isinstance(v, bool):  # compile: saved resolved
+            refuse(f"its {act.dest} is {v!r}: not true or false")
         try:  # the value as its flag reads it, and of its type: "1" is no --epochs, [128] no --proj-out
-            if v is not None and act.type is not None and act.type(
-                    ",".join(map(str, v)) if isinstance(v, list) else str(v)) != v:
+            if act.type is not None and act.type(",".join(map(str, v)) if isinstance(v, list) else str(v)) != v:
                 raise argparse.ArgumentTypeError(f"not a value of --{act.dest.replace('_', '-')}")
         except argparse.ArgumentTypeError as e:
             refuse(f"its {act.dest} is {v!r}: {e}")
-        if v is not None and act.choices and v not in act.choices and act.dest != "compile":  # compile: saved a bool
+        if act.choices and v not in act.choices and act.dest != "compile":
             refuse(f"its {act.dest} is {v!r}: not one of {', '.join(act.choices)}")
+    derived = dict(label_amounts=cfg.get("label_fractions") or cfg.get("labels_per_class") or [],
+                   decay_norm_and_bias=RECIPES.get(cfg.get("recipe"), {}).get("decay_norm_and_bias"))
+    for k, v in derived.items():  # the values computed from the flags, as resolve_args computes them
+        if k in cfg and cfg[k] != v:
+            refuse(f"its {k} is {cfg[k]!r}, where its flags give {v!r}")
     return cfg
 
 

@@ -1060,6 +1060,24 @@ def test_broken_config_is_refused_naming_the_file_and_what_is_wrong(tmp_path, ca
     assert e.value.code == 2 and f"{tmp_path / 'config.json'} cannot be read" in err and message in err
 
 
+@pytest.mark.parametrize("key,value,message", [("img_size", None, "its img_size is null"),
+                                               ("no_download", "yes", "its no_download is 'yes': not true or false"),
+                                               ("compile", "yes", "its compile is 'yes': not true or false"),
+                                               ("label_amounts", 5, "its label_amounts is 5, where its flags give []"),
+                                               ("decay_norm_and_bias", True, "where its flags give False"),
+                                               ("label_amounts", "delete", "config.json has no label_amounts")])
+def test_config_values_null_or_computed_wrongly_are_refused(tmp_path, capsys, key, value, message):
+    """Values a resolved run always has (not null), switches that are booleans, and the values computed from the
+    flags as resolve_args computes them: a hand edit of any is refused, not met as a TypeError later."""
+    saved_config(tmp_path, "--epochs", "3")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop(key) if value == "delete" else cfg.update({key: value})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as e:
+        simclr.main(["--resume", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_out_dir_holding_another_run_is_refused(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit):
