@@ -866,6 +866,8 @@ def parse_args(argv):
             "version, or start a new run.")
     words = {a.split("=")[0] for a in argv}
     typed = {act.dest for act in parser._actions if words & set(act.option_strings)}
+    if "out" in typed and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        die(f"--resume {args.resume} --out {args.out}: a resumed run goes on in its own folder; drop --out")
     typed -= {"resume", "device", "out", "show_neighbours"}
     stop = os.path.join(args.resume, "diverged.json")  # after a stop on divergence, a new --lr or --tau may follow
     retune = typed & {"lr", "tau"} if os.path.exists(stop) else set()
@@ -1021,6 +1023,9 @@ def resume_checkpoint(model, args, rank, world, log=print):
             ckpt = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
             model.load_state_dict(ckpt["model"])
             start_epoch, opt_state, history, n = ckpt["epoch"], ckpt["optimizer"], ckpt["metrics"], len(ckpt["rng"])
+            if not (type(start_epoch) is int and 0 <= start_epoch <= args.epochs and type(history) is list and
+                    len(history) == start_epoch):  # one metrics line per trained epoch, as pretrain saves them
+                raise ValueError(f"epoch {start_epoch!r} of {args.epochs} with {len(history)} epochs' metrics")
             if n != world:  # every process has its own augmentation stream
                 die(f"{path} was saved by {n} process(es) and is resumed by {world}; resume it with " +
                     (f"torchrun --nproc_per_node {n}" if n > 1 else "python, not torchrun"))

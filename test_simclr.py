@@ -1578,14 +1578,28 @@ def test_autoencoder_checkpoint_is_written_at_the_end_and_every_few_minutes(tmp_
     assert [s["epoch"] for s in saves] == [1, 2, 3]
 
 
-def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path, capsys):
+@pytest.mark.parametrize("edit", [None, dict(epoch=5), dict(epoch=1.0), dict(metrics=[]), dict(metrics={})])
+def test_corrupt_checkpoint_is_refused_naming_the_file(tmp_path, capsys, edit):
+    """Bytes that are no checkpoint, and a checkpoint whose epoch is not one of the run's (5 of 1, a float) or whose
+    metrics are not one line per trained epoch: refused before any training, not resumed past its end."""
     out = tmp_path / "run"
     simclr.main([*TINY, "--epochs", "1", "--out", str(out)])  # in-process: the suite stays fast
-    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    if edit is None:
+        (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    else:
+        torch.save({**torch.load(out / "checkpoint.pt", weights_only=False), **edit}, out / "checkpoint.pt")
     with pytest.raises(SystemExit) as e:
         simclr.main(["--resume", str(out)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "checkpoint.pt" in err and "corrupt" in err
+
+
+def test_resume_into_another_out_folder_is_refused(tmp_path, capsys):
+    saved_config(tmp_path, "--epochs", "3")
+    with pytest.raises(SystemExit) as e:
+        simclr.main(["--resume", str(tmp_path), "--out", str(tmp_path / "elsewhere")])
+    assert e.value.code == 2 and "goes on in its own folder; drop --out" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_a_diverged_run_stops_and_resumes_with_the_smaller_lr_it_advises(tmp_path, capsys):
