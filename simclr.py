@@ -817,7 +817,7 @@ def resolve_args(args):
         args.batch_size, args.epochs, args.ae_epochs, args.probe_steps, args.sup_steps = 16, 1, 1, 5, 2
         args.subset = args.subset or 64
     if args.head == "ae":  # one width per head: d of the AE whose embedding is the ae head's first layer
-        args.ae_dir, args.ae_dim = args.ae_dir or "runs/autoencoders", args.ae_dim or 512
+        args.ae_dir, args.ae_dim = "runs/autoencoders" if args.ae_dir is None else args.ae_dir, args.ae_dim or 512
     else:  # or the MLP's hidden width
         args.ae_epochs, args.proj_hidden = None, args.proj_hidden or 512
     N = args.batch_size  # SimCLR's B.1: the linear rule, or the square-root one (RECIPES)
@@ -1117,7 +1117,7 @@ def check_paths(args):
     for path, flag, exts in ((args.show_augs, "--show-augs", (".png", ".jpg", ".jpeg")),
                              (args.show_neighbours, "--show-neighbours", (".png",))):
         if path is not None:
-            if not path.lower().endswith(exts) or os.path.isdir(path):
+            if os.path.splitext(os.path.basename(path))[1].lower() not in exts or os.path.isdir(path):  # ".png": no
                 die(f"{flag} {path}: give the name of a {' or '.join(exts)} file to write")
             folder(os.path.dirname(os.path.abspath(path)), flag)
     if args.dataset != "shapes" and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
@@ -1919,7 +1919,8 @@ def show_augs(images, args, log=print):
     grid = torch.cat([x, augment(x, **augment_kwargs(args)), augment(x, **augment_kwargs(args))])
     os.makedirs(os.path.dirname(os.path.abspath(args.show_augs)), exist_ok=True)
     grid = F.interpolate(grid, scale_factor=max(1, 96 // args.img_size), mode="nearest")  # small: enlarge
-    torchvision.utils.save_image(grid, args.show_augs, nrow=8, padding=2)
+    fmt = "png" if args.show_augs.lower().endswith(".png") else "jpeg"
+    write_atomic(args.show_augs, lambda f: torchvision.utils.save_image(grid, f, format=fmt, nrow=8, padding=2))
     log(f"saved {args.show_augs}: originals (top row) and two augmented views (rows 2 and 3)")
 
 

@@ -965,6 +965,8 @@ def test_missing_data_without_download_says_which_files_go_where(tmp_path, capsy
     (["--out", "{file}/run"], "cannot write there (Not a directory)"),
     (["--show-augs", "augs.txt"], "--show-augs augs.txt: give the name of a .png or .jpg or .jpeg file"),
     (["--show-augs", "{dir}"], "give the name of a .png or .jpg or .jpeg file"),
+    (["--show-augs", "{dir}/.png"], "give the name of a .png or .jpg or .jpeg file"),
+    (["--head", "ae", "--ae-dir", ""], "--ae-dir is empty; give a folder"),
     (["--show-neighbours", "{file}/nb.png"], "--show-neighbours"),
     (["--head", "ae", "--ae-dir", "{file}"], "--ae-dir"),
     (["--dataset", "cifar10", "--data-dir", "{file}"], "is a file; give the folder that holds"),
@@ -1126,6 +1128,9 @@ def test_show_augs_writes_a_grid(tmp_path):
     run_script("simclr.py", "--dry-run", "--show-augs", str(png), "--out", str(tmp_path / "run"))
     im = Image.open(png)
     assert im.size[0] > im.size[1] > 0  # 8 columns, 3 rows
+    simclr.main(["--dry-run", "--show-augs", str(tmp_path / "augs.JPG"), "--out", str(tmp_path / "run")])
+    assert Image.open(tmp_path / "augs.JPG").format == "JPEG" and sorted(os.listdir(tmp_path)) == [
+        "augs.JPG", "augs.png"]  # no temporary file left
 
 
 def test_few_labels_table_and_pictures_with_and_without_matplotlib(tmp_path, monkeypatch, capsys):
