@@ -2083,11 +2083,15 @@ def main(argv=None):
     except OSError as e:  # --resume: a config.json that cannot be rewritten with a new --lr or --tau
         die(f"{e.filename or ''}: {e.strerror or e}")
     in_main_thread = threading.current_thread() is threading.main_thread()
-    term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None  # as Ctrl-C
+    stops = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
     try:
         with contextlib.ExitStack() as stack:  # what run holds open (the folder's lock) is let go however it ends
             return run(args, stack)
     except KeyboardInterrupt:
+        for sig in stops:  # a second Ctrl-C while the checkpoint is read: this message still, not a traceback
+            signal.signal(sig, signal.SIG_IGN)
         ckpt, world = os.path.join(args.out, "checkpoint.pt"), int(os.environ.get("WORLD_SIZE", 1))
         if args.show_augs or args.bench or not os.path.exists(os.path.join(args.out, "config.json")):
             die("interrupted before a run was saved; start it again", 130)
@@ -2103,8 +2107,8 @@ def main(argv=None):
         space = space if saved else "; free some space" if space else ""
         die(f"{e.filename or ''}: {e.strerror or e}{space}")
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, term)
+        for sig, handler in stops.items():
+            signal.signal(sig, handler)
 
 
 def run(args, stack):

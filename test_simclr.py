@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 
@@ -1361,6 +1362,13 @@ def test_results_are_written_before_the_baselines_and_a_baseline_out_of_memory_i
     assert f"holds 1 of 1 epochs. Continue with: python simclr.py --resume {tmp_path / 'b'}" in capsys.readouterr().err
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
     assert 0 <= saved["linear_top1"] <= 1 and "random_init" not in saved  # SimCLR's own numbers were kept
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(simclr.torch, "load", lambda *a, real=torch.load, **k: (  # a second Ctrl-C while it counts
+        os.kill(os.getpid(), signal.SIGINT), real(*a, **k))[1])
+    with pytest.raises(SystemExit) as e:
+        simclr.main(["--resume", str(tmp_path / "b")])
+    assert e.value.code == 130 and "holds 1 of 1 epochs" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is handler  # and Ctrl-C is Ctrl-C again after main
     simclr.write_results(dict(linear_top1=0.5), str(tmp_path / "b"))  # a resumed run stopped sooner: kept
     assert json.loads((tmp_path / "b" / "results.json").read_text()) == saved
 
