@@ -1459,7 +1459,9 @@ def load_folder(root):
             if not any(e.is_dir() for e in os.scandir(split)):
                 die(f"--dataset folder: {split} holds no class folders; expected {split}/<class>/<images>")
         tr, te = (torchvision.datasets.ImageFolder(os.path.join(root, s), loader=open_image) for s in ("train", "test"))
-    except (OSError, RuntimeError) as e:  # a folder that cannot be read, or without images
+    except FileNotFoundError as e:  # ImageFolder: a class folder without an image it reads
+        die(f"--dataset folder: {e}. Put images into every class folder of train/ and test/, or remove the empty ones")
+    except (OSError, RuntimeError) as e:  # a folder that cannot be read
         die(f"--dataset folder: {e}")
     if len(tr.classes) < 2:
         die(f"--dataset folder: {root}/train has {len(tr.classes)} class folder(s); a classifier needs at least 2")

@@ -1659,16 +1659,22 @@ def test_a_loss_stuck_at_ln_2n_minus_1_after_the_warm_up_is_warned_of(tmp_path, 
 
 
 @pytest.mark.parametrize("layout,message", [({"train": [], "test": []}, "no class folders"),
-                                            ({"train": ["cat"], "test": ["cat"]}, "at least 2")])
+                                            ({"train": ["cat"], "test": ["cat"]}, "at least 2"),
+                                            ({"train": ["cat", "dog"], "test": ["cat", "dog/"]},
+                                             ("the classes dog.", "Put images into every class folder of train/ "
+                                              "and test/, or remove the empty ones"))])
 def test_empty_or_one_class_folder_is_refused(tmp_path, layout, message, capsys):
+    """No class folders, one class, a class folder without an image (written "dog/"): each named, with what to do."""
     for split, classes in layout.items():
         (tmp_path / split).mkdir()
         for c in classes:
             (tmp_path / split / c).mkdir()
-            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "a.png")
+            if not c.endswith("/"):
+                Image.new("RGB", (8, 8)).save(tmp_path / split / c / "a.png")
     with pytest.raises(SystemExit):
         simclr.load_dataset("folder", str(tmp_path), 8, download=False)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert all(m in err for m in ([message] if isinstance(message, str) else message))
 
 
 def test_images_smaller_than_the_crop_are_upscaled_with_a_note(tmp_path, capsys):
