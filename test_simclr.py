@@ -2662,7 +2662,14 @@ def test_hltm_control_trains_as_far_as_simclr(hltm_depth4):
     (["clusters", "--k-scramble", "4"], "--k-scramble 4 must be coprime to N = 4 x --per-cluster = 200"),
     (["cnn", "--fig", "x.txt"], "--fig x.txt: the figure is written as a PNG, so the name must end in .png"),
     (["cnn", "--out", "README.md"], "--out README.md: exists and is a file, not a folder"),
-    (["hltm", "--fig", "README.md/h.png"], "--fig README.md/h.png: README.md is a file, not a folder")])
+    (["hltm", "--fig", "README.md/h.png"], "--fig README.md/h.png: README.md is a file, not a folder"),
+    (["cnn", "--fig", "figs/.png"], "--fig figs/.png: the figure is written as a PNG, so the name must end in .png"),
+    (["cnn", "--out", ""], "--out : is empty"),
+    (["cnn", "--out", "/proc/toy_out"], "--out /proc/toy_out: cannot write there"),  # os.access: yes, as root
+    (["cnn", "--threads", "100000"], "cores; give at most that"),
+    (["hltm", "--hid", "1"], "--hid 1 gives a root block (the embedding NT-Xent normalises) of 1 node"),
+    (["hltm", "--emb", "1"], "--emb must be at least 2 (got 1)"),
+    (["covariance", "--filters", "1"], "--filters must be at least 2 (got 1)")])
 def test_toy_theory_bad_flags_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         toy_theory.get_args(argv)
@@ -2674,6 +2681,33 @@ def test_toy_theory_refuses_an_output_path_before_any_computation(monkeypatch, c
     with pytest.raises(SystemExit) as e:
         toy_theory.main(["cnn", "--out", os.path.join(HERE, "README.md", "runs")])
     assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_toy_theory_paths_expand_home_and_a_value_typed_twice_counts_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # --out=~/x: the shell leaves ~ after = to the program
+    args = toy_theory.get_args(["cnn", "--out=~/x", "--fig=~/f.png", "--snrs", "0.5", "0.25", "0.5"])
+    assert (args.out, args.fig, args.snrs) == (str(tmp_path / "x"), str(tmp_path / "f.png"), [0.5, 0.25])
+
+
+@pytest.mark.parametrize("how", ["diverged", "sigterm", "out of memory"])
+def test_toy_theory_stops_in_one_line_and_saves_nothing_half(how, tmp_path, monkeypatch, capsys):
+    """A run that diverges (a real one: cnn at --eta 100), SIGTERM (as Ctrl-C) and torch's CPU allocator failing each
+    end in one line on stderr with their exit code, no summary.json, and SIGTERM's handler given back."""
+    def interrupt(args):
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 800000000000 bytes")
+    if how != "diverged":
+        monkeypatch.setattr(toy_theory, "run_clusters", interrupt)
+    argv = ["cnn", "--quick", "--eta", "100"] if how == "diverged" else ["clusters", "--quick"]
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        toy_theory.main(argv + ["--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == (130 if how == "sigterm" else 2) and len(err.splitlines()) == 1, err
+    assert {"diverged": "lower --eta (the run diverged)", "sigterm": "interrupted; clusters saves its summary when it "
+            "ends", "out of memory": "out of memory (DefaultCPUAllocator"}[how] in err
+    assert not (tmp_path / "summary.json").exists() and signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_toy_theory_quick_keeps_the_flags_typed_beside_it():
@@ -2700,5 +2734,13 @@ def test_toy_theory_smoke(tmp_path):
     r = subprocess.run([sys.executable, script, "clusters", "--quick", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120, cwd=HERE)
     assert r.returncode == 0, r.stderr[-2000:]
-    with open(tmp_path / "summary.json") as f:
-        assert json.load(f)["config"]["cmd"] == "clusters"
+    with open(tmp_path / "summary.json") as f:  # strict JSON: Python's Infinity for an infinite Fisher ratio is not
+        summary = json.load(f, parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))
+    assert summary["config"]["cmd"] == "clusters" and "inf" in json.dumps(summary)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # no temporary file left
+    p = subprocess.Popen([sys.executable, script, "clusters", "--quick", "--out", str(tmp_path / "piped")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    p.stdout.readline()  # as | head -1: one line read, then the pipe closed
+    p.stdout.close()
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 2 and "the output pipe closed before the run ended" in err and "Traceback" not in err

@@ -46,6 +46,10 @@ import argparse
 import json
 import math
 import os
+import signal
+import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -174,14 +178,15 @@ def get_args(argv=None):
     check_args(subs[args.cmd], args)
     # derived values, in one place
     name = args.cmd if getattr(args, "part", "main") == "main" else f"{args.cmd}_{args.part}"  # e.g. cnn_scaling
-    args.out = args.out or os.path.join("runs", "toy", name)
-    args.fig = args.fig or os.path.join(args.out, name + ".png")
+    args.out = os.path.join("runs", "toy", name) if args.out is None else os.path.expanduser(args.out)  # --out=~/x
+    args.fig = os.path.join(args.out, name + ".png") if args.fig is None else os.path.expanduser(args.fig)
     for flag, path, folder in [("--out", args.out, True), ("--fig", args.fig, False)]:
         problem = unwritable(path, folder)
         if problem:
             subs[args.cmd].error(f"{flag} {path}: {problem}; give another path")
-    if args.cmd == "cnn":
-        args.ns = sorted(set(args.ns))
+    for key, value in vars(args).items():  # a value typed twice is one column, computed once
+        if isinstance(value, list):
+            setattr(args, key, sorted(set(value)) if key == "ns" else list(dict.fromkeys(value)))
     if args.cmd == "hltm" and args.control_level is None:
         args.control_level = max(1, args.depth - 1)
     return args
@@ -190,8 +195,8 @@ def get_args(argv=None):
 # flags no run can use: the smallest value each may take (every float must also be finite)
 AT_LEAST = dict(seed=0, threads=1, steps=1, seeds=1, d=2, m=1, q=3, ns=1, scaling_seeds=1, n_test=1,
                 pre_steps=0, loss_tol=0, scaling_ds=2, n0s=2, scaling_n=1, per_cluster=3, hidden=1, k_scramble=1, D=2,
-                widths=1, N=2, K=1, L=3, filters=1, width=1, batch=2, log_every=1, noise=0, depth=1, children=1,
-                delta_lo=0, hid=1, emb=1, n_eval=2, hids=1, control_level=1)
+                widths=1, N=2, K=1, L=3, filters=2, width=1, batch=2, log_every=1, noise=0, depth=1, children=1,
+                delta_lo=0, hid=1, emb=2, n_eval=2, hids=1, control_level=1)
 POSITIVE = ["sigma_p", "snrs", "level", "ft_snr", "n0_snr2s", "sigma0", "eta", "tau", "pre_sigma0", "pre_rate",
             "pre_drop", "scaling_n0snr2", "radius", "kernel_tau", "lr"]
 
@@ -209,6 +214,8 @@ def check_args(p, args):
                 p.error(f"{flag} must be above 0 (got {v})")
     if args.seed >= 2 ** 32:
         p.error(f"--seed must be below 2^32 (got {args.seed})")
+    if args.threads > (os.cpu_count() or 1):
+        p.error(f"--threads {args.threads}: this machine has {os.cpu_count()} cores; give at most that")
     if args.cmd == "cnn":
         if args.level >= 0.5:
             p.error(f"--level must be below 0.5, the error of a coin (got {args.level})")
@@ -224,24 +231,32 @@ def check_args(p, args):
     if args.cmd == "hltm" and not args.delta_lo <= args.delta_hi <= 1:
         p.error(f"need 0 <= --delta-lo <= --delta-hi <= 1 (got {args.delta_lo}, {args.delta_hi}): "
                 "delta is the correlation between a latent and its parent")
+    if args.cmd == "hltm" and (args.emb or args.hid) < 2:  # F.normalize of one node is its sign: no gradient
+        p.error(f"--hid {args.hid} gives a root block (the embedding NT-Xent normalises) of 1 node, which cannot "
+                "learn: give --emb 2 or more")
     if args.cmd == "hltm" and (args.control_level or 0) > args.depth:
         p.error(f"--control-level {args.control_level} is below the leaves (level --depth = {args.depth}): give "
                 f"at most {args.depth}")
 
 
 def unwritable(path, folder):
-    """Why a run could not write `path` (a folder if `folder`, else a PNG), or None."""
-    if not folder and not path.lower().endswith(".png"):
+    """Why a run could not write `path` (a folder if `folder`, else a PNG), or None; makes the folder to find out."""
+    if not path:
+        return "is empty"
+    if not folder and os.path.splitext(os.path.basename(path))[1].lower() != ".png":  # ".png" alone has no name
         return "the figure is written as a PNG, so the name must end in .png"
     if os.path.exists(path) and os.path.isdir(path) != folder:
         return "exists and is a file, not a folder" if folder else "is a folder"
-    parent = path if folder else os.path.dirname(path) or "."
+    parent = target = path if folder else os.path.dirname(path) or "."
     while not os.path.exists(parent):
         parent = os.path.dirname(parent) or "."
     if not os.path.isdir(parent):
         return f"{parent} is a file, not a folder"
-    if not os.access(parent, os.W_OK):
-        return f"{parent} is not writable"
+    try:  # a real write: os.access says yes to root on a read-only or virtual file system
+        os.makedirs(target, exist_ok=True)
+        tempfile.TemporaryFile(dir=target).close()
+    except OSError as e:
+        return f"cannot write there ({e.strerror})"
     return None
 
 
@@ -260,10 +275,22 @@ def generator(seed):
     return torch.Generator().manual_seed(int(seed))
 
 
+def strict_json(o):
+    """o with inf and nan as strings: JSON has neither, and strict parsers (JavaScript's) refuse Python's Infinity."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, dict):
+        return {k: strict_json(v) for k, v in o.items()}
+    return [strict_json(v) for v in o] if isinstance(o, (list, tuple)) else o
+
+
 def save_summary(out, summary):
+    """summary.json, through a temporary file renamed once whole: a run stopped mid-write leaves the last one."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(strict_json(summary), f, indent=1, allow_nan=False)
+    os.replace(tmp, os.path.join(out, "summary.json"))
 
 
 def nt_xent(h1, h2, tau):
@@ -369,6 +396,8 @@ def train_logistic(W, X, y, q, m, eta, steps, tol):
     W = W.clone().requires_grad_(True)
     for step in range(steps + 1):
         loss = F.softplus(-y * cnn_f(W, X, q, m)).mean()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"the logistic loss is {loss.item()} at step {step}: lower --eta")
         if loss.item() < tol or step == steps:
             break
         (grad,) = torch.autograd.grad(loss, W)
@@ -413,6 +442,9 @@ def pretrain_linear_cnn(X, Xp, mu, m, tau, eta, steps, drop, sigma0, g):
     cos = [mean_abs_cos(W.detach(), mu)]
     for step in range(steps + 1):
         loss = info_nce(s @ W.T, sp @ W.T, tau)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"the InfoNCE loss of pre-training is {loss.item()} at step {step}: lower "
+                                     f"--pre-rate")
         if loss.item() < math.log(len(X)) - drop or step == steps:
             break
         (grad,) = torch.autograd.grad(loss, W)
@@ -1597,16 +1629,41 @@ def plot_hltm_width(args, sweep, ceil, emb):
 # =====================================================================================================
 
 
+def stop(message, code):
+    print(f"toy_theory.py: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
 def main(argv=None):
+    """Run one experiment; every way it can stop is one line on stderr: diverged or out of memory (exit 2), Ctrl-C
+    or SIGTERM (exit 130), the reader of its output gone (| head), and its summary is written only when whole."""
     args = get_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     t0 = time.time()
-    summary = {"cnn": run_cnn, "clusters": run_clusters, "covariance": run_covariance,
-               "hltm": run_hltm}[args.cmd](args)
-    summary["seconds"] = time.time() - t0
-    save_summary(args.out, summary)
-    print(f"\n{args.cmd}: {summary['seconds']:.1f}s, summary -> {os.path.join(args.out, 'summary.json')}")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None  # as Ctrl-C
+    try:
+        summary = {"cnn": run_cnn, "clusters": run_clusters, "covariance": run_covariance,
+                   "hltm": run_hltm}[args.cmd](args)
+        summary["seconds"] = time.time() - t0
+        save_summary(args.out, summary)
+        print(f"\n{args.cmd}: {summary['seconds']:.1f}s, summary -> {os.path.join(args.out, 'summary.json')}")
+    except KeyboardInterrupt:
+        stop(f"interrupted; {args.cmd} saves its summary when it ends, so run it again", 130)
+    except FloatingPointError as e:
+        stop(f"{e} (the run diverged)", 2)
+    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises a RuntimeError
+        if isinstance(e, RuntimeError) and "allocate" not in str(e):
+            raise
+        stop(f"out of memory ({str(e)[:120]}): give smaller sizes", 2)
+    except BrokenPipeError:  # stdout's reader left: quiet, as Unix tools are; Python would print at exit too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stop("the output pipe closed before the run ended (| head?), so nothing was saved; send the output to a "
+             "file or to less instead", 2)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, on_term)
     return summary
 
 
