@@ -2103,8 +2103,12 @@ def main(argv=None):
         launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
         die(f"interrupted; {args.out} holds {done} of {args.epochs} epochs. Continue with: {launch} simclr.py --resume "
             f"{args.out}", 130)
-    except OSError as e:  # a full disk, a read-only folder, a file that cannot be read
+    except OSError as e:  # a full disk, a read-only folder, a file that cannot be read, stdout's reader gone
         saved = os.path.exists(os.path.join(args.out, "config.json")) and not (args.show_augs or args.bench)
+        if isinstance(e, BrokenPipeError):  # | head: Python would print the error again at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            die("the output pipe closed before the run ended (| head?); send the output to a file or to less" +
+                (f", and continue with: python simclr.py --resume {args.out}" if saved else ""))
         space = f"; free some space, then continue with --resume {args.out}" if e.errno == errno.ENOSPC else ""
         space = space if saved else "; free some space" if space else ""
         die(f"{e.filename or ''}: {e.strerror or e}{space}")

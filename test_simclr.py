@@ -1124,6 +1124,18 @@ def test_long_epochs_show_progress_with_an_eta(tmp_path, monkeypatch, capsys):
     assert lines[-1].endswith("eta 0m00s")  # after the last step of the last epoch no step is left, at any speed
 
 
+def test_a_closed_output_pipe_ends_the_run_in_one_line_with_the_resume_command(tmp_path):
+    p = subprocess.Popen([sys.executable, "simclr.py", *TINY, "--epochs", "2", "--out", str(tmp_path / "run")],
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "epoch 1/2" not in p.stdout.readline():  # as | head: the pipe closed after a line of training
+        assert p.poll() is None
+    p.stdout.close()
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 2 and "Traceback" not in err, err
+    assert f"the output pipe closed before the run ended (| head?); send the output to a file or to less, and " \
+           f"continue with: python simclr.py --resume {tmp_path / 'run'}" in err
+
+
 def test_show_augs_writes_a_grid(tmp_path):
     png = tmp_path / "augs.png"
     run_script("simclr.py", "--dry-run", "--show-augs", str(png), "--out", str(tmp_path / "run"))
