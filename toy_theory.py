@@ -240,21 +240,20 @@ def check_args(p, args):
 
 
 def unwritable(path, folder):
-    """Why a run could not write `path` (a folder if `folder`, else a PNG), or None; makes the folder to find out."""
+    """Why a run could not write `path` (a folder if `folder`, else a PNG), or None."""
     if not path:
         return "is empty"
     if not folder and os.path.splitext(os.path.basename(path))[1].lower() != ".png":  # ".png" alone has no name
         return "the figure is written as a PNG, so the name must end in .png"
     if os.path.exists(path) and os.path.isdir(path) != folder:
         return "exists and is a file, not a folder" if folder else "is a folder"
-    parent = target = path if folder else os.path.dirname(path) or "."
+    parent = path if folder else os.path.dirname(path) or "."
     while not os.path.exists(parent):
         parent = os.path.dirname(parent) or "."
     if not os.path.isdir(parent):
         return f"{parent} is a file, not a folder"
-    try:  # a real write: os.access says yes to root on a read-only or virtual file system
-        os.makedirs(target, exist_ok=True)
-        tempfile.TemporaryFile(dir=target).close()
+    try:  # a real write into the nearest folder that exists: os.access says yes to root on /proc or /sys
+        tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         return f"cannot write there ({e.strerror})"
     return None
