@@ -112,8 +112,8 @@ def blend(x, factor, target):
 
 
 def adjust_hue(x, turns):
-    """Rotate the hue by `turns` (per image, (N,), |turns| <= 0.5): RGB -> HSV, shift H, HSV -> RGB. HSV keeps max = V and
-    max - min = V S, so only H needs computing and each channel comes back in closed form."""
+    """Rotate the hue by `turns` (per image, (N,), |turns| <= 0.5): RGB -> HSV, shift H, HSV -> RGB. HSV keeps
+    max = V and max - min = V S, so only H needs computing and each channel comes back in closed form."""
     r, g, b = x.unbind(1)
     v, delta = x.amax(1), x.amax(1) - x.amin(1)  # (N, H, W)
     dd = torch.where(delta == 0, 1, delta)
