@@ -63,20 +63,15 @@ import torch.nn.functional as F
 # =====================================================================================================
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+def common_flags(s):
+    s.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
+    s.add_argument("--out", type=str, default=None, help="output folder (default: runs/toy/<subcommand>[_<part>])")
+    s.add_argument("--fig", type=str, default=None, help="PNG path (default: <out>/<subcommand>[_<part>].png)")
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    s.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds (default: off)")
 
-    def common(s):
-        s.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
-        s.add_argument("--out", type=str, default=None, help="output folder (default: runs/toy/<subcommand>[_<part>])")
-        s.add_argument("--fig", type=str, default=None, help="PNG path (default: <out>/<subcommand>[_<part>].png)")
-        s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-        s.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds (default: off)")
 
-    subs = {}
-    s = subs["cnn"] = sub.add_parser("cnn", help="Zhang & Cao 2024: SimCLR pre-training vs supervised, two-layer CNN")
-    common(s)
+def cnn_flags(s):
     s.add_argument("--part", choices=["main", "scaling"], default="main",
                    help="main: test error against n, supervised at each --snrs and fine-tuned at each --n0-snr2s; "
                         "scaling: pre-training at n0 SNR^2 fixed while n0 varies, at each --scaling-ds (default: main)")
@@ -110,8 +105,8 @@ def get_args(argv=None):
     s.add_argument("--scaling-n", type=int, default=20, help="labelled n of --part scaling (default: 20)")
     s.add_argument("--scaling-seeds", type=int, default=3, help="seeds (and labelled sets) per cell of --part scaling (default: 3)")
 
-    s = subs["clusters"] = sub.add_parser("clusters", help="Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade")
-    common(s)
+
+def clusters_flags(s):
     s.add_argument("--per-cluster", type=int, default=50, help="points per cluster, 4 clusters (default: 50)")
     s.add_argument("--radius", type=float, default=0.8, help="cluster disk radius, centres (+-1,+-1) (default: 0.8)")
     s.add_argument("--kernel-tau", type=float, default=0.1, help="Gaussian-kernel temperature of part (a) (default: 0.1)")
@@ -122,8 +117,8 @@ def get_args(argv=None):
     s.add_argument("--seeds", type=int, default=8, help="networks (init and views), one per seed, each also trained on the control (default: 8)")
     s.add_argument("--k-scramble", type=int, default=97, help="multiplier of the scrambling map r -> k r mod N (default: 97)")
 
-    s = subs["covariance"] = sub.add_parser("covariance", help="Tian et al. 2020: covariance operator and object selectivity")
-    common(s)
+
+def covariance_flags(s):
     s.add_argument("--D", type=int, default=12, help="input dimension of the Theorem 3 check (default: 12)")
     s.add_argument("--widths", type=int, nargs="+", default=[10, 8, 6], help="layer widths of the ReLU MLP of the check (default: 10 8 6)")
     s.add_argument("--N", type=int, default=16, help="latents z0 in the Theorem 3 check (default: 16)")
@@ -139,8 +134,10 @@ def get_args(argv=None):
     s.add_argument("--noise", type=float, default=0.05, help="pixel noise std of each view (default: 0.05)")
     s.add_argument("--seeds", type=int, default=5, help="networks, one init per seed, each with its control (default: 5)")
 
-    s = subs["hltm"] = sub.add_parser("hltm", help="Tian et al. 2020: latents of a hierarchical latent tree learned without labels")
-    common(s)
+
+def hltm_flags(s):
+    s.add_argument("--part", choices=["main", "width"], default="main",
+                   help="main: SimCLR vs control vs ceiling at --hid; width: SimCLR at each of --hids (default: main)")
     s.add_argument("--depth", type=int, default=5, help="levels of latents below the root; 2^depth leaves (default: 5)")
     s.add_argument("--children", type=int, default=2, help="children per latent (default: 2)")
     s.add_argument("--delta-lo", type=float, default=0.7, help="smallest |delta| of an edge (default: 0.7)")
@@ -160,20 +157,38 @@ def get_args(argv=None):
     s.add_argument("--log-every", type=int, default=250, help="steps between measurements (default: 250)")
     s.add_argument("--n-eval", type=int, default=8192, help="fresh samples the correlations are measured on (default: 8192)")
     s.add_argument("--seeds", type=int, default=5, help="trees (and networks), one per seed (default: 5)")
-    s.add_argument("--part", choices=["main", "width"], default="main",
-                   help="main: SimCLR vs control vs ceiling at --hid; width: SimCLR at each of --hids (default: main)")
     s.add_argument("--hids", type=int, nargs="+", default=[1, 2, 5, 10],
                    help="nodes per latent below the root, --part width (default: 1 2 5 10)")
 
-    # --quick: tiny sizes as the subcommand's defaults, so a flag typed beside it still wins
-    quick = dict(cnn=dict(d=100, snrs=[0.5], ns=[2, 16], ft_snr=0.5, n0_snr2s=[16], seeds=2, n_test=200, steps=300,
-                          scaling_ds=[100], n0s=[25, 100], scaling_n0snr2=[1, 16], scaling_seeds=1),
-                 clusters=dict(per_cluster=20, steps=150, seeds=1),
-                 covariance=dict(steps=100, log_every=50, seeds=1),
-                 hltm=dict(depth=3, steps=200, log_every=100, n_eval=1024, seeds=1, hids=[1, 4]))
+
+SUBCOMMANDS = dict(cnn=("Zhang & Cao 2024: SimCLR pre-training vs supervised, two-layer CNN", cnn_flags),
+                   clusters=("Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade", clusters_flags),
+                   covariance=("Tian et al. 2020: covariance operator and object selectivity", covariance_flags),
+                   hltm=("Tian et al. 2020: latents of a hierarchical latent tree learned without labels", hltm_flags))
+# --quick: tiny sizes as the subcommand's defaults, so a flag typed beside it still wins
+QUICK = dict(cnn=dict(d=100, snrs=[0.5], ns=[2, 16], ft_snr=0.5, n0_snr2s=[16], seeds=2, n_test=200, steps=300,
+                      scaling_ds=[100], n0s=[25, 100], scaling_n0snr2=[1, 16], scaling_seeds=1),
+             clusters=dict(per_cluster=20, steps=150, seeds=1),
+             covariance=dict(steps=100, log_every=50, seeds=1),
+             hltm=dict(depth=3, steps=200, log_every=100, n_eval=1024, seeds=1, hids=[1, 4]))
+
+
+def parser():
+    """The command line: the parser and each subcommand's own (for its usage line and its defaults)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub, subs = p.add_subparsers(dest="cmd", required=True), {}
+    for name, (text, flags) in SUBCOMMANDS.items():
+        subs[name] = sub.add_parser(name, help=text)
+        common_flags(subs[name])
+        flags(subs[name])
+    return p, subs
+
+
+def get_args(argv=None):
+    p, subs = parser()
     args = p.parse_args(argv)
     if args.quick:
-        subs[args.cmd].set_defaults(**quick[args.cmd])
+        subs[args.cmd].set_defaults(**QUICK[args.cmd])
         args = p.parse_args(argv)
     check_args(subs[args.cmd], args)
     # derived values, in one place
@@ -192,11 +207,12 @@ def get_args(argv=None):
     return args
 
 
-# flags no run can use: the smallest value each may take (every float must also be finite)
-AT_LEAST = dict(seed=0, threads=1, steps=1, seeds=1, d=2, m=1, q=3, ns=1, scaling_seeds=1, n_test=1,
+# flags no run can use: the smallest value each may take (every float must also be finite); float32 holds no
+# --pre-sigma0 below 1e-30 as a normal number, and a correlation over fewer than 64 samples (--n-eval) is noise
+AT_LEAST = dict(seed=0, threads=1, steps=1, seeds=1, d=2, m=1, q=3, ns=1, scaling_seeds=1, n_test=1, pre_sigma0=1e-30,
                 pre_steps=0, loss_tol=0, scaling_ds=2, n0s=2, scaling_n=1, per_cluster=3, hidden=1, k_scramble=1, D=2,
                 widths=1, N=2, K=1, L=3, filters=2, width=1, batch=2, log_every=1, noise=0, depth=1, children=1,
-                delta_lo=0, hid=1, emb=2, n_eval=2, hids=1, control_level=1)
+                delta_lo=0, hid=1, emb=2, n_eval=64, hids=1, control_level=1)
 POSITIVE = ["sigma_p", "snrs", "level", "ft_snr", "n0_snr2s", "sigma0", "eta", "tau", "pre_sigma0", "pre_rate",
             "pre_drop", "scaling_n0snr2", "radius", "kernel_tau", "lr"]
 
@@ -237,6 +253,38 @@ def check_args(p, args):
     if args.cmd == "hltm" and (args.control_level or 0) > args.depth:
         p.error(f"--control-level {args.control_level} is below the leaves (level --depth = {args.depth}): give "
                 f"at most {args.depth}")
+    need, have = memory_needed(args), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:  # refused before allocating: a size that cannot fit would only swap, or fail after minutes
+        fits = lambda key, v: memory_needed(argparse.Namespace(**{**vars(args), key: v})) <= have
+        limits = []
+        for key, v in vars(args).items():
+            if key in AT_LEAST and type(v) is int and v > p.get_default(key) and fits(key, AT_LEAST[key]):
+                lo, hi = AT_LEAST[key], v  # the largest value that fits, the rest as given: fits(lo), not fits(hi)
+                while hi - lo > 1:
+                    lo, hi = ((lo + hi) // 2, hi) if fits(key, (lo + hi) // 2) else (lo, (lo + hi) // 2)
+                limits.append(f"--{key.replace('_', '-')} at most {lo}")
+        p.error(f"these sizes need about {need / 2 ** 30:.3g} GiB of memory, more than this machine's "
+                f"{have / 2 ** 30:.3g} GiB: lower them ({', '.join(limits) or 'the sizes you raised'}, each with the "
+                "rest as given)")
+
+
+def memory_needed(a):
+    """Rough bytes of the largest tensors a run of a holds at once (what check_args compares with the memory)."""
+    if a.cmd == "cnn":
+        main = a.part == "main"
+        cells = (len(a.snrs) + 1 + 3 * len(a.n0_snr2s)) * a.seeds if main else (
+            2 * len(a.n0s) * len(a.scaling_n0snr2) * a.scaling_seeds)
+        n0 = max(round(k / a.ft_snr ** 2) for k in a.n0_snr2s) if main else max(a.n0s)
+        return 8 * (a.d if main else max(a.scaling_ds)) * (
+            4 * cells * (max(a.ns) if main else a.scaling_n) + 5 * n0 + 2 * a.n_test + 2 * a.m)
+    if a.cmd == "clusters":  # 2 seeds' nets, (2N)^2 similarities and (2N, hidden) activations, a few of each
+        return 16 * 2 * a.seeds * 8 * a.per_cluster * (8 * a.per_cluster + a.hidden)
+    if a.cmd == "covariance":  # the connections K_l of the Theorem 3 check, float64; the conv net's views
+        sizes = [a.D] + a.widths
+        return 24 * a.N * a.K * sizes[-1] * max(i * o for i, o in zip(sizes, sizes[1:])) + 64 * a.batch * a.L * a.filters
+    nets, hid = (2 if a.part == "main" else 1) * a.seeds, max([a.hid, a.emb or 0] + (a.hids if a.part == "width" else []))
+    leaves = a.children ** min(a.depth, 100)  # the evaluation trees and their forward pass, float64 for correlations
+    return nets * leaves * (a.n_eval + 3 * a.batch) * (16 + 24 * hid)
 
 
 def unwritable(path, folder):
@@ -248,8 +296,10 @@ def unwritable(path, folder):
     if os.path.exists(path) and os.path.isdir(path) != folder:
         return "exists and is a file, not a folder" if folder else "is a folder"
     parent = path if folder else os.path.dirname(path) or "."
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):  # lexists: a link to nothing stops the walk, to be named below
         parent = os.path.dirname(parent) or "."
+    if not os.path.exists(parent):
+        return f"{parent} is a link to nothing" if parent == path else f"{parent} is a link to nothing, not a folder"
     if not os.path.isdir(parent):
         return f"{parent} is a file, not a folder"
     try:  # a real write into the nearest folder that exists: os.access says yes to root on /proc or /sys
@@ -260,7 +310,7 @@ def unwritable(path, folder):
 
 
 # =====================================================================================================
-# Shared plumbing: seeding in one place, output
+# Shared plumbing: seeding in one place, the loss, output
 # =====================================================================================================
 
 
@@ -274,6 +324,25 @@ def generator(seed):
     return torch.Generator().manual_seed(int(seed))
 
 
+def nt_xent(h1, h2, tau):
+    """SimCLR's NT-Xent (Eq. 1 of arXiv:2002.05709) on 2N views, self-similarity masked with -inf. h1, h2: (..., N, C);
+    one loss per leading index, so that independent runs train as one batch."""
+    N = h1.shape[-2]
+    z = F.normalize(torch.cat([h1, h2], -2), dim=-1)  # (..., 2N, C)
+    sim = (z / tau) @ z.mT  # (..., 2N, 2N)
+    sim.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+    positive = torch.cat([torch.arange(N, 2 * N), torch.arange(N)]).expand(sim.shape[:-1])  # view i's: i + N, and back
+    return F.cross_entropy(sim.flatten(0, -2), positive.flatten(), reduction="none").view(sim.shape[:-1]).mean(-1)
+
+
+def finite(loss, step, flag):
+    """loss as a float, or FloatingPointError naming the flag to lower: a run that diverged says so and stops."""
+    value = loss.sum().item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the loss is {value} at step {step}: lower {flag}")
+    return value
+
+
 def strict_json(o):
     """o with inf and nan as strings: JSON has neither, and strict parsers (JavaScript's) refuse Python's Infinity."""
     if isinstance(o, float) and not math.isfinite(o):
@@ -283,23 +352,25 @@ def strict_json(o):
     return [strict_json(v) for v in o] if isinstance(o, (list, tuple)) else o
 
 
-def save_summary(out, summary):
-    """summary.json, through a temporary file renamed once whole: a run stopped mid-write leaves the last one."""
-    os.makedirs(out, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(strict_json(summary), f, indent=1, allow_nan=False)
-    os.replace(tmp, os.path.join(out, "summary.json"))
-
-
-def nt_xent(h1, h2, tau):
-    """SimCLR's NT-Xent (Eq. 1 of arXiv:2002.05709) on 2N views, self-similarity masked with -inf."""
-    z = F.normalize(torch.cat([h1, h2]), dim=1)  # (2N, C)
-    sim = z @ z.T / tau
-    sim.fill_diagonal_(float("-inf"))
-    N = len(h1)
-    target = torch.cat([torch.arange(N, 2 * N), torch.arange(N)])
-    return F.cross_entropy(sim, target)
+def write_atomic(path, write):
+    """write(f) to a temporary file beside path, renamed to path once whole: a run stopped mid-write leaves the last
+    whole file. An OSError (a full disk, ulimit -f, a folder gone) names path, not the temporary file."""
+    folder = os.path.dirname(path) or "."
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the others sharing the folder
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from e
+    finally:
+        if tmp and os.path.exists(tmp):  # the write failed
+            os.remove(tmp)
 
 
 def pyplot():
@@ -314,15 +385,13 @@ def pyplot():
     return plt
 
 
-def save_fig(plt, fig, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    print("figure:", path)
-
-
 def mean_std(xs):
     return float(np.mean(xs)), float(np.std(xs))
+
+
+def pm(xs, f="%.3f"):
+    """'mean ± std' of xs, each with format f."""
+    return (f + " ± " + f) % mean_std(xs)
 
 
 def print_table(header, rows):
@@ -334,6 +403,7 @@ def print_table(header, rows):
         print(line(r))
 
 
+
 # =====================================================================================================
 # 1. cnn -- SimCLR pre-training in a two-layer CNN (Zhang & Cao 2024, arXiv:2409.18685)
 # =====================================================================================================
@@ -343,6 +413,10 @@ def print_table(header, rows):
 # large (benign overfitting) and stays at a constant when n^-1 SNR^-q is large (harmful overfitting).
 # Zhang & Cao's main theorem: pre-train a linear CNN with InfoNCE on n0 unlabelled samples, fine-tune on n labels,
 # and once n0 SNR^2 is large the n SNR^q requirement is gone.
+# Two controls ask what the pre-training contributes. Share-nothing: the same SimCLR with a positive view of an
+# independent label, so the two views share nothing. PCA: the top principal direction of the same unlabelled
+# samples. mu is that direction in this data model (the signal adds ||mu||^2 to one direction's variance), so any
+# variance-seeking pre-training finds it once n0 SNR^2 is large; only what PCA and share-nothing lack is contrastive.
 
 
 def cnn_mu(d, snr, sigma_p):
@@ -382,31 +456,50 @@ def stratified_labels(n, j, sets, g):
 
 
 def cnn_f(W, X, q, m):
-    """f(W, x) = F_{+1} - F_{-1},  F_j = (1/m) sum_r sum_p ReLU(<w_{j,r}, x(p)>)^q.  W: (2m, d), rows 0..m-1 are W_{+1}."""
-    act = torch.relu(X @ W.T) ** q  # (n, 2, 2m)
-    Fj = act.sum(1) / m  # (n, 2m): sum over the two patches
-    return Fj[:, :m].sum(1) - Fj[:, m:].sum(1)  # (n,)
+    """f(W, x) = F_{+1} - F_{-1},  F_j = (1/m) sum_r sum_p ReLU(<w_{j,r}, x(p)>)^q, for W (..., 2m, d), rows 0..m-1
+    W_{+1}, and X (..., n, 2, d): one network per leading index of W. (..., n)"""
+    act = torch.relu(torch.einsum("...npd,...rd->...npr", X, W)) ** q  # (..., n, 2, 2m)
+    Fj = act.sum(-2) / m  # (..., n, 2m): sum over the two patches
+    return Fj[..., :m].sum(-1) - Fj[..., m:].sum(-1)
 
 
-def train_logistic(W, X, y, q, m, eta, steps, tol):
-    """Full-batch GD on the logistic loss log(1 + exp(-y f)) (Cao et al. 2022; Zhang & Cao's fine-tuning) until the
-    training loss is below tol, the epsilon of both papers' theorems, or for `steps` steps. Returns W, the loss and
-    the steps taken."""
-    W = W.clone().requires_grad_(True)
+def train_logistic(W, X, y, mu, q, m, eta, steps, tol):
+    """Full-batch GD on the logistic loss log(1 + exp(-y f)) (Cao et al. 2022; Zhang & Cao's fine-tuning) of C
+    independent networks W (C, 2m, d), each on its own set X (C, n, 2, d), y (C, n) of signal mu (C, d), until its
+    training loss is below tol, the epsilon of both papers' theorems, or for `steps` steps. Returns W, the losses and
+    the steps taken (C,).
+
+    Sample i's patches are y_i mu and a noise patch xi_i, so a gradient is a combination of mu and the xi_i and W stays
+    W0 + B [mu; xi] (the signal-noise decomposition of Cao et al.): GD runs on B (C, 2m, n + 1) through the Gram
+    matrix of [mu; xi], a step costing (n + 1)^2 2m instead of 2n d 2m. mu is a coordinate here, never a label."""
+    C, n = y.shape
+    P = torch.cat([mu[:, None], X.sum(2) - y[..., None] * mu[:, None]], 1)  # (C, n + 1, d): mu, then xi_i = x(1) + x(2) - y_i mu
+    gram, pre0 = P @ P.mT, W @ P.mT  # (C, n + 1, n + 1), (C, 2m, n + 1): <p_a, p_b>, <w0_r, p_b>
+    sign = torch.cat([torch.ones(m), -torch.ones(m)]).to(X.dtype)[:, None] / m  # (2m, 1): F_{+1} - F_{-1}, each / m
+    B, losses, taken = torch.zeros(C, 2 * m, n + 1, dtype=X.dtype), torch.zeros(C, dtype=X.dtype), torch.zeros(C, dtype=torch.long)
+    live, b = torch.arange(C), B  # the networks still training, and their B
     for step in range(steps + 1):
-        loss = F.softplus(-y * cnn_f(W, X, q, m)).mean()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"the logistic loss is {loss.item()} at step {step}: lower --eta")
-        if loss.item() < tol or step == steps:
-            break
-        (grad,) = torch.autograd.grad(loss, W)
-        with torch.no_grad():
-            W -= eta * grad
-    return W.detach(), loss.item(), step
+        pre = pre0 + b @ gram  # (c, 2m, n + 1): <w_r, mu>, then <w_r, xi_i>
+        act_s, act_n = torch.relu(y[:, None] * pre[..., :1]), torch.relu(pre[..., 1:])  # (c, 2m, n): ReLU(<w_r, y_i mu>), ReLU(<w_r, xi_i>)
+        f = (sign * (act_s ** q + act_n ** q)).sum(1)  # (c, n)
+        loss = F.softplus(-y * f).mean(1)  # (c,)
+        finite(loss, step, "--eta")
+        done = (loss < tol) | (step == steps)
+        if done.any():  # record the finished networks, go on with the rest
+            B[live[done]], losses[live[done]], taken[live[done]] = b[done], loss[done], step
+            keep = ~done
+            live, gram, pre0, y, b, act_s, act_n, f = (v[keep] for v in (live, gram, pre0, y, b, act_s, act_n, f))
+            if not len(live):
+                break
+        coef = (-y * torch.sigmoid(-y * f) / n)[:, None] * sign * q  # (c, 2m, n): dL/df_i times df_i/dF_j
+        grad_s = (coef * act_s ** (q - 1) * y[:, None]).sum(-1, keepdim=True)  # (c, 2m, 1): dL/d<w_r, mu>
+        b = b - eta * torch.cat([grad_s, coef * act_n ** (q - 1)], -1)  # and dL/d<w_r, xi_i>
+    return W + B @ P, losses, taken
 
 
 def test_error(W, X, y, q, m):
-    return (torch.sign(cnn_f(W, X, q, m)) != y).double().mean().item()
+    """Test error of each network W (..., 2m, d) on one test set X (n, 2, d), y (n,)."""
+    return (torch.sign(cnn_f(W, X, q, m)) != y).double().mean(-1)
 
 
 def info_nce(h, hp, tau):
@@ -415,36 +508,38 @@ def info_nce(h, hp, tau):
     return F.cross_entropy(logits, torch.arange(len(h)))
 
 
+def directions(W):
+    """The rows of W at unit norm, scaled first by their largest entry, so that a tiny W (--pre-sigma0) cannot underflow."""
+    return F.normalize(W / W.abs().amax(-1, keepdim=True), dim=-1)
+
+
 def mean_abs_cos(W, mu):
     """Mean over the filters of |cos(w_r, mu)|."""
-    return ((W @ mu).abs() / (W.norm(dim=1) * mu.norm())).mean().item()
+    return (directions(W.double()) @ mu).abs().mean().item() / mu.norm().item()
 
 
 def filter_response(W, mu, sigma_p):
     """Median over the filters of |<w, mu>| / (sigma_p ||P w||), P the projection off mu: a filter's response to the
     signal over the spread of its response to a noise patch (whose covariance is sigma_p^2 P)."""
-    u = mu / mu.norm()
+    u, W = mu / mu.norm(), directions(W.double())
     off = (W - (W @ u)[:, None] * u).norm(dim=1)  # (2m,): ||P w||
     return ((W @ mu).abs() / (sigma_p * off)).median().item()
 
 
-def pretrain_linear_cnn(X, Xp, mu, m, tau, eta, steps, drop, sigma0, g):
-    """SimCLR pre-training of the linear CNN h(x) = sum_p W x(p) (Zhang & Cao), GD from a small init.
+def pretrain_linear_cnn(X, Xp, mu, W, tau, eta, steps, drop):
+    """SimCLR pre-training of the linear CNN h(x) = sum_p W x(p) (Zhang & Cao), GD from a small init W (2m, d).
 
     While h is small the InfoNCE gradient is linear in W: a power iteration w <- (I + eta A) w whose top eigenvector
     is +-mu once n0 SNR^2 is large (Zhang & Cao's analysis of pre-training). GD stops when the loss has fallen
     `drop` below log n0, its value at h = 0: the end of that small-h phase, read off the unlabelled data alone.
     Returns the 2m filters, the mean |cos(w_r, mu)| after every step (measured, never used) and the steps taken.
     """
-    W = (sigma0 * torch.randn(2 * m, X.shape[-1], generator=g, dtype=torch.float64)).requires_grad_(True)
+    W = W.clone().requires_grad_(True)
     s, sp = X.sum(1), Xp.sum(1)  # (n0, d): the projection head sums patch activations, so only x(1)+x(2) matters
     cos = [mean_abs_cos(W.detach(), mu)]
     for step in range(steps + 1):
         loss = info_nce(s @ W.T, sp @ W.T, tau)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"the InfoNCE loss of pre-training is {loss.item()} at step {step}: lower "
-                                     f"--pre-rate")
-        if loss.item() < math.log(len(X)) - drop or step == steps:
+        if finite(loss, step, "--pre-rate") < math.log(len(X)) - drop or step == steps:
             break
         (grad,) = torch.autograd.grad(loss, W)
         with torch.no_grad():
@@ -461,50 +556,83 @@ def shared_energy(X, Xp):
     return max((s * sp).sum(1).mean().item(), (s * s).sum(1).mean().item() / s.shape[1])
 
 
-def cnn_pretrain(args, snr, n0, seed):
-    """SimCLR pre-training for one (SNR, n0, seed). Returns the 2m filters, ready for fine-tuning, and what they
-    learned: mean |cos(w_r, mu)| and the filter response at the stop, the steps, the |cos| curve."""
+def top_direction(X):
+    """The top principal direction of the samples' s = x(1) + x(2) (uncentred: E s = 0), from the smaller of the two
+    Gram matrices. (d,)"""
+    S = X.sum(1)  # (k, d)
+    if len(S) >= S.shape[1]:
+        return torch.linalg.eigh(S.T @ S).eigenvectors[:, -1]
+    return F.normalize(S.T @ torch.linalg.eigh(S @ S.T).eigenvectors[:, -1], dim=0)  # S^T u: u's right twin
+
+
+def cnn_pretrain(args, snr, n0, seed, controls=True):
+    """Pre-training for one (SNR, n0, seed), from one init: SimCLR on pairs sharing their hidden label (Zhang & Cao's
+    positive view, a fresh draw of the same class) and, with controls, SimCLR on pairs of independent labels
+    ('share-nothing') and the top principal direction of all 2 n0 samples, signed per filter as the init ('pca').
+    Returns {method: (the 2m filters ready for fine-tuning, what they learned: mean |cos(w_r, mu)|, the filter
+    response, the steps, the |cos| curve)}."""
     g = generator(seed)
     mu = cnn_mu(args.d, snr, args.sigma_p)
-    # pre-training set: n0 unlabelled x_i and their positive views, fresh draws with the same (hidden) label
     y0 = cnn_labels(n0, g)
     X0, X0p = cnn_data(y0, mu, args.sigma_p, g), cnn_data(y0, mu, args.sigma_p, g)
+    W0 = args.pre_sigma0 * torch.randn(2 * args.m, args.d, generator=g, dtype=torch.float64)
     # step as a fixed fraction of the power iteration's top eigenvalue 2||mu||^2/tau (Zhang & Cao), with ||mu||^2
     # estimated from the unlabelled pairs (mu is hidden), so every SNR gets about the same number of power steps;
-    # the tiny init keeps us in the linear (power-method) phase longer.
+    # the tiny init keeps us in the linear (power-method) phase longer. The control keeps SimCLR's step.
     eta0 = args.pre_rate * args.tau / (2 * shared_energy(X0, X0p))
-    W, curve, stop = pretrain_linear_cnn(X0, X0p, mu, args.m, args.tau, eta0, args.pre_steps, args.pre_drop,
-                                         args.pre_sigma0, g)
-    info = dict(cos=curve[-1], response=filter_response(W, mu, args.sigma_p), stop=stop, curve=curve)
+    run = lambda Xp: pretrain_linear_cnn(X0.float(), Xp.float(), mu, W0.float(), args.tau, eta0, args.pre_steps,
+                                         args.pre_drop)  # float32: a power iteration needs no more, at 3x the speed
+    pre = {"simclr": run(X0p)}
+    if controls:
+        pre["share-nothing"] = run(cnn_data(cnn_labels(n0, g), mu, args.sigma_p, g))  # views of independent labels
+        v = top_direction(torch.cat([X0, X0p]))
+        pre["pca"] = (torch.where(W0 @ v < 0, -1.0, 1.0)[:, None] * v, [], 0)
     # Fine-tuning starts from the pre-trained *directions* at the norm of the random init (sigma0 sqrt d), so the
-    # comparison is direction vs direction, not a bigger init vs a smaller one. Random split into W_{+1}, W_{-1}.
-    W = W / W.norm(dim=1, keepdim=True) * args.sigma0 * math.sqrt(args.d)
-    return W[torch.randperm(2 * args.m, generator=g)], info
+    # comparison is direction vs direction, not a bigger init vs a smaller one. One random split into W_{+1}, W_{-1}.
+    split = torch.randperm(2 * args.m, generator=g)
+    return {k: ((directions(W) * args.sigma0 * math.sqrt(args.d))[split].float(),
+                dict(cos=mean_abs_cos(W, mu), response=filter_response(W, mu, args.sigma_p), stop=stop, curve=curve))
+            for k, (W, curve, stop) in pre.items()}
 
 
 def cnn_labelled(args, snr, n, j, sets):
-    """The j-th labelled set of size n, a test set and a random init. One stream per (set, n): supervised training
-    and fine-tuning see the same set, at every SNR and n0."""
+    """The j-th labelled set of size n and a random init, from one stream per (set, n): supervised training and
+    fine-tuning see the same set, at every SNR and n0."""
     g = generator(100_003 * (args.seed + j) + n)
-    mu = cnn_mu(args.d, snr, args.sigma_p)
-    y, yt = stratified_labels(n, j, sets, g), cnn_labels(args.n_test, g)
-    X, Xt = cnn_data(y, mu, args.sigma_p, g), cnn_data(yt, mu, args.sigma_p, g)
+    y = stratified_labels(n, j, sets, g)
+    X = cnn_data(y, cnn_mu(args.d, snr, args.sigma_p), args.sigma_p, g)
     W0 = args.sigma0 * torch.randn(2 * args.m, args.d, generator=g, dtype=torch.float64)
-    return X.float(), y.float(), Xt.float(), yt.float(), W0.float()  # float32: GD here needs no more, at twice the speed
+    return X.float(), y.float(), W0.float()  # float32: GD here needs no more, at twice the speed
 
 
-def cnn_cells(args, snr, ns, sets, n0=None):
-    """Test error on `sets` labelled sets of every n in ns: supervised GD from a random init (n0 None), or
-    fine-tuning from the filters SimCLR pre-trains on n0 unlabelled samples, once per set and shared by every n."""
-    cells = []
-    for j in range(sets):
-        W_pre, pre = cnn_pretrain(args, snr, n0, args.seed + j) if n0 else (None, {})
-        for n in ns:
-            X, y, Xt, yt, W0 = cnn_labelled(args, snr, n, j, sets)
-            W, loss, steps = train_logistic(W0 if n0 is None else W_pre.float(), X, y, args.q, args.m, args.eta, args.steps,
-                                            args.loss_tol)
-            cells.append(dict(d=args.d, snr=snr, n=n, n0=n0, set=j, err=test_error(W, Xt, yt, args.q, args.m),
-                              loss=loss, steps=steps, one_class=bool(abs(y.sum().item()) == n), **pre))
+def cnn_test_set(args, snr, j):
+    """The j-th set's test samples, shared by every n: stream n = 0 of cnn_labelled's numbering."""
+    g = generator(100_003 * (args.seed + j))
+    yt = cnn_labels(args.n_test, g)
+    return cnn_data(yt, cnn_mu(args.d, snr, args.sigma_p), args.sigma_p, g).float(), yt.float()
+
+
+def cnn_cells(args, cells, sets):
+    """Train every cell, a dict of snr, n, set and init (the pre-trained filters; None: supervised from a random
+    init), all cells of one n as one batch; adds the test error, the final loss, the steps and one_class."""
+    for n in sorted({c["n"] for c in cells}):
+        batch = [c for c in cells if c["n"] == n]
+        data = [cnn_labelled(args, c["snr"], n, c["set"], sets) for c in batch]
+        X, y, W0 = (torch.stack(v) for v in zip(*data))
+        W0 = torch.stack([W0[i] if c["init"] is None else c["init"] for i, c in enumerate(batch)])
+        mu = torch.stack([cnn_mu(args.d, c["snr"], args.sigma_p) for c in batch]).float()
+        t0 = time.time()
+        W, loss, steps = train_logistic(W0, X, y, mu, args.q, args.m, args.eta, args.steps, args.loss_tol)
+        print(f"n={n}: {len(batch)} networks, {time.time() - t0:.1f}s")
+        for i, c in enumerate(batch):
+            c.update(W=W[i], loss=loss[i].item(), steps=steps[i].item(), one_class=bool(abs(y[i].sum().item()) == n))
+    for key in {(c["snr"], c["set"]) for c in cells}:  # one test set per (SNR, set), every network on it at once
+        mine = [c for c in cells if (c["snr"], c["set"]) == key]
+        err = test_error(torch.stack([c.pop("W") for c in mine]), *cnn_test_set(args, *key), args.q, args.m)
+        for c, e in zip(mine, err.tolist()):
+            c["err"] = e
+    for c in cells:
+        c.pop("init")
     return cells
 
 
@@ -520,59 +648,95 @@ def run_cnn(args):
     return {"main": cnn_main, "scaling": cnn_scaling}[args.part](args)
 
 
-def cnn_main(args):
-    """Label complexity: supervised test error against n at each SNR (Cao et al.'s n SNR^q threshold), and
-    fine-tuned test error against n at each n0 SNR^2 (Zhang & Cao: pre-training removes the threshold)."""
-    t0, fmt = time.time(), lambda cs: "%.3f ± %.3f" % mean_std([c["err"] for c in cs])
-    sup = []
-    for snr in sorted(set(args.snrs) | {args.ft_snr}):
-        sup += cnn_cells(args, snr, args.ns, args.seeds)
-    print(f"supervised: {time.time() - t0:.0f}s")
-    ft = []
-    for k in args.n0_snr2s:
-        ft += [dict(c, n0_snr2=k) for c in cnn_cells(args, args.ft_snr, args.ns, args.seeds, round(k / args.ft_snr ** 2))]
-    print(f"SimCLR + fine-tune: {time.time() - t0:.0f}s")
-    at = lambda cells, **kv: [c for c in cells if all(c[key] == v for key, v in kv.items())]
+def select(cells, **kv):
+    """The cells whose every key in kv has that value (floats compared with math.isclose)."""
+    return [c for c in cells if all(c.get(k) == v or isinstance(v, float) and math.isclose(c.get(k) or 0, v)
+                                    for k, v in kv.items())]
 
+
+METHODS = {"simclr": "SimCLR", "share-nothing": "views share nothing", "pca": "PCA direction"}
+
+
+def cnn_main(args):
+    """Label complexity: supervised test error against n at each SNR (Cao et al.'s n SNR^q threshold), and fine-tuned
+    test error against n at each n0 SNR^2 (Zhang & Cao: pre-training removes the threshold), with both controls."""
+    t0, sets = time.time(), range(args.seeds)
+    cells = [dict(snr=snr, n=n, set=j, init=None, method="supervised")
+             for snr in sorted(set(args.snrs) | {args.ft_snr}) for n in args.ns for j in sets]
+    for k in args.n0_snr2s:
+        n0 = round(k / args.ft_snr ** 2)
+        for j in sets:
+            for method, (W, info) in cnn_pretrain(args, args.ft_snr, n0, args.seed + j).items():
+                cells += [dict(snr=args.ft_snr, n=n, set=j, init=W, method=method, n0=n0, n0_snr2=k, **info)
+                          for n in args.ns]
+    print(f"pre-training: {time.time() - t0:.0f}s")
+    cnn_cells(args, cells, args.seeds)
+    print(f"supervised and fine-tuning: {time.time() - t0:.0f}s")
+    sup, ft = select(cells, method="supervised"), [c for c in cells if c["method"] != "supervised"]
+    crossings, q_fit = cnn_supervised_table(args, sup)
+    cnn_finetune_tables(args, sup, ft)
+    strip = lambda cs: [{k: v for k, v in c.items() if k != "curve"} for c in cs]
+    summary = dict(config=vars(args), supervised=strip(sup), finetuned=strip(ft),
+                   crossings={str(s): n_c for s, n_c in crossings.items()}, q_fit=q_fit, capped=capped_cells(args, cells))
+    return summary, lambda plt: plot_cnn_main(plt, args, sup, ft)
+
+
+def cnn_supervised_table(args, sup):
     print(f"\nSupervised test error, mean ± std over {args.seeds} labelled sets (d={args.d}, m={args.m}, q={args.q}, "
-          f"GD step {args.eta} until the training loss < {args.loss_tol:g})")
+          f"GD step {args.eta} until the training loss < {args.loss_tol:g} or {args.steps} steps)")
+    err = lambda **kv: [c["err"] for c in select(sup, **kv)]
     print_table(["n"] + [f"SNR {s}: n SNR^{args.q}" for s in args.snrs] + [f"SNR {s}" for s in args.snrs],
-                [[n] + [f"{n * s ** args.q:.3g}" for s in args.snrs] + [fmt(at(sup, snr=s, n=n)) for s in args.snrs]
+                [[n] + [f"{n * s ** args.q:.3g}" for s in args.snrs] + [pm(err(snr=s, n=n)) for s in args.snrs]
                  for n in args.ns])
-    crossings = {}
-    for s in args.snrs:
-        n_c = first_crossing(args.ns, [np.mean([c["err"] for c in at(sup, snr=s, n=n)]) for n in args.ns], args.level)
-        crossings[s] = n_c
+    crossings = {s: first_crossing(args.ns, [np.mean(err(snr=s, n=n)) for n in args.ns], args.level) for s in args.snrs}
+    for s, n_c in crossings.items():
         print(f"SNR {s}: mean error first at {args.level} at " + (
             f"n = {n_c:.0f}, n SNR^{args.q} = {n_c * s ** args.q:.2f}" if n_c else f"no n up to {args.ns[-1]}"))
     fit = [(math.log(s), math.log(n_c)) for s, n_c in crossings.items() if n_c]
     q_fit = -np.polyfit(*zip(*fit), 1)[0] if len(fit) > 1 else None
     if q_fit is not None:
         print(f"a line through log n against log SNR at those points: n ∝ SNR^-{q_fit:.2f} (the theorem's q = {args.q})")
+    return crossings, q_fit
 
-    print(f"\nSimCLR + fine-tune at SNR {args.ft_snr}, test error mean ± std over {args.seeds} labelled sets; "
-          f"pre-training on n0 = n0 SNR^2 / SNR^2 unlabelled samples, one per set")
-    print_table(["n", "supervised"] + [f"n0 SNR^2 = {k:g} (n0 = {round(k / args.ft_snr ** 2)})" for k in args.n0_snr2s],
-                [[n, fmt(at(sup, snr=args.ft_snr, n=n))] + [fmt(at(ft, n0_snr2=k, n=n)) for k in args.n0_snr2s]
-                 for n in args.ns])
-    pre = [at(ft, n0_snr2=k, n=args.ns[0]) for k in args.n0_snr2s]
-    print_table(["pre-training, mean ± std over sets"] + [f"n0 SNR^2 = {k:g}" for k in args.n0_snr2s],
-                [[name] + ["%.3f ± %.3f" % mean_std([c[key] for c in p]) for p in pre]
-                 for name, key in [("|cos(w, mu)| at the stop", "cos"), ("filter response", "response"),
-                                   ("steps", "stop")]])
+
+def cnn_finetune_tables(args, sup, ft):
+    print(f"\nSNR {args.ft_snr}: test error, mean ± std over {args.seeds} labelled sets; fine-tuned from SimCLR, from "
+          f"SimCLR on views that share nothing, and from the unlabelled data's top principal direction, each "
+          f"pre-trained on n0 = n0 SNR^2 / SNR^2 samples, once per set")
+    print_table(["n0 SNR^2", "n", "supervised"] + list(METHODS.values()),
+                [[f"{k:g} (n0 {round(k / args.ft_snr ** 2)})", n, pm([c["err"] for c in select(sup, snr=args.ft_snr, n=n)])]
+                 + [pm([c["err"] for c in select(ft, n0_snr2=k, n=n, method=m)]) for m in METHODS]
+                 for k in args.n0_snr2s for n in args.ns])
+    n = args.ns[0]
+    print_table(["pre-training, mean ± std over sets", *(f"n0 SNR^2 = {k:g}" for k in args.n0_snr2s)],
+                [[f"{name}: {METHODS[m]}", *(pm([c[key] for c in select(ft, n0_snr2=k, n=n, method=m)]) for k in args.n0_snr2s)]
+                 for name, key in [("|cos(w, mu)|", "cos"), ("filter response", "response"), ("steps", "stop")]
+                 for m in METHODS if key != "stop" or m != "pca"])
     mean_err = lambda cs: "%.3f" % np.mean([c["err"] for c in cs]) if cs else "-"
-    rows = [[n, f"{len(at(sup, snr=args.ft_snr, n=n, one_class=True))} of {args.seeds}",
-             mean_err(at(sup, snr=args.ft_snr, n=n, one_class=True))]
-            + [mean_err(at(ft, n0_snr2=k, n=n, one_class=True)) + " / " + mean_err(at(ft, n0_snr2=k, n=n, one_class=False))
-               for k in args.n0_snr2s] for n in args.ns if at(ft, n=n, one_class=True)]
+    rows = [[n, f"{len(select(sup, snr=args.ft_snr, n=n, one_class=True))} of {args.seeds}",
+             mean_err(select(sup, snr=args.ft_snr, n=n, one_class=True))]
+            + [mean_err(select(ft, n0_snr2=k, n=n, one_class=True, method="simclr")) + " / "
+               + mean_err(select(ft, n0_snr2=k, n=n, one_class=False, method="simclr")) for k in args.n0_snr2s]
+            for n in args.ns if select(ft, n=n, one_class=True)]
     if rows:
-        print(f"\nthe sets holding one class only: test error on them / on the other sets, SNR {args.ft_snr}")
+        print(f"\nthe sets holding one class only: test error on them / on the other sets, SNR {args.ft_snr}, SimCLR")
         print_table(["n", "one-class sets", "supervised"] + [f"n0 SNR^2 = {k:g}" for k in args.n0_snr2s], rows)
-    strip = lambda cells: [{k: v for k, v in c.items() if k != "curve"} for c in cells]
-    summary = dict(config=vars(args), supervised=strip(sup), finetuned=strip(ft),
-                   crossings={str(s): n_c for s, n_c in crossings.items()}, q_fit=q_fit)
-    plot_cnn_main(args, sup, ft)
-    return summary
+
+
+def capped_cells(args, cells):
+    """The networks GD left at the --steps cap with their training loss still above --loss-tol: printed per method,
+    returned one by one."""
+    capped = [c for c in cells if c["loss"] >= args.loss_tol]
+    print(f"\n{len(capped)} of {len(cells)} networks stopped at the {args.steps}-step cap with the training loss above "
+          f"{args.loss_tol:g} (loss ln(2)/n is one sample at f = 0, on which no filter fires: its own gradient is 0)")
+    groups = {(c["method"], c.get("n0")): [x for x in capped if (x["method"], x.get("n0")) == (c["method"], c.get("n0"))]
+              for c in cells}
+    print_table(["method", "n0", "capped", "at n", "training loss", "their test error"],
+                [[method, n0 or "-", f"{len(cs)} of {len(select(cells, method=method, n0=n0))}",
+                  " ".join(str(n) for n in sorted({c["n"] for c in cs})) or "-",
+                  "%.4f-%.4f" % (min(c["loss"] for c in cs), max(c["loss"] for c in cs)) if cs else "-",
+                  pm([c["err"] for c in cs]) if cs else "-"] for (method, n0), cs in groups.items()])
+    return [{k: c.get(k) for k in ("method", "snr", "n0", "n", "set", "loss", "steps", "err")} for c in capped]
 
 
 def cnn_scaling(args):
@@ -583,20 +747,24 @@ def cnn_scaling(args):
     cells, t0 = [], time.time()
     for d in args.scaling_ds:
         a = argparse.Namespace(**{**vars(args), "d": d})
+        cs = []
         for n0 in args.n0s:
             for k in args.scaling_n0snr2:
                 snr = math.sqrt(k / n0)
-                ft = cnn_cells(a, snr, [args.scaling_n], args.scaling_seeds, n0)
-                sup = cnn_cells(a, snr, [args.scaling_n], args.scaling_seeds)
-                cells += [dict(f, n0_snr2=k, err_sup=s["err"]) for f, s in zip(ft, sup)]
+                for j in range(args.scaling_seeds):
+                    W, info = cnn_pretrain(a, snr, n0, args.seed + j, controls=False)["simclr"]
+                    cs += [dict(d=d, snr=snr, n=args.scaling_n, set=j, n0=n0, n0_snr2=k, init=init, method=method, **info)
+                           for init, method in [(W, "simclr"), (None, "supervised")]]
+        cells += cnn_cells(a, cs, args.scaling_seeds)
         print(f"d={d}: {time.time() - t0:.0f}s")
-    at = lambda **kv: [c for c in cells if all(math.isclose(c[key], v) for key, v in kv.items())]
+    capped = capped_cells(args, cells)
+    cells = [dict(c, err_sup=s["err"]) for c, s in zip(cells[::2], cells[1::2])]  # each fine-tuning with its supervised twin
     print(f"\nPre-training stopped by the loss (log n0 - {args.pre_drop}), mean over {args.scaling_seeds} seeds: "
           f"|cos(w, mu)| at the stop, and test error at n={args.scaling_n} supervised -> fine-tuned; columns n0 SNR^2")
     print_table(["d", "n0", "d/n0"] + [f"{k:g}" for k in args.scaling_n0snr2],
                 [[d, n0, f"{d / n0:.3g}"] + [
                     "%.2f: %.2f -> %.2f" % tuple(np.mean([[c["cos"], c["err_sup"], c["err"]]
-                                                           for c in at(d=d, n0=n0, n0_snr2=k)], 0))
+                                                           for c in select(cells, d=d, n0=n0, n0_snr2=float(k))], 0))
                     for k in args.scaling_n0snr2] for d in args.scaling_ds for n0 in args.n0s])
     # what decides the outcome: the filters' response to the signal against their response to the noise
     bins = [0, 0.5, 1, 2, 4, 8, math.inf]  # octaves
@@ -610,54 +778,47 @@ def cnn_scaling(args):
           "over filters)")
     print_table(["response", "cells", "supervised error", "fine-tuned error", "|cos(w, mu)|"], rows)
     summary = dict(config=vars(args), cells=[{k: v for k, v in c.items() if k != "curve"} for c in cells],
-                   by_response=rows)
-    plot_cnn_scaling(args, cells)
-    return summary
+                   by_response=rows, capped=capped)
+    return summary, lambda plt: plot_cnn_scaling(plt, args, cells)
 
 
-def plot_cnn_main(args, sup, ft):
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+def plot_cnn_main(plt, args, sup, ft):
+    fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
+    curve = lambda cells, **kv: np.array([mean_std([c["err"] for c in select(cells, n=n, **kv)]) for n in args.ns]).T
     for i, snr in enumerate(args.snrs):
-        m = [mean_std([c["err"] for c in sup if c["snr"] == snr and c["n"] == n]) for n in args.ns]
         for a, x in [(ax[0], np.array(args.ns)), (ax[1], np.array(args.ns) * snr ** args.q)]:
-            a.errorbar(x, [v[0] for v in m], [v[1] for v in m], fmt="o-", color=f"C{i}", capsize=2, ms=4,
-                       label=f"SNR {snr}")
+            a.errorbar(x, *curve(sup, snr=snr), fmt="o-", color=f"C{i}", capsize=2, ms=4, label=f"SNR {snr}")
     ax[0].set(xscale="log", xlabel="labelled n", ylabel="test error", title="supervised, from a random init")
     ax[1].axhline(args.level, color="gray", ls=":")
     ax[1].set(xscale="log", xlabel=f"n SNR^{args.q}", title=f"the same against n SNR^{args.q}")
-    m = [mean_std([c["err"] for c in sup if c["snr"] == args.ft_snr and c["n"] == n]) for n in args.ns]
-    ax[2].errorbar(args.ns, [v[0] for v in m], [v[1] for v in m], fmt="o--", color="gray", capsize=2, ms=4,
-                   label="supervised")
+    for a in ax[2:]:
+        a.errorbar(args.ns, *curve(sup, snr=args.ft_snr), fmt="o--", color="gray", capsize=2, ms=4, label="supervised")
     for i, k in enumerate(args.n0_snr2s):
-        m = [mean_std([c["err"] for c in ft if c["n0_snr2"] == k and c["n"] == n]) for n in args.ns]
-        ax[2].errorbar(args.ns, [v[0] for v in m], [v[1] for v in m], fmt="s-", color=f"C{i + 3}", capsize=2, ms=4,
+        ax[2].errorbar(args.ns, *curve(ft, n0_snr2=k, method="simclr"), fmt="s-", color=f"C{i + 3}", capsize=2, ms=4,
                        label=f"n0 SNR² = {k:g}")
+        for method, style in [("simclr", "s-"), ("share-nothing", "x--"), ("pca", "^:")]:
+            ax[3].plot(args.ns, curve(ft, n0_snr2=k, method=method)[0], style, color=f"C{i + 3}", ms=5,
+                       label=f"{METHODS[method]}, n0 SNR² = {k:g}")
     ax[2].set(xscale="log", xlabel="labelled n", title=f"SimCLR + fine-tune, SNR {args.ft_snr}")
+    ax[3].set(xscale="log", xlabel="labelled n", title=f"SimCLR against its controls (means), SNR {args.ft_snr}")
     for a in ax:
         a.set_ylim(-0.02, 0.6)
-        a.legend(fontsize=7)
+        a.legend(fontsize=6)
     fig.suptitle(f"d = {args.d}, {args.seeds} labelled sets per point (mean ± std)", fontsize=9)
-    fig.tight_layout()
-    save_fig(plt, fig, args.fig)
+    return fig
 
 
-def plot_cnn_scaling(args, cells):
-    plt = pyplot()
-    if plt is None:
-        return
+def plot_cnn_scaling(plt, args, cells):
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
     for j, d in enumerate(args.scaling_ds):
         for i, n0 in enumerate(args.n0s):
-            c = [x for x in cells if x["d"] == d and x["n0"] == n0]
+            c = select(cells, d=d, n0=n0)
             k = np.array(args.scaling_n0snr2)
-            cos = [np.mean([x["cos"] for x in c if math.isclose(x["n0_snr2"], v)]) for v in k]
+            cos = [np.mean([x["cos"] for x in select(c, n0_snr2=float(v))]) for v in k]
             ax[1].plot(k / (1 + 2 * math.sqrt(n0 / d)), cos, "os"[j % 2] + "-", color=f"C{i}", ms=4,
                        label=f"d={d}, n0={n0}")
             if j == 0:  # the power iteration, first seed, at the middle n0 SNR^2
-                mid = [x for x in c if math.isclose(x["n0_snr2"], k[len(k) // 2]) and x["set"] == 0][0]
+                mid = select(c, n0_snr2=float(k[len(k) // 2]), set=0)[0]
                 ax[0].plot(mid["curve"], color=f"C{i}", label=f"n0={n0}")
     ax[0].set(xlabel="pre-training step", ylabel="mean |cos(w_r, mu)|",
               title=f"power iteration until the stop, d={args.scaling_ds[0]}, n0 SNR²="
@@ -672,8 +833,7 @@ def plot_cnn_scaling(args, cells):
     ax[2].set(xscale="log", xlabel="filter response |<w, mu>| / (sigma_p ||P w||) at the stop",
               ylabel=f"test error, n={args.scaling_n}", title="what decides the fine-tuning outcome")
     ax[2].legend(fontsize=7)
-    fig.tight_layout()
-    save_fig(plt, fig, args.fig)
+    return fig
 
 
 # =====================================================================================================
@@ -801,11 +961,6 @@ def circle_embedding(X, u_ref, k=1):
     return torch.cat([theta.cos(), theta.sin()], 1)
 
 
-def mlp(hidden, out, g_seed):
-    torch.manual_seed(g_seed)  # the init is part of the experiment: seeded here, from the one base seed
-    return torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, out))
-
-
 def no_cluster_control(X, groups, g):
     """Part (b)'s control: the same points with u redrawn uniform on u's range and v = (x_1 + x_2)/sqrt(2), the
     coordinate the augmentation moves, kept; grouped into bins contiguous in u with the groups' sizes. (X, bins)"""
@@ -820,41 +975,60 @@ def circle_measures(z, groups):
     return dict(fisher=angle_fisher(z, groups), uniformity=uniformity(z.double()), knn=knn_accuracy(z, groups))
 
 
-def train_on_circle(X, groups, args, seed, log_at):
-    """Part (b): NT-Xent on normalised 2-D outputs, full-batch SGD, fresh views each step, in float32 (part (a)'s
-    exact identities need float64, training does not). Returns the net and the measures at every step in log_at,
-    with the latents' angles (for the figure)."""
-    net, g, X = mlp(args.hidden, 2, seed), generator(seed), X.float()
-    opt = torch.optim.SGD(net.parameters(), lr=args.lr)
-    hist, loss = [], None
+def circle_net(params, X):
+    """Linear(2, hidden) -> LeakyReLU(0.2) -> Linear(hidden, 2), one net per leading index: X (S, B, 2) -> (S, B, 2)."""
+    W1, b1, W2, b2 = params
+    return F.leaky_relu(X @ W1.mT + b1[:, None], 0.2) @ W2.mT + b2[:, None]
+
+
+def train_on_circle(X, groups, args, seeds, log_at):
+    """Part (b): the nets of the rows of X (S, N, 2), trained as one batch in float32 (part (a)'s exact identities
+    need float64, training does not): NT-Xent on the outputs normalised onto the circle, full-batch SGD, fresh views
+    each step. Row i's net starts from seeds[i]'s init, nn.Linear's uniform +-1/sqrt(fan in), and sees that seed's
+    stream of views: rows of one seed share both. Returns each row's measures over its groups (S, N) at every step in
+    log_at, with the latents' angles (for the figure)."""
+    S, N, _ = X.shape
+    gens = {s: generator(s) for s in dict.fromkeys(seeds)}
+    unif = lambda g, fan_in, *shape: (2 * torch.rand(*shape, generator=g) - 1) / math.sqrt(fan_in)
+    init = {s: [unif(g, 2, args.hidden, 2), unif(g, 2, args.hidden), unif(g, args.hidden, 2, args.hidden),
+                unif(g, args.hidden, 2)] for s, g in gens.items()}
+    params = [torch.stack(p).requires_grad_() for p in zip(*(init[s] for s in seeds))]  # W1, b1, W2, b2: (S, ...)
+    hist, X, loss = [[] for _ in range(S)], X.float(), None
     for step in range(args.steps + 1):
         if step in log_at:
             with torch.no_grad():
-                z = F.normalize(net(X), dim=1)  # (N, 2): the latents on the circle
-            hist.append(dict(step=step, loss=None if loss is None else loss.item(), **circle_measures(z, groups),
-                             angle=torch.atan2(z[:, 1], z[:, 0]).tolist()))
+                z = F.normalize(circle_net(params, X), dim=-1)  # (S, N, 2): the latents on the circle
+            for i in range(S):
+                hist[i].append(dict(step=step, loss=None if loss is None else loss[i].item(),
+                                    **circle_measures(z[i], groups[i]), angle=torch.atan2(z[i, :, 1], z[i, :, 0]).tolist()))
         if step == args.steps:
             break
-        z = net(torch.cat([augment_diag(X, g), augment_diag(X, g)]))  # (2N, 2): both views in one pass
-        loss = nt_xent(z[:len(X)], z[len(X):], args.tau)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return net, hist
+        noise = {s: torch.randn(2 * N, 1, generator=g) for s, g in gens.items()}  # x -> x + s (1, 1), both views
+        z = circle_net(params, X.repeat(1, 2, 1) + torch.stack([noise[s] for s in seeds]))  # (S, 2N, 2)
+        loss = nt_xent(z[:, :N], z[:, N:], args.tau)  # (S,)
+        finite(loss, step, "--lr")
+        grads = torch.autograd.grad(loss.sum(), params)  # each net's own gradient: the losses share no weight
+        with torch.no_grad():
+            for p, grad in zip(params, grads):
+                p -= args.lr * grad
+    return hist, params
 
 
 def run_clusters(args):
     g = generator(args.seed)
     X, lab = clusters(args.per_cluster, args.radius, g)
     groups = invariant_groups(lab)
-    N = len(X)
     X1, X2 = augment_diag(X, g), augment_diag(X, g)  # one fixed pair of views: the losses of (a) are exact on it
-    u = u_coord(X)
-    centre_u = (groups - 1).double()  # u of each group's centre / sqrt 2
+    part_a = clusters_part_a(args, X, X1, X2, groups)
+    summary, draw = clusters_part_b(args, X, X1, X2, groups, g)
+    return dict(config=vars(args), part_a=part_a, **summary), draw
 
-    # ---- (a) the same loss, with and without clusters: an exact identity, an illustration ----------------------
-    rows, part_a = [], []
-    scrambled = f"g_{args.k_scramble} scrambled rank"
+
+def clusters_part_a(args, X, X1, X2, groups):
+    """(a) the same loss, with and without clusters: an exact identity, an illustration."""
+    N, u, rows, part_a = len(X), u_coord(X), [], []
+    centre_u = (groups - 1).double()  # u of each group's centre / sqrt 2
+    embeddings = [("groups -> 3 points", None), ("g_1 monotone rank", 1), (f"g_{args.k_scramble} scrambled rank", args.k_scramble)]
 
     def add_row(loss_name, name, spacing, z1, z2, latent, loss):  # latent (N,): the 1-D latent, or the angle
         align = ((z1 - z2) ** 2).sum(1).mean().item()
@@ -865,13 +1039,13 @@ def run_clusters(args):
 
     for spacing in [0.25, 1.0, 2.0]:  # distance between neighbouring ranks, in units of sqrt(kernel tau)
         c = spacing * math.sqrt(args.kernel_tau)
-        for name, k in [("groups -> 3 points", None), ("g_1 monotone rank", 1), (scrambled, args.k_scramble)]:
+        for name, k in embeddings:
             if k is None:
                 z1 = z2 = z = c * N / 2 * (centre_u + 1)[:, None]  # each group at one point, the same for both views
             else:
                 z1, z2, z = (rank_embedding(V, u, c, k) for V in (X1, X2, X))
             add_row("Gaussian kernel", name, spacing, z1, z2, z, gaussian_nce(z1, z2, args.kernel_tau).item())
-    for name, k in [("groups -> 3 points", None), ("g_1 monotone rank", 1), (scrambled, args.k_scramble)]:
+    for name, k in embeddings:
         if k is None:
             angle = 2 * math.pi / 3 * centre_u[:, None]  # the 3 groups at 3 equally spaced points
             z1 = z2 = torch.cat([angle.cos(), angle.sin()], 1)
@@ -883,8 +1057,12 @@ def run_clusters(args):
           f"on a line, NT-Xent (tau={args.tau}) on the unit circle; Fisher ratio of the latent (or its angle) and "
           f"10-NN over the 3 groups. The losses agree because they depend on the latents' multiset only")
     print_table(["loss", "embedding", "spacing/sqrt(tau)", "loss value", "align", "Fisher ratio", "10-NN acc"], rows)
+    return part_a
 
-    # ---- (b) training dynamics of a one-hidden-layer net on the circle, and a no-cluster control ---------------
+
+def clusters_part_b(args, X, X1, X2, groups, g):
+    """(b) training dynamics of a one-hidden-layer net on the circle, and its no-cluster control."""
+    u, S, t0 = u_coord(X), args.seeds, time.time()
     log_at = sorted({0, args.steps} | {round(10 ** (e / 8)) for e in range(8 * math.ceil(math.log10(args.steps + 1)) + 1)
                                        if 10 ** (e / 8) <= args.steps})  # 8 per decade
     Xc, bins = no_cluster_control(X, groups, g)
@@ -892,60 +1070,48 @@ def run_clusters(args):
                uniform=dict(circle_measures(circle_embedding(X, u), groups),
                             fisher=fisher_ratio(rank_embedding(X, u, 1.0), groups)))  # cut at the rank's ends
     print(f"\n(b) Linear(2,{args.hidden}) -> LeakyReLU(0.2) -> Linear({args.hidden},2) -> unit circle, NT-Xent "
-          f"tau {args.tau}, SGD lr {args.lr}, full batch, fresh views each step, {args.seeds} seeds; the control: "
+          f"tau {args.tau}, SGD lr {args.lr}, full batch, fresh views each step, {S} seeds; the control: "
           f"u redrawn uniform, the same nets and views, bins of u of the groups' sizes")
-    runs, controls, t0 = [], [], time.time()
-    for s in range(args.seeds):
-        net, hist = train_on_circle(X, groups, args, args.seed + s, log_at)
-        controls.append(train_on_circle(Xc, bins, args, args.seed + s, log_at)[1])
-        runs.append(hist)
-        print(f"seed {args.seed + s}: angle Fisher ratio {hist[0]['fisher']:.2f} at init, highest "
-              f"{max(h['fisher'] for h in hist):.2f}, {hist[-1]['fisher']:.2f} at the end | control "
-              f"{max(h['fisher'] for h in controls[-1]):.2f}, {controls[-1][-1]['fisher']:.2f}, {time.time() - t0:.1f}s")
+    seeds = [args.seed + s for s in range(S)]
+    hist, params = train_on_circle(torch.stack([X] * S + [Xc] * S), [groups] * S + [bins] * S, args, seeds * 2, log_at)
+    runs, controls = hist[:S], hist[S:]
+    print(f"{2 * S} nets, {time.time() - t0:.1f}s")
     fisher = np.array([[h["fisher"] for h in r] for r in runs])  # (seeds, steps)
     fisher_c = np.array([[h["fisher"] for h in r] for r in controls])
     top = int(fisher.mean(0).argmax())  # the one step where the mean over seeds peaks, the same step for every seed
-    fmt = lambda xs, f: (f + " ± " + f) % mean_std(xs)
     shown = sorted({log_at[top]} | {t for t in log_at if t in {0, args.steps} or any(t == round(10 ** (e / 2))
                                                                                      for e in range(12))})
-    table = [[t] + [fmt(v, "%.2f") for v in (fisher[:, log_at.index(t)], fisher_c[:, log_at.index(t)])]
-             + [fmt([r[log_at.index(t)][key] for r in runs], "%.3f") for key in ("uniformity", "knn")] for t in shown]
+    table = [[t] + [pm(v, "%.2f") for v in (fisher[:, log_at.index(t)], fisher_c[:, log_at.index(t)])]
+             + [pm([r[log_at.index(t)][key] for r in runs]) for key in ("uniformity", "knn")] for t in shown]
     table += [["input u, no net", f"{ref['input_u']:.2f}", f"{ref['control_input_u']:.2f}", "-", "-"],
               ["equally spaced, by rank(u)", f"{ref['uniform']['fisher']:.2f}", "-",
                f"{ref['uniform']['uniformity']:.3f}", f"{ref['uniform']['knn']:.3f}"]]
-    print(f"\nmean ± std over {args.seeds} seeds; the last rows: u itself, and the trivial minimiser of (a)")
+    print(f"\nmean ± std over {S} seeds; the last rows: u itself, and the trivial minimiser of (a)")
     print_table(["step", "angle Fisher ratio", "control: no clusters", "uniformity", "10-NN acc (groups)"], table)
     peak = dict(step=log_at[top], fisher=mean_std(fisher[:, top]), control=mean_std(fisher_c[:, top]),
+                control_peak=mean_std(fisher_c[:, int(fisher_c.mean(0).argmax())]),
                 end=mean_std(fisher[:, -1]), control_end=mean_std(fisher_c[:, -1]))
-    print(f"at step {peak['step']}, where the mean peaks: {peak['fisher'][0]:.2f} ± {peak['fisher'][1]:.2f} against "
-          f"u's own {ref['input_u']:.2f}; the control {peak['control'][0]:.2f} ± {peak['control'][1]:.2f} against its "
-          f"u's {ref['control_input_u']:.2f}")
+    print(f"at step {peak['step']}, where the mean peaks: {pm(fisher[:, top], '%.2f')} against u's own "
+          f"{ref['input_u']:.2f}; the control {pm(fisher_c[:, top], '%.2f')} against its u's {ref['control_input_u']:.2f}")
 
-    # the trained net's own pairs, re-assigned to the data points by a permutation that mixes groups: the loss
-    # is a symmetric function of the pairs (z_i, z'_i), so it cannot change, while the groups disappear
+    # the last seed's net on its own pairs, re-assigned to the data points by a permutation that mixes groups: the
+    # loss is a symmetric function of the pairs (z_i, z'_i), so it cannot change, while the groups disappear
     with torch.no_grad():
-        z1, z2 = F.normalize(net(X1.float()), dim=1).double(), F.normalize(net(X2.float()), dim=1).double()
-    perm = torch.randperm(N, generator=g)
-    trained = dict(loss=nt_xent(z1, z2, args.tau).item(), fisher=angle_fisher(z1, groups), knn=knn_accuracy(z1, groups))
-    permuted = dict(loss=nt_xent(z1[perm], z2[perm], args.tau).item(), fisher=angle_fisher(z1[perm], groups),
-                    knn=knn_accuracy(z1[perm], groups))
+        z1, z2 = (F.normalize(circle_net([p[S - 1:S] for p in params], V[None].float())[0], dim=1).double() for V in (X1, X2))
+    perm = torch.randperm(len(X), generator=g)
+    trained, permuted = (dict(loss=nt_xent(z1[i], z2[i], args.tau).item(), fisher=angle_fisher(z1[i], groups),
+                              knn=knn_accuracy(z1[i], groups)) for i in (slice(None), perm))
     print("\nlast net vs the same pairs permuted across groups (one fixed pair of views): (a)'s identity again")
     print_table(["embedding", "loss", "angle Fisher ratio", "10-NN acc"],
                 [[name, f"{m['loss']:.6f}", f"{m['fisher']:.2f}", f"{m['knn']:.3f}"]
                  for name, m in [("trained net", trained), ("pairs permuted", permuted)]])
-
     strip = lambda h: {k: v for k, v in h.items() if k != "angle"}
-    summary = dict(config=vars(args), part_a=part_a, reference=ref, peak=peak,
-                   runs=[[strip(h) for h in r] for r in runs], controls=[[strip(h) for h in r] for r in controls],
-                   trained=trained, permuted=permuted)
-    plot_clusters(args, X, u, groups, runs, controls, ref, top)
-    return summary
+    summary = dict(reference=ref, peak=peak, runs=[[strip(h) for h in r] for r in runs],
+                   controls=[[strip(h) for h in r] for r in controls], trained=trained, permuted=permuted)
+    return summary, lambda plt: plot_clusters(plt, args, X, u, groups, runs, controls, ref, top)
 
 
-def plot_clusters(args, X, u, groups, runs, controls, ref, top):
-    plt = pyplot()
-    if plt is None:
-        return
+def plot_clusters(plt, args, X, u, groups, runs, controls, ref, top):
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw=dict(width_ratios=[1, 1.2, 1.5]))
     for name, k in [("monotone g_1", 1), (f"scrambled g_{args.k_scramble}", args.k_scramble)]:
         z = rank_embedding(X, u, 1.0, k)[:, 0]
@@ -976,8 +1142,7 @@ def plot_clusters(args, X, u, groups, runs, controls, ref, top):
     ax[2].set(aspect="equal", xticks=[], yticks=[], ylim=(-1.75, 1.9),
               title=f"(b) latents at init, the peak step, the end (seed {args.seed})")
     ax[2].legend(fontsize=7, ncol=3, loc="upper center", markerscale=3)
-    fig.tight_layout()
-    save_fig(plt, fig, args.fig)
+    return fig
 
 
 # =====================================================================================================
@@ -1163,13 +1328,19 @@ def train_conv(args, seed, shared=True):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(finite(loss, step, "--lr"))
     return conv, hist
 
 
 def run_covariance(args):
     g = generator(args.seed)
-    # ---- (a) Theorem 3 checked against autograd, layer by layer, float64 ---------------------------------------
+    theorem3 = covariance_part_a(args, g)
+    summary, draw = covariance_part_b(args, g)
+    return dict(config=vars(args), theorem3=theorem3, **summary), draw
+
+
+def covariance_part_a(args, g):
+    """(a) Theorem 3 checked against autograd, layer by layer, float64."""
     # latents z0: N random prototypes; augmentation: a random circular shift in {-1, 0, 1} plus pixel noise
     proto = torch.randn(args.N, args.D, generator=g, dtype=torch.float64)
     shifts = torch.randint(-1, 2, (args.N, args.K), generator=g)
@@ -1199,8 +1370,11 @@ def run_covariance(args):
     print_table(["net", "layer l", "W_l", "max |-grad - 4 V[Kbar_l] w_l| / max |4 V[Kbar_l] w_l|", "max |grad|"],
                 [[t["net"], t["layer"], tuple(t["shape"]), f"{t['rel_err']:.1e}", f"{t['max_grad']:.3f}"]
                  for t in theorem3])
+    return theorem3
 
-    # ---- (b) object selectivity of a 1-layer conv net, Fig. 3, and its no-shared-object control ---------------
+
+def covariance_part_b(args, g):
+    """(b) object selectivity of a 1-layer conv net, Fig. 3, and its no-shared-object control."""
     print(f"\n(b) conv1d({args.filters} filters, width {args.width}, no bias) -> ReLU -> sum pool, NT-Xent tau "
           f"{args.tau}, batch {args.batch}, SGD lr {args.lr}, {args.steps} steps; positive view = the same object at "
           f"a new position; control: an independent object")
@@ -1252,15 +1426,10 @@ def run_covariance(args):
           f"sees only the object: {ref['object_only']:.3f} (codes at cosine -1), {ref['object_only_nonneg']:.3f} with "
           f"non-negative codes like the ReLU net's (cosine 0)")
 
-    summary = dict(config=vars(args), theorem3=theorem3, table=table, reference=ref, runs=runs)
-    plot_covariance(args, runs)
-    return summary
+    return dict(table=table, reference=ref, runs=runs), lambda plt: plot_covariance(plt, args, runs)
 
 
-def plot_covariance(args, runs):
-    plt = pyplot()
-    if plt is None:
-        return
+def plot_covariance(plt, args, runs):
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
     steps = [h["step"] for h in runs[0]["shared"]["history"]]
     for key, colour, name in [("shared", "C0", "shared object"), ("control", "C1", "control: independent object")]:
@@ -1278,8 +1447,7 @@ def plot_covariance(args, runs):
     ax[1].legend(fontsize=7)
     ax[2].imshow(np.array(runs[0]["shared"]["filters"]), cmap="RdBu_r", aspect="auto")
     ax[2].set(xlabel="tap", ylabel="filter", title=f"learned filters, shared object, seed {args.seed}")
-    fig.tight_layout()
-    save_fig(plt, fig, args.fig)
+    return fig
 
 
 # =====================================================================================================
@@ -1311,16 +1479,17 @@ def hltm_deltas(depth, C, lo, hi, g):
 
 
 def hltm_sample(deltas, root, g, path=None):
-    """Latents of every level given the root (B,) in {0, 1}: [(B, 1), (B, C), ..., (B, C^D)]; the last is x.
-    path {level: (index, values (B,))} holds those latents at the given values (hltm_view's ancestors)."""
-    C = len(deltas[0])
-    z = [root[:, None]]  # (B, 1)
+    """Latents of every level given the root (..., B) in {0, 1}: [(..., B, 1), (..., B, C), ..., (..., B, C^D)]; the
+    last is x. deltas[l]: (..., C^(l+1)), one tree per leading index (none: one tree). path {level: (index, values
+    (..., B))} holds those latents at the given values (hltm_view's ancestors)."""
+    C = deltas[0].shape[-1]
+    z = [root[..., None]]  # (..., B, 1)
     for level, delta in enumerate(deltas, 1):
-        parent = z[-1].repeat_interleave(C, dim=1)  # (B, n_children): node j's children are j*C .. j*C + C-1
-        keep = torch.rand(parent.shape, generator=g) < (1 + delta) / 2
+        parent = z[-1].repeat_interleave(C, dim=-1)  # (..., B, n_children): node j's children are j*C .. j*C + C-1
+        keep = torch.rand(parent.shape, generator=g) < (1 + delta[..., None, :]) / 2
         z.append(torch.where(keep, parent, 1 - parent))
         if path and level in path:
-            z[-1][:, path[level][0]] = path[level][1]
+            z[-1][..., path[level][0]] = path[level][1]
     return z
 
 
@@ -1330,26 +1499,26 @@ def hltm_view(deltas, z, shared, g):
     the same channel), then everything else downwards from them, so each view alone is a draw of the model and the
     pair shares exactly that latent. shared = (0, 0), the root, is the augmentation of Sec. 6."""
     level, index = shared
-    C, path = len(deltas[0]), {level: (index, z[level][:, index])}
+    C, path = deltas[0].shape[-1], {level: (index, z[level][..., index])}
     for l in range(level, 0, -1):  # the parent of node j at level l is node j // C at level l - 1
-        child, delta = path[l][1], deltas[l - 1][path[l][0]]
-        keep = torch.rand(child.shape, generator=g) < (1 + delta) / 2
+        child, delta = path[l][1], deltas[l - 1][..., path[l][0]]
+        keep = torch.rand(child.shape, generator=g) < (1 + delta[..., None]) / 2
         path[l - 1] = (path[l][0] // C, torch.where(keep, child, 1 - child))
     return hltm_sample(deltas, path.pop(0)[1], g, path)
 
 
 def hltm_posterior(deltas, x):
-    """P(z_mu = 1 | the leaves under mu) for every non-leaf latent, root level first: [(B, 1), ..., (B, C^(D-1))].
-    One upward pass of belief propagation, exact on a tree; every latent's prior is uniform (symmetric channels)."""
-    C = len(deltas[0])
-    lik = torch.stack([1 - x, x], -1).double()  # (B, n_leaves, 2): likelihood of each value of each leaf
+    """P(z_mu = 1 | the leaves under mu) for every non-leaf latent, root level first: [(..., B, 1), ..., (..., B,
+    C^(D-1))]. One upward pass of belief propagation, exact on a tree; every latent's prior is uniform."""
+    C = deltas[0].shape[-1]
+    lik = torch.stack([1 - x, x], -1).double()  # (..., B, n_leaves, 2): likelihood of each value of each leaf
     post = []
     for delta in reversed(deltas):
-        p_same = ((1 + delta.double()) / 2)[None, :, None]  # (1, n_children, 1)
-        msg = p_same * lik + (1 - p_same) * lik.flip(-1)  # sum_c P(c | z) lik(c) for z = 0, 1: (B, n_children, 2)
-        lik = msg.reshape(len(x), -1, C, 2).prod(2)  # children independent given the parent: (B, n_parents, 2)
+        p_same = ((1 + delta.double()) / 2)[..., None, :, None]  # (..., 1, n_children, 1)
+        msg = p_same * lik + (1 - p_same) * lik.flip(-1)  # sum_c P(c | z) lik(c) for z = 0, 1: (..., B, n_children, 2)
+        lik = msg.unflatten(-2, (-1, C)).prod(-2)  # children independent given the parent: (..., B, n_parents, 2)
         lik = lik / lik.sum(-1, keepdim=True)  # normalised, so a deep tree cannot underflow
-        post.append(lik[..., 1])  # (B, n_parents)
+        post.append(lik[..., 1])  # (..., B, n_parents)
     return post[::-1]
 
 
@@ -1361,104 +1530,121 @@ def hltm_init(depth, C, hid, g, emb=None):
     for level in reversed(range(depth)):
         fan_in, width = C * (1 if level == depth - 1 else hid), (emb or hid) if level == 0 else hid
         bound = 1 / math.sqrt(fan_in)
-        Ws.append(((2 * torch.rand(C ** level, width, fan_in, generator=g) - 1) * bound).requires_grad_())
-        bs.append(((2 * torch.rand(C ** level, width, generator=g) - 1) * bound).requires_grad_())
+        Ws.append((2 * torch.rand(C ** level, width, fan_in, generator=g) - 1) * bound)
+        bs.append((2 * torch.rand(C ** level, width, generator=g) - 1) * bound)
     return Ws, bs
 
 
+def hltm_nets(args, seeds, copies=1):
+    """The networks of `seeds` (one init each, from seed + 1000), the whole list `copies` times over, stacked: Ws[l]
+    (R, n, width, fan_in), R = copies * len(seeds), network r trained on tree r % len(seeds)."""
+    nets = [hltm_init(args.depth, args.children, args.hid, generator(s + 1000), args.emb) for s in seeds] * copies
+    return [[torch.stack(p) for p in zip(*level)] for level in zip(*nets)]
+
+
 def hltm_forward(Ws, bs, x):
-    """Pre-activations at every latent's place, root level first: [(B, 1, hid), ..., (B, C^(D-1), hid)]."""
-    h = x.float()[:, :, None]  # (B, C^D, 1): the leaves
+    """Pre-activations at every latent's place, root level first: [(..., B, 1, hid), ..., (..., B, C^(D-1), hid)];
+    x (..., B, C^D) the leaves, one network per leading index of the weights."""
+    h = x.float()[..., None]  # (..., B, C^D, 1): the leaves
     hs = []
     for W, b in zip(Ws, bs):
-        inputs = torch.relu(h).reshape(len(x), W.shape[0], -1)  # (B, n, C * width): a node's children's outputs
-        h = torch.einsum("bni,noi->bno", inputs, W) + b  # (B, n, hid)
+        inputs = torch.relu(h).flatten(-2).unflatten(-1, (W.shape[-3], -1))  # (..., B, n, C * width): its children
+        h = torch.einsum("...bni,...noi->...bno", inputs, W) + b[..., None, :, :]  # (..., B, n, hid)
         hs.append(h)
     return hs[::-1]
 
 
 def abs_corr(z, h):
-    """|Pearson correlation| between z (B, n) and each of its hid nodes h (B, n, hid): (n, hid)."""
-    zc, hc = z.double() - z.double().mean(0), h.double() - h.double().mean(0)
-    cov = (zc[:, :, None] * hc).mean(0)  # (n, hid)
-    std = zc.pow(2).mean(0).sqrt()[:, None] * hc.pow(2).mean(0).sqrt()  # (n, hid)
+    """|Pearson correlation| between z (..., B, n) and each of its hid nodes h (..., B, n, hid): (..., n, hid)."""
+    zc, hc = z.double() - z.double().mean(-2, keepdim=True), h.double() - h.double().mean(-3, keepdim=True)
+    cov = (zc[..., None] * hc).mean(-3)  # (..., n, hid)
+    std = zc.pow(2).mean(-2).sqrt()[..., None] * hc.pow(2).mean(-3).sqrt()  # (..., n, hid)
     return cov.abs() / std.clamp_min(1e-12)  # a dead node (std 0) has correlation 0
 
 
 def best_abs_corr(z, h):
-    """Per latent, the best |Pearson correlation| between z (B, n) and any of its hid nodes h (B, n, hid): (n,)."""
-    return abs_corr(z, h).amax(1)
+    """Per latent, the best |Pearson correlation| between z (..., B, n) and any of its hid nodes h (..., B, n, hid)."""
+    return abs_corr(z, h).amax(-1)
 
 
 def hltm_node_corrs(Ws, bs, z_eval):
-    """|corr(z_mu, node)| of every node at every non-leaf latent's place, root level first: [(1, hid), (C, hid), ...]."""
+    """|corr(z_mu, node)| of every node at every non-leaf latent's place, root level first: [(..., 1, hid), ...]."""
     with torch.no_grad():
         hs = hltm_forward(Ws, bs, z_eval[-1])
     return [abs_corr(z, h) for z, h in zip(z_eval[:-1], hs)]
 
 
 def hltm_level_corrs(Ws, bs, z_eval):
-    return [c.amax(1).mean().item() for c in hltm_node_corrs(Ws, bs, z_eval)]
+    """Per network, the mean over each level's latents of its best |corr|: (R, depth)."""
+    return torch.stack([c.amax(-1).mean(-1) for c in hltm_node_corrs(Ws, bs, z_eval)], -1)
 
 
 def authors_nce(f, f_pos, f_neg, tau):
     """The `nce` loss of the authors' ssl/hltm code: minus the softmax probability of the positive against ONE
-    negative, on batch-mean squared distances of normalised outputs, -exp(-d+/tau) / (exp(-d+/tau) + exp(-d-/tau))."""
-    f, f_pos, f_neg = (F.normalize(v, dim=1) for v in (f, f_pos, f_neg))
-    d_pos, d_neg = ((f - f_pos) ** 2).mean(), ((f - f_neg) ** 2).mean()  # nn.MSELoss: mean over batch and nodes
+    negative, on batch-mean squared distances of normalised outputs, -exp(-d+/tau) / (exp(-d+/tau) + exp(-d-/tau)).
+    f: (..., N, C), one loss per leading index."""
+    f, f_pos, f_neg = (F.normalize(v, dim=-1) for v in (f, f_pos, f_neg))
+    d_pos, d_neg = ((f - f_pos) ** 2).mean((-2, -1)), ((f - f_neg) ** 2).mean((-2, -1))  # nn.MSELoss: batch and nodes
     return -torch.sigmoid((d_neg - d_pos) / tau)
 
 
-def hltm_train(deltas, args, g, shared=(0, 0), log_at=(), z_eval=None):
-    """SimCLR on the tree: NT-Xent (2N - 2 negatives per view) on the root block's output, or with --loss nce the
-    authors' loss (one negative, a tree with a fresh root). The views share the latent shared = (level, index):
-    the root for SimCLR, one latent of level 1 for the control. The same g gives the same initial weights, so a run
-    and its control start from one network."""
-    Ws, bs = hltm_init(len(deltas), len(deltas[0]), args.hid, g, args.emb)
-    opt = torch.optim.SGD(Ws + bs, lr=args.lr)
-    hist, loss = [], torch.tensor(float("nan"))
+def hltm_train(deltas, args, seeds, shares, log_at=(), z_eval=None):
+    """SimCLR on the trees deltas[l] (T, n), one per seed, as one batch: for each latent of `shares` (level, index)
+    a network per tree from the seed's init (hltm_nets), trained on pairs whose views share that latent -- the root
+    (0, 0) for SimCLR, a latent of --control-level for the control. NT-Xent (2N - 2 negatives per view) on the root
+    block's output, or with --loss nce the authors' loss (one negative, a tree with a fresh root). Networks of one tree
+    see the same anchors. Returns the weights (R, ...), each network's level correlations at the steps of log_at on
+    z_eval, and the final losses (R,)."""
+    Ws, bs = hltm_nets(args, seeds, len(shares))
+    params = [p.requires_grad_() for p in Ws + bs]
+    g, T, hist, loss = generator(seeds[0] + 2000), len(seeds), [], torch.full((len(shares) * len(seeds),), math.nan)
+    z_eval = [z.repeat(len(shares), 1, 1) for z in z_eval or []]  # (R, n_eval, C^l): network r's tree is r % T
     for step in range(args.steps + 1):
         if step in log_at:
-            hist.append(dict(step=step, corr=hltm_level_corrs(Ws, bs, z_eval)))
+            hist.append(hltm_level_corrs(Ws, bs, z_eval))
         if step == args.steps:
             break
-        z1 = hltm_sample(deltas, torch.randint(0, 2, (args.batch,), generator=g), g)
-        x1, x2 = z1[-1], hltm_view(deltas, z1, shared, g)[-1]
-        f1, f2 = hltm_forward(Ws, bs, x1)[0][:, 0], hltm_forward(Ws, bs, x2)[0][:, 0]  # (N, emb) each
-        if args.loss == "nce":
-            x_neg = hltm_sample(deltas, torch.randint(0, 2, (args.batch,), generator=g), g)[-1]
-            loss = authors_nce(f1, f2, hltm_forward(Ws, bs, x_neg)[0][:, 0], args.tau)
-        else:
-            loss = nt_xent(f1, f2, args.tau)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return Ws, bs, hist, loss.item()
+        z1 = hltm_sample(deltas, torch.randint(0, 2, (T, args.batch), generator=g), g)
+        x = [z1[-1].repeat(len(shares), 1, 1), torch.cat([hltm_view(deltas, z1, shared, g)[-1] for shared in shares])]
+        if args.loss == "nce":  # and a negative: a tree with a fresh root
+            x.append(hltm_sample(deltas, torch.randint(0, 2, (T, args.batch), generator=g), g)[-1].repeat(len(shares), 1, 1))
+        f = hltm_forward(Ws, bs, torch.cat(x, -2))[0][..., 0, :].split(args.batch, -2)  # (R, N, emb) per view, one pass
+        loss = authors_nce(*f, args.tau) if args.loss == "nce" else nt_xent(*f, args.tau)
+        finite(loss, step, "--lr")
+        grads = torch.autograd.grad(loss.sum(), params)  # each network's own gradient: the losses share no weight
+        with torch.no_grad():
+            for p, grad in zip(params, grads):
+                p -= args.lr * grad
+    return [W.detach() for W in Ws], [b.detach() for b in bs], hist, loss.detach()
 
 
 def hltm_moved(Ws, bs, init):
-    """How far training moved each level's weights and biases, root level first: ||theta - theta_0|| / ||theta_0||."""
-    with torch.no_grad():
-        return [math.sqrt(sum((p - p0).pow(2).sum().item() for p, p0 in zip(now, then))
-                          / sum(p0.pow(2).sum().item() for p0 in then))
-                for now, then in zip(zip(Ws, bs), zip(*init))][::-1]
+    """How far training moved each level's weights and biases, root level first: ||theta - theta_0|| / ||theta_0||,
+    (R, depth)."""
+    sq = lambda ps: sum(p.pow(2).flatten(1).sum(1) for p in ps)  # (R,)
+    return torch.stack([(sq([W - W0, b - b0]) / sq([W0, b0])).sqrt()
+                        for W, b, W0, b0 in zip(Ws, bs, *init)][::-1], -1)
 
 
-def hltm_tree(args, seed):
-    """One seed's tree, its evaluation samples and the Bayes ceiling of every level."""
-    g = generator(seed)
-    deltas = hltm_deltas(args.depth, args.children, args.delta_lo, args.delta_hi, g)
-    z_eval = hltm_sample(deltas, torch.randint(0, 2, (args.n_eval,), generator=g), g)
-    ceiling = [best_abs_corr(z, p[:, :, None]).mean().item()
-               for z, p in zip(z_eval[:-1], hltm_posterior(deltas, z_eval[-1]))]
+def hltm_trees(args, seeds):
+    """Each seed's tree, stacked: the deltas [(T, C^(l+1))], the evaluation latents [(T, n_eval, C^l)] and the
+    Bayes ceiling of every level (T, depth)."""
+    trees = []
+    for seed in seeds:
+        g = generator(seed)
+        deltas = hltm_deltas(args.depth, args.children, args.delta_lo, args.delta_hi, g)
+        trees.append((deltas, hltm_sample(deltas, torch.randint(0, 2, (args.n_eval,), generator=g), g)))
+    deltas, z_eval = ([torch.stack(v) for v in zip(*part)] for part in zip(*trees))
+    post = hltm_posterior(deltas, z_eval[-1])
+    ceiling = torch.stack([best_abs_corr(z, p[..., None]).mean(-1) for z, p in zip(z_eval[:-1], post)], -1)
     return deltas, z_eval, ceiling
 
 
 def hltm_dead(Ws, bs, x):
-    """A dead network: its normalised embedding is the same for every input (every ReLU below the root is off, or
-    the root block ignores them), so NT-Xent's gradient is 0 and it can never train."""
+    """Per network, whether it is dead: its normalised embedding is the same for every input (every ReLU below the root
+    is off, or the root block ignores them), so NT-Xent's gradient is 0 and it can never train. (R,)"""
     with torch.no_grad():
-        return F.normalize(hltm_forward(Ws, bs, x)[0][:, 0], dim=1).std(0).max().item() < 1e-6
+        return F.normalize(hltm_forward(Ws, bs, x)[0][..., 0, :], dim=-1).std(-2).amax(-1) < 1e-6
 
 
 def run_hltm(args):
@@ -1470,66 +1656,66 @@ def run_hltm(args):
 
 
 def hltm_main(args):
-    levels = list(range(args.depth))  # non-leaf levels, root = 0
+    S, t0 = args.seeds, time.time()
     log_at = sorted(set(range(0, args.steps + 1, args.log_every)) | {args.steps})
     shared = (args.control_level, 0)  # the latent the control's two views share
-    runs, nodes = [], []
     print(f"network: {args.hid} nodes per latent, {args.emb or args.hid} at the root; control: the views share "
           f"latent 0 of level {shared[0]} ({args.children ** (args.depth - shared[0])} leaves under it), not the root")
-    for s in range(args.seeds):
-        deltas, z_eval, ceiling = hltm_tree(args, args.seed + s)
-        t0, g_net = time.time(), args.seed + s + 1000
-        Ws, bs, hist, loss = hltm_train(deltas, args, generator(g_net), (0, 0), log_at, z_eval)
-        Wc, bc, hist_ctrl, loss_ctrl = hltm_train(deltas, args, generator(g_net), shared, log_at, z_eval)
-        # every node's |corr| with its latent at init (hltm_train's first draw from the same seed) and trained
-        init = hltm_init(args.depth, args.children, args.hid, generator(g_net), args.emb)
-        nodes.append([hltm_node_corrs(*w, z_eval) for w in (init, (Ws, bs), (Wc, bc))])
-        # the embedding (the root block) against the latent the control shares: what each loss was told to keep
-        z_shared = z_eval[shared[0]][:, :1]
-        with torch.no_grad():
-            emb_shared = [best_abs_corr(z_shared, hltm_forward(*w, z_eval[-1])[0]).item()
-                          for w in (init, (Ws, bs), (Wc, bc))]
-        runs.append(dict(seed=args.seed + s, ceiling=ceiling, history=hist, control=hist_ctrl, loss=loss,
-                         loss_control=loss_ctrl, dead=hltm_dead(Ws, bs, z_eval[-1]),
-                         moved=hltm_moved(Ws, bs, init), moved_control=hltm_moved(Wc, bc, init),
-                         root_vs_shared=dict(zip(["init", "trained", "control"], emb_shared))))
-        print(f"seed {args.seed + s}: best |corr| per level (root first) init "
-              + " ".join(f"{c:.2f}" for c in hist[0]["corr"]) + " -> trained "
-              + " ".join(f"{c:.2f}" for c in hist[-1]["corr"]) + " | control "
-              + " ".join(f"{c:.2f}" for c in hist_ctrl[-1]["corr"])
-              + f"; root block vs the shared latent {emb_shared[0]:.2f} -> {emb_shared[1]:.2f} | {emb_shared[2]:.2f}"
-              + "; weights moved " + " ".join(f"{m:.0%}" for m in runs[-1]["moved"]) + " | control "
-              + " ".join(f"{m:.0%}" for m in runs[-1]["moved_control"])
-              + (", DEAD" if runs[-1]["dead"] else "") + f", {time.time() - t0:.1f}s")
-    fmt = lambda xs: "%.3f +- %.3f" % mean_std(xs)
-    live = [r for r in runs if not r["dead"]]
-    rows, table, luck = [], [], []
-    for l in levels:
-        init = [r["history"][0]["corr"][l] for r in live]
-        trained = [r["history"][-1]["corr"][l] for r in live]
-        control = [r["control"][-1]["corr"][l] for r in live]
-        ceiling = [r["ceiling"][l] for r in live]
-        moved, moved_c = [r["moved"][l] for r in live], [r["moved_control"][l] for r in live]
-        table.append(dict(level=l, latents=args.children ** l, init=mean_std(init), trained=mean_std(trained),
-                          control=mean_std(control), ceiling=mean_std(ceiling), moved=mean_std(moved),
-                          moved_control=mean_std(moved_c)))
-        rows.append([l, args.children ** l, fmt(init), fmt(trained), fmt(control), fmt(ceiling),
-                     "%.0f%% / %.0f%%" % (100 * np.mean(moved), 100 * np.mean(moved_c))])
+    seeds = [args.seed + s for s in range(S)]
+    deltas, z_eval, ceiling = hltm_trees(args, seeds)
+    Ws, bs, hist, loss = hltm_train(deltas, args, seeds, [(0, 0), shared], log_at, z_eval)  # SimCLR: 0..S-1, control: S..
+    init, z2 = hltm_nets(args, seeds, 2), [z.repeat(2, 1, 1) for z in z_eval]
+    # every node's |corr| with its latent, at init and trained: [(latents * seeds, hid)] per level
+    corrs = [hltm_node_corrs(*w, z2) for w in (init, (Ws, bs))]
+    nodes = {key: [c[rows].flatten(0, 1) for c in corrs[k]] for key, k, rows in
+             [("init", 0, slice(S)), ("simclr", 1, slice(S)), ("control", 1, slice(S, None))]}
+    with torch.no_grad():  # the embedding (the root block) against the latent the control shares
+        emb_shared = [best_abs_corr(z2[shared[0]][..., :1], hltm_forward(*w, z2[-1])[0])[:, 0] for w in (init, (Ws, bs))]
+    dead, moved = hltm_dead(Ws, bs, z2[-1]), hltm_moved(Ws, bs, init)
+    runs = [dict(seed=seed, ceiling=ceiling[s].tolist(), loss=loss[s].item(), loss_control=loss[S + s].item(),
+                 history=[dict(step=t, corr=h[s].tolist()) for t, h in zip(log_at, hist)],
+                 control=[dict(step=t, corr=h[S + s].tolist()) for t, h in zip(log_at, hist)],
+                 dead=bool(dead[s]), moved=moved[s].tolist(), moved_control=moved[S + s].tolist(),
+                 root_vs_shared=dict(init=emb_shared[0][s].item(), trained=emb_shared[1][s].item(),
+                                     control=emb_shared[1][S + s].item())) for s, seed in enumerate(seeds)]
+    two = lambda xs: " ".join(f"{c:.2f}" for c in xs)
+    for r in runs:
+        print(f"seed {r['seed']}: best |corr| per level (root first) init {two(r['history'][0]['corr'])} -> trained "
+              f"{two(r['history'][-1]['corr'])} | control {two(r['control'][-1]['corr'])}; root block vs the shared "
+              "latent %.2f -> %.2f | %.2f" % tuple(r["root_vs_shared"].values()) + "; weights moved "
+              + " ".join(f"{m:.0%}" for m in r["moved"]) + " | control " + " ".join(f"{m:.0%}" for m in r["moved_control"])
+              + (", DEAD" if r["dead"] else ""))
+    print(f"{2 * S} networks, {time.time() - t0:.0f}s")
+    summary = hltm_tables(args, runs, nodes)
+    return dict(config=vars(args), runs=runs, **summary), lambda plt: plot_hltm(plt, args, runs, nodes, summary["table"])
+
+
+def hltm_tables(args, runs, nodes):
+    """The tables of hltm_main: per level SimCLR against its init, the control and the Bayes ceiling; the embedding
+    against the control's shared latent; Theorem 5's lucky node against the control."""
+    live, table, luck = [r for r in runs if not r["dead"]], [], []
+    for l in range(args.depth):
+        col = dict(init=[r["history"][0]["corr"][l] for r in live], trained=[r["history"][-1]["corr"][l] for r in live],
+                   control=[r["control"][-1]["corr"][l] for r in live], ceiling=[r["ceiling"][l] for r in live],
+                   moved=[r["moved"][l] for r in live], moved_control=[r["moved_control"][l] for r in live])
+        table.append(dict(level=l, latents=args.children ** l, **{k: mean_std(v) for k, v in col.items()}))
         # Theorem 5's "lucky node": does the node that ends best start best? The null is the control, trained as
         # far from the same init: how often its best node stays the one best at init
-        c0, c1, cc = (torch.cat([n[k][l] for n in nodes]) for k in range(3))  # (latents * seeds, hid)
+        c0, c1, cc = (nodes[k][l] for k in ("init", "simclr", "control"))  # (latents * seeds, hid)
         luck.append(dict(level=l, latents=len(c0), kept=(c0.argmax(1) == c1.argmax(1)).double().mean().item(),
                          kept_control=(c0.argmax(1) == cc.argmax(1)).double().mean().item(),
                          corr=float(np.corrcoef(c0.flatten(), c1.flatten())[0, 1]),
                          corr_control=float(np.corrcoef(c0.flatten(), cc.flatten())[0, 1])))
     shared_rows = {k: mean_std([r["root_vs_shared"][k] for r in live]) for k in ("init", "trained", "control")}
-    print(f"\nbest |corr(z_mu, node)| per level, mean +- std over the {len(live)} of {args.seeds} networks that are not "
+    print(f"\nbest |corr(z_mu, node)| per level, mean ± std over the {len(live)} of {args.seeds} networks that are not "
           f"dead (level 0 = root; level {args.depth - 1} sits just above the leaves); the control's views share "
-          f"latent 0 of level {shared[0]}; moved: ||W - W_0|| / ||W_0|| of the level's weights and biases")
-    print_table(["level", "latents", "init", "SimCLR", f"control: shares a level-{shared[0]} latent", "Bayes ceiling",
-                 "moved: SimCLR / control"], rows)
+          f"latent 0 of level {args.control_level}; moved: ||W - W_0|| / ||W_0|| of the level's weights and biases")
+    print_table(["level", "latents", "init", "SimCLR", f"control: shares a level-{args.control_level} latent",
+                 "Bayes ceiling", "moved: SimCLR / control"],
+                [[t["level"], t["latents"], *("%.3f ± %.3f" % t[k] for k in ("init", "trained", "control", "ceiling")),
+                  "%.0f%% / %.0f%%" % (100 * t["moved"][0], 100 * t["moved_control"][0])] for t in table])
     print("\nthe root block (the embedding) against the latent the control shares, best |corr|: "
-          + ", ".join(f"{name} %.3f +- %.3f" % shared_rows[k]
+          + ", ".join(f"{name} %.3f ± %.3f" % shared_rows[k]
                       for name, k in (("init", "init"), ("SimCLR", "trained"), ("control", "control"))))
     print(f"\nluck: how often the trained best node of a latent is the one best at init, and the Pearson correlation "
           f"of init and trained |corr| over all nodes of every latent, {args.seeds} seeds; the null is the control, "
@@ -1538,14 +1724,10 @@ def hltm_main(args):
                  "corr(init, trained): SimCLR / control"],
                 [[d["level"], d["latents"], f"{d['kept']:.2f} / {d['kept_control']:.2f}",
                   f"{d['corr']:.2f} / {d['corr_control']:.2f}"] for d in luck])
-    plot_hltm(args, runs, nodes, table)
-    return dict(config=vars(args), table=table, root_vs_shared=shared_rows, luck=luck, runs=runs)
+    return dict(table=table, root_vs_shared=shared_rows, luck=luck)
 
 
-def plot_hltm(args, runs, nodes, table):
-    plt = pyplot()
-    if plt is None:
-        return
+def plot_hltm(plt, args, runs, nodes, table):
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     live = [r for r in runs if not r["dead"]]
     for l in range(args.depth):
@@ -1556,7 +1738,7 @@ def plot_hltm(args, runs, nodes, table):
         ax[0].plot(steps, np.mean([[h["corr"][l] for h in r["control"]] for r in live], 0), ":", color=colour)
         ax[0].plot(steps[-1] * (1.03 + 0.025 * l), table[l]["ceiling"][0], "<", color=colour, ms=7, clip_on=False)
         if l < args.depth - 1:  # the bottom level has nothing left to learn (its init sits at the ceiling)
-            c0, c1 = torch.cat([n[0][l] for n in nodes]), torch.cat([n[1][l] for n in nodes])  # (latents, hid)
+            c0, c1 = nodes["init"][l], nodes["simclr"][l]  # (latents, hid)
             ax[1].scatter(c0.flatten(), c1.flatten(), s=5, color=colour, alpha=0.4, label=f"level {l}")
             best = c0.argmax(1, keepdim=True)  # each latent's luckiest node at init
             ax[1].scatter(c0.gather(1, best), c1.gather(1, best), s=22, color=colour, edgecolors="k")
@@ -1568,44 +1750,39 @@ def plot_hltm(args, runs, nodes, table):
     ax[1].set(xlabel="|corr(z, node)| at init", ylabel="|corr(z, node)|, trained",
               title=f"every node above the bottom level, {args.seeds} seeds,\nSimCLR (ringed: best at init)")
     ax[1].legend(fontsize=8, markerscale=3)
-    fig.tight_layout()
-    save_fig(plt, fig, args.fig)
+    return fig
 
 
 def hltm_width_sweep(args):
     """Theorem 5's lucky node needs enough nodes per latent: the same trees, networks with each of --hids nodes per
     latent below the root, and the root block -- the embedding -- at --emb nodes (default --hid) for every width."""
-    rows, sweep, t0 = [], [], time.time()
-    trees = [hltm_tree(args, args.seed + s) for s in range(args.seeds)]
-    emb = args.emb or args.hid
+    rows, sweep, t0, emb = [], [], time.time(), args.emb or args.hid
+    seeds = [args.seed + s for s in range(args.seeds)]
+    deltas, z_eval, ceiling = hltm_trees(args, seeds)
     below = list(range(1, args.depth - 1))  # below the root, above the bottom level (whose init is its ceiling)
     for hid in args.hids:
         a = argparse.Namespace(**{**vars(args), "hid": hid, "emb": emb})
-        for s, (deltas, z_eval, ceiling) in enumerate(trees):
-            Ws, bs, hist, loss = hltm_train(deltas, a, generator(args.seed + s + 1000), (0, 0), (0, args.steps), z_eval)
-            sweep.append(dict(hid=hid, seed=args.seed + s, init=hist[0]["corr"], trained=hist[-1]["corr"],
-                              ceiling=ceiling, loss=loss, dead=hltm_dead(Ws, bs, z_eval[-1])))
+        Ws, bs, hist, loss = hltm_train(deltas, a, seeds, [(0, 0)], (0, args.steps), z_eval)
+        dead = hltm_dead(Ws, bs, z_eval[-1])
+        sweep += [dict(hid=hid, seed=seed, init=hist[0][s].tolist(), trained=hist[-1][s].tolist(),
+                       ceiling=ceiling[s].tolist(), loss=loss[s].item(), dead=bool(dead[s])) for s, seed in enumerate(seeds)]
         c = [r for r in sweep if r["hid"] == hid and not r["dead"]]
-        cells = lambda f: "%.3f +- %.3f" % mean_std([f(r) for r in c]) if c else "-"
+        cells = lambda f: pm([f(r) for r in c]) if c else "-"
         rows.append([hid, f"{args.seeds - len(c)}/{args.seeds}", cells(lambda r: r["init"][0]),
                      cells(lambda r: r["trained"][0]), cells(lambda r: r["trained"][0] - r["init"][0])]
                     + ([cells(lambda r: np.mean([r["init"][l] for l in below])),
                         cells(lambda r: np.mean([r["trained"][l] - r["init"][l] for l in below]))] if below else []))
         print(f"hid {hid}: {time.time() - t0:.0f}s")
-    ceil = mean_std([r["ceiling"][0] for r in sweep[:args.seeds]])
-    print(f"\nbest |corr(z_mu, node)|, mean +- std over the trees whose network is not dead ({args.seeds} trees, the "
-          f"same for every width; root block {emb} nodes); Bayes ceiling at the root {ceil[0]:.3f} +- {ceil[1]:.3f}")
+    ceil = mean_std(ceiling[:, 0].tolist())
+    print(f"\nbest |corr(z_mu, node)|, mean ± std over the trees whose network is not dead ({args.seeds} trees, the "
+          f"same for every width; root block {emb} nodes); Bayes ceiling at the root {ceil[0]:.3f} ± {ceil[1]:.3f}")
     span = (f"levels {below[0]}-{below[-1]}" if len(below) > 1 else f"level {below[0]}") if below else ""
     print_table(["nodes per latent", "dead", "root: init", "root: SimCLR", "root: gain"]
                 + ([f"{span}: init", f"{span}: gain"] if below else []), rows)
-    plot_hltm_width(args, sweep, ceil, emb)
-    return dict(config=vars(args), sweep=sweep)
+    return dict(config=vars(args), sweep=sweep), lambda plt: plot_hltm_width(plt, args, sweep, ceil, emb)
 
 
-def plot_hltm_width(args, sweep, ceil, emb):
-    plt = pyplot()
-    if plt is None:
-        return
+def plot_hltm_width(plt, args, sweep, ceil, emb):
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for key, style in [("init", "o:"), ("trained", "s-")]:
         m = [mean_std([r[key][0] for r in sweep if r["hid"] == hid and not r["dead"]] or [np.nan]) for hid in args.hids]
@@ -1619,8 +1796,7 @@ def plot_hltm_width(args, sweep, ceil, emb):
     ax.set(xscale="log", xlabel="nodes per latent below the root", ylabel="best |corr(z_root, node)|", ylim=(0, 1),
            title=f"HLTM width sweep, {args.seeds} trees, root block {emb} nodes")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_fig(plt, fig, args.fig)
+    return fig
 
 
 # =====================================================================================================
@@ -1628,38 +1804,71 @@ def plot_hltm_width(args, sweep, ceil, emb):
 # =====================================================================================================
 
 
-def stop(message, code):
-    print(f"toy_theory.py: {message}", file=sys.stderr)
+def die(message, code=2):
+    """A user mistake or an environment failure: one line on stderr, what was wrong and what to do, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
+def raised(args, argv):
+    """The number flags typed on the command line, with their values: what to lower when a float overflows or the
+    memory runs out."""
+    typed = dict.fromkeys(t[2:].split("=")[0].replace("-", "_") for t in argv if t.startswith("--"))
+    value = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v
+    flags = [f"--{k.replace('_', '-')} {value(getattr(args, k))}" for k in typed if k not in ("seed", "threads")
+             and isinstance(getattr(args, k, None), (int, float, list)) and not isinstance(getattr(args, k), bool)]
+    return ", ".join(flags) or "the sizes"
+
+
 def main(argv=None):
-    """Run one experiment; every way it can stop is one line on stderr: diverged or out of memory (exit 2), Ctrl-C
-    or SIGTERM (exit 130), the reader of its output gone (| head), and its summary is written only when whole."""
+    """Run one experiment, write its summary.json, then its figure. Every way it can stop is one line on stderr with
+    what to do: diverged, a float overflowed, out of memory, a write failed (exit 2), Ctrl-C or SIGTERM (exit 130)."""
+    argv = sys.argv[1:] if argv is None else argv
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped, whatever the terminal takes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = get_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    t0 = time.time()
+    t0, saved = time.time(), None
     in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
     on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None  # as Ctrl-C
     try:
-        summary = {"cnn": run_cnn, "clusters": run_clusters, "covariance": run_covariance,
-                   "hltm": run_hltm}[args.cmd](args)
+        print(f"toy_theory.py {args.cmd}: summary and figure to {args.out}", flush=True)  # stdout full: said now
+        summary, draw = {"cnn": run_cnn, "clusters": run_clusters, "covariance": run_covariance,
+                         "hltm": run_hltm}[args.cmd](args)
         summary["seconds"] = time.time() - t0
-        save_summary(args.out, summary)
-        print(f"\n{args.cmd}: {summary['seconds']:.1f}s, summary -> {os.path.join(args.out, 'summary.json')}")
+        text = json.dumps(strict_json(summary), indent=1, allow_nan=False)
+        write_atomic(os.path.join(args.out, "summary.json"), lambda f: f.write(text.encode()))
+        saved = os.path.join(args.out, "summary.json")
+        print(f"\n{args.cmd}: {summary['seconds']:.1f}s, summary -> {saved}")
+        plt = pyplot()
+        if plt is not None:  # after the summary, so that a failing figure cannot lose it
+            fig = draw(plt)
+            fig.tight_layout()
+            write_atomic(args.fig, lambda f: fig.savefig(f, format="png", dpi=90))
+            plt.close(fig)
+            print("figure:", args.fig)
+        sys.stdout.flush()
     except KeyboardInterrupt:
-        stop(f"interrupted; {args.cmd} saves its summary when it ends, so run it again", 130)
+        die(f"interrupted; {args.cmd} saves its summary when it ends, so run it again", 130)
     except FloatingPointError as e:
-        stop(f"{e} (the run diverged)", 2)
-    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises a RuntimeError
-        if isinstance(e, RuntimeError) and "allocate" not in str(e):
+        die(f"{e} (the run diverged)")
+    except (MemoryError, RuntimeError) as e:  # torch's allocator, and a number too large for a float32, raise these
+        what = "out of memory" if isinstance(e, MemoryError) or "allocate" in str(e) else (
+            "a number overflowed" if "overflow" in str(e) else None)
+        if what is None:
             raise
-        stop(f"out of memory ({str(e)[:120]}): give smaller sizes", 2)
-    except BrokenPipeError:  # stdout's reader left: quiet, as Unix tools are; Python would print at exit too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        stop("the output pipe closed before the run ended (| head?), so nothing was saved; send the output to a "
-             "file or to less instead", 2)
+        die(f"{what} ({str(e)[:120]}): lower {raised(args, argv)}")
+    except OSError as e:  # a write failed: a full disk, ulimit -f, a folder gone, stdout full or a closed pipe
+        kept = f"; the summary is saved, {saved}" if saved else "; nothing was saved"
+        if e.filename is not None:
+            die(f"cannot write {e.filename} ({e.strerror}){kept}: free space there or give another --out / --fig")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # stdout's reader left: Python's flush at
+        if isinstance(e, BrokenPipeError):  # exit stays quiet; quiet, as Unix tools are
+            die(f"the output pipe closed before the run ended (| head?){kept}; send the output to a file or to less "
+                "instead")
+        die(f"cannot write to standard output ({e.strerror}){kept}: send it to a file or device with room")
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, on_term)
