@@ -509,19 +509,20 @@ def info_nce(h, hp, tau):
 
 
 def directions(W):
-    """The rows of W at unit norm, scaled first by their largest entry, so that a tiny W (--pre-sigma0) cannot underflow."""
-    return F.normalize(W / W.abs().amax(-1, keepdim=True), dim=-1)
+    """The rows of W at unit norm, in float64: filters as small as --pre-sigma0 1e-30 square without underflow (and
+    F.normalize's eps of 1e-12 would not leave them at unit norm)."""
+    return W.double() / W.double().norm(dim=-1, keepdim=True)
 
 
 def mean_abs_cos(W, mu):
     """Mean over the filters of |cos(w_r, mu)|."""
-    return (directions(W.double()) @ mu).abs().mean().item() / mu.norm().item()
+    return (directions(W) @ mu).abs().mean().item() / mu.norm().item()
 
 
 def filter_response(W, mu, sigma_p):
     """Median over the filters of |<w, mu>| / (sigma_p ||P w||), P the projection off mu: a filter's response to the
     signal over the spread of its response to a noise patch (whose covariance is sigma_p^2 P)."""
-    u, W = mu / mu.norm(), directions(W.double())
+    u, W = mu / mu.norm(), directions(W)
     off = (W - (W @ u)[:, None] * u).norm(dim=1)  # (2m,): ||P w||
     return ((W @ mu).abs() / (sigma_p * off)).median().item()
 
