@@ -16,16 +16,15 @@ Four experiments, each putting one theoretical claim to a test on a toy model, e
 SimCLR itself: Chen et al. 2020, arXiv:2002.05709. The companion `simclr.py` trains the real thing.
 
 Each subcommand prints its tables, writes `summary.json` under `--out` (default runs/toy/<subcommand>[_<part>]),
-and a PNG when matplotlib is installed. Only torch and numpy are required.
-Every default run takes at most about two and a half minutes on one CPU thread (README.md).
+then a PNG when matplotlib is installed. Only torch and numpy are required. Every default run costs at most about
+two minutes of one CPU thread (README.md).
 
 What each experiment measures (numbers and verdicts: README.md, "Toy theory"):
-  cnn        supervised GD from a random init, and fine-tuning from filters SimCLR pre-trains on n0 unlabelled
-             samples, on the same labelled sets (label counts stratified, so sets holding one class come up as
-             often as chance gives them): supervised test error against n at several SNRs (Cao et al.'s n SNR^q
-             threshold), fine-tuned test error against n at several n0 SNR^2. --part scaling: pre-training stopped
-             by its own loss, its alignment with mu against n0 SNR^2 / (1 + 2 sqrt(n0/d)), and what decides the
-             fine-tuning outcome.
+  cnn        supervised GD from a random init, and fine-tuning from filters pre-trained on n0 unlabelled samples by
+             SimCLR, by SimCLR on views that share nothing and by PCA (controls), on the same labelled sets (label
+             counts stratified): supervised test error against n at several SNRs (Cao et al.'s n SNR^q threshold),
+             fine-tuned test error against n at several n0 SNR^2. --part scaling: SimCLR's alignment with mu
+             against n0 SNR^2 / (1 + 2 sqrt(n0/d)), and what decides the fine-tuning outcome.
   clusters   (a) an exact identity, so an illustration: an embedding that ignores the clusters has the same loss as
              one that respects them; (b) a one-hidden-layer net trained with NT-Xent on the unit circle: how
              clustered its latents are over training, against the input's own clustering and a no-cluster control.
@@ -162,7 +161,8 @@ def hltm_flags(s):
 
 
 SUBCOMMANDS = dict(cnn=("Zhang & Cao 2024: SimCLR pre-training vs supervised, two-layer CNN", cnn_flags),
-                   clusters=("Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade", clusters_flags),
+                   clusters=("Calder & Lee 2025: trivial minimisers; clusters appear in training, then fade",
+                             clusters_flags),
                    covariance=("Tian et al. 2020: covariance operator and object selectivity", covariance_flags),
                    hltm=("Tian et al. 2020: latents of a hierarchical latent tree learned without labels", hltm_flags))
 # --quick: tiny sizes as the subcommand's defaults, so a flag typed beside it still wins
@@ -282,7 +282,8 @@ def memory_needed(a):
     if a.cmd == "covariance":  # the connections K_l of the Theorem 3 check, float64; the conv net's views
         sizes = [a.D] + a.widths
         return 24 * a.N * a.K * sizes[-1] * max(i * o for i, o in zip(sizes, sizes[1:])) + 64 * a.batch * a.L * a.filters
-    nets, hid = (2 if a.part == "main" else 1) * a.seeds, max([a.hid, a.emb or 0] + (a.hids if a.part == "width" else []))
+    nets = (2 if a.part == "main" else 1) * a.seeds
+    hid = max([a.hid, a.emb or 0] + (a.hids if a.part == "width" else []))
     leaves = a.children ** min(a.depth, 100)  # the evaluation trees and their forward pass, float64 for correlations
     return nets * leaves * (a.n_eval + 3 * a.batch) * (16 + 24 * hid)
 
@@ -314,13 +315,9 @@ def unwritable(path, folder):
 # =====================================================================================================
 
 
-def seed_everything(seed):
-    """One seed for torch and numpy; experiments draw from explicit torch.Generators derived from it."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
 def generator(seed):
+    """Every random draw comes from a torch.Generator seeded from --seed (and the covariance conv's init from
+    torch.manual_seed): seeding in one place."""
     return torch.Generator().manual_seed(int(seed))
 
 
@@ -473,14 +470,16 @@ def train_logistic(W, X, y, mu, q, m, eta, steps, tol):
     W0 + B [mu; xi] (the signal-noise decomposition of Cao et al.): GD runs on B (C, 2m, n + 1) through the Gram
     matrix of [mu; xi], a step costing (n + 1)^2 2m instead of 2n d 2m. mu is a coordinate here, never a label."""
     C, n = y.shape
-    P = torch.cat([mu[:, None], X.sum(2) - y[..., None] * mu[:, None]], 1)  # (C, n + 1, d): mu, then xi_i = x(1) + x(2) - y_i mu
+    P = torch.cat([mu[:, None], X.sum(2) - y[..., None] * mu[:, None]], 1)  # (C, n + 1, d): mu, xi_i = s_i - y_i mu
     gram, pre0 = P @ P.mT, W @ P.mT  # (C, n + 1, n + 1), (C, 2m, n + 1): <p_a, p_b>, <w0_r, p_b>
     sign = torch.cat([torch.ones(m), -torch.ones(m)]).to(X.dtype)[:, None] / m  # (2m, 1): F_{+1} - F_{-1}, each / m
-    B, losses, taken = torch.zeros(C, 2 * m, n + 1, dtype=X.dtype), torch.zeros(C, dtype=X.dtype), torch.zeros(C, dtype=torch.long)
+    B, losses, taken = (torch.zeros(C, 2 * m, n + 1, dtype=X.dtype), torch.zeros(C, dtype=X.dtype),
+                        torch.zeros(C, dtype=torch.long))
     live, b = torch.arange(C), B  # the networks still training, and their B
     for step in range(steps + 1):
         pre = pre0 + b @ gram  # (c, 2m, n + 1): <w_r, mu>, then <w_r, xi_i>
-        act_s, act_n = torch.relu(y[:, None] * pre[..., :1]), torch.relu(pre[..., 1:])  # (c, 2m, n): ReLU(<w_r, y_i mu>), ReLU(<w_r, xi_i>)
+        act_s = torch.relu(y[:, None] * pre[..., :1])  # (c, 2m, n): ReLU(<w_r, y_i mu>), the signal patches
+        act_n = torch.relu(pre[..., 1:])  # (c, 2m, n): ReLU(<w_r, xi_i>), the noise patches
         f = (sign * (act_s ** q + act_n ** q)).sum(1)  # (c, n)
         loss = F.softplus(-y * f).mean(1)  # (c,)
         finite(loss, step, "--eta")
@@ -606,13 +605,6 @@ def cnn_labelled(args, snr, n, j, sets):
     return X.float(), y.float(), W0.float()  # float32: GD here needs no more, at twice the speed
 
 
-def cnn_test_set(args, snr, j):
-    """The j-th set's test samples, shared by every n: stream n = 0 of cnn_labelled's numbering."""
-    g = generator(100_003 * (args.seed + j))
-    yt = cnn_labels(args.n_test, g)
-    return cnn_data(yt, cnn_mu(args.d, snr, args.sigma_p), args.sigma_p, g).float(), yt.float()
-
-
 def cnn_cells(args, cells, sets):
     """Train every cell, a dict of snr, n, set and init (the pre-trained filters; None: supervised from a random
     init), all cells of one n as one batch; adds the test error, the final loss, the steps and one_class."""
@@ -627,9 +619,12 @@ def cnn_cells(args, cells, sets):
         print(f"n={n}: {len(batch)} networks, {time.time() - t0:.1f}s")
         for i, c in enumerate(batch):
             c.update(W=W[i], loss=loss[i].item(), steps=steps[i].item(), one_class=bool(abs(y[i].sum().item()) == n))
-    for key in {(c["snr"], c["set"]) for c in cells}:  # one test set per (SNR, set), every network on it at once
-        mine = [c for c in cells if (c["snr"], c["set"]) == key]
-        err = test_error(torch.stack([c.pop("W") for c in mine]), *cnn_test_set(args, *key), args.q, args.m)
+    for snr, j in {(c["snr"], c["set"]) for c in cells}:  # one test set per (SNR, set), every network on it at once
+        g = generator(100_003 * (args.seed + j))  # stream n = 0 of cnn_labelled's: shared by every n
+        yt = cnn_labels(args.n_test, g)
+        Xt = cnn_data(yt, cnn_mu(args.d, snr, args.sigma_p), args.sigma_p, g).float()
+        mine = [c for c in cells if (c["snr"], c["set"]) == (snr, j)]
+        err = test_error(torch.stack([c.pop("W") for c in mine]), Xt, yt.float(), args.q, args.m)
         for c, e in zip(mine, err.tolist()):
             c["err"] = e
     for c in cells:
@@ -677,8 +672,8 @@ def cnn_main(args):
     crossings, q_fit = cnn_supervised_table(args, sup)
     cnn_finetune_tables(args, sup, ft)
     strip = lambda cs: [{k: v for k, v in c.items() if k != "curve"} for c in cs]
-    summary = dict(config=vars(args), supervised=strip(sup), finetuned=strip(ft),
-                   crossings={str(s): n_c for s, n_c in crossings.items()}, q_fit=q_fit, capped=capped_cells(args, cells))
+    summary = dict(config=vars(args), supervised=strip(sup), finetuned=strip(ft), q_fit=q_fit,
+                   crossings={str(s): n_c for s, n_c in crossings.items()}, capped=capped_cells(args, cells))
     return summary, lambda plt: plot_cnn_main(plt, args, sup, ft)
 
 
@@ -696,7 +691,8 @@ def cnn_supervised_table(args, sup):
     fit = [(math.log(s), math.log(n_c)) for s, n_c in crossings.items() if n_c]
     q_fit = -np.polyfit(*zip(*fit), 1)[0] if len(fit) > 1 else None
     if q_fit is not None:
-        print(f"a line through log n against log SNR at those points: n ∝ SNR^-{q_fit:.2f} (the theorem's q = {args.q})")
+        print(f"a line through log n against log SNR at those points: n ∝ SNR^-{q_fit:.2f} (the theorem's "
+              f"q = {args.q})")
     return crossings, q_fit
 
 
@@ -705,12 +701,14 @@ def cnn_finetune_tables(args, sup, ft):
           f"SimCLR on views that share nothing, and from the unlabelled data's top principal direction, each "
           f"pre-trained on n0 = n0 SNR^2 / SNR^2 samples, once per set")
     print_table(["n0 SNR^2", "n", "supervised"] + list(METHODS.values()),
-                [[f"{k:g} (n0 {round(k / args.ft_snr ** 2)})", n, pm([c["err"] for c in select(sup, snr=args.ft_snr, n=n)])]
+                [[f"{k:g} (n0 {round(k / args.ft_snr ** 2)})", n]
+                 + [pm([c["err"] for c in select(sup, snr=args.ft_snr, n=n)])]
                  + [pm([c["err"] for c in select(ft, n0_snr2=k, n=n, method=m)]) for m in METHODS]
                  for k in args.n0_snr2s for n in args.ns])
     n = args.ns[0]
     print_table(["pre-training, mean ± std over sets", *(f"n0 SNR^2 = {k:g}" for k in args.n0_snr2s)],
-                [[f"{name}: {METHODS[m]}", *(pm([c[key] for c in select(ft, n0_snr2=k, n=n, method=m)]) for k in args.n0_snr2s)]
+                [[f"{name}: {METHODS[m]}"] + [pm([c[key] for c in select(ft, n0_snr2=k, n=n, method=m)])
+                                               for k in args.n0_snr2s]
                  for name, key in [("|cos(w, mu)|", "cos"), ("filter response", "response"), ("steps", "stop")]
                  for m in METHODS if key != "stop" or m != "pca"])
     mean_err = lambda cs: "%.3f" % np.mean([c["err"] for c in cs]) if cs else "-"
@@ -730,8 +728,8 @@ def capped_cells(args, cells):
     capped = [c for c in cells if c["loss"] >= args.loss_tol]
     print(f"\n{len(capped)} of {len(cells)} networks stopped at the {args.steps}-step cap with the training loss above "
           f"{args.loss_tol:g} (loss ln(2)/n is one sample at f = 0, on which no filter fires: its own gradient is 0)")
-    groups = {(c["method"], c.get("n0")): [x for x in capped if (x["method"], x.get("n0")) == (c["method"], c.get("n0"))]
-              for c in cells}
+    group = lambda c: (c["method"], c.get("n0"))
+    groups = {group(c): [x for x in capped if group(x) == group(c)] for c in cells}
     print_table(["method", "n0", "capped", "at n", "training loss", "their test error"],
                 [[method, n0 or "-", f"{len(cs)} of {len(select(cells, method=method, n0=n0))}",
                   " ".join(str(n) for n in sorted({c["n"] for c in cs})) or "-",
@@ -754,12 +752,12 @@ def cnn_scaling(args):
                 snr = math.sqrt(k / n0)
                 for j in range(args.scaling_seeds):
                     W, info = cnn_pretrain(a, snr, n0, args.seed + j, controls=False)["simclr"]
-                    cs += [dict(d=d, snr=snr, n=args.scaling_n, set=j, n0=n0, n0_snr2=k, init=init, method=method, **info)
-                           for init, method in [(W, "simclr"), (None, "supervised")]]
+                    cs += [dict(d=d, snr=snr, n=args.scaling_n, set=j, n0=n0, n0_snr2=k, init=init, method=method,
+                                **info) for init, method in [(W, "simclr"), (None, "supervised")]]
         cells += cnn_cells(a, cs, args.scaling_seeds)
         print(f"d={d}: {time.time() - t0:.0f}s")
     capped = capped_cells(args, cells)
-    cells = [dict(c, err_sup=s["err"]) for c, s in zip(cells[::2], cells[1::2])]  # each fine-tuning with its supervised twin
+    cells = [dict(c, err_sup=s["err"]) for c, s in zip(cells[::2], cells[1::2])]  # each with its supervised twin
     print(f"\nPre-training stopped by the loss (log n0 - {args.pre_drop}), mean over {args.scaling_seeds} seeds: "
           f"|cos(w, mu)| at the stop, and test error at n={args.scaling_n} supervised -> fine-tuned; columns n0 SNR^2")
     print_table(["d", "n0", "d/n0"] + [f"{k:g}" for k in args.scaling_n0snr2],
@@ -1000,8 +998,8 @@ def train_on_circle(X, groups, args, seeds, log_at):
             with torch.no_grad():
                 z = F.normalize(circle_net(params, X), dim=-1)  # (S, N, 2): the latents on the circle
             for i in range(S):
-                hist[i].append(dict(step=step, loss=None if loss is None else loss[i].item(),
-                                    **circle_measures(z[i], groups[i]), angle=torch.atan2(z[i, :, 1], z[i, :, 0]).tolist()))
+                hist[i].append(dict(step=step, loss=None if loss is None else loss[i].item(), **circle_measures(
+                    z[i], groups[i]), angle=torch.atan2(z[i, :, 1], z[i, :, 0]).tolist()))
         if step == args.steps:
             break
         noise = {s: torch.randn(2 * N, 1, generator=g) for s, g in gens.items()}  # x -> x + s (1, 1), both views
@@ -1029,7 +1027,8 @@ def clusters_part_a(args, X, X1, X2, groups):
     """(a) the same loss, with and without clusters: an exact identity, an illustration."""
     N, u, rows, part_a = len(X), u_coord(X), [], []
     centre_u = (groups - 1).double()  # u of each group's centre / sqrt 2
-    embeddings = [("groups -> 3 points", None), ("g_1 monotone rank", 1), (f"g_{args.k_scramble} scrambled rank", args.k_scramble)]
+    embeddings = [("groups -> 3 points", None), ("g_1 monotone rank", 1),
+                  (f"g_{args.k_scramble} scrambled rank", args.k_scramble)]
 
     def add_row(loss_name, name, spacing, z1, z2, latent, loss):  # latent (N,): the 1-D latent, or the angle
         align = ((z1 - z2) ** 2).sum(1).mean().item()
@@ -1093,12 +1092,14 @@ def clusters_part_b(args, X, X1, X2, groups, g):
                 control_peak=mean_std(fisher_c[:, int(fisher_c.mean(0).argmax())]),
                 end=mean_std(fisher[:, -1]), control_end=mean_std(fisher_c[:, -1]))
     print(f"at step {peak['step']}, where the mean peaks: {pm(fisher[:, top], '%.2f')} against u's own "
-          f"{ref['input_u']:.2f}; the control {pm(fisher_c[:, top], '%.2f')} against its u's {ref['control_input_u']:.2f}")
+          f"{ref['input_u']:.2f}; the control {pm(fisher_c[:, top], '%.2f')} against its u's "
+          f"{ref['control_input_u']:.2f}")
 
     # the last seed's net on its own pairs, re-assigned to the data points by a permutation that mixes groups: the
     # loss is a symmetric function of the pairs (z_i, z'_i), so it cannot change, while the groups disappear
     with torch.no_grad():
-        z1, z2 = (F.normalize(circle_net([p[S - 1:S] for p in params], V[None].float())[0], dim=1).double() for V in (X1, X2))
+        last = [p[S - 1:S] for p in params]
+        z1, z2 = (F.normalize(circle_net(last, V[None].float())[0], dim=1).double() for V in (X1, X2))
     perm = torch.randperm(len(X), generator=g)
     trained, permuted = (dict(loss=nt_xent(z1[i], z2[i], args.tau).item(), fisher=angle_fisher(z1[i], groups),
                               knn=knn_accuracy(z1[i], groups)) for i in (slice(None), perm))
@@ -1575,11 +1576,6 @@ def hltm_node_corrs(Ws, bs, z_eval):
     return [abs_corr(z, h) for z, h in zip(z_eval[:-1], hs)]
 
 
-def hltm_level_corrs(Ws, bs, z_eval):
-    """Per network, the mean over each level's latents of its best |corr|: (R, depth)."""
-    return torch.stack([c.amax(-1).mean(-1) for c in hltm_node_corrs(Ws, bs, z_eval)], -1)
-
-
 def authors_nce(f, f_pos, f_neg, tau):
     """The `nce` loss of the authors' ssl/hltm code: minus the softmax probability of the positive against ONE
     negative, on batch-mean squared distances of normalised outputs, -exp(-d+/tau) / (exp(-d+/tau) + exp(-d-/tau)).
@@ -1602,13 +1598,14 @@ def hltm_train(deltas, args, seeds, shares, log_at=(), z_eval=None):
     z_eval = [z.repeat(len(shares), 1, 1) for z in z_eval or []]  # (R, n_eval, C^l): network r's tree is r % T
     for step in range(args.steps + 1):
         if step in log_at:
-            hist.append(hltm_level_corrs(Ws, bs, z_eval))
+            hist.append(torch.stack([c.amax(-1).mean(-1) for c in hltm_node_corrs(Ws, bs, z_eval)], -1))  # (R, depth)
         if step == args.steps:
             break
         z1 = hltm_sample(deltas, torch.randint(0, 2, (T, args.batch), generator=g), g)
         x = [z1[-1].repeat(len(shares), 1, 1), torch.cat([hltm_view(deltas, z1, shared, g)[-1] for shared in shares])]
         if args.loss == "nce":  # and a negative: a tree with a fresh root
-            x.append(hltm_sample(deltas, torch.randint(0, 2, (T, args.batch), generator=g), g)[-1].repeat(len(shares), 1, 1))
+            root = torch.randint(0, 2, (T, args.batch), generator=g)
+            x.append(hltm_sample(deltas, root, g)[-1].repeat(len(shares), 1, 1))
         f = hltm_forward(Ws, bs, torch.cat(x, -2))[0][..., 0, :].split(args.batch, -2)  # (R, N, emb) per view, one pass
         loss = authors_nce(*f, args.tau) if args.loss == "nce" else nt_xent(*f, args.tau)
         finite(loss, step, "--lr")
@@ -1664,14 +1661,15 @@ def hltm_main(args):
           f"latent 0 of level {shared[0]} ({args.children ** (args.depth - shared[0])} leaves under it), not the root")
     seeds = [args.seed + s for s in range(S)]
     deltas, z_eval, ceiling = hltm_trees(args, seeds)
-    Ws, bs, hist, loss = hltm_train(deltas, args, seeds, [(0, 0), shared], log_at, z_eval)  # SimCLR: 0..S-1, control: S..
+    Ws, bs, hist, loss = hltm_train(deltas, args, seeds, [(0, 0), shared], log_at, z_eval)  # SimCLR 0..S-1, control S..
     init, z2 = hltm_nets(args, seeds, 2), [z.repeat(2, 1, 1) for z in z_eval]
     # every node's |corr| with its latent, at init and trained: [(latents * seeds, hid)] per level
     corrs = [hltm_node_corrs(*w, z2) for w in (init, (Ws, bs))]
     nodes = {key: [c[rows].flatten(0, 1) for c in corrs[k]] for key, k, rows in
              [("init", 0, slice(S)), ("simclr", 1, slice(S)), ("control", 1, slice(S, None))]}
     with torch.no_grad():  # the embedding (the root block) against the latent the control shares
-        emb_shared = [best_abs_corr(z2[shared[0]][..., :1], hltm_forward(*w, z2[-1])[0])[:, 0] for w in (init, (Ws, bs))]
+        emb_shared = [best_abs_corr(z2[shared[0]][..., :1], hltm_forward(*w, z2[-1])[0])[:, 0]
+                      for w in (init, (Ws, bs))]
     dead, moved = hltm_dead(Ws, bs, z2[-1]), hltm_moved(Ws, bs, init)
     runs = [dict(seed=seed, ceiling=ceiling[s].tolist(), loss=loss[s].item(), loss_control=loss[S + s].item(),
                  history=[dict(step=t, corr=h[s].tolist()) for t, h in zip(log_at, hist)],
@@ -1684,11 +1682,13 @@ def hltm_main(args):
         print(f"seed {r['seed']}: best |corr| per level (root first) init {two(r['history'][0]['corr'])} -> trained "
               f"{two(r['history'][-1]['corr'])} | control {two(r['control'][-1]['corr'])}; root block vs the shared "
               "latent %.2f -> %.2f | %.2f" % tuple(r["root_vs_shared"].values()) + "; weights moved "
-              + " ".join(f"{m:.0%}" for m in r["moved"]) + " | control " + " ".join(f"{m:.0%}" for m in r["moved_control"])
+              + " ".join(f"{m:.0%}" for m in r["moved"]) + " | control "
+              + " ".join(f"{m:.0%}" for m in r["moved_control"])
               + (", DEAD" if r["dead"] else ""))
     print(f"{2 * S} networks, {time.time() - t0:.0f}s")
     summary = hltm_tables(args, runs, nodes)
-    return dict(config=vars(args), runs=runs, **summary), lambda plt: plot_hltm(plt, args, runs, nodes, summary["table"])
+    draw = lambda plt: plot_hltm(plt, args, runs, nodes, summary["table"])
+    return dict(config=vars(args), runs=runs, **summary), draw
 
 
 def hltm_tables(args, runs, nodes):
@@ -1766,7 +1766,8 @@ def hltm_width_sweep(args):
         Ws, bs, hist, loss = hltm_train(deltas, a, seeds, [(0, 0)], (0, args.steps), z_eval)
         dead = hltm_dead(Ws, bs, z_eval[-1])
         sweep += [dict(hid=hid, seed=seed, init=hist[0][s].tolist(), trained=hist[-1][s].tolist(),
-                       ceiling=ceiling[s].tolist(), loss=loss[s].item(), dead=bool(dead[s])) for s, seed in enumerate(seeds)]
+                       ceiling=ceiling[s].tolist(), loss=loss[s].item(), dead=bool(dead[s]))
+                  for s, seed in enumerate(seeds)]
         c = [r for r in sweep if r["hid"] == hid and not r["dead"]]
         cells = lambda f: pm([f(r) for r in c]) if c else "-"
         rows.append([hid, f"{args.seeds - len(c)}/{args.seeds}", cells(lambda r: r["init"][0]),
@@ -1830,7 +1831,7 @@ def main(argv=None):
             stream.reconfigure(errors="backslashreplace")
     args = get_args(argv)
     torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)
     t0, saved = time.time(), None
     in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
     on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None  # as Ctrl-C
