@@ -782,7 +782,7 @@ def cnn_scaling(args):
 
 
 def plot_cnn_main(plt, args, sup, ft):
-    fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4.8))
     curve = lambda cells, **kv: np.array([mean_std([c["err"] for c in select(cells, n=n, **kv)]) for n in args.ns]).T
     for i, snr in enumerate(args.snrs):
         for a, x in [(ax[0], np.array(args.ns)), (ax[1], np.array(args.ns) * snr ** args.q)]:
@@ -802,7 +802,8 @@ def plot_cnn_main(plt, args, sup, ft):
     ax[3].set(xscale="log", xlabel="labelled n", title=f"SimCLR against its controls (means), SNR {args.ft_snr}")
     for a in ax:
         a.set_ylim(-0.02, 0.6)
-        a.legend(fontsize=6)
+        a.legend(fontsize=6) if a is not ax[3] else a.legend(fontsize=6, ncol=2, loc="upper center",
+                                                            bbox_to_anchor=(0.5, -0.16))
     fig.suptitle(f"d = {args.d}, {args.seeds} labelled sets per point (mean ± std)", fontsize=9)
     return fig
 
