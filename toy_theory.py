@@ -1854,7 +1854,8 @@ def main(argv=None):
             print("figure:", args.fig)
         sys.stdout.flush()
     except KeyboardInterrupt:
-        die(f"interrupted; {args.cmd} saves its summary when it ends, so run it again", 130)
+        die(f"interrupted; {args.cmd} saves its summary when it ends, so run it again" if saved is None else
+            f"interrupted while drawing the figure; the summary is saved, {saved}", 130)
     except FloatingPointError as e:
         die(f"{e} (the run diverged)")
     except (MemoryError, RuntimeError) as e:  # torch's allocator, and a number too large for a float32, raise these
@@ -1867,8 +1868,8 @@ def main(argv=None):
         kept = f"; the summary is saved, {saved}" if saved else "; nothing was saved"
         if e.filename is not None:
             die(f"cannot write {e.filename} ({e.strerror}){kept}: free space there or give another --out / --fig")
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # stdout's reader left: Python's flush at
-        if isinstance(e, BrokenPipeError):  # exit stays quiet; quiet, as Unix tools are
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's flush at exit stays quiet
+        if isinstance(e, BrokenPipeError):  # stdout's reader left: one line, quiet as Unix tools are
             die(f"the output pipe closed before the run ended (| head?){kept}; send the output to a file or to less "
                 "instead")
         die(f"cannot write to standard output ({e.strerror}){kept}: send it to a file or device with room")
