@@ -764,7 +764,7 @@ def build_parser():
     a("--out", type=path(), help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
     a("--resume", metavar="DIR", help="continue the run saved in DIR")
     a("--dry-run", action="store_true", help="run every stage for a couple of steps on a few images")
-    a("--subset", type=number(int, lambda v: v >= 2, "at least 2"), help="draw this many images of every labelled split")
+    a("--subset", type=number(int, lambda v: v >= 2, "at least 2"), help="draw this many images of each split")
     a("--no-sync-bn", action="store_true", help="under torchrun: BatchNorm statistics per process, not global")
     a = p.add_argument_group("benchmark").add_argument
     a("--bench", action="store_true", help="img/s of this pipeline and the classic one, into --out/bench.json")
@@ -925,7 +925,8 @@ def write_json(obj, path):
 
 
 def write_metrics(history, out):  # metrics.jsonl: a line per trained epoch, rewritten whole at each checkpoint
-    write_atomic(os.path.join(out, "metrics.jsonl"), lambda f: f.write("".join(json.dumps(m) + "\n" for m in history).encode()))
+    lines = "".join(json.dumps(m) + "\n" for m in history)
+    write_atomic(os.path.join(out, "metrics.jsonl"), lambda f: f.write(lines.encode()))
 
 
 def open_run_dir(args, stack):
@@ -1141,7 +1142,8 @@ EXPECTED_FILES = {  # where each dataset's files go under --data-dir when torchv
     "cifar100": "cifar-100-python/{train,test,meta}  (from cifar-100-python.tar.gz)",
     "imagenette": "imagenette2-160/{train,val}/<wnid>/*.JPEG  (from imagenette2-160.tgz; --recipe paper: the "
                   "full-size imagenette2/, from imagenette2.tgz)",
-    "fgvc-aircraft": "fgvc-aircraft-2013b/data/{images/*.jpg,images_manufacturer_{trainval,test}.txt,manufacturers.txt}",
+    "fgvc-aircraft": "fgvc-aircraft-2013b/data/{images/*.jpg,images_manufacturer_{trainval,test}.txt,"
+                     "manufacturers.txt}",
     "fashion-mnist": "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte  (un-gzipped)",
     "folder": "train/<class>/*.png|jpg and test/<class>/*.png|jpg",
 }
@@ -1182,7 +1184,8 @@ def stratified(y, n, gen, floor=0):
     images): image k (from 0) of class c's shuffle comes at (k + 1/2) / count_c, the Sainte-Lague order, so that a
     class is within one image of its share and a larger draw holds every smaller one."""
     classes, counts = y.unique(return_counts=True)
-    shuffled = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int(m), generator=gen)] for c, m in zip(classes, counts)]
+    shuffled = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int(m), generator=gen)]
+                for c, m in zip(classes, counts)]
     at = torch.cat([torch.where(torch.arange(int(m)) < floor, -1.0, (torch.arange(int(m)) + 0.5) / m) for m in counts])
     return torch.cat(shuffled)[at.argsort(stable=True)[:n]].sort().values
 
@@ -1195,7 +1198,8 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
         except Exception as e:  # URLError, RuntimeError("Dataset not found"), checksum errors...
             die(f"could not load {name} from '{root}' ({type(e).__name__}: {e}).\nWithout internet, put the files at "
                 f"{os.path.join(root, EXPECTED_FILES[name])} and run with --no-download.")
-    D, t, keys = torchvision.datasets, torch.as_tensor, ("train_x", "train_y", "test_x", "test_y", "classes", "unlabeled")
+    D, t = torchvision.datasets, torch.as_tensor
+    keys = ("train_x", "train_y", "test_x", "test_y", "classes", "unlabeled")
     if name in ("cifar10", "cifar100"):
         tr, te = (tv(D.CIFAR10 if name == "cifar10" else D.CIFAR100, train=b) for b in (True, False))
         x, y, unlabeled = lambda ds: t(ds.data).permute(0, 3, 1, 2).contiguous(), lambda ds: t(ds.targets), None
@@ -1219,7 +1223,8 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
             if len(ds.data) != len(ds.targets):
                 die(f"{raw}: {split}-images-idx3-ubyte holds {len(ds.data)} images but {split}-labels-idx1-ubyte "
                     f"{len(ds.targets)} labels; put the two files of one split there")
-        x, y, unlabeled = lambda ds: ds.data.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), lambda ds: ds.targets, None
+        x = lambda ds: ds.data.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (n, 28, 28) -> (n, 3, 28, 28)
+        y, unlabeled = lambda ds: ds.targets, None
     if name in ("cifar10", "cifar100", "stl10", "fashion-mnist"):  # arrays: (n, 3, H, W) uint8 at once
         return dict(zip(keys, (x(tr), y(tr), x(te), y(te), 100 if name == "cifar100" else 10, unlabeled)))
     # JPEGs take minutes to decode: once, into a cache that later runs (and the other torchrun processes) read
@@ -1392,7 +1397,8 @@ def input_preps(args, splits, pool):
     def stats(x):  # per image and channel over H x W, 1,000 images (b, 3, H, W) at a time; then their mean
         if not args.standardize:
             return functools.partial(normalize, mean=(0, 0, 0), std=(1, 1, 1))
-        m, s = (sum(f(b.double() / 255, (2, 3)).sum(0) for b in x.split(1000)) / len(x) for f in (torch.mean, torch.std))
+        m, s = (sum(f(b.double() / 255, (2, 3)).sum(0) for b in x.split(1000)) / len(x)
+                for f in (torch.mean, torch.std))
         return functools.partial(normalize, mean=m.tolist(), std=s.tolist())
     train, test = stats(pool), stats(splits["test_x"])
     from_test = ("test_x", "val_x") if args.dataset in PAPER_VALIDATES_ON_TEST else ("test_x",)
@@ -1501,7 +1507,8 @@ def build_model(args, embedding, proc):
         die(f"could not get torchvision's ImageNet weights for {args.arch} ({e}); run without --pretrained (implied "
             f"by --recipe paper) or put the weights file in {torch.hub.get_dir()}/checkpoints/")
     hidden = args.proj_hidden if embedding is None else embedding
-    head = projection_head(2048 if args.arch == "resnet50" else 512, hidden, args.proj_out, args.act, not args.no_freeze)
+    head = projection_head(2048 if args.arch == "resnet50" else 512, hidden, args.proj_out, args.act,
+                           freeze=not args.no_freeze)
     model = SimCLR(backbone, head)
     model = (sync_batchnorm(model, proc.device) if proc.world > 1 and not args.no_sync_bn else model).to(proc.device)
     return model.to(memory_format=torch.channels_last) if proc.device.type == "cuda" else model
@@ -1548,17 +1555,18 @@ def pretrain(data, args, proc, state):
     if args.recipe == "paper":  # the paper's CosineAnnealingLR(T_max=epochs), stepped once an epoch (Lightning's)
         lr_of = lambda epoch, step: lr_at(epoch, args.epochs + 1, round(warmup), args.lr, final)
     else:  # Part 1's: every step
-        lr_of = lambda epoch, step: lr_at(epoch * steps + step, args.epochs * steps, round(warmup * steps), args.lr, final)
+        lr_of = lambda epoch, step: lr_at(epoch * steps + step, args.epochs * steps, round(warmup * steps), args.lr,
+                                          final)
     trained, bn = sum(p.numel() for p in model.parameters() if p.requires_grad), "per-process" * args.no_sync_bn
     log(f"SimCLR: {args.arch} ({args.stem} stem{', ImageNet weights' if args.pretrained else ''}), {args.head} head "
-        f"({args.act}), {trained / 1e6:.1f}M trained parameters; recipe {args.recipe}: {args.epochs} epochs of batch {N}, "
-        f"lr {args.lr:.3g}, tau {args.tau}, {args.precision}" + (f", {world} processes, {bn or 'global'} BatchNorm"
-                                                                  if world > 1 else ""))
+        f"({args.act}), {trained / 1e6:.1f}M trained parameters; recipe {args.recipe}: {args.epochs} epochs of batch "
+        f"{N}, lr {args.lr:.3g}, tau {args.tau}, {args.precision}" +
+        (f", {world} processes, {bn or 'global'} BatchNorm" if world > 1 else ""))
     if args.pretrained and args.stem == "cifar":
         log("note: --stem cifar replaces the ImageNet 7x7 conv1 with a random 3x3 conv (re-initialised)")
     if args.epochs * steps < 300 and not args.dry_run:
-        log(f"note: {args.epochs} epochs of {steps} steps: SimCLR needs a few hundred steps or more to learn much; raise "
-            "--epochs or lower --batch-size")
+        log(f"note: {args.epochs} epochs of {steps} steps: SimCLR needs a few hundred steps or more to learn much; "
+            "raise --epochs or lower --batch-size")
     start, t_start, seconds = state["epoch"], time.time(), state["metrics"][-1]["pretrain_s"] if state["metrics"] else 0
     for epoch in range(start, args.epochs):
         model.train()
@@ -1606,7 +1614,8 @@ def end_of_epoch(losses, m, state, data, args, proc):
         if m["val_loss"] < min((h["val_loss"] for h in state["metrics"]), default=math.inf):
             state["best_backbone"] = copy.deepcopy(model.backbone.state_dict())
     if args.knn_every and m["epoch"] % args.knn_every == 0 and proc.rank == 0:  # the kNN monitor
-        train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x"))
+        train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k])
+                           for k in ("train_x", "test_x"))
         m["knn_top1"] = knn_top1(train_h, data["train_y"], test_h, data["test_y"], data["classes"], args.knn_k)
     rngs = [rng_state()]  # every process's RNG, so that each resumes its own augmentation stream
     if proc.world > 1:
@@ -1635,7 +1644,8 @@ def load_best_epoch(state, log):
     if state["best_backbone"] is not None:
         state["model"].backbone.load_state_dict(state["best_backbone"])
         best = min(state["metrics"], key=lambda m: m["val_loss"])
-        log(f"evaluating the backbone of epoch {best['epoch']}, of the lowest validation NT-Xent ({best['val_loss']:.4f})")
+        log(f"evaluating the backbone of epoch {best['epoch']}, of the lowest validation NT-Xent "
+            f"({best['val_loss']:.4f})")
 
 
 RAW_PIXELS_MAX = 32  # the raw-pixel baseline's side: n x 3HW floats at 128 px would take 1.9 GB for Imagenette
@@ -1752,8 +1762,9 @@ def label_efficiency(features, data, args, device, results, backbone, log=print)
     train_x, train_y, test_x, test_y, classes = (data[k] for k in ("train_x", "train_y", "test_x", "test_y", "classes"))
     per_class, y, weights = args.labels_per_class is not None, train_y.cpu(), copy.deepcopy(backbone.state_dict())
     (train_h, test_h), (r_train, r_test) = features("simclr"), features("random_init")
-    methods = dict(simclr_linear="SimCLR linear", simclr_knn="SimCLR kNN", random_init_linear=f"{random_init_name(args)}"
-                   " linear", simclr_finetuned=f"SimCLR fine-tuned ({args.sup_steps} steps)",
+    methods = dict(simclr_linear="SimCLR linear", simclr_knn="SimCLR kNN",
+                   random_init_linear=f"{random_init_name(args)} linear",
+                   simclr_finetuned=f"SimCLR fine-tuned ({args.sup_steps} steps)",
                    supervised=f"supervised ({args.sup_steps} steps)")
     table = results["label_efficiency"] = dict(unit="labels per class" if per_class else "fraction of the labels",
                                                sup_steps=args.sup_steps, rows=[])
