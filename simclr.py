@@ -692,8 +692,8 @@ def path(exts=()):
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # keep "(default: per dataset)" where the help already says it
-        return action.help if "default" in action.help else super()._get_help_string(action)
+    def _get_help_string(self, action):  # keep "(default: per dataset)" where the help says it; no "(default: None)"
+        return action.help if "default" in action.help or action.default is None else super()._get_help_string(action)
 
 
 def build_parser():
@@ -758,9 +758,10 @@ def build_parser():
     a("--show-neighbours", metavar="FILE.png", type=path((".png",)), help="neighbours.png here too (--resume: only it)")
     a = p.add_argument_group("run: device, precision, processes, output").add_argument
     a("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
-    a("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA and native-bf16 CPUs (paper: fp32)")
+    a("--precision", choices=("auto", "bf16", "fp32"), help="default: auto, bf16 on CUDA and native-bf16 CPUs")
     a("--compile", default="auto", choices=("auto", "on", "off"), help="torch.compile (auto: on CUDA, not dry runs)")
-    a("--seed", type=number(int, lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), default=HParams.seed)
+    a("--seed", type=number(int, lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), default=HParams.seed,
+      help="seeds the weights, the augmentations and the epochs' order")
     a("--out", type=path(), help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
     a("--resume", metavar="DIR", help="continue the run saved in DIR")
     a("--dry-run", action="store_true", help="run every stage for a couple of steps on a few images")
