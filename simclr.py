@@ -22,11 +22,11 @@ datasets at scale, the paper's protocol, few labels, pictures, the benchmark, an
 Result: `python simclr.py` reaches 78.2 +- 3.1% linear top-1 on the embedded shapes over 3 seeds (a random-init
 ResNet18: 53.1%), in 6 minutes on a 2-core CPU; every figure with its command and hardware is in README.md.
 """
-import argparse
 import copy
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,26 @@ import torchvision.transforms.v2  # not imported by "import torchvision"
 # Part 1: SimCLR
 # ==========================================================================================================
 
+@dataclass
+class HParams:
+    """SimCLR's hyper-parameters, in one place, with the papers' defaults: SimCLR's (Sec. 2.3, App. A and B.1) and the
+    autoencoder-head paper's (Sec. 4 of 2408.14514) where SimCLR leaves a value open. train() reads every one."""
+    epochs: int = 100  # passes over the pre-training images
+    batch_size: int = 256  # N images per step, 2N views
+    lr: float = 0.3  # the peak learning rate: 0.3 at N = 256 by both of SimCLR's scaling rules (App. B.1)
+    warmup_epochs: float = 10  # linear warm-up, then cosine decay (Sec. 2.3)
+    lr_min_ratio: float = 1 / 50  # the cosine ends at lr / 50 (the paper's; SimCLR's ends at 0)
+    momentum: float = 0.9  # SGD with momentum, in place of LARS (made for batches of thousands)
+    wd: float = 1e-5  # weight decay (the paper's)
+    decay_norm_and_bias: bool = False  # decay BatchNorm's scale and shift and the biases too (the paper's code)
+    tau: float = 0.5  # the NT-Xent temperature (the paper's)
+    crop_min: float = 0.08  # the smallest crop area of RandomResizedCrop (App. A)
+    jitter_prob: float = 0.8  # colour jitter (0.8, 0.8, 0.8, 0.2), applied with this probability (App. A)
+    gray_prob: float = 0.2  # grayscale
+    blur_prob: float = 0.5  # Gaussian blur
+    seed: int = 0  # draws the order of every epoch
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Augmentation (Sec. 3 and Appendix A of SimCLR). First as most code writes it, one image at a time on the CPU;
 # then the same in batches on the device, each image with its own random parameters. Every batched op matches
@@ -48,14 +68,14 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def blur_kernel(size):
-    # odd, ~10% of the image side (Appendix A of SimCLR); 3 at 32 px, where the paper blurs and SimCLR's CIFAR runs do
-    # not (App. B.9: --blur-prob 0)
+    # odd, ~10% of the image side (Appendix A of SimCLR): 3 at 32 px, where the paper blurs (SimCLR's CIFAR runs do
+    # not, App. B.9); none below 20 px
     return int(0.1 * size) // 2 * 2 + 1
 
 
 def classic_transform(size, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
-    """The SimCLR view of one uint8 image (3, H, W), written with torchvision's transforms: the specification that
-    augment() below computes in batches (and the classic pipeline that --bench races it against)."""
+    """The SimCLR view of one uint8 image (3, H, W), written with torchvision's transforms, one image at a time: the
+    specification that augment() below computes in batches."""
     v2 = torchvision.transforms.v2
     ops = [v2.RandomResizedCrop(size, scale=(crop_min, 1.0), antialias=True), v2.RandomHorizontalFlip(),
            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=jitter_prob), v2.RandomGrayscale(gray_prob)]
@@ -71,8 +91,8 @@ def crop_params(N, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu"):
     aspect = torch.exp(torch.empty(N, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
     cw, ch = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()  # (N, 10)
     ok = (cw > 0) & (cw <= W) & (ch > 0) & (ch <= H)
-    first = ok.int().argmax(1, keepdim=True)  # (N, 1): the first valid try (0 when none is)
-    cw, ch, found = cw.gather(1, first).squeeze(1), ch.gather(1, first).squeeze(1), ok.any(1)  # (N,) each
+    pick = ok.int().argmax(1, keepdim=True)  # (N, 1): the first valid try (0 when none is)
+    cw, ch, found = cw.gather(1, pick).squeeze(1), ch.gather(1, pick).squeeze(1), ok.any(1)  # (N,) each
     in_ratio = W / H  # fallback, as torchvision: the largest centred crop whose ratio is inside `ratio`
     fw = W if in_ratio <= max(ratio) else int(round(H * max(ratio)))
     fh = H if in_ratio >= min(ratio) else int(round(W / min(ratio)))
@@ -85,13 +105,13 @@ def crop_params(N, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu"):
 
 def resized_crop(x, top, left, ch, cw, size, flip):
     """Crop each image to its box (ch x cw at top, left), resize to size x size (bilinear) and mirror where `flip`:
-    one grid_sample. Output pixel k reads input coordinate left + (k + 0.5) cw / size - 0.5, clamped to the box,
+    one grid_sample. Output pixel i reads input coordinate left + (i + 0.5) cw / size - 0.5, clamped to the box,
     which is exactly what F.interpolate(bilinear, align_corners=False) does on the cropped image."""
     N, _, H, W = x.shape
-    k = torch.arange(size, device=x.device) + 0.5
+    centre = torch.arange(size, device=x.device) + 0.5  # (size,): output pixel centres
 
     def coords(start, length, full):  # (N, size) normalised grid coordinates along one axis
-        c = start[:, None] + k * (length[:, None] / size) - 0.5
+        c = start[:, None] + centre * (length[:, None] / size) - 0.5
         c = torch.minimum(torch.maximum(c, start[:, None].float()), (start + length - 1)[:, None].float())
         return (2 * c + 1) / full - 1  # pixel -> [-1, 1], align_corners=False
     gx, gy = coords(left, cw, W), coords(top, ch, H)
@@ -119,9 +139,9 @@ def adjust_hue(x, turns):
     dd = torch.where(delta == 0, 1, delta)
     hue = torch.where(v == r, (g - b) / dd, torch.where(v == g, 2 + (b - r) / dd, 4 + (r - g) / dd))  # in sixths
     hue = torch.remainder(hue + 6 * turns.view(-1, 1, 1), 6).unsqueeze(1)  # (N, 1, H, W)
-    n = 5 - 2 * torch.arange(3, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1 for R, G, B
-    k = torch.remainder(n + hue, 6)
-    return v.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)  # (N, 3, H, W)
+    shift = 5 - 2 * torch.arange(3, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1 sixths for R, G, B
+    pos = torch.remainder(shift + hue, 6)  # (N, 3, H, W): each channel's place on the hue circle
+    return v.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(pos, 4 - pos).clamp(0, 1)  # (N, 3, H, W)
 
 
 def color_jitter(x, factors, order):
@@ -129,41 +149,42 @@ def color_jitter(x, factors, order):
     random order (N, 4) (a permutation of 0..3), as torchvision's ColorJitter does per image. Every image rotates
     its hue exactly once, so the (costly) hue runs once on the whole batch, between the blends each image applies
     before it and those it applies after (a blend with f = 1 leaves an image as it is)."""
-    hue_at = (order == 3).int().argmax(1)  # (N,) the step at which each image rotates its hue
+    hue_at = (order == 3).int().argmax(1)  # (N,) the slot of the order at which each image rotates its hue
 
-    def blends(x, steps, active):
-        for step in steps:
-            op = order[:, step].view(-1, 1, 1, 1)  # which op each image applies at this step
-            # (N,): 1 (no change) where this step is the image's hue, or on the other side of it
-            factor = torch.where(active(step), factors.gather(1, order[:, step:step + 1]).squeeze(1), 1.0)
+    def blends(x, slots, active):
+        for slot in slots:
+            op = order[:, slot].view(-1, 1, 1, 1)  # which op each image applies in this slot
+            # (N,): 1 (no change) where this slot is the image's hue, or on the other side of it
+            factor = torch.where(active(slot), factors.gather(1, order[:, slot:slot + 1]).squeeze(1), 1.0)
             x_gray = gray(x)  # blend towards black (brightness), the mean grey (contrast), the grey image (saturation)
             target = torch.where(op == 1, x_gray.mean((1, 2, 3), keepdim=True), x_gray)
             x = blend(x, factor, torch.where(op == 0, 0, target))
         return x
 
-    x = blends(x, range(3), lambda step: step < hue_at)  # brightness / contrast / saturation before the hue
+    x = blends(x, range(3), lambda slot: slot < hue_at)  # brightness / contrast / saturation before the hue
     x = adjust_hue(x, factors[:, 3])
-    return blends(x, range(1, 4), lambda step: step > hue_at)  # and after it
+    return blends(x, range(1, 4), lambda slot: slot > hue_at)  # and after it
 
 
 def gaussian_blur(x, sigma, kernel_size):
     """Per-image sigma (N,), separable Gaussian with reflect padding, as torchvision's gaussian_blur."""
     N, C, H, W = x.shape
     i = torch.arange(kernel_size, device=x.device) - kernel_size // 2
-    k = torch.exp(-0.5 * (i / sigma[:, None]) ** 2)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (N*C, K), one kernel per channel
+    w = torch.exp(-0.5 * (i / sigma[:, None]) ** 2)
+    w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (N*C, K): one kernel's weights per channel
     pad = kernel_size // 2
-    y = x.reshape(1, N * C, H, W)  # images as channels, so one grouped conv blurs them all
-    y = F.pad(y, (pad, pad, pad, pad), mode="reflect")  # (1, N*C, H+2p, W+2p)
-    y = F.conv2d(y, k.view(N * C, 1, 1, -1), groups=N * C)  # along x
-    y = F.conv2d(y, k.view(N * C, 1, -1, 1), groups=N * C)  # along y
-    return y.view(N, C, H, W)  # (1, N*C, H, W) -> (N, C, H, W)
+    x = x.reshape(1, N * C, H, W)  # images as channels, so one grouped conv blurs them all
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (1, N*C, H+2p, W+2p)
+    x = F.conv2d(x, w.view(N * C, 1, 1, -1), groups=N * C)  # along x
+    x = F.conv2d(x, w.view(N * C, 1, -1, 1), groups=N * C)  # along y
+    return x.view(N, C, H, W)  # (1, N*C, H, W) -> (N, C, H, W)
 
 
 def augment(x, crop_min=0.08, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
-    """The SimCLR view: x (N, 3, H, W) floats in [0, 1] -> a random view of each image, same shape.
+    """The SimCLR view: images x (N, 3, H, W), uint8 or floats in [0, 1] -> a random view of each, floats in [0, 1].
     RandomResizedCrop -> flip -> ColorJitter(0.8, 0.8, 0.8, 0.2) w.p. 0.8 -> grayscale w.p. 0.2
     -> GaussianBlur(kernel ~10% of the side, sigma in [0.1, 2]) w.p. 0.5 (Appendix A of SimCLR)."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x  # ToTensor's scaling: every op below works in [0, 1]
     N, _, H, W = x.shape
     dev = x.device
     coin = lambda p: (torch.rand(N, device=dev) < p).view(-1, 1, 1, 1)
@@ -196,17 +217,16 @@ def to_device(x, device):
     return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
 
 
-def two_views(x, aug, prep=normalize):
-    """uint8 images (N, 3, H, W) on the device -> (2N, 3, H, W): two augmented views of each, standardised (prep).
-    Rows i and i + N are the positive pair of NT-Xent. aug: augment's keyword arguments."""
-    x = x.float() / 255
-    with torch.no_grad():
-        return prep(torch.cat([augment(x, **aug), augment(x, **aug)]))  # (2N, 3, H, W)
-
-
 def augment_kwargs(hp):
     """augment's keyword arguments, from the hyper-parameters."""
     return dict(crop_min=hp.crop_min, jitter_prob=hp.jitter_prob, gray_prob=hp.gray_prob, blur_prob=hp.blur_prob)
+
+
+def two_views(x, hp, prep=normalize):
+    """uint8 images (N, 3, H, W) -> (2N, 3, H, W): two augmented views of each, standardised (prep). Rows i and i + N
+    are the two views of image i, the positive pair of NT-Xent."""
+    with torch.no_grad():  # the augmentation is input, not model: no gradient flows through it
+        return prep(torch.cat([augment(x, **augment_kwargs(hp)), augment(x, **augment_kwargs(hp))]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,9 +261,9 @@ class AutoEncoder(nn.Module):
 def val_split(n):
     """(train, val): indices of a 90/10 split of n images, torch's random_split with seed 42 as the paper's code
     splits a train split (drawn on the CPU, so the same split on every device)."""
-    train, val = (torch.tensor(s.indices, dtype=torch.long) for s in torch.utils.data.random_split(
+    fit, val = (torch.tensor(s.indices, dtype=torch.long) for s in torch.utils.data.random_split(
         range(n), [0.9, 0.1], generator=torch.Generator().manual_seed(42)))
-    return (train, val) if len(val) else (train[:-1], train[-1:])  # under 10 images: one still validates
+    return (fit, val) if len(val) else (fit[:-1], fit[-1:])  # under 10 images: one still validates
 
 
 def train_autoencoder(images, d, epochs, device, val_images=None, batch=100, lr=1e-4, resume=None, save=None,
@@ -251,24 +271,25 @@ def train_autoencoder(images, d, epochs, device, val_images=None, batch=100, lr=
     """The paper's autoencoder recipe (as its code runs it) on uint8 images (n, 3, H, W):
     MSE on flattened pixels in [0, 1], Adam, ReduceLROnPlateau(patience 10, factor 0.5) on the validation loss of
     val_images (default: a 90/10 split of the images, seed 42); the best validation epoch's weights. Returns
-    (autoencoder, its validation MSE). Part 2 passes resume(state) and save(state), which continue a stopped run."""
+    (autoencoder, its validation MSE). The whole state is the dict s: resume(s) may load a saved one into it before
+    the first epoch, and save(s) is called after every epoch."""
     device = torch.device(device)
     if val_images is None:
-        order, val = val_split(len(images))
+        perm, val = val_split(len(images))
         val_images = images[val.to(images.device)]  # a tenth, copied once
     else:
-        order = torch.randperm(len(images))
+        perm = torch.randperm(len(images))
     flat = lambda x: to_device(x, device).float().flatten(1) / 255  # (B, 3HW) in [0, 1]
     ae = AutoEncoder(images[0].numel(), d).to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=10, factor=0.5)
-    s = dict(ae=ae, opt=opt, sched=sched, epoch=0, order=order, best=float("inf"), best_epoch=0,
+    s = dict(ae=ae, opt=opt, sched=sched, epoch=0, perm=perm, best=float("inf"), best_epoch=0,
              best_state=copy.deepcopy(ae.state_dict()))
     if resume:
         resume(s)
     for epoch in range(s["epoch"], epochs):
         ae.train()
-        for idx in s["order"].to(images.device).split(batch):
+        for idx in s["perm"].to(images.device).split(batch):
             x = flat(images[idx])
             loss = F.mse_loss(ae(x), x)
             opt.zero_grad(set_to_none=True)
@@ -283,7 +304,7 @@ def train_autoencoder(images, d, epochs, device, val_images=None, batch=100, lr=
             s.update(best=val_loss, best_epoch=epoch + 1, best_state=copy.deepcopy(ae.state_dict()))
         if epoch % 10 == 0 or epoch == epochs - 1:
             log(f"autoencoder epoch {epoch + 1}/{epochs}: val MSE {val_loss:.5f} (best {s['best']:.5f})")
-        s.update(epoch=epoch + 1, order=s["order"][torch.randperm(len(s["order"]))])  # reshuffled for the next
+        s.update(epoch=epoch + 1, perm=s["perm"][torch.randperm(len(s["perm"]))])  # reshuffled for the next
         if save:
             save(s)
     ae.load_state_dict(s["best_state"])
@@ -293,19 +314,19 @@ def train_autoencoder(images, d, epochs, device, val_images=None, batch=100, lr=
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
-def projection_head(feat_dim, hidden, out, act, embedding=None, freeze=True):
-    """g(h) = W2 act(W1 h): Linear(feat_dim, hidden) -> act -> Linear(hidden, out). With `embedding` (the
-    autoencoder's 512 -> d layer) W1 is a copy of it, frozen unless freeze=False (Sec. 3 of the paper), and the
-    hidden width is its d (`hidden` is not used)."""
-    if embedding is None:
-        first = nn.Linear(feat_dim, hidden)
+def projection_head(feat_dim, hidden, out, act, freeze=True):
+    """g(h) = W2 act(W1 h), no BatchNorm (the paper's heads). `hidden` is W1: either the width of a new random
+    Linear(feat_dim, hidden), or the autoencoder's embedding layer (an nn.Linear(512, d)), copied and frozen unless
+    freeze=False (Sec. 3 of the paper); then the hidden width is its d."""
+    if isinstance(hidden, int):
+        w1 = nn.Linear(feat_dim, hidden)
     else:
-        if embedding.in_features != feat_dim:
-            raise ValueError(f"the AE embedding takes {embedding.in_features} inputs but the backbone gives "
+        if hidden.in_features != feat_dim:
+            raise ValueError(f"the AE embedding takes {hidden.in_features} inputs but the backbone gives "
                              f"{feat_dim} features; use a 512-d backbone (resnet18/34)")
-        first = copy.deepcopy(embedding)
-        first.requires_grad_(not freeze)
-    return nn.Sequential(first, ACTIVATIONS[act](), nn.Linear(first.out_features, out))
+        w1 = copy.deepcopy(hidden)
+        w1.requires_grad_(not freeze)
+    return nn.Sequential(w1, ACTIVATIONS[act](), nn.Linear(w1.out_features, out))
 
 
 class SimCLR(nn.Module):
@@ -313,8 +334,8 @@ class SimCLR(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, x):
-        return self.head(self.backbone(x))  # z = g(f(x))
+    def forward(self, x):  # x (2N, 3, H, W)
+        return self.head(self.backbone(x))  # (2N, 128): z = g(h), h = f(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,7 +378,7 @@ def optimizer(model, hp):
 def lr_at(step, total, warmup, peak, final):
     """The learning rate of step `step` (from 0) of `total`: a linear warm-up over the first `warmup` steps that
     reaches `peak` at its last one, then a cosine decay (without restarts) that reaches `final` at the last step
-    (SimCLR's default setting, Sec. 2.3, whose cosine ends at 0: here `final`, lr * --lr-min-ratio)."""
+    (Sec. 2.3 of SimCLR, whose cosine ends at 0; train() ends it at lr * lr_min_ratio)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     start = max(warmup - 1, 0)  # the step at the peak, where the cosine starts
@@ -365,73 +386,39 @@ def lr_at(step, total, warmup, peak, final):
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def sgd_step(model, views, opt, tau, amp=nullcontext, loss_fn=nt_xent):
-    """One SimCLR update on 2N views: z = g(f(views)), NT-Xent, backward, SGD step. Returns the loss as a device
-    tensor: reading it (.item()) would make the CPU wait for the GPU."""
-    N = len(views) // 2
-    with amp():  # Part 2: bf16 autocast where the hardware has it
-        z = model(views)  # (2N, out)
-    loss = loss_fn(z[:N], z[N:], tau)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach()
+def epoch_perm(n, seed, epoch):
+    """The order in which epoch `epoch` visits n images: a function of the seed and the epoch alone, drawn on the CPU
+    (the same order on every device). 100_003, a prime above any epoch count: no two (seed, epoch) share an order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-PROGRESS_EVERY_S = 60  # between progress lines inside an epoch
-
-
-def train(model, images, hp, amp=nullcontext, log=print, opt_state=None, start_epoch=0, views_fn=None, forward=None,
-          loss_fn=nt_xent, rank=0, world=1, end_of_epoch=None, schedule=None):
-    """SimCLR pre-training (Algorithm 1 of SimCLR) on uint8 images (n, 3, H, W): every step, two views of each of N
-    images, z = g(f(x)), NT-Xent, SGD; the learning rate set before every step by lr_at. hp: the hyper-parameters
-    (epochs, batch_size, lr, warmup_epochs, lr_min_ratio, momentum, wd, decay_norm_and_bias, tau, seed, and
-    augment's). Part 2 passes the rest: a resumed run's optimizer state and epoch, a compiled views_fn and forward,
-    the loss and this process's share of each batch under torchrun, end_of_epoch(epoch, losses, metrics, opt) and
-    schedule(epoch, step), the learning rate of a step."""
-    device = next(model.parameters()).device  # the images may live in host memory (Part 2, --data-on host)
-    N, steps = hp.batch_size, len(images) // hp.batch_size
+def train(model, images, hp, log=print):
+    """SimCLR pre-training (Algorithm 1 of SimCLR) of model = SimCLR(f, g) on uint8 images (n, 3, H, W) with the
+    hyper-parameters hp (an HParams): each step two views of each of N images, h = f(x), z = g(h), NT-Xent, an SGD
+    step at the learning rate lr_at gives it. One log line per epoch."""
+    device = next(model.parameters()).device  # the images may be elsewhere: each batch goes to the model
+    N, steps = hp.batch_size, len(images) // hp.batch_size  # the last, partial batch of an epoch is dropped
     opt = optimizer(model, hp)
-    if opt_state:
-        opt.load_state_dict(opt_state)
-    views_fn = views_fn or (lambda x: two_views(x, augment_kwargs(hp)))
-    forward = forward or model
     total, warmup, final = hp.epochs * steps, round(hp.warmup_epochs * steps), hp.lr * hp.lr_min_ratio
-    schedule = schedule or (lambda epoch, step: lr_at(epoch * steps + step, total, warmup, hp.lr, final))
-    t_start = time.time()
-    for epoch in range(start_epoch, hp.epochs):
+    for epoch in range(hp.epochs):
         model.train()
-        t0 = t_shown = time.time()
-        # a function of seed and epoch alone: the same on every process, and again on a resumed run (100_003, a prime
-        # above any epoch count: no two (seed, epoch) pairs share an order)
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(hp.seed * 100_003 + epoch))
-        order, losses = order.to(images.device), []  # the indices go where the images are, once an epoch
+        t0, losses, perm = time.time(), [], epoch_perm(len(images), hp.seed, epoch).to(images.device)
         for step in range(steps):
-            idx = order[step * N:(step + 1) * N].chunk(world)[rank]  # the batch (this process's share of it)
-            x = to_device(images[idx], device)  # (N, 3, H, W) uint8 (N / world under torchrun)
+            x = to_device(images[perm[step * N:(step + 1) * N]], device)  # (N, 3, H, W) uint8: a batch of N images
+            views = two_views(x, hp)  # (2N, 3, H, W): two augmented views of each; rows i and i + N: image i
+            h = model.backbone(views)  # (2N, 512): the representation h = f(x)
+            z = model.head(h)  # (2N, 128): the projection z = g(h)
+            loss = nt_xent(z[:N], z[N:], hp.tau)  # each view must pick out its partner among the 2N - 1 others
             for group in opt.param_groups:
-                group["lr"] = schedule(epoch, step)
-            losses.append(sgd_step(forward, views_fn(x), opt, hp.tau, amp, loss_fn))
-            if time.time() - t_shown > PROGRESS_EVERY_S:  # a long epoch still shows life
-                step_s = (time.time() - t0) / (step + 1)
-                log(f"  epoch {epoch + 1}: step {step + 1}/{steps} | {N / step_s:.0f} img/s | eta "
-                    f"{fmt_time(step_s * (steps - step - 1 + (hp.epochs - epoch - 1) * steps))}")
-                t_shown = time.time()
-        losses = torch.stack(losses)  # (steps,), read once per epoch
-        dt = time.time() - t0
-        m = dict(epoch=epoch + 1, loss=losses.mean().item(), lr=opt.param_groups[0]["lr"], img_per_s=steps * N / dt,
-                 epoch_s=dt)
-        if end_of_epoch:
-            end_of_epoch(epoch, losses, m, opt)  # Part 2: a NaN stop, the kNN monitor, metrics.jsonl, a checkpoint
-        eta = (time.time() - t_start) / (epoch + 1 - start_epoch) * (hp.epochs - epoch - 1)
-        knn = f" | knn {100 * m['knn_top1']:.1f}%" if "knn_top1" in m else ""
-        log(f"epoch {epoch + 1}/{hp.epochs} | loss {m['loss']:.4f} | lr {m['lr']:.4f} | {m['img_per_s']:.0f} img/s"
-            f"{knn} | eta {fmt_time(eta)}")
+                group["lr"] = lr_at(epoch * steps + step, total, warmup, hp.lr, final)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())  # on the device: reading it now would make the CPU wait for the GPU
+        loss = torch.stack(losses).mean().item()  # (steps,) -> the epoch's mean, read once
+        log(f"epoch {epoch + 1}/{hp.epochs} | loss {loss:.4f} | lr {opt.param_groups[0]['lr']:.4f} | "
+            f"{steps * N / (time.time() - t0):.0f} img/s")
     return model
-
-
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,14 +466,14 @@ def nearest(query_h, pool_h, k):
 
 
 @torch.no_grad()
-def knn_top1(train_h, train_y, test_h, test_y, classes, k=200, T=0.1):
+def knn_top1(train_h, train_y, test_h, test_y, classes, k=200, temperature=0.1):
     """Weighted kNN monitor (Wu et al. 2018, arXiv:1805.01978): cosine similarity, the k nearest train features vote
-    with weight exp(sim / T)."""
+    with weight exp(sim / temperature)."""
     correct = 0
     for i in range(0, len(test_h), 1024):
         sim, idx = nearest(test_h[i:i + 1024], train_h, k)  # (b, k)
         votes = torch.zeros(len(sim), classes, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], (sim / T).exp())  # (b, classes)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())  # (b, classes)
         correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
     return correct / len(test_h)
 
@@ -586,15 +573,13 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
     torch.manual_seed(seed)
     (train_x, train_y), (test_x, test_y) = make_shapes(n[0], SHAPES["img"], seed), make_shapes(n[1], SHAPES["img"],
                                                                                                   seed + 10_000)
-    N = SHAPES["batch"]
-    hp = argparse.Namespace(epochs=epochs, batch_size=N, lr=0.3 * math.sqrt(N / 256),  # App. B.1's sqrt rule (RECIPES)
-                            warmup_epochs=min(10, epochs / 10), lr_min_ratio=1 / 50, momentum=0.9, wd=1e-5,
-                            decay_norm_and_bias=False, tau=SHAPES["tau"], seed=seed, crop_min=SHAPES["crop_min"],
-                            jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5)
-    embedding = None
+    N = SHAPES["batch"]  # lr: App. B.1's square-root rule, met with the linear one at N = 256; a tenth warms up
+    hp = HParams(epochs=epochs, batch_size=N, lr=HParams.lr * math.sqrt(N / 256), seed=seed, tau=SHAPES["tau"],
+                 warmup_epochs=min(HParams.warmup_epochs, epochs / 10), crop_min=SHAPES["crop_min"])
+    hidden = 512  # the MLP head's width, or the embedding of an autoencoder trained on the same images
     if head == "ae":
-        embedding = train_autoencoder(train_x, 512, SHAPES["ae_epochs"], device, log=log)[0].embedding
-    model = SimCLR(make_backbone(SHAPES["arch"], SHAPES["stem"]), projection_head(512, 512, 128, act, embedding))
+        hidden = train_autoencoder(train_x, 512, SHAPES["ae_epochs"], device, log=log)[0].embedding
+    model = SimCLR(make_backbone(SHAPES["arch"], SHAPES["stem"]), projection_head(512, hidden, 128, act))
     train(model.to(device), train_x.to(device), hp, log=log)
     random_init = make_backbone(SHAPES["arch"], SHAPES["stem"]).to(device)
     results = {name: probes(extract_features(f, train_x), train_y.to(device), extract_features(f, test_x),
@@ -610,13 +595,14 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
 # protocol, few labels, pictures, the benchmark and main(), each under its own banner.
 # ==========================================================================================================
 # Part 2's own imports: Part 1 needs none of them.
-import contextlib, datetime, errno, fcntl, functools, gzip, hashlib, heapq, json, os, random  # noqa: E401, E402
-import shutil, signal, sys, tempfile, threading  # noqa: E401, E402
+import argparse, contextlib, datetime, errno, fcntl, functools, gzip, hashlib  # noqa: E401, E402
+import json, os, shutil, signal, sys, tempfile, threading, types  # noqa: E401, E402
 
 import numpy as np  # noqa: E402
 
 import PIL.Image  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.distributed.nn.functional as dist_nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
@@ -649,10 +635,16 @@ RECIPES = {
                   tau=0.5, crop_min=0.08, warmup_epochs=0, eval="paper", stl10_pretrain="train", precision="fp32"),
 }
 
-
 # The paper's code validates on 10% of the train split, but Imagenette's on 10% of its "val" split, the test images
 # (split_vision_dataset in its dataset.py loads Imagenette's "val" for the split "val").
 PAPER_VALIDATES_ON_TEST = ("imagenette",)
+
+# Flags that apply to one value of another flag only (else they would be ignored), and why.
+ONLY_FOR = dict(standardize=("recipe", "paper", "recipe simclr standardises with ImageNet's statistics"),
+                ae_epochs=("head", "ae", "the MLP head has no autoencoder"), ae_dir=("head", "ae", "nor its cache"),
+                ae_dim=("head", "ae", "the MLP head's hidden width is --proj-hidden"),
+                no_freeze=("head", "ae", "the MLP head has nothing frozen"),
+                proj_hidden=("head", "mlp", "the ae head's width is its AE's d: use --ae-dim {}"))
 
 
 def die(msg, code=2):
@@ -682,129 +674,124 @@ PROBABILITY, COUNT = number(float, lambda v: 0 <= v <= 1, "in [0, 1]"), number(i
 NONNEGATIVE_INT, WIDTH = number(int, lambda v: v >= 0, ">= 0"), number(int, lambda v: 1 <= v <= 65536, "in 1..65536")
 
 
+def path(exts=()):
+    """An argparse type: a folder, or with `exts` a file with one of those extensions; refused before anything runs
+    when it cannot be one (an empty name, another extension, a file where a folder must be)."""
+    def parse(text):
+        kind = " or ".join(exts) + " file" if exts else "folder"
+        name = os.path.basename(text)
+        if not text or exts and (os.path.splitext(name)[1].lower() not in exts or os.path.isdir(text)):
+            raise argparse.ArgumentTypeError(f"give the name of a {kind} (got {text!r})")
+        folder = os.path.abspath(os.path.dirname(text) if exts else text)
+        while not os.path.exists(folder):  # the nearest that exists: a file there stops every folder below it
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise argparse.ArgumentTypeError(f"{folder} is a file, not a folder: give the name of a {kind}")
+        return text
+    return parse
+
+
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # keep "(default: per dataset)" where the help already says it
-        return action.help if "default" in action.help else super()._get_help_string(action)
+    def _get_help_string(self, action):  # keep "(default: per dataset)" where the help says it; no "(default: None)"
+        return action.help if "default" in action.help or action.default is None else super()._get_help_string(action)
 
 
 def build_parser():
-    """Every flag once, with its rule (its type) and its default, in the groups that --help shows."""
+    """Every flag once, with its rule (its type) and its default (HParams' where it has one), in --help's groups."""
     p = argparse.ArgumentParser(description="SimCLR with an optional autoencoder projection head (arXiv:2408.14514).",
                                 formatter_class=HelpWithDefaults, allow_abbrev=False)
     p.error = die  # a bad flag: its rule in one line, exit 2 (not the usage of every flag)
     a = p.add_argument_group("data").add_argument
     a("--dataset", default="shapes", choices=tuple(DATASETS), help="the images to learn from")
-    a("--data-dir", default="data", help="where datasets are read from (and downloaded to)")
+    a("--data-dir", type=path(), default="data", help="where datasets are read from (and downloaded to)")
     a("--no-download", action="store_true", help="never download; fail with a list of the files to put in place")
-    a("--stl10-pretrain", choices=("train+unlabeled", "train"),
-      help="STL10's pre-training images (default: train+unlabeled; recipe paper: train, the 5k labelled ones)")
-    a("--img-size", type=number(int, lambda v: 8 <= v <= 1024, "in 8..1024"),
-      help="image side in pixels (default: per dataset; folder: its images' median side, at most 96)")
-    a("--data-on", default="auto", choices=("auto", "device", "host"),
-      help="where the uint8 images live (host: copied per batch; auto: the device if at most half its free memory)")
-    a = p.add_argument_group("augmentations (Sec. 3 of SimCLR; the paper's values)").add_argument
-    a("--crop-min", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]"),
-      help="smallest crop area of RandomResizedCrop (default: 0.08; shapes 0.3)")
-    a("--jitter-prob", type=PROBABILITY, default=0.8, help="probability of colour jitter (0.8, 0.8, 0.8, 0.2)")
-    a("--gray-prob", type=PROBABILITY, default=0.2, help="probability of grayscale")
-    a("--blur-prob", type=PROBABILITY, default=0.5, help="probability of Gaussian blur (kernel ~10%% of the image)")
-    a("--show-augs", metavar="FILE.png", help="save a grid of images and their two views, then exit")
+    a("--stl10-pretrain", choices=("train+unlabeled", "train"), help="default: train+unlabeled; recipe paper: train")
+    a("--img-size", type=number(int, lambda v: 8 <= v <= 1024, "in 8..1024"), help="default: per dataset; folder: "
+      "its images' median side, at most 96")
+    a("--data-on", default="auto", choices=("auto", "device", "host"), help="where the images live (auto: the "
+      "device if they take at most half its free memory)")
+    a = p.add_argument_group("augmentations (App. A of SimCLR; the paper's values)").add_argument
+    a("--crop-min", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]"), help="smallest crop area (default: 0.08)")
+    a("--jitter-prob", type=PROBABILITY, default=HParams.jitter_prob, help="probability of colour jitter")
+    a("--gray-prob", type=PROBABILITY, default=HParams.gray_prob, help="probability of grayscale")
+    a("--blur-prob", type=PROBABILITY, default=HParams.blur_prob, help="probability of Gaussian blur")
+    a("--show-augs", metavar="FILE.png", type=path((".png", ".jpg", ".jpeg")), help="save 8 images, 2 views each; exit")
     a = p.add_argument_group("model: backbone f, projection head g, autoencoder").add_argument
-    a("--arch", choices=("resnet18", "resnet34", "resnet50"), help="backbone (default: resnet34; shapes: resnet18)")
-    a("--stem", choices=("auto", "imagenet", "cifar"), help="auto: ImageNet's 7x7 stem and maxpool with --pretrained "
-      "or over 64 px, else 3x3 stride 1, no maxpool (default: auto; shapes: imagenet)")
+    a("--arch", choices=("resnet18", "resnet34", "resnet50"), help="backbone (default: resnet34)")
+    a("--stem", choices=("auto", "imagenet", "cifar"), help="default: auto, imagenet with --pretrained or over 64 px")
     a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (recipe paper: on)")
     a("--head", default="mlp", choices=("mlp", "ae"), help="projection head: random MLP, or AE embedding first")
     a("--act", default="relu", choices=tuple(ACTIVATIONS), help="activation between the two head layers")
     a("--proj-hidden", type=WIDTH, help="hidden width of the MLP head (default: 512)")
     a("--proj-out", type=WIDTH, default=128, help="output width of the projection head")
-    a("--ae-dim", type=WIDTH, help="width d of the AE embedding, the ae head's hidden width (the paper: 128, 256 or "
-      "512; default: 512)")
+    a("--ae-dim", type=WIDTH, help="width d of the AE embedding, the ae head's hidden width (default: 512)")
     a("--no-freeze", action="store_true", help="let the AE embedding train (ablation; frozen by default)")
     a("--ae-epochs", type=NONNEGATIVE_INT, help="autoencoder epochs (default: per dataset)")
-    a("--ae-dir", help="cache of trained autoencoders, one per dataset, d and seed (default: runs/autoencoders)")
+    a("--ae-dir", type=path(), help="cache of trained autoencoders (default: runs/autoencoders)")
     a = p.add_argument_group("optimisation (Sec. 2.3 and App. B.1 of SimCLR; Sec. 4 of the paper)").add_argument
-    a("--recipe", default="simclr", choices=tuple(RECIPES), help="simclr: from scratch as SimCLR trains; paper: "
-      "2408.14514's protocol (see RECIPES)")
+    a("--recipe", default="simclr", choices=tuple(RECIPES), help="simclr: from scratch as SimCLR; paper: 2408.14514's")
     a("--epochs", type=NONNEGATIVE_INT, help="pre-training epochs (default: per dataset)")
     a("--batch-size", type=number(int, lambda v: v >= 2, "at least 2: NT-Xent needs a negative per view"),
       help="N images per step, 2N views (default: per dataset)")
-    a("--lr", type=POSITIVE, help="peak learning rate (default: recipe simclr: 0.3 sqrt(N / 256); recipe paper: "
-      "0.3 N / 256)")
-    a("--warmup-epochs", type=number(float, lambda v: 0 <= v <= 10_000, "in [0, 10000]"), help="linear warm-up of "
-      "the learning rate (default: recipe simclr: a tenth of the run, at most 10 epochs; recipe paper: 0)")
-    a("--momentum", type=number(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.9, help="SGD momentum")
-    a("--wd", type=NONNEGATIVE, default=1e-5, help="weight decay")
-    a("--lr-min-ratio", type=PROBABILITY, default=1 / 50, help="cosine schedule ends at lr * this")
+    a("--lr", type=POSITIVE, help="peak learning rate (default: 0.3 sqrt(N / 256); recipe paper: 0.3 N / 256)")
+    a("--warmup-epochs", type=number(float, lambda v: 0 <= v <= 10_000, "in [0, 10000]"), help="linear warm-up "
+      "(default: a tenth of the run, at most 10 epochs; recipe paper: 0)")
+    a("--momentum", type=number(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=HParams.momentum, help="of SGD")
+    a("--wd", type=NONNEGATIVE, default=HParams.wd, help="weight decay")
+    a("--lr-min-ratio", type=PROBABILITY, default=HParams.lr_min_ratio, help="the cosine ends at lr * this")
     a("--tau", type=POSITIVE, help="NT-Xent temperature (default: 0.5, the paper's; shapes: 0.2)")
-    a("--standardize", action="store_true", help="recipe paper: the paper's STANDARDIZE, not ToTensor's [0, 1]: per "
-      "channel, the mean of every image's mean and std (the train split's for its 90%% and 10%%, the test split's)")
+    a("--standardize", action="store_true", help="recipe paper: each split's channel statistics, not ToTensor's")
     a = p.add_argument_group("evaluation").add_argument
-    a("--eval", choices=("standard", "paper"), help="standard: probe on train features, top-1 on test; paper: the "
-      "paper's probe on a 70/10/20 split of the test split (default: standard; recipe paper: paper)")
+    a("--eval", choices=("standard", "paper"), help="paper: the paper's probe on a split of the test split (default: "
+      "standard; recipe paper: paper)")
     a("--probe-steps", type=COUNT, default=200, help="L-BFGS iterations of the linear probe")
     a("--knn-every", type=NONNEGATIVE_INT, default=5, help="kNN monitor every this many epochs (0: at the end only)")
     a("--knn-k", type=COUNT, default=200, help="neighbours of the weighted kNN")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
     a = p.add_argument_group("few labels and pictures").add_argument
     a("--label-fractions", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]", many=True), metavar="F,F,...",
-      help="for each fraction of the train labels (e.g. 0.01,0.1,1): the probes, the random-init probe and supervised "
-           "training from scratch on a seeded class-stratified draw of that many (default: off)")
+      help="train on these fractions of the labels, e.g. 0.01,0.1,1 (default: off)")
     a("--labels-per-class", type=number(int, lambda v: v >= 1, "at least 1", many=True), metavar="K,K,...",
-      help="the same with K labelled train images of every class (default: off)")
-    a("--label-draws", type=number(int, lambda v: 1 <= v <= 1000, "in 1..1000"), default=3,
-      help="draws of every label set smaller than the train split (mean +- std over them)")
-    a("--sup-steps", type=COUNT, default=500, help="SGD steps of the supervised baseline, batch min(256, labels), "
-      "one budget for every label set")
-    a("--show-neighbours", metavar="FILE.png", help="save 8 test images with their nearest train images by SimCLR's "
-      "h and a random-init h (every run writes neighbours.png); with --resume DIR: DIR's, then exit")
+      help="train on K labels of every class (default: off)")
+    a("--label-draws", type=number(int, lambda v: 1 <= v <= 1000, "in 1..1000"), default=3, help="draws per label set")
+    a("--sup-steps", type=COUNT, default=500, help="SGD steps of fine-tuning and of training from scratch")
+    a("--show-neighbours", metavar="FILE.png", type=path((".png",)), help="neighbours.png here too (--resume: only it)")
     a = p.add_argument_group("run: device, precision, processes, output").add_argument
     a("--device", help="cuda, mps or cpu (default: cuda if available, else mps, else cpu)")
-    a("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA and on CPUs with native bf16 "
-      "(AVX512-BF16, AMX; not for tiny images) (default: auto; recipe paper: fp32)")
-    a("--compile", default="auto", choices=("auto", "on", "off"),
-      help="torch.compile the augmentation and the model (auto: on CUDA, not for --dry-run)")
-    a("--seed", type=number(int, lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), default=0, help="seeds everything")
-    a("--out", help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
+    a("--precision", choices=("auto", "bf16", "fp32"), help="default: auto, bf16 on CUDA and native-bf16 CPUs")
+    a("--compile", default="auto", choices=("auto", "on", "off"), help="torch.compile (auto: on CUDA, not dry runs)")
+    a("--seed", type=number(int, lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), default=HParams.seed,
+      help="seeds the weights, the augmentations and the epochs' order")
+    a("--out", type=path(), help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
     a("--resume", metavar="DIR", help="continue the run saved in DIR")
     a("--dry-run", action="store_true", help="run every stage for a couple of steps on a few images")
-    a("--subset", type=number(int, lambda v: v >= 2, "at least 2"),
-      help="a seeded class-stratified draw of this many images of every labelled split, for quick experiments")
+    a("--subset", type=number(int, lambda v: v >= 2, "at least 2"), help="draw this many images of each split")
     a("--no-sync-bn", action="store_true", help="under torchrun: BatchNorm statistics per process, not global")
     a = p.add_argument_group("benchmark").add_argument
-    a("--bench", action="store_true", help="img/s of this pipeline and the classic DataLoader one, into "
-      "--out/bench.json, then exit")
+    a("--bench", action="store_true", help="img/s of this pipeline and the classic one, into --out/bench.json")
     a("--bench-steps", type=COUNT, default=20, help="timed steps per stage of --bench, after warm-up")
-    a("--workers", type=NONNEGATIVE_INT, help="DataLoader workers of the classic pipeline (default: the CPU cores "
-      "this process may use)")
-    a("--peak-tflops", type=POSITIVE, help="the device's dense bf16 peak, for the MFU of --bench (default: known for "
-      "H100, H200, A100)")
+    a("--workers", type=NONNEGATIVE_INT, help="DataLoader workers of the classic pipeline (default: the cores)")
+    a("--peak-tflops", type=POSITIVE, help="the device's bf16 peak, for the MFU (default: known for H100, H200, A100)")
     return p
 
 
 def resolve_args(args):
-    """The values computed from the flags, in one place: a typed flag wins over its recipe, a recipe over DATASETS."""
+    """The values computed from the flags, in one place: a typed flag wins over its recipe, a recipe over DATASETS,
+    DATASETS over HParams."""
     recipe, ds = RECIPES[args.recipe], DATASETS[args.dataset]
-    for key, default in dict(arch="resnet34", stem="auto", tau=0.5, crop_min=0.08, eval="standard", precision="auto",
-                             stl10_pretrain="train+unlabeled", epochs=None).items():
+    for key, default in dict(arch="resnet34", stem="auto", tau=HParams.tau, crop_min=HParams.crop_min, eval="standard",
+                             precision="auto", stl10_pretrain="train+unlabeled", epochs=None).items():
         if getattr(args, key) is None:
             setattr(args, key, recipe.get(key, ds.get(key, default)))
-    args.label_amounts = args.label_fractions or args.labels_per_class or []  # the few-labels stage's label sets
-    if args.standardize and args.recipe != "paper":
-        die("--standardize only applies to --recipe paper (recipe simclr standardises with ImageNet's statistics)")
+    for flag, (key, value, why) in ONLY_FOR.items():  # a flag that would be ignored is refused
+        if getattr(args, flag) not in (None, False) and getattr(args, key) != value:
+            die(f"--{flag.replace('_', '-')} only applies to --{key} {value} ({why.format(getattr(args, flag))})")
     if args.label_fractions is not None and args.labels_per_class is not None:
         die("--label-fractions and --labels-per-class exclude each other: give fractions, or counts per class")
+    args.label_amounts = args.label_fractions or args.labels_per_class or []  # the few-labels stage's label sets
     if args.label_amounts and args.eval == "paper":
-        die("--label-fractions / --labels-per-class draw train-split labels, and --eval paper (set by --recipe paper) "
-            "probes on the test split. Add --eval standard.")
-    if args.head == "mlp" and (args.ae_epochs is not None or args.ae_dir is not None):
-        die("--ae-epochs and --ae-dir only apply to --head ae (the MLP head has no autoencoder)")
-    if args.head == "mlp" and (args.no_freeze or args.ae_dim is not None):
-        die(f"{'--no-freeze' if args.no_freeze else '--ae-dim'} only applies to --head ae (the MLP head has nothing "
-            "frozen; its hidden width is --proj-hidden)")
-    if args.head == "ae" and args.proj_hidden is not None:
-        die(f"--proj-hidden is the MLP head's width; the ae head's is the AE's embedding width d: use --ae-dim "
-            f"{args.proj_hidden}")
+        die("--label-fractions / --labels-per-class draw train-split labels, which --eval paper (set by --recipe "
+            "paper) does not probe on: add --eval standard")
     if args.head == "ae" and args.arch == "resnet50":
         die("--head ae needs a 512-d backbone for its AE, not resnet50's 2048-d: use --arch resnet34 or --head mlp")
     args.pretrained = args.pretrained or recipe.get("pretrained", False)
@@ -817,116 +804,86 @@ def resolve_args(args):
         args.batch_size, args.epochs, args.ae_epochs, args.probe_steps, args.sup_steps = 16, 1, 1, 5, 2
         args.subset = args.subset or 64
     if args.head == "ae":  # one width per head: d of the AE whose embedding is the ae head's first layer
-        args.ae_dir, args.ae_dim = "runs/autoencoders" if args.ae_dir is None else args.ae_dir, args.ae_dim or 512
+        args.ae_dir, args.ae_dim = args.ae_dir or "runs/autoencoders", args.ae_dim or 512
     else:  # or the MLP's hidden width
         args.ae_epochs, args.proj_hidden = None, args.proj_hidden or 512
     N = args.batch_size  # SimCLR's B.1: the linear rule, or the square-root one (RECIPES)
-    args.lr = args.lr or (0.3 * N / 256 if recipe["lr_scaling"] == "linear" else 0.3 * math.sqrt(N / 256))
+    args.lr = args.lr or HParams.lr * (N / 256 if recipe["lr_scaling"] == "linear" else math.sqrt(N / 256))
     if args.warmup_epochs is None:  # SimCLR warms up 10 epochs of 100 or more; a shorter run, a tenth of its epochs
-        args.warmup_epochs = recipe.get("warmup_epochs", min(10.0, args.epochs / 10))
+        args.warmup_epochs = recipe.get("warmup_epochs", min(float(HParams.warmup_epochs), args.epochs / 10))
     if args.stem == "auto":  # ImageNet weights come with their stem: a 3x3 conv1 would start from random weights
         args.stem = "imagenet" if args.pretrained or args.img_size > 64 else "cifar"
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if args.precision == "auto":
-        args.precision = auto_precision(args)
+    if args.precision == "auto":  # bf16 where the hardware computes it; not on a CPU where a stride-2 conv sees a 1x1
+        tiny = args.img_size <= (16 if args.stem == "imagenet" else 4)  # map: oneDNN's bf16 backward is wrong (README)
+        bf16 = args.device.startswith("cuda") or args.device == "cpu" and cpu_has_bf16() and not tiny
+        args.precision = "bf16" if bf16 else "fp32"
     args.compile = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda")
                                             and not args.dry_run)  # compiling takes minutes, a dry run seconds
     if args.workers is None:  # the cores this process may use (macOS lacks sched_getaffinity)
         args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if args.out is None:
-        name = f"{args.dataset}-{args.head}-{args.act}-{time.strftime('%Y%m%d-%H%M%S')}"
-        args.out = os.path.join("runs", ("bench-" if args.bench else "") + name)
+        stamp = f"{args.dataset}-{args.head}-{args.act}-{time.strftime('%Y%m%d-%H%M%S')}"
+        args.out = os.path.join("runs", ("bench-" if args.bench else "") + stamp)
     return args
 
 
-def auto_precision(args):
-    """bf16 where the hardware computes it natively; on CPUs, fp32 for images so small (16 px or less for the
-    ImageNet stem, 4 for the CIFAR stem) that a stride-2 conv sees a 1x1 map, where oneDNN's bf16 backward gives
-    wrong weight gradients (README, Precision)."""
-    cpu_bf16 = cpu_has_bf16() and args.img_size > (16 if args.stem == "imagenet" else 4)
-    return "bf16" if args.device.startswith("cuda") or (args.device == "cpu" and cpu_bf16) else "fp32"
+RESUME_MAY_TYPE = {"resume", "out", "device", "show_neighbours"}  # name no setting: a resume may type them
+MACHINE = {"precision", "compile", "workers"}  # resolved from the machine: a resume elsewhere resolves them anew
 
 
 def parse_args(argv):
-    """The flags and the values computed from them; with --resume, the saved run's config, which typed flags match."""
+    """The flags and the values computed from them. A run saves its command line, `argv`, with the resolved --out
+    and --device (and a folder's image side). --resume DIR parses DIR's again, every flag's rule checking it anew,
+    with the flags typed now: another device, a picture to draw, after a stop on a non-finite loss a new --lr or
+    --tau. Refused: a flag that changes the run, a config.json its command line does not give (a hand edit)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume is None:
-        return resolve_args(args)
+        args = resolve_args(args)
+        folder = ["--img-size", str(args.img_size)] if args.dataset == "folder" else []
+        args.argv = [*argv, "--out", args.out, "--device", args.device, *folder]
+        return args
+    cfg_path = os.path.join(args.resume, "config.json")
     if not args.resume:
         die("--resume needs the folder of a saved run (got '')")
-    cfg_path = os.path.join(args.resume, "config.json")
-    if not os.path.exists(cfg_path):
-        die(f"--resume {args.resume}: no config.json there; is it a run directory?")
-    cfg = read_config(cfg_path, parser)
-    missing = sorted((set(vars(args)) | {"label_amounts", "decay_norm_and_bias"}) - set(cfg))
-    if missing:
-        die(f"{cfg_path} has no {', '.join(missing)}: another version of simclr.py wrote it. Resume it with that "
-            "version, or start a new run.")
-    words = {a.split("=")[0] for a in argv}
-    typed = {act.dest for act in parser._actions if words & set(act.option_strings)}
-    if "out" in typed and os.path.abspath(args.out) != os.path.abspath(args.resume):
+    if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         die(f"--resume {args.resume} --out {args.out}: a resumed run goes on in its own folder; drop --out")
-    typed -= {"resume", "device", "out", "show_neighbours"}
-    stop = os.path.join(args.resume, "diverged.json")  # after a stop on divergence, a new --lr or --tau may follow
-    retune = typed & {"lr", "tau"} if os.path.exists(stop) else set()
-    saved = {k: cfg[k] for k in vars(args) if k not in typed}
-    # the flags that decide which others apply, compared as typed: resolved beside the saved run's values, a new
-    # --head would be refused for the saved --proj-hidden, which the user never typed
-    given = argparse.Namespace(**{k: getattr(args, k) for k in typed & {"dataset", "recipe", "head", "arch", "eval"}})
-    if all(v == cfg[k] for k, v in vars(given).items()):
-        given = resolve_args(argparse.Namespace(**{**vars(args), **saved, "resume": None, "out": args.resume}))
-    differ = [f"--{k.replace('_', '-')}: saved {cfg[k]!r}, given {getattr(given, k)!r}"
-              for k in sorted(typed - retune) if k in vars(given) and cfg[k] != getattr(given, k)]
-    if differ:
-        die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(differ) + "\nA resume "
-            f"continues the run as {args.resume}/config.json holds it: drop these flags, or start a new run with them")
-    if retune:  # the run goes on from its last good checkpoint with the new values, saved in its config
-        cfg.update({k: getattr(given, k) for k in retune})
-        write_json(cfg, cfg_path)
-        os.remove(stop)
-    resumed = argparse.Namespace(**{**cfg, "resume": args.resume, "out": args.resume,
-                                    "device": args.device or cfg["device"], "show_neighbours": args.show_neighbours})
-    if resumed.device != cfg["device"]:  # another device: its own precision (fp32 stays fp32) and compile
-        resumed.precision = "fp32" if cfg["precision"] == "fp32" else auto_precision(resumed)
-        resumed.compile = cfg["compile"] and resumed.device.startswith("cuda")
-    return resumed
-
-
-def read_config(path, parser):
-    """A saved run's config.json, each value checked by its flag's rule: a broken file is refused, never half-used."""
-    refuse = lambda why: die(f"{path} cannot be read ({why}); it is not the config.json of a run of this simclr.py")
     try:
-        with open(path) as f:
+        with open(cfg_path) as f:
             cfg = json.load(f)
-    except (OSError, ValueError) as e:  # json's errors are ValueErrors; a folder named config.json an OSError
-        refuse(e)
-    if not isinstance(cfg, dict):
-        refuse("not a JSON object")
-    may_be_null = {"label_fractions", "labels_per_class", "show_augs", "show_neighbours", "subset", "resume",
-                   "peak_tflops"} | ({"proj_hidden"} if cfg.get("head") == "ae" else {"ae_epochs", "ae_dim", "ae_dir"})
-    for act in (a for a in parser._actions if a.dest in cfg):  # a missing key: parse_args names it
-        v = cfg[act.dest]
-        if v is None and act.dest not in may_be_null:
-            refuse(f"its {act.dest} is null")
-        if v is None:
-            continue
-        if (act.nargs == 0 or act.dest == "compile") and not isinstance(v, bool):  # compile: saved resolved
-            refuse(f"its {act.dest} is {v!r}: not true or false")
-        try:  # the value as its flag reads it, and of its type: "1" is no --epochs, [128] no --proj-out
-            if act.type is not None and act.type(",".join(map(str, v)) if isinstance(v, list) else str(v)) != v:
-                raise argparse.ArgumentTypeError(f"not a value of --{act.dest.replace('_', '-')}")
-        except argparse.ArgumentTypeError as e:
-            refuse(f"its {act.dest} is {v!r}: {e}")
-        if act.choices and v not in act.choices and act.dest != "compile":
-            refuse(f"its {act.dest} is {v!r}: not one of {', '.join(act.choices)}")
-    derived = dict(label_amounts=cfg.get("label_fractions") or cfg.get("labels_per_class") or [],
-                   decay_norm_and_bias=RECIPES.get(cfg.get("recipe"), {}).get("decay_norm_and_bias"))
-    for k, v in derived.items():  # the values computed from the flags, as resolve_args computes them
-        if k in cfg and cfg[k] != v:
-            refuse(f"its {k} is {cfg[k]!r}, where its flags give {v!r}")
-    return cfg
+        saved = [str(a) for a in cfg["argv"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # none, cut short, not an object, without argv
+        die(f"--resume {args.resume}: {cfg_path} cannot be read ({type(e).__name__}: {e}); is it a run's folder?")
+    parser.error = lambda msg: die(f"{cfg_path}: its command line: {msg}")  # every rule, as when it started
+    old = resolve_args(parser.parse_args(saved))
+    edited = [f"its {k} is {cfg[k]!r}, its command line gives {v!r}" if k in cfg else f"it has no {k}"
+              for k, v in vars(old).items() if k not in MACHINE | RESUME_MAY_TYPE and cfg.get(k, ...) != v]
+    if edited:
+        die(f"{cfg_path}: {'; '.join(edited[:3])}: edited by hand, or written by another version of simclr.py; "
+            "start a new run")
+    words = {a.split("=")[0] for a in argv}  # the flags typed now
+    typed = {act.dest for act in parser._actions if words & set(act.option_strings)} - RESUME_MAY_TYPE
+    diverged = os.path.join(args.resume, "diverged.json")  # after a stop on divergence, a new --lr or --tau may follow
+    retune = typed & {"lr", "tau"} if os.path.exists(diverged) else set()
+    old_raw, new = parser.parse_args(saved), parser.parse_args(saved + argv)
+    changed = lambda new, old: [k for k in sorted(typed - retune) if getattr(new, k) != getattr(old, k)]
+    # a flag the run was started with, typed with another value, is named as typed: resolved, it could first refuse
+    # another flag of the saved run (--recipe simclr its --standardize)
+    differ = [k for k in changed(new, old_raw) if getattr(old_raw, k) not in (None, False)]
+    if not differ:
+        new = resolve_args(new)
+        differ = changed(new, old)
+    if differ:
+        die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(
+            f"--{k.replace('_', '-')}: saved {getattr(old, k)!r}, given {getattr(new, k)!r}" for k in differ) +
+            f"\nA resume continues the run as {cfg_path} holds it: drop these flags, or start a new run with them")
+    new.argv = saved + [a for k in sorted(retune) for a in (f"--{k}", repr(getattr(new, k)))]
+    if retune:  # the run goes on from its last good checkpoint with the new values, saved in its config
+        write_json(vars(new), cfg_path)
+        os.remove(diverged)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -938,23 +895,8 @@ os.umask(UMASK)
 AE_SAVE_EVERY_S = 300  # between checkpoints of the autoencoder stage (up to ~0.8 GB at 128 px: not every epoch)
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds the CUDA generators too
-
-
-def rng_state():
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def rng_state():  # torch's generators draw every random number of a run
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
 def write_atomic(path, write):
@@ -983,85 +925,83 @@ def write_json(obj, path):
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def write_metrics(history, out):
-    """metrics.jsonl, one line per trained epoch, rewritten whole from the history at each checkpoint."""
+def write_metrics(history, out):  # metrics.jsonl: a line per trained epoch, rewritten whole at each checkpoint
     lines = "".join(json.dumps(m) + "\n" for m in history)
     write_atomic(os.path.join(out, "metrics.jsonl"), lambda f: f.write(lines.encode()))
 
 
-def write_results(results, out):
-    """results.json, rewritten as each number comes, never with fewer numbers than it holds: a resumed run stopped
-    while evaluating keeps the complete results of the run before it."""
-    path, size = os.path.join(out, "results.json"), lambda r: json.dumps(r).count(":")  # how many entries
-    with contextlib.suppress(OSError, ValueError):  # none yet, or unreadable: replace it
-        with open(path) as f:
-            if size(json.load(f)) > size(results):
-                return
-    write_json(results, path)
-
-
 def open_run_dir(args, stack):
-    """Lock --out for the whole run (the lock goes with the process, even killed) and save the config in it. The
-    check that no run is there is setup()'s again, under the lock: another run may have started since."""
+    """Create --out and lock it for the whole run (the lock goes with the process, even killed). The lock file is the
+    run's first write: a folder that cannot be written stops the run here. A new run refuses a folder with a run."""
+    os.makedirs(args.out, exist_ok=True)
     lock = stack.enter_context(open(os.path.join(args.out, ".lock"), "w"))
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         die(f"{args.out} is in use by another run of simclr.py; wait for it to end, or choose another --out")
-    if not args.resume and not args.bench:
-        if os.path.exists(os.path.join(args.out, "config.json")):
-            die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
-        write_json(vars(args), os.path.join(args.out, "config.json"))
+    if not args.resume and not args.bench and os.path.exists(os.path.join(args.out, "config.json")):
+        die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
 
 
-def resume_checkpoint(model, args, rank, world, log=print):
-    """With --resume, the weights and this process's RNG states from checkpoint.pt. Returns (the epoch to start from,
-    the optimizer's state or None, the metrics) and rewrites metrics.jsonl from them (a killed run may lack a line)."""
-    start_epoch, opt_state, history, path = 0, None, [], os.path.join(args.out, "checkpoint.pt")
-    if args.resume and os.path.exists(path):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-            model.load_state_dict(ckpt["model"])
-            start_epoch, opt_state, history, n = ckpt["epoch"], ckpt["optimizer"], ckpt["metrics"], len(ckpt["rng"])
-            if not (type(start_epoch) is int and 0 <= start_epoch <= args.epochs and type(history) is list and
-                    len(history) == start_epoch):  # one metrics line per trained epoch, as pretrain saves them
-                raise ValueError(f"epoch {start_epoch!r} of {args.epochs} with {len(history)} epochs' metrics")
-            if n != world:  # every process has its own augmentation stream
-                die(f"{path} was saved by {n} process(es) and is resumed by {world}; resume it with " +
-                    (f"torchrun --nproc_per_node {n}" if n > 1 else "python, not torchrun"))
-            set_rng_state(ckpt["rng"][rank])
-        except Exception as e:
-            die(f"cannot resume from {path}: the file is corrupt or from another model ({type(e).__name__}: "
-                f"{str(e)[:300]}). Delete it to restart the run from scratch.")
-        log(f"resumed {path} at epoch {start_epoch}")
-    if args.resume and rank == 0:
-        write_metrics(history, args.out)
-    return start_epoch, opt_state, history
+def save_checkpoint(path, state, rngs=None, **extra):
+    """A stage's state (modules, optimizers, schedulers by their state dicts; values as they are) and RNG states."""
+    save_atomic(dict({k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()},
+                     rng=rngs or [rng_state()], **extra), path)
+
+
+def load_checkpoint(path, state, what, rank=0, check=lambda c: None):
+    """`state` and this process's RNG from `path` if it exists (and whether it does); a file that cannot be read, or
+    that check(checkpoint) refuses, stops the run in one line."""
+    if not os.path.exists(path):
+        return False
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
+        check(c)
+        for k, v in state.items():
+            if hasattr(v, "load_state_dict"):
+                v.load_state_dict(c[k])
+            else:
+                state[k] = c[k]
+        torch.set_rng_state(c["rng"][rank]["torch"])
+        if c["rng"][rank]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(c["rng"][rank]["cuda"])
+    except Exception as e:  # cut short, another model's, not a checkpoint of this simclr.py
+        die(f"cannot resume {what} from {path}: the file is corrupt or from another model ({type(e).__name__}: "
+            f"{str(e)[:300]}). Delete it to start {what} again.")
+    return True
+
+
+def resume_checkpoint(model, args, proc):
+    """The run's training state: its model and optimizer, the epochs trained, their metrics and the paper's best
+    backbone; with --resume, as checkpoint.pt holds them (and metrics.jsonl rewritten: a killed run may lack a line)."""
+    state = dict(model=model, optimizer=optimizer(model, args), epoch=0, metrics=[], best_backbone=None)
+    path = os.path.join(args.out, "checkpoint.pt")
+
+    def check(c):
+        if not (type(c["epoch"]) is int and 0 <= c["epoch"] <= args.epochs and len(c["metrics"]) == c["epoch"]):
+            raise ValueError(f"epoch {c['epoch']!r} of {args.epochs} with {len(c['metrics'])} epochs' metrics")
+        if len(c["rng"]) != proc.world:  # every process has its own augmentation stream
+            die(f"{path} was saved by {len(c['rng'])} process(es) and is resumed by {proc.world}; resume it with " +
+                (f"torchrun --nproc_per_node {len(c['rng'])}" if len(c["rng"]) > 1 else "python, not torchrun"))
+    if args.resume and load_checkpoint(path, state, "the run", proc.rank, check):
+        proc.log(f"resumed {path} at epoch {state['epoch']}")
+    if args.resume and proc.rank == 0:
+        write_metrics(state["metrics"], args.out)
+    return state
 
 
 def autoencoder_checkpoint(path, epochs, log=print):
-    """train_autoencoder's resume and save: a checkpoint after the last epoch and every AE_SAVE_EVERY_S
-    seconds, with Adam's state, the best weights and the RNG, so that a restarted stage ends as one never stopped."""
-    modules, values, last_save = ("ae", "opt", "sched"), ("epoch", "order", "best", "best_epoch"), [time.time()]
+    """train_autoencoder's resume(s) and save(s): its state s in `path` after the last epoch and every AE_SAVE_EVERY_S
+    seconds; a restarted stage ends as one never stopped."""
+    last_save = [time.time()]
 
     def resume(s):
-        if os.path.exists(path):
-            try:
-                c = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-                for k in modules:
-                    s[k].load_state_dict(c[k])
-                s.update({k: c[k] for k in values}, best_state=c["ae"] if c["best_state"] is None else c["best_state"])
-                set_rng_state(c["rng"])
-            except Exception as e:
-                die(f"cannot resume the autoencoder from {path}: the file is corrupt or from another model "
-                    f"({type(e).__name__}). Delete it to retrain the autoencoder.")
+        if load_checkpoint(path, s, "the autoencoder"):
             log(f"autoencoder: resumed {path} at epoch {s['epoch']}")
 
     def save(s):
         if s["epoch"] == epochs or time.time() - last_save[0] > AE_SAVE_EVERY_S:
-            best = None if s["best_epoch"] == s["epoch"] else s["best_state"]  # None: the weights of "ae"
-            save_atomic(dict({k: s[k].state_dict() for k in modules}, rng=rng_state(), best_state=best,
-                             **{k: s[k] for k in values}), path)
+            save_checkpoint(path, s)
             last_save[0] = time.time()
     return dict(resume=resume, save=save)
 
@@ -1071,7 +1011,7 @@ def autoencoder_checkpoint(path, epochs, log=print):
 # ----------------------------------------------------------------------------------------------------------
 
 def setup(args):
-    """Device, processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), seed and checked paths, in one place."""
+    """This process: its device (checked), rank and world (torchrun's RANK, WORLD_SIZE), log (rank 0's), the seed."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         device = torch.device(args.device)
@@ -1079,12 +1019,11 @@ def setup(args):
         die(f"--device {args.device}: not a device; use cuda, cuda:N, mps or cpu")
     if not dict(cuda=torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
                 mps=torch.backends.mps.is_available(), cpu=True).get(device.type, False):
-        die(f"--device {args.device}: this machine has no such device" + (
-            f" (the run was saved on it: --resume {args.out} --device cpu continues it here)" if args.resume else
-            "; use --device cpu"))
+        die(f"--device {args.device}: this machine has no such device; " +
+            (f"--resume {args.out} --device cpu continues the run here" if args.resume else "use --device cpu"))
     if world > 1:
-        if args.recipe == "paper":
-            die("--recipe paper trains on one device, as the paper's code (each view's own BatchNorm statistics); "
+        if args.recipe == "paper" or args.bench:  # the paper's code: one device, each view's own BatchNorm statistics
+            die(f"{'--bench runs' if args.bench else '--recipe paper trains'} in one process, as the paper's code: "
                 "start it with python, not torchrun")
         if args.batch_size % world:
             die(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
@@ -1093,39 +1032,9 @@ def setup(args):
             torch.cuda.set_device(device)
         # a long timeout: the other processes wait while rank 0 decodes the data and trains the autoencoder
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
-    if not args.resume and not args.bench and rank == 0 and os.path.exists(os.path.join(args.out, "config.json")):
-        die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
-    check_paths(args)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    seed_everything(args.seed)
-    return device, rank, world
-
-
-def check_paths(args):
-    """Every path the run will write, checked before anything heavy: a bad one stops the run now, not in an hour."""
-    def folder(path, flag):
-        if not path:
-            die(f"{flag} is empty; give a folder")
-        if os.path.exists(path) and not os.path.isdir(path):
-            die(f"{flag} {path} is a file, not a folder")
-        try:
-            os.makedirs(path, exist_ok=True)
-            tempfile.TemporaryFile(dir=path).close()
-        except OSError as e:
-            die(f"{flag} {path}: cannot write there ({e.strerror})")
-
-    for path, flag, exts in ((args.show_augs, "--show-augs", (".png", ".jpg", ".jpeg")),
-                             (args.show_neighbours, "--show-neighbours", (".png",))):
-        if path is not None:
-            if os.path.splitext(os.path.basename(path))[1].lower() not in exts or os.path.isdir(path):  # ".png": no
-                die(f"{flag} {path}: give the name of a {' or '.join(exts)} file to write")
-            folder(os.path.dirname(os.path.abspath(path)), flag)
-    if args.dataset != "shapes" and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
-        die(f"--data-dir {args.data_dir} is a file; give the folder that holds (or will hold) the dataset")
-    if not args.show_augs:
-        folder(args.out, "--out")
-    if args.head == "ae":
-        folder(args.ae_dir, "--ae-dir")
+    torch.manual_seed(args.seed)
+    return types.SimpleNamespace(device=device, rank=rank, world=world, log=print if rank == 0 else lambda *a: None)
 
 
 def cpu_has_bf16():
@@ -1166,11 +1075,11 @@ def try_compile(fn, example, name, model=None, amp=nullcontext, log=print):
 
 
 def step_functions(forward, model, example, args, amp, log=print, prep=normalize):
-    """What each step calls: views_fn (uint8 (N, 3, H, W) -> views (2N, 3, H, W)) and forward, each compiled with
-    --compile (each falling back to eager on its own); and which were."""
+    """What each step calls, views_fn (uint8 (N, 3, H, W) -> (2N, 3, H, W)) and forward, each compiled with --compile
+    or falling back to eager on its own; and which were."""
     channels_last = example.device.type == "cuda"  # what cuDNN's bf16 convolutions prefer
     layout = lambda v: v.contiguous(memory_format=torch.channels_last) if channels_last else v
-    eager = lambda x: layout(two_views(x, augment_kwargs(args), prep))
+    eager = lambda x: layout(two_views(x, args, prep))
     views_fn, compiled = eager, forward
     if args.compile:  # fuses the augmentation's many elementwise passes into a few kernels, and the model's
         views_fn = try_compile(eager, example, "the augmentation", log=log)
@@ -1183,32 +1092,18 @@ def step_functions(forward, model, example, args, amp, log=print, prep=normalize
 # Multi-GPU (torchrun): every process augments its share of each batch; the loss and BatchNorm see the global batch
 # ----------------------------------------------------------------------------------------------------------
 
-class AllReduce(torch.autograd.Function):
-    """The sum of a tensor over the processes, with gradient: the backward of a sum is the sum of the gradients."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AllReduce.forward(ctx, grad)
-
-
-def nt_xent_gathered(z1, z2, tau, rank, world):
-    """NT-Xent of the global batch (negatives from every process, Sec. 2.2 of SimCLR) from this process's rows
-    z1, z2 (n, D): every process computes the same loss, so DDP's mean of the gradients is its gradient."""
-    def gather(z):  # (n, D) -> (N, D): this process's rows at its offset, zeros elsewhere, summed over processes
-        return AllReduce.apply(F.pad(z, (0, 0, rank * len(z), (world - rank - 1) * len(z))))
-    return nt_xent(gather(z1), gather(z2), tau)
+def global_forward(forward, rank, world):
+    """forward(views) -> z of the global batch (2N, out): view 1 of every process's images, then view 2, with
+    gradient. NT-Xent then sees every process's negatives (Sec. 2.2 of SimCLR), every process computes the same loss,
+    and DDP's mean of the processes' gradients is its gradient."""
+    def gather(z):  # (n, D) -> (world n, D): its rows at its offset, zeros elsewhere, summed over the processes
+        return dist_nn.all_reduce(F.pad(z, (0, 0, rank * len(z), (world - rank - 1) * len(z))))  # backward: a sum
+    return lambda views: torch.cat([gather(z) for z in forward(views).chunk(2)])
 
 
 def sync_batchnorm(model, device):
-    """Global BatchNorm under torchrun (Sec. 2.2 of SimCLR): per-process statistics, shared by an image's two views
-    but not by their negatives on other processes, are a cue the loss can use. torch's SyncBatchNorm is GPU-only;
-    on CPUs (gloo), SyncBatchNormCPU."""
+    """Global BatchNorm under torchrun (Sec. 2.2 of SimCLR: per-process statistics are a cue the loss can use); torch's
+    SyncBatchNorm is GPU-only, on CPUs (gloo) SyncBatchNormCPU."""
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for m in model.modules():
@@ -1218,14 +1113,14 @@ def sync_batchnorm(model, device):
 
 
 class SyncBatchNormCPU(nn.BatchNorm2d):
-    """BatchNorm2d over the global batch for CPU processes: the per-channel mean and variance from one AllReduce."""
+    """BatchNorm2d over the global batch for CPU processes: the per-channel mean and variance from one all_reduce."""
 
     def forward(self, x):  # x (n, C, H, W), this process's part of the global batch
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)  # eval mode: the running statistics
         C, xf = x.shape[1], x.float()
         count = torch.full((1,), xf.numel() / C, dtype=torch.float32)  # values per channel here
-        sums = AllReduce.apply(torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count]))  # (2C + 1,)
+        sums = dist_nn.all_reduce(torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count]))  # (2C + 1,)
         n = sums[-1]
         mean, mean_sq = (sums[:-1] / n).view(2, C)  # E[x], E[x^2] per channel
         var = mean_sq - mean.square()  # biased: what the batch is normalised with
@@ -1248,7 +1143,8 @@ EXPECTED_FILES = {  # where each dataset's files go under --data-dir when torchv
     "cifar100": "cifar-100-python/{train,test,meta}  (from cifar-100-python.tar.gz)",
     "imagenette": "imagenette2-160/{train,val}/<wnid>/*.JPEG  (from imagenette2-160.tgz; --recipe paper: the "
                   "full-size imagenette2/, from imagenette2.tgz)",
-    "fgvc-aircraft": "fgvc-aircraft-2013b/data/{images/*.jpg,images_manufacturer_{trainval,test}.txt,manufacturers.txt}",
+    "fgvc-aircraft": "fgvc-aircraft-2013b/data/{images/*.jpg,images_manufacturer_{trainval,test}.txt,"
+                     "manufacturers.txt}",
     "fashion-mnist": "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte  (un-gzipped)",
     "folder": "train/<class>/*.png|jpg and test/<class>/*.png|jpg",
 }
@@ -1264,12 +1160,11 @@ def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabele
         test_x, test_y = make_shapes(subset or SHAPES["n"][1], size, seed=seed + 10_000)  # another seed: unseen
         return dict(pretrain=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=10)
     data = read_dataset(name, root, size, download, stl10_pretrain, paper)
-    for split in ("train", "test"):  # a label the classifier has no output for would stop the run after pre-training
-        bad = data[f"{split}_y"][(data[f"{split}_y"] < 0) | (data[f"{split}_y"] >= data["classes"])]
-        if len(bad):
-            die(f"--dataset {name}: its {split} labels hold {int(bad[0])}, outside 0..{data['classes'] - 1}: "
-                f"{len(bad)} labels that are not this dataset's; put its own label files in {root}")
-    unlabeled, n_train = data.pop("unlabeled"), len(data["train_y"])
+    unlabeled, n_train, C = data.pop("unlabeled"), len(data["train_y"]), data["classes"]
+    for split, y in (("train", data["train_y"]), ("test", data["test_y"])):  # else the run would stop after training
+        if ((y < 0) | (y >= C)).any():
+            die(f"--dataset {name}: its {split} labels hold {int(y[(y < 0) | (y >= C)][0])}, outside 0..{C - 1}: put "
+                f"its own label files in {root}")
     if subset:
         gen = torch.Generator().manual_seed(seed)
         for split in ("train", "test"):
@@ -1279,30 +1174,21 @@ def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabele
             keep = round(len(unlabeled) * len(data["train_y"]) / n_train)
             unlabeled = unlabeled[torch.randperm(len(unlabeled), generator=gen)[:keep].sort()[0]]
     if data["train_x"].shape[-1] != size:  # e.g. --img-size 64 on CIFAR: resized once here, not in every step
-        rs = lambda x: torchvision.transforms.v2.functional.resize(x, [size, size], antialias=True)
-        data["train_x"], data["test_x"] = rs(data["train_x"]), rs(data["test_x"])
-        unlabeled = None if unlabeled is None else rs(unlabeled)
+        rs = lambda x: None if x is None else torchvision.transforms.v2.functional.resize(x, [size] * 2, antialias=True)
+        data["train_x"], data["test_x"], unlabeled = rs(data["train_x"]), rs(data["test_x"]), rs(unlabeled)
     pretrain = data["train_x"] if unlabeled is None else torch.cat([data["train_x"], unlabeled])
     return dict(data, pretrain=pretrain, train_x=pretrain[:len(data["train_y"])])
 
 
 def stratified(y, n, gen, floor=0):
     """Sorted indices of a seeded draw of n of the labels y in which every class keeps its share (and at least `floor`
-    images): each next image to the class of the largest count / (2k + 1), k the images it has (Sainte-Lague), the
-    first of each class's shuffle, so a larger draw holds every smaller one."""
-    if n >= len(y):
-        return torch.arange(len(y))
+    images): image k (from 0) of class c's shuffle comes at (k + 1/2) / count_c, the Sainte-Lague order, so that a
+    class is within one image of its share and a larger draw holds every smaller one."""
     classes, counts = y.unique(return_counts=True)
-    take = [min(floor, int(c)) for c in counts]
-    heap = [(-int(c) / (2 * k + 1), i) for i, (c, k) in enumerate(zip(counts, take)) if k < c]  # next quotients
-    heapq.heapify(heap)
-    for _ in range(n - sum(take)):
-        _, i = heapq.heappop(heap)
-        take[i] += 1
-        if take[i] < counts[i]:
-            heapq.heappush(heap, (-int(counts[i]) / (2 * take[i] + 1), i))
-    return torch.cat([torch.nonzero(y == c).squeeze(1)[torch.randperm(int(m), generator=gen)[:k]]
-                      for c, m, k in zip(classes, counts, take)]).sort().values
+    shuffled = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int(m), generator=gen)]
+                for c, m in zip(classes, counts)]
+    at = torch.cat([torch.where(torch.arange(int(m)) < floor, -1.0, (torch.arange(int(m)) + 0.5) / m) for m in counts])
+    return torch.cat(shuffled)[at.argsort(stable=True)[:n]].sort().values
 
 
 def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
@@ -1313,50 +1199,44 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
         except Exception as e:  # URLError, RuntimeError("Dataset not found"), checksum errors...
             die(f"could not load {name} from '{root}' ({type(e).__name__}: {e}).\nWithout internet, put the files at "
                 f"{os.path.join(root, EXPECTED_FILES[name])} and run with --no-download.")
-    D = torchvision.datasets
+    D, t = torchvision.datasets, torch.as_tensor
+    keys = ("train_x", "train_y", "test_x", "test_y", "classes", "unlabeled")
     if name in ("cifar10", "cifar100"):
-        tr, te = (tv(D.CIFAR10 if name == "cifar10" else D.CIFAR100, train=t) for t in (True, False))
-        to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # (n, 32, 32, 3) -> (n, 3, 32, 32)
-        return dict(train_x=to_t(tr.data), train_y=torch.tensor(tr.targets), test_x=to_t(te.data),
-                    test_y=torch.tensor(te.targets), classes=len(tr.classes), unlabeled=None)
-    if name == "stl10":  # the standard protocol pre-trains on train + unlabeled, the paper on train only
+        tr, te = (tv(D.CIFAR10 if name == "cifar10" else D.CIFAR100, train=b) for b in (True, False))
+        x, y, unlabeled = lambda ds: t(ds.data).permute(0, 3, 1, 2).contiguous(), lambda ds: t(ds.targets), None
+    elif name == "stl10":  # the standard protocol pre-trains on train + unlabeled, the paper on train only
         tr, te = (tv(D.STL10, split=s) for s in ("train", "test"))
-        unlabeled = tv(D.STL10, split="unlabeled").data if stl10_pretrain == "train+unlabeled" else None
-        return dict(train_x=torch.from_numpy(tr.data), train_y=torch.from_numpy(tr.labels).long(),  # (n, 3, 96, 96)
-                    test_x=torch.from_numpy(te.data), test_y=torch.from_numpy(te.labels).long(), classes=10,
-                    unlabeled=None if unlabeled is None else torch.from_numpy(unlabeled))
-    if name == "fashion-mnist":
+        x, y = lambda ds: t(ds.data), lambda ds: t(ds.labels).long()  # (n, 3, 96, 96)
+        unlabeled = t(tv(D.STL10, split="unlabeled").data) if stl10_pretrain == "train+unlabeled" else None
+    elif name == "fashion-mnist":
         raw = os.path.join(root, "FashionMNIST", "raw")
         for f in (f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")):
             path = os.path.join(raw, f)
             problem = idx_problem(path) if os.path.exists(path) else "is missing"
-            if not problem:
-                continue
-            if os.path.isdir(FASHION_MNIST_LOCAL):  # Debian's package: un-gzipped once into --data-dir
+            if problem and os.path.isdir(FASHION_MNIST_LOCAL):  # Debian's package: un-gzipped once into --data-dir
                 os.makedirs(raw, exist_ok=True)
                 with gzip.open(os.path.join(FASHION_MNIST_LOCAL, f + ".gz")) as src:
                     write_atomic(path, lambda out: shutil.copyfileobj(src, out))
-            elif os.path.exists(path):
+            elif problem and os.path.exists(path):
                 die(f"{path} {problem}; delete it, then put the whole file there or run without --no-download")
-        tr, te = (tv(D.FashionMNIST, train=t) for t in (True, False))
+        tr, te = (tv(D.FashionMNIST, train=b) for b in (True, False))
         for split, ds in (("train", tr), ("t10k", te)):  # two files, each whole, may still be of two splits
             if len(ds.data) != len(ds.targets):
                 die(f"{raw}: {split}-images-idx3-ubyte holds {len(ds.data)} images but {split}-labels-idx1-ubyte "
                     f"{len(ds.targets)} labels; put the two files of one split there")
-        gray3 = lambda a: a.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (n, 28, 28) -> (n, 3, 28, 28)
-        return dict(train_x=gray3(tr.data), train_y=tr.targets, test_x=gray3(te.data), test_y=te.targets,
-                    classes=10, unlabeled=None)
+        x = lambda ds: ds.data.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (n, 28, 28) -> (n, 3, 28, 28)
+        y, unlabeled = lambda ds: ds.targets, None
+    if name in ("cifar10", "cifar100", "stl10", "fashion-mnist"):  # arrays: (n, 3, H, W) uint8 at once
+        return dict(zip(keys, (x(tr), y(tr), x(te), y(te), 100 if name == "cifar100" else 10, unlabeled)))
     # JPEGs take minutes to decode: once, into a cache that later runs (and the other torchrun processes) read
     cache = os.path.join(root, f"{name}-{size}px" + ("-paper" if paper else "") +
                          (f"-{folder_key(root)}" if name == "folder" else "") + ".pt")
     if os.path.exists(cache):
         try:
-            data, why = torch.load(cache), "written by another version of simclr.py"
-            if {"train_x", "train_y", "test_x", "test_y", "classes", "unlabeled"} <= set(data):
-                return data
-        except Exception as e:  # cut short: EOFError, RuntimeError, UnpicklingError...
-            why = f"{type(e).__name__}: {str(e)[:100]}"
-        print(f"note: the cache {cache} cannot be read ({why}); decoding the images again")
+            data = torch.load(cache)
+            return {k: data[k] for k in keys}
+        except Exception as e:  # cut short (EOFError, UnpicklingError...), another version's (KeyError)
+            print(f"note: the cache {cache} cannot be read ({type(e).__name__}: {str(e)[:100]}); decoding again")
     tr, te = ([tv(D.Imagenette, split=s, size="full" if paper else "160px") for s in ("train", "val")]
               if name == "imagenette" else
               [tv(D.FGVCAircraft, split=s, annotation_level="manufacturer") for s in ("trainval", "test")]
@@ -1367,8 +1247,7 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
     if missing:  # every image of the class failed to decode: a probe would be trained without it
         die(f"--dataset {name}: no train image of class {missing[0]!r} can be decoded ({len(missing)} such classes); "
             f"mend or remove its images")
-    data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=len(tr.classes),
-                unlabeled=None)
+    data = dict(zip(keys, (train_x, train_y, test_x, test_y, len(tr.classes), None)))
     try:
         save_atomic(data, cache)
     except OSError as e:  # a read-only data directory
@@ -1387,11 +1266,9 @@ def idx_problem(path):
         return "is cut short inside its header"
     if magic[:3] != b"\0\0\x08" or not dims:
         return f"is not an idx file of bytes (its header starts {magic.hex()})"
-    if dims[0] == 0:
-        return "holds no items"
     expected = header + math.prod(dims)
-    if size == expected:
-        return ""
+    if dims[0] == 0 or size == expected:
+        return "holds no items" if dims[0] == 0 else ""
     return f"is {'cut short' if size < expected else 'longer than its header says'} ({size} bytes, not {expected})"
 
 
@@ -1452,17 +1329,10 @@ def folder_key(root):
 def load_folder(root):
     """--dataset folder: root/train/<class>/* and root/test/<class>/*, read with torchvision's ImageFolder."""
     try:
-        for split in (os.path.join(root, "train"), os.path.join(root, "test")):
-            if not os.path.isdir(split):
-                die(f"--dataset folder needs {split}/<class>/<images>; set --data-dir to the folder with train/ and "
-                    f"test/")
-            if not any(e.is_dir() for e in os.scandir(split)):
-                die(f"--dataset folder: {split} holds no class folders; expected {split}/<class>/<images>")
         tr, te = (torchvision.datasets.ImageFolder(os.path.join(root, s), loader=open_image) for s in ("train", "test"))
-    except FileNotFoundError as e:  # ImageFolder: a class folder without an image it reads
-        die(f"--dataset folder: {e}. Put images into every class folder of train/ and test/, or remove the empty ones")
-    except (OSError, RuntimeError) as e:  # a folder that cannot be read
-        die(f"--dataset folder: {e}")
+    except OSError as e:  # no such folder, no class folder, one without an image it reads, one that cannot be read
+        die(f"--dataset folder: {e}. --data-dir needs train/<class>/<images> and test/<class>/<images>: put images "
+            "into every class folder, or remove the empty ones")
     if len(tr.classes) < 2:
         die(f"--dataset folder: {root}/train has {len(tr.classes)} class folder(s); a classifier needs at least 2")
     if tr.classes != te.classes:
@@ -1477,16 +1347,16 @@ def where_data_fits(nbytes, device, data_on="auto"):
     return data_on
 
 
-def prepare_data(args, device, rank, world, log=print):
+def prepare_data(args, proc):
     """dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep, pool): the pre-training images, the paper's
     validation images (else None), each split's input preparation, and the pre-training images before the paper's
     90% was cut from them (recipe simclr's autoencoder trains on these); on the device, or in host memory."""
-    t0 = time.time()
-    if rank != 0:
+    t0, device = time.time(), proc.device
+    if proc.rank != 0:
         dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
     data = load_dataset(args.dataset, args.data_dir, args.img_size, not args.no_download, args.stl10_pretrain,
                         args.seed, args.subset, paper=args.recipe == "paper")
-    if world > 1 and rank == 0:
+    if proc.world > 1 and proc.rank == 0:
         dist.barrier()
     on_device = where_data_fits(data["pretrain"].nbytes + data["test_x"].nbytes, device, args.data_on) == "device"
     try:
@@ -1495,22 +1365,21 @@ def prepare_data(args, device, rank, world, log=print):
         die(f"the images do not fit on {device}; run with --data-on host (or auto) to keep them in host memory")
     pool, train_x, val_x = images, images[:len(data["train_y"])], None
     if args.recipe == "paper":  # the paper's code: 90% of the train split pre-trained on, 10% for the validation loss
-        (train, val), held_out = val_split(len(pool)), pool
+        (fit, val), held_out = val_split(len(pool)), pool
         if args.dataset in PAPER_VALIDATES_ON_TEST:  # its 10% of the split it loads as "val": the test images
             val, held_out = val_split(len(test_x))[1], test_x
-        images, val_x = images[train.to(images.device)], held_out[val.to(held_out.device)]
-    val = "" if val_x is None else f" + {len(val_x)} validation"
-    where = f"on {device}" if on_device else f"in host memory, each batch copied to {device}"
-    log(f"data: {args.dataset}, {len(images)} pre-training{val} / {len(train_x)} train / {len(test_x)} test images of "
-        f"{args.img_size}px, {data['classes']} classes, {(images.nbytes + test_x.nbytes) / 2 ** 30:.2f} GiB {where} "
-        f"({time.time() - t0:.1f}s)")
+        images, val_x = images[fit.to(images.device)], held_out[val.to(held_out.device)]
+    proc.log(f"data: {args.dataset}, {len(images)} pre-training" + (f" + {len(val_x)} validation" if args.recipe ==
+             "paper" else "") + f" / {len(train_x)} train / {len(test_x)} test images of {args.img_size}px, "
+             f"{data['classes']} classes, {(images.nbytes + test_x.nbytes) / 2 ** 30:.2f} GiB " +
+             (f"on {device}" if on_device else f"in host memory, copied to {device}") + f" ({time.time() - t0:.1f}s)")
+    n, a, b = paper_split(len(test_x), args.batch_size)
+    smallest = int(data["train_y"].unique(return_counts=True)[1].min())
     if len(images) < args.batch_size and not args.show_augs:  # --show-augs shows 8 and trains on none
         die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
-    n, a, b = paper_split(len(test_x), args.batch_size)
     if args.eval == "paper" and min(a, b - a, n - b) < 1:
         die(f"--eval paper splits {n} test images 70/10/20 and one part is empty; it needs at least 10 (or use "
             f"--eval standard)")
-    smallest = int(data["train_y"].unique(return_counts=True)[1].min())
     if args.labels_per_class and max(args.label_amounts) > smallest:
         die(f"--labels-per-class {max(args.label_amounts)}: the smallest class has {smallest} train images")
     splits = {k: v for k, v in dict(images=images, val_x=val_x, train_x=train_x, test_x=test_x).items()
@@ -1521,18 +1390,18 @@ def prepare_data(args, device, rank, world, log=print):
 
 def input_preps(args, splits, pool):
     """Each split's images into the backbone's input: ImageNet's channel statistics (recipe simclr), ToTensor's [0, 1]
-    values (recipe paper), or with --standardize the paper's STANDARDIZE: per channel, the mean over the images of
-    each one's mean and std, for both parts of a split those of all of it (its code unwraps the Subset)."""
+    values (recipe paper: mean 0, std 1), or with --standardize the paper's STANDARDIZE: per channel, the mean over
+    the images of each one's mean and std, for both parts of a split those of all of it (its code unwraps Subsets)."""
     if args.recipe != "paper":
         return dict.fromkeys(splits, normalize)
-    if not args.standardize:
-        return dict.fromkeys(splits, lambda x: x.float() / 255 if x.dtype == torch.uint8 else x)  # ToTensor's
 
-    def standardize(x):  # per image and channel over H x W, 1,000 images (b, 3, H, W) at a time; then their mean
+    def stats(x):  # per image and channel over H x W, 1,000 images (b, 3, H, W) at a time; then their mean
+        if not args.standardize:
+            return functools.partial(normalize, mean=(0, 0, 0), std=(1, 1, 1))
         m, s = (sum(f(b.double() / 255, (2, 3)).sum(0) for b in x.split(1000)) / len(x)
                 for f in (torch.mean, torch.std))
         return functools.partial(normalize, mean=m.tolist(), std=s.tolist())
-    train, test = standardize(pool), standardize(splits["test_x"])
+    train, test = stats(pool), stats(splits["test_x"])
     from_test = ("test_x", "val_x") if args.dataset in PAPER_VALIDATES_ON_TEST else ("test_x",)
     return {k: test if k in from_test else train for k in splits}
 
@@ -1591,145 +1460,173 @@ def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", pro
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The stages of a run: the autoencoder, the model, pre-training with the machinery hooked in, evaluation
+# The stages of a run: the autoencoder, the model, pre-training with the machinery, evaluation
 # ----------------------------------------------------------------------------------------------------------
 
-def autoencoder_tag(args):
-    """The name of the autoencoder's cache: every setting that changes the images it sees or its weights."""
-    tag = f"{args.dataset}-{args.img_size}px-d{args.ae_dim}-e{args.ae_epochs}-s{args.seed}"
-    tag += f"-n{args.subset}" if args.subset else ""
-    tag += "-train" if args.dataset == "stl10" and args.stl10_pretrain == "train" else ""
-    tag += "-square" if args.recipe == "paper" else ""  # the paper's images: resized to a square
-    if args.dataset == "folder":  # the folder's path, hashed: a long one would make too long a file name
-        tag += "-" + hashlib.sha1(os.path.abspath(args.data_dir).encode()).hexdigest()[:12]
-    return tag
+def autoencoder_cache(args):
+    """The autoencoder's file in --ae-dir, named by every setting that changes the images it sees or its weights."""
+    key = [args.dataset, args.img_size, args.ae_dim, args.ae_epochs, args.seed, args.subset, args.recipe == "paper",
+           args.stl10_pretrain * (args.dataset == "stl10"), os.path.abspath(args.data_dir) * (args.dataset == "folder")]
+    name = f"ae-{args.dataset}-d{args.ae_dim}-{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}.pt"
+    return os.path.join(args.ae_dir, name)
 
 
-def autoencoder_embedding(data, args, device, rank, world, log=print):
+def autoencoder_embedding(data, args, proc):
     """The ae head's first layer: the embedding of an autoencoder trained on the train split (by rank 0 under
     torchrun, then sent to all), or read from its cache in --ae-dir. Recipe paper: on SimCLR's own split."""
     images, val_images = (data["pool"], None) if data["val_x"] is None else (data["images"], data["val_x"])
-    ae_path = os.path.join(args.ae_dir, f"ae-{autoencoder_tag(args)}.pt")
-    ae, cached = AutoEncoder(images[0].numel(), args.ae_dim), False
-    if os.path.exists(ae_path) and not args.dry_run:
+    ae, path, log, cached = AutoEncoder(images[0].numel(), args.ae_dim), autoencoder_cache(args), proc.log, False
+    if os.path.exists(path) and not args.dry_run:  # a dry run trains a tiny one of its own, never cached
         try:
-            ae.load_state_dict(torch.load(ae_path, map_location="cpu"))
+            ae.load_state_dict(torch.load(path, map_location="cpu"))
             cached = True
-            log(f"autoencoder: reusing {ae_path}")
+            log(f"autoencoder: reusing {path}")
         except Exception as e:  # cut short, or not an autoencoder of this shape
-            log(f"note: the cached autoencoder {ae_path} cannot be read ({type(e).__name__}); training it again")
-    if not cached and rank == 0:
+            log(f"note: the cached autoencoder {path} cannot be read ({type(e).__name__}); training it again")
+    if not cached and proc.rank == 0:
         ckpt = autoencoder_checkpoint(os.path.join(args.out, "ae_checkpoint.pt"), args.ae_epochs, log)
-        ae, mse = train_autoencoder(images, args.ae_dim, args.ae_epochs, device, val_images, log=log, **ckpt)
+        ae, mse = train_autoencoder(images, args.ae_dim, args.ae_epochs, proc.device, val_images, log=log, **ckpt)
         log(f"autoencoder: best validation MSE {mse:.5f}")
-        if not args.dry_run:
-            os.makedirs(args.ae_dir, exist_ok=True)
-            save_atomic(ae.state_dict(), ae_path)
-    if world > 1:
-        ae = ae.to(device)
+        try:
+            if not args.dry_run:
+                os.makedirs(args.ae_dir, exist_ok=True)
+                save_atomic(ae.state_dict(), path)
+        except OSError as e:  # the run has its autoencoder: only the cache is lost
+            log(f"note: could not cache the autoencoder at {path} ({e.strerror}); the next run trains it again")
+    if proc.world > 1:
+        ae = ae.to(proc.device)
         for p in ae.embedding.parameters():
             dist.broadcast(p.data, src=0)  # rank 0's embedding, to every process
     return ae.embedding
 
 
-def build_model(args, embedding, device, world):
+def build_model(args, embedding, proc):
     """z = g(f(x)) on the device, with global BatchNorm under torchrun."""
     try:
         backbone = make_backbone(args.arch, args.stem, args.pretrained)
     except Exception as e:  # no internet for the weights
         die(f"could not get torchvision's ImageNet weights for {args.arch} ({e}); run without --pretrained (implied "
             f"by --recipe paper) or put the weights file in {torch.hub.get_dir()}/checkpoints/")
-    head = projection_head(2048 if args.arch == "resnet50" else 512, args.proj_hidden, args.proj_out, args.act,
-                           embedding, not args.no_freeze)
+    hidden = args.proj_hidden if embedding is None else embedding
+    head = projection_head(2048 if args.arch == "resnet50" else 512, hidden, args.proj_out, args.act,
+                           freeze=not args.no_freeze)
     model = SimCLR(backbone, head)
-    model = (sync_batchnorm(model, device) if world > 1 and not args.no_sync_bn else model).to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    model = (sync_batchnorm(model, proc.device) if proc.world > 1 and not args.no_sync_bn else model).to(proc.device)
+    return model.to(memory_format=torch.channels_last) if proc.device.type == "cuda" else model
 
 
-def pretrain(model, data, args, start_epoch, opt_state, history, rank, world, log=print):
-    """Part 1's train with bf16 autocast, torch.compile, and under torchrun DistributedDataParallel and the gathered
-    loss; after every epoch a stop on a non-finite loss or weight, a warning on a collapsed embedding, the paper's
-    validation loss (and best_backbone.pt), the kNN monitor, metrics.jsonl and checkpoint.pt (model, optimizer, epoch,
-    every process's RNG). Returns the pre-training seconds, resumes included."""
-    log(f"SimCLR: {args.arch} ({args.stem} stem{', ImageNet weights' if args.pretrained else ''}) + {args.head} head "
-        f"({args.act}, {'frozen' if args.head == 'ae' and not args.no_freeze else 'trained'}), "
-        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable parameters, "
-        f"{args.epochs} epochs of batch {args.batch_size}, tau {args.tau}, {args.precision}" +
-        (f", {world} processes with {'per-process' if args.no_sync_bn else 'global'} BatchNorm" if world > 1 else ""))
-    log(f"recipe {args.recipe}: SGD (momentum {args.momentum}), lr {args.lr:.3g} after {args.warmup_epochs:g} "
-        f"epochs of linear warm-up, cosine to {args.lr * args.lr_min_ratio:.3g}"
-        f"{' stepped once an epoch' if args.recipe == 'paper' else ''}; weight decay {args.wd:g} on "
-        f"{'every parameter' if args.decay_norm_and_bias else 'conv and linear weights (not BatchNorm, not biases)'}")
-    if args.pretrained and args.stem == "cifar":
-        log("note: --stem cifar replaces the ImageNet 7x7 conv1 with a random 3x3 conv (re-initialised); the other "
-            "layers keep their ImageNet weights")
-    device = next(model.parameters()).device  # the images may live in host memory (--data-on host)
+def sgd_step(forward, views, opt, tau, amp=nullcontext):
+    """The step of Part 1's train() for any forward (views -> z: the model, compiled, under DDP and gathered, each view
+    alone) and precision: z, NT-Xent (in fp32, outside autocast), backward, SGD step. Returns the loss on the device."""
+    with amp():
+        z = forward(views)  # (2N, out), the global batch's under torchrun
+    N = len(z) // 2
+    loss = nt_xent(z[:N], z[N:], tau)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+PROGRESS_EVERY_S = 60  # between progress lines inside an epoch
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def pretrain(data, args, proc, state):
+    """Part 1's train() with the machinery: bf16 autocast and torch.compile; under torchrun DistributedDataParallel,
+    each process's share of every batch and the global batch's loss; recipe paper's once-an-epoch schedule and each
+    view alone through the backbone; a resumed run's state; progress inside long epochs; end_of_epoch after each.
+    With all of it off it trains Part 1's weights, bit for bit (a test checks). Returns the pre-training seconds."""
+    model, opt, device, world, log = state["model"], state["optimizer"], proc.device, proc.world, proc.log
     amp = autocast_for(device, args.precision)
     images = data["images"][:2 * args.batch_size] if args.dry_run else data["images"]  # a dry run: two steps
+    N, steps = args.batch_size, len(images) // args.batch_size
     forward = model if world == 1 else nn.parallel.DistributedDataParallel(  # averages the processes' gradients
         model, device_ids=None if device.index is None else [device.index])
     if args.recipe == "paper":  # the paper's code passes each view through the backbone on its own: BatchNorm's
         whole = forward          # statistics are those of one view's batch, not of the 2N views together
         forward = lambda views: torch.cat([whole(half) for half in views.chunk(2)])  # (2N, out)
-    views_fn, forward, _ = step_functions(forward, model, to_device(images[:args.batch_size // world], device), args,
-                                          amp, log, data["prep"]["images"])
-    loss_fn = nt_xent if world == 1 else functools.partial(nt_xent_gathered, rank=rank, world=world)
-    steps, collapsed = len(images) // args.batch_size, math.log(2 * args.batch_size - 1)  # every view alike
+    views_fn, forward, _ = step_functions(forward, model, to_device(images[:N // world], device), args, amp, log,
+                                          data["prep"]["images"])
+    forward = global_forward(forward, proc.rank, world) if world > 1 else forward
+    final, warmup = args.lr * args.lr_min_ratio, args.warmup_epochs
+    if args.recipe == "paper":  # the paper's CosineAnnealingLR(T_max=epochs), stepped once an epoch (Lightning's)
+        lr_of = lambda epoch, step: lr_at(epoch, args.epochs + 1, round(warmup), args.lr, final)
+    else:  # Part 1's: every step
+        lr_of = lambda epoch, step: lr_at(epoch * steps + step, args.epochs * steps, round(warmup * steps), args.lr,
+                                          final)
+    trained, bn = sum(p.numel() for p in model.parameters() if p.requires_grad), "per-process" * args.no_sync_bn
+    log(f"SimCLR: {args.arch} ({args.stem} stem{', ImageNet weights' if args.pretrained else ''}), {args.head} head "
+        f"({args.act}), {trained / 1e6:.1f}M trained parameters; recipe {args.recipe}: {args.epochs} epochs of batch "
+        f"{N}, lr {args.lr:.3g}, tau {args.tau}, {args.precision}" +
+        (f", {world} processes, {bn or 'global'} BatchNorm" if world > 1 else ""))
+    if args.pretrained and args.stem == "cifar":
+        log("note: --stem cifar replaces the ImageNet 7x7 conv1 with a random 3x3 conv (re-initialised)")
     if args.epochs * steps < 300 and not args.dry_run:
         log(f"note: {args.epochs} epochs of {steps} steps: SimCLR needs a few hundred steps or more to learn much; "
-            f"raise --epochs or lower --batch-size")
-    t0, seconds = time.time(), history[-1]["pretrain_s"] if history else 0.0  # a resumed run adds to its time
-    best_path = os.path.join(args.out, "best_backbone.pt")
-    if data["val_x"] is not None and history and rank == 0 and min(history, key=lambda m: m["val_loss"]) is history[-1]:
-        save_atomic(model.backbone.state_dict(), best_path)  # the checkpoint's epoch is the best: its file, whole
-    warmup, final = args.warmup_epochs, args.lr * args.lr_min_ratio
-    if args.recipe == "paper":  # the paper's CosineAnnealingLR(T_max=epochs), stepped once an epoch (Lightning's)
-        schedule = lambda epoch, step: lr_at(epoch, args.epochs + 1, round(warmup), args.lr, final)
-    else:  # Part 1's: every step
-        schedule = lambda epoch, step: lr_at(epoch * steps + step, args.epochs * steps, round(warmup * steps), args.lr,
-                                             final)
+            "raise --epochs or lower --batch-size")
+    start, t_start, seconds = state["epoch"], time.time(), state["metrics"][-1]["pretrain_s"] if state["metrics"] else 0
+    for epoch in range(start, args.epochs):
+        model.train()
+        t0 = t_shown = time.time()
+        perm, losses = epoch_perm(len(images), args.seed, epoch).to(images.device), []
+        for step in range(steps):
+            x = to_device(images[perm[step * N:(step + 1) * N].chunk(world)[proc.rank]], device)  # (N / world, 3, H, W)
+            for group in opt.param_groups:
+                group["lr"] = lr_of(epoch, step)
+            losses.append(sgd_step(forward, views_fn(x), opt, args.tau, amp))
+            if time.time() - t_shown > PROGRESS_EVERY_S:  # a long epoch still shows life
+                step_s, t_shown = (time.time() - t0) / (step + 1), time.time()
+                log(f"  epoch {epoch + 1}: step {step + 1}/{steps} | {N / step_s:.0f} img/s | eta "
+                    f"{fmt_time(step_s * (steps - step - 1 + (args.epochs - epoch - 1) * steps))}")
+        losses, dt = torch.stack(losses), time.time() - t0  # (steps,), read once an epoch
+        m = dict(epoch=epoch + 1, loss=losses.mean().item(), lr=opt.param_groups[0]["lr"], img_per_s=steps * N / dt,
+                 epoch_s=dt, pretrain_s=seconds + time.time() - t_start)
+        end_of_epoch(losses, m, state, data, args, proc)
+        eta = fmt_time((time.time() - t_start) / (epoch + 1 - start) * (args.epochs - epoch - 1))
+        knn = f" | knn {100 * m['knn_top1']:.1f}%" if "knn_top1" in m else ""
+        log(f"epoch {epoch + 1}/{args.epochs} | loss {m['loss']:.4f} | lr {m['lr']:.4f} | {m['img_per_s']:.0f} img/s"
+            f"{knn} | eta {eta}")
+    return state["metrics"][-1]["pretrain_s"] if state["metrics"] else 0.0
 
-    def end_of_epoch(epoch, losses, m, opt):
-        m["pretrain_s"] = seconds + time.time() - t0
-        bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if not math.isfinite(m["loss"]) or bad:  # stop; the folder keeps its last good checkpoint
-            finite = torch.isfinite(losses)
-            at = epoch * steps + (steps if finite.all() else int((~finite).nonzero()[0]) + 1)  # the first bad step
-            lr = schedule(epoch, at - 1 - epoch * steps)
-            if rank == 0:  # diverged.json: --resume may then take a new --lr or --tau
-                write_json(dict(epoch=epoch + 1, step=at, lr=lr), os.path.join(args.out, "diverged.json"))
-            what = f"{', '.join(bad[:3])} became inf or nan" if bad else f"loss became {losses.mean().item()}"
-            kept = f"the checkpoint of epoch {epoch}" if epoch else "no checkpoint (the run starts again)"
-            die(f"{what} by step {at} (epoch {epoch + 1}, lr {lr:.4g}). {args.out} keeps {kept}; continue from it "
-                f"with a smaller learning rate or a larger temperature: python simclr.py --resume {args.out} "
-                f"--lr {args.lr / 10:.3g} (or --tau {2 * args.tau:g})")
-        if epoch + 1 > args.warmup_epochs and losses.min() > collapsed - 0.01:
-            log(f"warning: the loss stayed at ln(2N - 1) = {collapsed:.3f} all epoch {epoch + 1}: every view looks "
-                f"alike to the model (a collapsed embedding). A smaller --lr or a longer --warmup-epochs may let it "
-                f"learn")
-        best = False
-        if data["val_x"] is not None:  # the paper's code evaluates the epoch of lowest validation loss
-            m["val_loss"] = validation_loss(model, data["val_x"], args, data["prep"]["val_x"])
-            best = m["val_loss"] < min((h["val_loss"] for h in history), default=math.inf)
-        if args.knn_every and (epoch + 1) % args.knn_every == 0 and rank == 0:  # the kNN monitor
-            train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k])
-                               for k in ("train_x", "test_x"))
-            m["knn_top1"] = knn_top1(train_h, data["train_y"], test_h, data["test_y"], data["classes"], args.knn_k)
-        rngs = [rng_state()]  # every process's RNG, so that each resumes its own augmentation stream
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        history.append(m)
-        if rank == 0:
-            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, rng=rngs,
-                             metrics=history, config=vars(args)), os.path.join(args.out, "checkpoint.pt"))
-            if best:  # after the checkpoint, which holds the same weights: a kill between the two is mended below
-                save_atomic(model.backbone.state_dict(), best_path)
-            write_metrics(history, args.out)
 
-    train(model, images, args, amp, log, opt_state=opt_state, start_epoch=start_epoch, views_fn=views_fn,
-          forward=forward, loss_fn=loss_fn, rank=rank, world=world, end_of_epoch=end_of_epoch, schedule=schedule)
-    return history[-1]["pretrain_s"] if history else 0.0
+def end_of_epoch(losses, m, state, data, args, proc):
+    """After an epoch: a stop on a non-finite loss or weight, a warning on a collapsed embedding, the paper's validation
+    loss (the best epoch's backbone kept), the kNN monitor; then checkpoint.pt (every process's RNG) and metrics."""
+    model, epoch = state["model"], m["epoch"] - 1
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if not math.isfinite(m["loss"]) or bad:  # stop; the folder keeps its last good checkpoint
+        if proc.rank == 0:  # its mark: a resume may then take a new --lr or --tau
+            write_json(dict(epoch=epoch + 1, lr=m["lr"]), os.path.join(args.out, "diverged.json"))
+        what = f"{', '.join(bad[:3])} became inf or nan" if bad else f"the loss became {m['loss']}"
+        kept = f"the checkpoint of epoch {epoch}" if epoch else "no checkpoint (the run starts again)"
+        die(f"{what} in epoch {epoch + 1} (lr {m['lr']:.4g}). {args.out} keeps {kept}; continue with a smaller learning"
+            f" rate or a larger temperature: python simclr.py --resume {args.out} --lr {args.lr / 10:.3g} (or --tau "
+            f"{2 * args.tau:g})")
+    collapsed = math.log(2 * args.batch_size - 1)  # NT-Xent when every view looks alike
+    if epoch + 1 > args.warmup_epochs and losses.min() > collapsed - 0.01:
+        proc.log(f"warning: the loss stayed at ln(2N - 1) = {collapsed:.3f} all epoch {epoch + 1}: a collapsed "
+                 "embedding, every view alike to the model; a smaller --lr or a longer --warmup-epochs may help")
+    if data["val_x"] is not None:  # the paper's code evaluates the epoch of lowest validation loss
+        m["val_loss"] = validation_loss(model, data["val_x"], args, data["prep"]["val_x"])
+        if m["val_loss"] < min((h["val_loss"] for h in state["metrics"]), default=math.inf):
+            state["best_backbone"] = copy.deepcopy(model.backbone.state_dict())
+    if args.knn_every and m["epoch"] % args.knn_every == 0 and proc.rank == 0:  # the kNN monitor
+        train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k])
+                           for k in ("train_x", "test_x"))
+        m["knn_top1"] = knn_top1(train_h, data["train_y"], test_h, data["test_y"], data["classes"], args.knn_k)
+    rngs = [rng_state()]  # every process's RNG, so that each resumes its own augmentation stream
+    if proc.world > 1:
+        rngs = [None] * proc.world
+        dist.all_gather_object(rngs, rng_state())
+    state["metrics"].append(m)
+    state["epoch"] = m["epoch"]
+    if proc.rank == 0:
+        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), state, rngs, config=vars(args))
+        write_metrics(state["metrics"], args.out)
 
 
 @torch.no_grad()
@@ -1743,31 +1640,13 @@ def validation_loss(model, val_x, args, prep):
     return sum(nt_xent(zb, zb, args.tau).item() for zb in z) / len(z)
 
 
-def load_best_epoch(model, data, history, args, device, log=print):
-    """Recipe paper: load best_backbone.pt, the epoch of lowest validation NT-Xent, which the paper's code evaluates;
-    otherwise the last epoch's backbone stays as it is."""
-    if data["val_x"] is not None and history:
-        best, path = min(history, key=lambda m: m["val_loss"]), os.path.join(args.out, "best_backbone.pt")
-        try:
-            model.backbone.load_state_dict(torch.load(path, map_location=device))
-        except Exception as e:  # missing, cut short, or another model's
-            die(f"cannot read {path}, the backbone of epoch {best['epoch']} that the paper's protocol evaluates "
-                f"({type(e).__name__}: {str(e)[:200]}). No other file holds it: start the run again in a new --out")
+def load_best_epoch(state, log):
+    """Recipe paper: the backbone of the epoch of lowest validation NT-Xent, which the paper's code evaluates."""
+    if state["best_backbone"] is not None:
+        state["model"].backbone.load_state_dict(state["best_backbone"])
+        best = min(state["metrics"], key=lambda m: m["val_loss"])
         log(f"evaluating the backbone of epoch {best['epoch']}, of the lowest validation NT-Xent "
             f"({best['val_loss']:.4f})")
-
-
-def feature_cache(model, data, args, device):
-    """features(name): (train_h, test_h) of the trained backbone ("simclr") or a random-init one ("random_init"),
-    extracted once, when first asked for."""
-    @functools.cache
-    def features(name):
-        f = model.backbone
-        if name == "random_init":
-            torch.manual_seed(args.seed + 1)  # its weights: the same whichever stage asks first
-            f = make_backbone(args.arch, args.stem, args.pretrained).to(device)
-        return tuple(extract_features(f, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x"))
-    return features
 
 
 RAW_PIXELS_MAX = 32  # the raw-pixel baseline's side: n x 3HW floats at 128 px would take 1.9 GB for Imagenette
@@ -1780,26 +1659,44 @@ def pixel_features(images, device, side=RAW_PIXELS_MAX, batch=1024):
     return torch.cat([(F.adaptive_avg_pool2d(b, side) if b.shape[-1] > side else b).flatten(1) for b in x])
 
 
-def evaluate_with_baselines(features, data, args, device, train_s, random_name, log=print):
-    """Linear and kNN top-1 of SimCLR's backbone, raw pixels and a random-init backbone, each into results.json."""
-    evaluate_h = lambda train_h, test_h: evaluate(train_h, data["train_y"], test_h, data["test_y"], data["classes"],
-                                                  args.eval, args.probe_steps, args.knn_k, args.batch_size)
-    results = dict(evaluate_h(*features("simclr")), eval_protocol=args.eval, pretrain_seconds=train_s)
-    write_results(results, args.out)
-    baselines = [] if args.no_baselines else [
-        ("raw_pixels", f"raw pixels ({min(args.img_size, RAW_PIXELS_MAX)}px)",
-         lambda: evaluate_h(pixel_features(data["train_x"], device), pixel_features(data["test_x"], device))),
-        ("random_init", random_name, lambda: evaluate_h(*features("random_init")))]
-    for key, name, baseline in baselines:
+def feature_cache(model, data, args, device):
+    """features(name): (train_h, test_h) of the trained backbone ("simclr"), a random-init one ("random_init") or the
+    raw pixels ("raw_pixels"), each computed once, when first asked for."""
+    @functools.cache
+    def features(name):
+        if name == "raw_pixels":
+            return tuple(pixel_features(data[k], device) for k in ("train_x", "test_x"))
+        f = model.backbone
+        if name == "random_init":
+            torch.manual_seed(args.seed + 1)  # its weights: the same whichever stage asks first
+            f = make_backbone(args.arch, args.stem, args.pretrained).to(device)
+        return tuple(extract_features(f, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x"))
+    return features
+
+
+def random_init_name(args):
+    return f"{'ImageNet-init' if args.pretrained else 'random-init'} {args.arch}"
+
+
+def evaluate_with_baselines(features, data, args, train_s, log=print):
+    """Linear and kNN top-1 of SimCLR's backbone, then of raw pixels and a random-init backbone, into results.json as
+    each number comes; a baseline that runs out of memory is skipped, not the run."""
+    path, names = os.path.join(args.out, "results.json"), {} if args.no_baselines else dict(
+        raw_pixels=f"raw pixels ({min(args.img_size, RAW_PIXELS_MAX)}px)", random_init=random_init_name(args))
+    evaluate_h = lambda h: evaluate(h[0], data["train_y"], h[1], data["test_y"], data["classes"], args.eval,
+                                    args.probe_steps, args.knn_k, args.batch_size)
+    results = dict(evaluate_h(features("simclr")), eval_protocol=args.eval, pretrain_seconds=train_s)
+    write_json(results, path)
+    for key, name in names.items():
         try:
-            results[key] = baseline()
-        except (torch.OutOfMemoryError, MemoryError) as e:  # a skipped baseline, never a lost run
+            results[key] = evaluate_h(features(key))
+        except (torch.OutOfMemoryError, MemoryError) as e:
             results[key] = dict(skipped=f"out of memory ({type(e).__name__})")
             log(f"note: the {name} baseline ran out of memory; skipped")
-        write_results(results, args.out)
+        write_json(results, path)
     print(f"\ntop-1 on the {'test split' if args.eval == 'standard' else '20% of the test split (the paper protocol)'}:"
           f"{'linear':>12}{'kNN':>9}")
-    for name, r in [(name, results[key]) for key, name, _ in baselines] + [
+    for name, r in [(name, results[k]) for k, name in names.items()] + [
             (f"SimCLR {args.arch}, {args.head} head ({args.act})", results)]:
         print(f"  {name:<44}" + (f"{r['skipped']:>17}" if "skipped" in r else
                                  f"{100 * r['linear_top1']:>6.1f}%{100 * r['knn_top1']:>8.1f}%"))
@@ -1814,12 +1711,9 @@ def label_draw(y, amount, per_class, seed, draw):
     """Sorted indices of one seeded draw of labelled images: a fraction `amount` of y, stratified (at least one per
     class), or with per_class `amount` of each class. Draw d of a smaller set is inside draw d of a larger one."""
     gen = torch.Generator().manual_seed(1000 * seed + draw)  # --label-draws is at most 1000: no two seeds meet
-    classes = y.unique()
-    if not per_class:
-        return stratified(y, max(len(classes), round(amount * len(y))), gen, floor=1)
-    idx = [torch.nonzero(y == c).squeeze(1)[torch.randperm(int((y == c).sum()), generator=gen)[:amount]]
-           for c in classes]
-    return torch.cat(idx).sort().values
+    classes = len(y.unique())
+    n = amount * classes if per_class else max(classes, round(amount * len(y)))
+    return stratified(y, n, gen, floor=amount if per_class else 1)
 
 
 def flip_and_crop(x, pad):
@@ -1863,13 +1757,14 @@ def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, see
         return (fc(test_h).argmax(1) == test_y).float().mean().item()
 
 
-def label_efficiency(features, data, args, device, random_name, results, backbone, log=print):
+def label_efficiency(features, data, args, device, results, backbone, log=print):
     """For every label set and draw: SimCLR's probes and the random-init probe on the drawn images, and `supervised`
     on them fine-tuned from SimCLR and from scratch (the same steps and seed); into results.json as each exists."""
     train_x, train_y, test_x, test_y, classes = (data[k] for k in ("train_x", "train_y", "test_x", "test_y", "classes"))
     per_class, y, weights = args.labels_per_class is not None, train_y.cpu(), copy.deepcopy(backbone.state_dict())
     (train_h, test_h), (r_train, r_test) = features("simclr"), features("random_init")
-    methods = dict(simclr_linear="SimCLR linear", simclr_knn="SimCLR kNN", random_init_linear=f"{random_name} linear",
+    methods = dict(simclr_linear="SimCLR linear", simclr_knn="SimCLR kNN",
+                   random_init_linear=f"{random_init_name(args)} linear",
                    simclr_finetuned=f"SimCLR fine-tuned ({args.sup_steps} steps)",
                    supervised=f"supervised ({args.sup_steps} steps)")
     table = results["label_efficiency"] = dict(unit="labels per class" if per_class else "fraction of the labels",
@@ -1891,23 +1786,21 @@ def label_efficiency(features, data, args, device, random_name, results, backbon
                                       init=init, prep=data["prep"]["train_x"], test_prep=data["prep"]["test_x"])
             for key, acc in run.items():  # mean and sample std over the draws so far
                 runs = row.get(key, dict(runs=[]))["runs"] + [acc]
-                row[key] = dict(mean=float(np.mean(runs)), std=float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
-                                runs=runs)
-            write_results(results, args.out)
+                row[key] = dict(mean=float(np.mean(runs)), std=float(np.std(runs, ddof=len(runs) > 1)), runs=runs)
+            write_json(results, os.path.join(args.out, "results.json"))
             log(f"few labels: {name(amount)} ({n} images), draw {draw + 1}/{row['draws']}: " +
                 ", ".join(f"{methods[k]} {100 * v:.1f}%" for k, v in run.items()) + f" ({time.time() - t0:.0f}s)")
     pm = lambda r: f"{100 * r['mean']:.1f}" + (f" +- {100 * r['std']:.1f}" if len(r["runs"]) > 1 else "")
-    width = {k: max(16, len(v) + 2) for k, v in methods.items()}
+    width, rows = {k: max(16, len(v) + 2) for k, v in methods.items()}, table["rows"]
     print(f"\nfew labels: top-1 on the test split, mean +- std over the draws (%)\n  {'labels':<10}{'images':>8}"
           f"{'draws':>6}" + "".join(f"{v:>{width[k]}}" for k, v in methods.items()))
-    for row in table["rows"]:
+    for row in rows:
         print(f"  {name(row['amount']):<10}{row['labels']:>8}{row['draws']:>6}" +
               "".join(f"{pm(row[k]):>{width[k]}}" for k in methods))
-    rows = table["rows"]
     save_plot(os.path.join(args.out, "label_efficiency.png"), [dict(
-        title="top-1 on the test split (%)", xlabel="labelled train images", logx=True,
-        lines=[(label, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows],
-                [100 * r[k]["std"] for r in rows]) for k, label in methods.items()])], log)
+        title="top-1 on the test split (%)", xlabel="labelled train images", logx=True, lines=[(
+            label, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows], [100 * r[k]["std"] for r in rows])
+            for k, label in methods.items()])], log)
     return table
 
 
@@ -1961,7 +1854,7 @@ def plot_curves(metrics_path, png, log=print):
                          lines=line("knn_top1", knn, 100))], log)
 
 
-def pictures(features, data, args, random_name, log=print):
+def pictures(features, data, args, log=print):
     """curves.png, and neighbours.png (and --show-neighbours): 8 test images, one per class while there are 8, each
     with its 8 nearest train images by cosine similarity of SimCLR's h, then of the random-init backbone's h."""
     plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"), log)
@@ -1982,7 +1875,7 @@ def pictures(features, data, args, random_name, log=print):
         write_atomic(path, lambda f: torchvision.utils.save_image(tiles, f, format="png", padding=2, pad_value=1,
                                                                   nrow=nrow))
     log(f"saved {' and '.join(paths)}: each row a test image, then its nearest train images by SimCLR's h, then by "
-        f"the {random_name}'s")
+        f"the {random_init_name(args)}'s")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2088,30 +1981,27 @@ def main(argv=None):
     stops = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     if in_main_thread:
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    resume = f"{f'torchrun --nproc_per_node {world}' if world > 1 else 'python'} simclr.py --resume {args.out}"
+    saved = lambda: os.path.exists(os.path.join(args.out, "config.json")) and not (args.show_augs or args.bench)
     try:
         with contextlib.ExitStack() as stack:  # what run holds open (the folder's lock) is let go however it ends
             return run(args, stack)
     except KeyboardInterrupt:
         for sig in stops:  # a second Ctrl-C while the checkpoint is read: this message still, not a traceback
             signal.signal(sig, signal.SIG_IGN)
-        ckpt, world = os.path.join(args.out, "checkpoint.pt"), int(os.environ.get("WORLD_SIZE", 1))
-        if args.show_augs or args.bench or not os.path.exists(os.path.join(args.out, "config.json")):
+        if not saved():
             die("interrupted before a run was saved; start it again", 130)
-        done = 0
+        done, ckpt = 0, os.path.join(args.out, "checkpoint.pt")
         with contextlib.suppress(Exception):  # a checkpoint that cannot be read counts none, as a resume would say
             done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] if os.path.exists(ckpt) else 0
-        launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
-        die(f"interrupted; {args.out} holds {done} of {args.epochs} epochs. Continue with: {launch} simclr.py --resume "
-            f"{args.out}", 130)
+        die(f"interrupted; {args.out} holds {done} of {args.epochs} epochs. Continue with: {resume}", 130)
     except OSError as e:  # a full disk, a read-only folder, a file that cannot be read, stdout's reader gone
-        saved = os.path.exists(os.path.join(args.out, "config.json")) and not (args.show_augs or args.bench)
+        then = f", then continue with: {resume}" if saved() else ""
         if isinstance(e, BrokenPipeError):  # | head: Python would print the error again at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            die("the output pipe closed before the run ended (| head?); send the output to a file or to less" +
-                (f", and continue with: python simclr.py --resume {args.out}" if saved else ""))
-        space = f"; free some space, then continue with --resume {args.out}" if e.errno == errno.ENOSPC else ""
-        space = space if saved else "; free some space" if space else ""
-        die(f"{e.filename or ''}: {e.strerror or e}{space}")
+            die(f"the output pipe closed before the run ended (| head?); send the output to a file or to less{then}")
+        die(f"{e.filename or ''}: {e.strerror or e}" + (f"; free some space{then}" if e.errno == errno.ENOSPC else ""))
     finally:
         for sig, handler in stops.items():
             signal.signal(sig, handler)
@@ -2119,40 +2009,37 @@ def main(argv=None):
 
 def run(args, stack):
     """A run's stages: the data, the autoencoder, the model, pre-training, evaluation, pictures, few labels."""
-    device, rank, world = setup(args)
-    log = print if rank == 0 else (lambda *a, **k: None)  # under torchrun, rank 0 speaks for all
-    data = prepare_data(args, device, rank, world, log)
-    if args.show_augs:
-        return show_augs(data["images"], args, log)
-    if rank == 0:
+    proc = setup(args)
+    if proc.rank == 0 and not args.show_augs:
         open_run_dir(args, stack)
-    embedding = autoencoder_embedding(data, args, device, rank, world, log) if args.head == "ae" else None
-    seed_everything(args.seed)  # the same initial weights whether the AE was trained now or read from the cache
-    model = build_model(args, embedding, device, world)
-    seed_everything(args.seed + rank)  # each process draws its own augmentations
+    data = prepare_data(args, proc)
+    if args.show_augs:
+        return show_augs(data["images"], args, proc.log)
+    if proc.rank == 0 and not (args.resume or args.bench):
+        write_json(vars(args), os.path.join(args.out, "config.json"))
+    embedding = autoencoder_embedding(data, args, proc) if args.head == "ae" else None
+    torch.manual_seed(args.seed)  # the same initial weights whether the AE was trained now or read from the cache
+    model = build_model(args, embedding, proc)
+    torch.manual_seed(args.seed + proc.rank)  # each process draws its own augmentations
     if args.bench:
-        if world > 1:
-            die("--bench runs in one process: start it with python, not torchrun")
-        return bench(model, data["images"], args, device, log)
-    start_epoch, opt_state, history = resume_checkpoint(model, args, rank, world, log)
-    features = feature_cache(model, data, args, device)
-    random_name = f"{'ImageNet-init' if args.pretrained else 'random-init'} {args.arch}"
+        return bench(model, data["images"], args, proc.device, proc.log)
+    state, features = resume_checkpoint(model, args, proc), feature_cache(model, data, args, proc.device)
     if args.resume and args.show_neighbours:  # a look at a saved run: its pictures, no training, no evaluation
-        if start_epoch == 0:
+        if state["epoch"] == 0:
             die(f"--show-neighbours: {args.resume} has no checkpoint of a trained epoch yet, so nothing to show")
-        load_best_epoch(model, data, history, args, device, log)
-        return pictures(features, data, args, random_name, log)
-    train_s = pretrain(model, data, args, start_epoch, opt_state, history, rank, world, log)
-    if world > 1:
+        load_best_epoch(state, proc.log)
+        return pictures(features, data, args, proc.log)
+    train_s = pretrain(data, args, proc, state)
+    if proc.world > 1:
         dist.destroy_process_group()
-        if rank != 0:
+        if proc.rank != 0:
             return None  # evaluation runs once, on rank 0
-    load_best_epoch(model, data, history, args, device, log)
+    load_best_epoch(state, proc.log)
     save_atomic(model.backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
-    results = evaluate_with_baselines(features, data, args, device, train_s, random_name, log)
-    pictures(features, data, args, random_name, log)
+    results = evaluate_with_baselines(features, data, args, train_s, proc.log)
+    pictures(features, data, args, proc.log)
     if args.label_amounts:
-        label_efficiency(features, data, args, device, random_name, results, model.backbone, log)
+        label_efficiency(features, data, args, proc.device, results, model.backbone, proc.log)
     print(f"outputs in {args.out}/")
     return results
 
