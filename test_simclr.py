@@ -2066,10 +2066,10 @@ def test_bench_times_every_row_over_its_own_steps(tmp_path, monkeypatch):
     for row, steps in dict(ours=2, augment=2, train_step=2, classic=16, classic_loader=16).items():
         assert r["rows"][row] == pytest.approx(dict(ms_per_step=1000 / steps, img_per_s=16 * steps)), row
     assert (r["speedup"], r["augment_share"]) == pytest.approx((2 / 16, 1.0))
-    # the run these flags start: 6 epochs of 64 // 16 steps at (a)'s 0.5 s, and a kNN monitor after epoch 5 that
+    # the run these flags start: 7 epochs of 64 // 16 steps at (a)'s 0.5 s, and a kNN monitor after epoch 5 that
     # extracts the features as the evaluation does, timed at 1 s; the evaluation: features + probes (2 s) for SimCLR
     # and the random-init backbone, and the raw pixels' probes (1 s)
-    assert (r["pretrain_s"], r["evaluate_s"], r["run_s"]) == (6 * 4 * 0.5 + 1, 2 * 2 + 1, 18)
+    assert (r["pretrain_s"], r["evaluate_s"], r["run_s"]) == (7 * 4 * 0.5 + 1, 2 * 2 + 1, 20)
     assert r["flops_per_step"] > 0 and r["mfu"] is None  # no peak figure for a CPU
     assert r["compiled"] == {"augmentation": False, "model": False}  # --compile auto: CUDA only
     assert json.loads((out / "bench.json").read_text()) == r and not (out / "config.json").exists()
