@@ -24,9 +24,13 @@ ResNet18: 53.1%), in 6 minutes on a 2-core CPU; every figure with its command an
 """
 import copy
 import math
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet stop (exit 130), not a traceback; main() takes over
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import torch
 import torch.nn as nn
@@ -603,7 +607,7 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
 # ==========================================================================================================
 # Part 2's own imports: Part 1 needs none of them.
 import argparse, contextlib, datetime, errno, fcntl, functools, gzip, hashlib  # noqa: E401, E402
-import json, os, re, shlex, shutil, signal, sys, tempfile, threading, types  # noqa: E401, E402
+import json, os, re, shlex, shutil, sys, tempfile, threading, types  # noqa: E401, E402
 
 import numpy as np  # noqa: E402
 
@@ -2112,9 +2116,8 @@ def main(argv=None):
     except OSError as e:  # --resume: a config.json that cannot be rewritten with a new --lr or --tau
         die(f"{e.filename or ''}: {e.strerror or e}")
     in_main_thread = threading.current_thread() is threading.main_thread()
-    stops = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
-    if in_main_thread:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
+    stops = {s: signal.signal(s, signal.default_int_handler)  # SIGTERM as Ctrl-C; Ctrl-C no longer quiet (the imports)
+             for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     saved = lambda: os.path.exists(os.path.join(args.out, "config.json")) and not (args.show_augs or args.bench)
     then = lambda: f", then continue with: {resume_command(args)}" if saved() else ""
     try:

@@ -925,6 +925,31 @@ def test_main_on_sigterm_says_where_the_run_stands_and_how_to_continue(tmp_path)
     assert "of 50 epochs. Continue with: python simclr.py --resume" in err
 
 
+@pytest.mark.parametrize("script,stage,argv", [("simclr", "build_model", [*TINY, "--epochs", "1"]),
+                                               ("toy_theory", "run_clusters", ["clusters", "--quick"])])
+def test_main_ctrl_c_while_torch_loads_stops_quietly_then_main_takes_ctrl_c_over(script, stage, argv, tmp_path,
+                                                                                 monkeypatch):
+    """Ctrl-C in the seconds `import torch` takes (here a torch that presses it): the script stops by the signal, as
+    Unix tools do (exit 130 in the shell), with no traceback from inside torch; main() makes Ctrl-C Python's
+    KeyboardInterrupt again, which it ends in its one line."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+    r = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=HERE, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=60)
+    assert (r.returncode, r.stderr) == (-signal.SIGINT, "")
+    module, handlers = sys.modules[script], []
+    monkeypatch.setattr(module, stage, lambda *a: handlers.append(signal.getsignal(signal.SIGINT)) or (
+        _ for _ in ()).throw(KeyboardInterrupt))
+    quiet = signal.signal(signal.SIGINT, signal.SIG_DFL)  # as the imports leave it
+    try:
+        with pytest.raises(SystemExit) as e:
+            module.main([*argv, "--out", str(tmp_path / "run")])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # given back
+    finally:
+        signal.signal(signal.SIGINT, quiet)
+    assert (handlers, e.value.code) == ([signal.default_int_handler], 130)
+
+
 def test_main_on_a_closed_output_pipe_ends_in_one_line_with_the_resume_command(tmp_path):
     p = subprocess.Popen([sys.executable, "simclr.py", *TINY, "--epochs", "2", "--out", str(tmp_path / "run")],
                          cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
