@@ -912,8 +912,8 @@ def parse_args(argv):
     old = resolve_args(parser.parse_args(saved))
     edited = differences(cfg, old, "its command line")
     if edited:
-        die(f"{cfg_path}: {'; '.join(edited[:3])}: edited by hand, or written by another version of simclr.py; "
-            "start a new run")
+        die(f"{cfg_path}: {'; '.join(edited[:3])}: edited by hand? Put back what its command line gives. "
+            "Written by another version of simclr.py? Start a new run")
     words = {a.split("=")[0] for a in argv}  # the flags typed now
     typed = {act.dest for act in parser._actions if words & set(act.option_strings)} - RESUME_MAY_TYPE
     diverged = os.path.join(args.resume, "diverged.json")  # after a stop on divergence, a new --lr or --tau may follow

@@ -764,7 +764,8 @@ def test_parse_args_refuses_config_values_its_command_line_does_not_give(tmp_pat
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.pop(key) if value == "delete" else cfg.update({key: value})
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert message in refused(["--resume", str(tmp_path)])
+    err = refused(["--resume", str(tmp_path)])
+    assert message in err and "edited by hand? Put back what its command line gives." in err  # not: a new run
 
 
 def test_parse_args_refuses_a_config_of_another_version_naming_what_it_lacks(tmp_path, refused):
