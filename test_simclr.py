@@ -1040,29 +1040,39 @@ def test_main_prints_a_resume_command_that_the_shell_reads_back_whatever_the_fol
     assert simclr.parse_args(command[2:]).out == str(out)
 
 
-@pytest.mark.parametrize("failure,message", [
-    (lambda: torch.empty(2 ** 62, dtype=torch.uint8),  # torch's CPU allocator, as under ulimit -v or a huge head
-     "out of memory (tried to allocate 4611686018427387904 bytes): start a new run with a smaller --batch-size (16), "
+ALLOCATOR_FAILS = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 55050240000 bytes. "
+                               "Error code 12 (Cannot allocate memory)")  # torch's CPU allocator, word for word
+
+
+@pytest.mark.parametrize("stage,failure,message", [
+    ("build_model", ALLOCATOR_FAILS,  # --proj-hidden 65536 --proj-out 65536, or ulimit -v: after config.json
+     "out of memory (tried to allocate 55050240000 bytes): start a new run with a smaller --batch-size (16), "
      "--img-size (16) or head (--proj-hidden 512, --proj-out 128); or continue this one where more memory is free: "
-     "python simclr.py --resume {out}"),
-    (MemoryError(), "out of memory: start a new run with a smaller --batch-size (16)"),  # Python's
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB"),
-     "out of memory (Tried to allocate 20.00 GiB): start a new run"),
-    (lambda: torch.zeros(1).add_(torch.ones(1), alpha=1e308),  # an SGD step's rate that float32 cannot hold
+     "python simclr.py --resume {out}\n"),
+    ("load_dataset", ALLOCATOR_FAILS,  # --img-size 512 on Fashion-MNIST: its resize, before the run is saved
+     "out of memory (tried to allocate 55050240000 bytes): start a new run with a smaller --batch-size (16), "
+     "--img-size (16) or head (--proj-hidden 512, --proj-out 128)\n"),
+    ("build_model", MemoryError(), "out of memory: start a new run with a smaller --batch-size (16)"),  # Python's
+    ("build_model", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                           "capacity of 79.19 GiB"), "out of memory (Tried to allocate 20.00 GiB)"),
+    ("build_model", lambda: torch.zeros(1).add_(torch.ones(1), alpha=1e308),  # a rate that float32 cannot hold
      "a number overflowed (value cannot be converted to type float without overflow): lower --lr (0.075) or --wd"),
-    (OSError(27, "File too large", "checkpoint.pt"),  # EFBIG: past ulimit -f
+    ("build_model", OSError(27, "File too large", "checkpoint.pt"),  # EFBIG: past ulimit -f
      "checkpoint.pt: File too large; raise the file size limit (ulimit -f), then continue with: python simclr.py "
      "--resume {out}")])
 def test_main_out_of_memory_an_overflow_or_a_file_size_limit_end_in_one_line_with_what_to_change(
-        tmp_path, monkeypatch, refused, failure, message):
-    def fail(*a):
+        tmp_path, monkeypatch, refused, stage, failure, message):
+    """Each stage's failure, raised where it would come (a real allocation would take the machine's memory): one line
+    with what to lower, and the command that continues the run once it is saved; any other error is a bug's
+    traceback."""
+    def fail(*a, **k):
         if isinstance(failure, BaseException):
             raise failure
         failure()
-    monkeypatch.setattr(simclr, "build_model", fail)  # after config.json: the run can be continued
+    monkeypatch.setattr(simclr, stage, fail)
     out = tmp_path / "run"
     assert message.format(out=out) in refused([*TINY, "--epochs", "1", "--out", str(out)])
-    monkeypatch.setattr(simclr, "build_model", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    monkeypatch.setattr(simclr, stage, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # not a user's: its traceback
         simclr.main([*TINY, "--epochs", "1", "--out", str(tmp_path / "other")])
 
