@@ -1003,6 +1003,18 @@ def test_parse_args_takes_a_checkpoint_saved_before_a_new_lr_after_divergence(fi
     assert "its epochs is 1, config.json gives 0" in refused(["--resume", str(run)])
 
 
+def test_parse_args_names_a_setting_the_autoencoder_checkpoint_was_saved_with(tmp_path, refused):
+    """The autoencoder stage's checkpoint carries the run's config too: config.json edited while the stage ran (its
+    --ae-dim) stops the resume, naming it, before the stage reads the checkpoint."""
+    run, flags = tmp_path / "run", ["--head", "ae", "--ae-epochs", "1", "--ae-dir", str(tmp_path / "ae")]
+    args = simclr.parse_args([*flags, "--ae-dim", "64", "--out", str(run)])
+    os.makedirs(run)
+    simclr.autoencoder_embedding(dict(pool=torch.zeros(6, 3, 8, 8, dtype=torch.uint8), val_x=None), args, CPU)
+    saved_config(run, *flags, "--ae-dim", "32")
+    err = refused(lambda: simclr.parse_args(["--resume", str(run)]))
+    assert f"{run / 'ae_checkpoint.pt'}: its ae_dim is 64, config.json gives 32. The checkpoint holds" in err
+
+
 def test_main_resumes_a_moved_run_in_its_new_folder_and_rewrites_a_hand_edited_results_json(finished_run, tmp_path):
     """A run folder moved (or copied) resumes where it now is, not in the folder its command line names; a finished
     run's resume evaluates again and writes its numbers over a results.json edited by hand."""
@@ -1597,11 +1609,14 @@ def test_load_dataset_refuses_an_empty_or_one_class_folder(tmp_path, layout, mes
     assert all(m in err for m in ([message] if isinstance(message, str) else message))
 
 
-@pytest.mark.parametrize("link,target,reached", [("train/a/loop", "..", "train"), ("test/b", "../train/b", "train/b"),
-                                                ("train/b", "../elsewhere", None)])
-def test_load_dataset_folder_follows_links_but_refuses_a_folder_reached_twice(tmp_path, refused, link, target, reached):
+@pytest.mark.parametrize("link,target,reached", [
+    ("train/a/loop", "..", "train"), ("test/b", "../train/b", "train/b"), ("train/b", "../elsewhere", None),
+    ("train/b/gone.png", "nowhere.png", None)])
+def test_load_dataset_folder_follows_links_but_refuses_a_folder_reached_twice(tmp_path, refused, monkeypatch, link,
+                                                                           target, reached):
     """A link back up (train/a/loop -> ..: its images read again at every depth, all as class a) or a test class
-    linked to the train one: refused, naming the link; a class folder linked to images elsewhere loads."""
+    linked to the train one: refused, naming the link; a class folder linked to images elsewhere loads, and so does a
+    class with a link to nothing (skipped as an image that cannot be decoded)."""
     import shutil
     make_folder(tmp_path)
     if os.path.isdir(tmp_path / link):  # the class folder the link replaces
@@ -1611,6 +1626,7 @@ def test_load_dataset_folder_follows_links_but_refuses_a_folder_reached_twice(tm
     if reached is None:
         assert load()["train_y"].tolist() == [0, 0, 0, 1, 1, 1]
     else:
+        monkeypatch.setattr(simclr.torchvision.datasets, "ImageFolder", None)  # refused before its own walk
         assert f"{tmp_path / link} is {tmp_path / reached} again, through a link; remove the link" in refused(load)
 
 
