@@ -1068,7 +1068,7 @@ ALLOCATOR_FAILS = RuntimeError("DefaultCPUAllocator: can't allocate memory: you 
     ("build_model", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
                                            "capacity of 79.19 GiB"), "out of memory (Tried to allocate 20.00 GiB)"),
     ("build_model", lambda: torch.zeros(1).add_(torch.ones(1), alpha=1e308),  # a rate that float32 cannot hold
-     "a number overflowed (value cannot be converted to type float without overflow): lower --lr (0.075) or --wd"),
+     "a number overflowed (value cannot be converted to type float without overflow): lower --lr ({lr:g}) or --wd"),
     ("build_model", OSError(27, "File too large", "checkpoint.pt"),  # EFBIG: past ulimit -f
      "checkpoint.pt: File too large; raise the file size limit (ulimit -f), then continue with: python simclr.py "
      "--resume {out}")])
@@ -1083,7 +1083,8 @@ def test_main_out_of_memory_an_overflow_or_a_file_size_limit_end_in_one_line_wit
         failure()
     monkeypatch.setattr(simclr, stage, fail)
     out = tmp_path / "run"
-    assert message.format(out=out) in refused([*TINY, "--epochs", "1", "--out", str(out)])
+    lr = simclr.parse_args([*TINY, "--out", str(out)]).lr  # derived from the batch size: the rate the run used
+    assert message.format(out=out, lr=lr) in refused([*TINY, "--epochs", "1", "--out", str(out)])
     monkeypatch.setattr(simclr, stage, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # not a user's: its traceback
         simclr.main([*TINY, "--epochs", "1", "--out", str(tmp_path / "other")])
