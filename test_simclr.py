@@ -3067,6 +3067,8 @@ def test_hltm_control_trains_as_far_as_simclr(hltm_depth4):
     (["covariance", "--width", "17"], "--width 17 is longer than the signal, --L 16"),
     (["cnn", "--tau", "0"], "--tau must be above 0 (got 0.0)"),
     (["clusters", "--lr", "inf"], "--lr must be a finite number (got inf)"),
+    (["clusters", "--lr", "-inf"], "--lr must be a finite number (got -inf)"),  # a value, not a flag (argparse's
+    (["clusters", "--lr", "-1e5"], "--lr must be above 0 (got -100000.0)"),  # rule takes only -1 and -.5 as one)
     (["cnn", "--snrs", "0.1", "nan"], "--snrs must be a finite number (got nan)"),
     (["cnn", "--n-test", "0"], "--n-test must be at least 1 (got 0)"),
     (["clusters", "--hidden", "0"], "--hidden must be at least 1 (got 0)"),

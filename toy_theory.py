@@ -45,6 +45,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -184,6 +185,7 @@ def parser():
         subs[name] = sub.add_parser(name, help=text)
         common_flags(subs[name])
         flags(subs[name])
+        subs[name]._negative_number_matcher = re.compile(r"-\.?\d|-(inf|nan)", re.I)  # --lr -inf: a value, refused
     return p, subs
 
 
