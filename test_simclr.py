@@ -1090,6 +1090,19 @@ def test_main_out_of_memory_an_overflow_or_a_file_size_limit_end_in_one_line_wit
         simclr.main([*TINY, "--epochs", "1", "--out", str(tmp_path / "other")])
 
 
+@pytest.mark.parametrize("data_on,hint", [("auto", True), ("host", False)])
+def test_main_out_of_memory_on_a_gpu_offers_to_keep_the_images_in_host_memory(tmp_path, monkeypatch, refused,
+                                                                               data_on, hint):
+    """The images moved onto the GPU (--data-on auto or device) and its memory runs out: the line also offers
+    --data-on host; when they are already there, it does not."""
+    monkeypatch.setattr(simclr, "setup", lambda args: CPU)  # as a CUDA machine's, on this one
+    monkeypatch.setattr(simclr, "prepare_data", lambda *a: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    err = refused([*TINY, "--device", "cuda", "--data-on", data_on, "--out", str(tmp_path / "run")])
+    assert err.startswith("error: out of memory (Tried to allocate 2.00 GiB)")
+    assert ("or keep the images in host memory (--data-on host)" in err) == hint
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_main_on_a_full_standard_output_ends_in_one_line(tmp_path):
     """stdout on a full device: one line that says so, not "error: : No space left on device" nor Python's complaint
