@@ -23,9 +23,13 @@ What it measured, each figure with its command and hardware: README.md.
 """
 import copy
 import math
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet stop (exit 130), not a traceback; main() takes over
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import torch
 import torch.nn as nn
@@ -602,7 +606,7 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
 # ==========================================================================================================
 # Part 2's own imports: Part 1 needs none of them.
 import argparse, contextlib, datetime, errno, fcntl, functools, gzip, hashlib  # noqa: E401, E402
-import json, os, shutil, signal, sys, tempfile, threading, types  # noqa: E401, E402
+import json, os, re, shlex, shutil, sys, tempfile, threading, types  # noqa: E401, E402
 
 import numpy as np  # noqa: E402
 
@@ -661,9 +665,12 @@ def die(msg, code=2):
     sys.exit(code)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def number(kind, ok, rule, many=False):
-    """An argparse type: a finite number of `kind` for which ok(value) holds, else refused with `rule`; with `many`, a
-    comma-separated list of them, sorted and distinct."""
+    """An argparse type: a finite number of `kind` (a float within float32's range) for which ok(value) holds, else
+    refused with `rule`; with `many`, a comma-separated list of them, sorted and distinct."""
     def parse(text):
         try:
             values = [kind(v) for v in (text.split(",") if many else [text])]
@@ -673,6 +680,9 @@ def number(kind, ok, rule, many=False):
         bad = [v for v in values if not (math.isfinite(v) and ok(v))]
         if bad:
             raise argparse.ArgumentTypeError(f"must be {rule} (got {bad[0]})")
+        big = [v for v in values if kind is float and abs(v) > FLOAT32_MAX]  # the steps are float32's: 1e308 overflows
+        if big:
+            raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.3g}, float32's largest (got {big[0]:g})")
         return sorted(set(values)) if many else values[0]
     return parse
 
@@ -691,8 +701,11 @@ def path(exts=()):
         if not text or exts and (os.path.splitext(name)[1].lower() not in exts or os.path.isdir(text)):
             raise argparse.ArgumentTypeError(f"give the name of a {kind} (got {text!r})")
         folder = os.path.abspath(os.path.dirname(text) if exts else text)
-        while not os.path.exists(folder):  # the nearest that exists: a file there stops every folder below it
+        while not os.path.lexists(folder):  # the nearest that exists: a file there stops every folder below it
             folder = os.path.dirname(folder)
+        if not os.path.exists(folder):  # a link to nothing: os.makedirs would say only "File exists"
+            raise argparse.ArgumentTypeError(f"{folder} is a link to {os.readlink(folder)}, which does not exist: "
+                                             f"create that, or give another {kind}")
         if not os.path.isdir(folder):
             raise argparse.ArgumentTypeError(f"{folder} is a file, not a folder: give the name of a {kind}")
         return text
@@ -709,6 +722,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="SimCLR with an optional autoencoder projection head (arXiv:2408.14514).",
                                 formatter_class=HelpWithDefaults, allow_abbrev=False)
     p.error = die  # a bad flag: its rule in one line, exit 2 (not the usage of every flag)
+    p._negative_number_matcher = re.compile(r"-\.?\d|-(inf|nan)", re.I)  # --lr -inf, -1e5: a value its rule refuses
     a = p.add_argument_group("data").add_argument
     a("--dataset", default="shapes", choices=tuple(DATASETS), help="the images to learn from")
     a("--data-dir", type=path(), default="data", help="where datasets are read from (and downloaded to)")
@@ -863,11 +877,18 @@ RESUME_MAY_TYPE = {"resume", "out", "device", "show_neighbours"}  # name no sett
 MACHINE = {"precision", "compile", "workers"}  # resolved from the machine: a resume elsewhere resolves them anew
 
 
+def differences(saved, args, source, ignore=frozenset()):
+    """Each setting in which a saved config (a dict) differs from the run's args, resolved from `source`, named."""
+    return [f"its {k} is {saved[k]!r}, {source} gives {v!r}" if k in saved else f"it has no {k}"
+            for k, v in vars(args).items() if k not in MACHINE | RESUME_MAY_TYPE | ignore and saved.get(k, ...) != v]
+
+
 def parse_args(argv):
     """The flags and the values computed from them. A run saves its command line, `argv`, with the resolved --out
     and --device (and a folder's image side). --resume DIR parses DIR's again, every flag's rule checking it anew,
     with the flags typed now: another device, a picture to draw, after a stop on a non-finite loss a new --lr or
-    --tau. Refused: a flag that changes the run, a config.json its command line does not give (a hand edit)."""
+    --tau. Refused: a flag that changes the run, a config.json its command line does not give (a hand edit), a
+    checkpoint saved with other settings than config.json's."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume is None:
@@ -888,11 +909,10 @@ def parse_args(argv):
         die(f"--resume {args.resume}: {cfg_path} cannot be read ({type(e).__name__}: {e}); is it a run's folder?")
     parser.error = lambda msg: die(f"{cfg_path}: its command line: {msg}")  # every rule, as when it started
     old = resolve_args(parser.parse_args(saved))
-    edited = [f"its {k} is {cfg[k]!r}, its command line gives {v!r}" if k in cfg else f"it has no {k}"
-              for k, v in vars(old).items() if k not in MACHINE | RESUME_MAY_TYPE and cfg.get(k, ...) != v]
+    edited = differences(cfg, old, "its command line")
     if edited:
-        die(f"{cfg_path}: {'; '.join(edited[:3])}: edited by hand, or written by another version of simclr.py; "
-            "start a new run")
+        die(f"{cfg_path}: {'; '.join(edited[:3])}: edited by hand? Put back what its command line gives. "
+            "Written by another version of simclr.py? Start a new run")
     words = {a.split("=")[0] for a in argv}  # the flags typed now
     typed = {act.dest for act in parser._actions if words & set(act.option_strings)} - RESUME_MAY_TYPE
     diverged = os.path.join(args.resume, "diverged.json")  # after a stop on divergence, a new --lr or --tau may follow
@@ -909,7 +929,10 @@ def parse_args(argv):
         die("--resume with flags that differ from the saved run:\n  " + "\n  ".join(
             f"--{k.replace('_', '-')}: saved {getattr(old, k)!r}, given {getattr(new, k)!r}" for k in differ) +
             f"\nA resume continues the run as {cfg_path} holds it: drop these flags, or start a new run with them")
+    new.out = args.resume  # the folder as it is named now, which may have been moved or copied
     new.argv = saved + [a for k in sorted(retune) for a in (f"--{k}", repr(getattr(new, k)))]
+    for stage in ("ae_checkpoint.pt", "checkpoint.pt"):  # before anything is read or rewritten
+        check_saved_config(os.path.join(args.resume, stage), new)
     if retune:  # the run goes on from its last good checkpoint with the new values, saved in its config
         write_json(vars(new), cfg_path)
         os.remove(diverged)
@@ -960,9 +983,17 @@ def write_metrics(history, out):  # metrics.jsonl: a line per trained epoch, rew
     write_atomic(os.path.join(out, "metrics.jsonl"), lambda f: f.write(lines.encode()))
 
 
+def resume_command(args, *flags):
+    """The command that continues the run in args.out, each word quoted for the shell (a folder with spaces)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    start = ["torchrun", "--nproc_per_node", str(world)] if world > 1 else ["python"]
+    return shlex.join([*start, "simclr.py", "--resume", args.out, *flags])
+
+
 def open_run_dir(args, stack):
     """Create --out and lock it for the whole run (the lock goes with the process, even killed). The lock file is the
-    run's first write: a folder that cannot be written stops the run here. A new run refuses a folder with a run."""
+    run's first write: a folder that cannot be written stops the run here. A new run refuses a folder with a run. The
+    temporary files of writes that a kill cut short are removed: under the lock no other run writes here."""
     os.makedirs(args.out, exist_ok=True)
     lock = stack.enter_context(open(os.path.join(args.out, ".lock"), "w"))
     try:
@@ -970,7 +1001,35 @@ def open_run_dir(args, stack):
     except BlockingIOError:
         die(f"{args.out} is in use by another run of simclr.py; wait for it to end, or choose another --out")
     if not args.resume and not args.bench and os.path.exists(os.path.join(args.out, "config.json")):
-        die(f"{args.out} already holds a run; continue it with --resume {args.out} or choose another --out")
+        die(f"{args.out} already holds a run; continue it with: {resume_command(args)}, or choose another --out")
+    for name in os.listdir(args.out):
+        if re.fullmatch(r".+\.\w{8}\.tmp", name):  # write_atomic's temporary: mkstemp's 8 random characters
+            os.remove(os.path.join(args.out, name))
+
+
+def peek(path):
+    """A checkpoint's contents, its tensors mapped from the file and not read; {} when it has none that can be read."""
+    with contextlib.suppress(Exception):
+        c = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return c if isinstance(c, dict) else {}
+    return {}
+
+
+def check_saved_config(path, args):
+    """A checkpoint holds the config of the run that saved it (a new --lr or --tau after a stop on divergence is
+    appended to its argv): another one, from a config.json edited since or a checkpoint of another run, stops the
+    resume naming each difference. A checkpoint that cannot be read is left to its stage's load, which says so."""
+    c = peek(path).get("config")
+    if not isinstance(c, dict):
+        return
+    saved = c.get("argv") or []
+    ok = saved and args.argv[:len(saved)] == saved
+    retuned = {"lr", "tau"} & {a[2:] for a in args.argv[len(saved)::2]} if ok else set()
+    differ = differences(c, args, "config.json", retuned | {"argv"})
+    if differ:
+        die(f"{path}: {'; '.join(differ)}. The checkpoint holds the values it was saved with: put them back in "
+            "config.json (edited by hand?), or, if the checkpoint comes from another run, delete it to start this "
+            "stage again")
 
 
 def save_checkpoint(path, state, rngs=None, **extra):
@@ -1020,9 +1079,9 @@ def resume_checkpoint(model, args, proc):
     return state
 
 
-def autoencoder_checkpoint(path, epochs, log=print):
-    """train_autoencoder's resume(s) and save(s): its state s in `path` after the last epoch and every AE_SAVE_EVERY_S
-    seconds; a restarted stage ends as one never stopped."""
+def autoencoder_checkpoint(path, epochs, log=print, **extra):
+    """train_autoencoder's resume(s) and save(s): its state s in `path` (with `extra`: the run's config) after the last
+    epoch and every AE_SAVE_EVERY_S seconds; a restarted stage ends as one never stopped."""
     last_save = [time.time()]
 
     def resume(s):
@@ -1031,7 +1090,7 @@ def autoencoder_checkpoint(path, epochs, log=print):
 
     def save(s):
         if s["epoch"] == epochs or time.time() - last_save[0] > AE_SAVE_EVERY_S:
-            save_checkpoint(path, s)
+            save_checkpoint(path, s, **extra)
             last_save[0] = time.time()
     return dict(resume=resume, save=save)
 
@@ -1050,7 +1109,8 @@ def setup(args):
     if not dict(cuda=torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
                 mps=torch.backends.mps.is_available(), cpu=True).get(device.type, False):
         die(f"--device {args.device}: this machine has no such device; " +
-            (f"--resume {args.out} --device cpu continues the run here" if args.resume else "use --device cpu"))
+            (f"{resume_command(args, '--device', 'cpu')} continues the run here" if args.resume else
+             "use --device cpu"))
     if world > 1:
         if args.recipe == "paper" or args.bench:  # the paper's code: one device, each view's own BatchNorm statistics
             die(f"{'--bench runs' if args.bench else '--recipe paper trains'} in one process, as the paper's code: "
@@ -1246,13 +1306,13 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
         raw = os.path.join(root, "FashionMNIST", "raw")
         for f in (f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")):
             path = os.path.join(raw, f)
-            problem = idx_problem(path) if os.path.exists(path) else "is missing"
+            problem = idx_problem(path, int(f[-7])) if os.path.exists(path) else "is missing"  # idx3: 3 dims
             if problem and os.path.isdir(FASHION_MNIST_LOCAL):  # Debian's package: un-gzipped once into --data-dir
                 os.makedirs(raw, exist_ok=True)
                 with gzip.open(os.path.join(FASHION_MNIST_LOCAL, f + ".gz")) as src:
                     write_atomic(path, lambda out: shutil.copyfileobj(src, out))
             elif problem and os.path.exists(path):
-                die(f"{path} {problem}; delete it, then put the whole file there or run without --no-download")
+                die(f"{path} {problem}; delete it, then put the right file there, whole, or run without --no-download")
         tr, te = (tv(D.FashionMNIST, train=b) for b in (True, False))
         for split, ds in (("train", tr), ("t10k", te)):  # two files, each whole, may still be of two splits
             if len(ds.data) != len(ds.targets):
@@ -1289,9 +1349,10 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
     return data
 
 
-def idx_problem(path):
-    """What is wrong with an idx file (a magic 0, 0, 8 (bytes), then the number of dimensions, each a big-endian
-    uint32, then a byte per value), or '' when it holds the items and every byte its header promises."""
+def idx_problem(path, ndim):
+    """What is wrong with an idx file of `ndim` dimensions (a magic 0, 0, 8 (bytes), then the number of dimensions,
+    each a big-endian uint32, then a byte per value), or '' when it holds the items and every byte its header
+    promises."""
     with open(path, "rb") as f:
         magic = f.read(4)
         dims = [int.from_bytes(f.read(4), "big") for _ in range(magic[3] if len(magic) == 4 else 0)]
@@ -1300,6 +1361,8 @@ def idx_problem(path):
         return "is cut short inside its header"
     if magic[:3] != b"\0\0\x08" or not dims:
         return f"is not an idx file of bytes (its header starts {magic.hex()})"
+    if len(dims) != ndim:  # Fashion-MNIST's images are (n, 28, 28), its labels (n,)
+        return f"has {len(dims)} dimension(s), not {ndim} (a{' labels' if ndim == 3 else 'n images'} file?)"
     expected = header + math.prod(dims)
     if dims[0] == 0 or size == expected:
         return "holds no items" if dims[0] == 0 else ""
@@ -1308,11 +1371,16 @@ def idx_problem(path):
 
 def pil_to_uint8(ds, size, banner=0, square=False):
     """A dataset of RGB PIL images decoded into (n, 3, size, size) uint8 and labels: `banner` bottom rows dropped, the
-    short side resized and centre-cropped (with `square` resized to a square, as the paper's code does)."""
+    short side resized and centre-cropped (with `square` resized to a square, as the paper's code does). An image is
+    skipped, and named, when it cannot be decoded or its resize would exceed PIL's bound on an image's pixels."""
     TF, xs, ys, small, bad = torchvision.transforms.v2.functional, [], [], 0, []
     for i in range(len(ds)):
         try:
             img, label = ds[i]
+            pixels = size * size * max(img.size) / min(img.size)  # of the resize below (PIL's bound counts the file's)
+            if not square and pixels > (PIL.Image.MAX_IMAGE_PIXELS or math.inf):
+                raise PIL.Image.DecompressionBombError(f"{img.width}x{img.height} px, resized to {size} px on its "
+                                                       f"short side, would be {3 * pixels / 1e9:.3g} GB")
         except Exception as e:  # cut short, not an image, a decompression bomb: skipped and named
             bad.append(f"{ds.samples[i][0] if hasattr(ds, 'samples') else f'image {i}'} ({e})")
             continue
@@ -1321,7 +1389,8 @@ def pil_to_uint8(ds, size, banner=0, square=False):
         xs.append(TF.center_crop(TF.resize(t, [size, size] if square else size, antialias=True), size))
         ys.append(label)
     if bad:
-        print(f"note: skipped {len(bad)} of {len(ds)} images that cannot be decoded, e.g. {bad[0]}")
+        print(f"note: skipped {len(bad)} of {len(ds)} images that cannot be decoded (or would be too large), e.g. "
+              f"{bad[0]}")
     if small:
         print(f"note: {small} of {len(ys)} images are smaller than {size}px and were upscaled; pass a smaller "
               f"--img-size to keep them at their own resolution")
@@ -1345,18 +1414,31 @@ def folder_image_side(root, largest):
     """--dataset folder without --img-size: the median short side of (up to 1,000 of) its train images, at most
     `largest`, so that small images are not upscaled into a slow run that learns nothing new."""
     sides = []
-    for dirpath, _, files in os.walk(os.path.join(root, "train")):
+    for dirpath, files in walk_folder(root, ("train",)):
         for f in files[:1000 - len(sides)]:  # PIL reads the header only; what is not an image, loading names
             with contextlib.suppress(Exception), PIL.Image.open(os.path.join(dirpath, f)) as img:
                 sides.append(min(img.size))
     return max(8, min(largest, int(np.median(sides)))) if sides else largest
 
 
+def walk_folder(root, splits=("train", "test")):
+    """(folder, its files) under root/<split>, links followed as ImageFolder follows them (a class may link to images
+    elsewhere); a folder reached twice stops the run: a link back up (train/cat/loop -> ..) would read its images
+    again and again, a test class linked to a train one would test on the training images."""
+    seen = {}
+    for split in splits:
+        for dirpath, _, files in os.walk(os.path.join(root, split), followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                die(f"--dataset folder: {dirpath} is {seen[real]} again, through a link; remove the link")
+            seen[real] = dirpath
+            yield dirpath, files
+
+
 def folder_key(root):
     """A folder's cache key: its path, number of files and newest modification time (a changed image: a new cache)."""
-    files = [os.path.join(dirpath, f) for split in ("train", "test")
-             for dirpath, _, fs in os.walk(os.path.join(root, split)) for f in fs]
-    newest = max((os.stat(f).st_mtime for f in files), default=0.0)
+    files = [os.path.join(dirpath, f) for dirpath, fs in walk_folder(root) for f in fs]
+    newest = max((os.stat(f).st_mtime for f in files if os.path.exists(f)), default=0.0)  # not a link to nothing
     return hashlib.sha1(f"{os.path.abspath(root)}|{len(files)}|{newest}".encode()).hexdigest()[:12]
 
 
@@ -1393,10 +1475,7 @@ def prepare_data(args, proc):
     if proc.world > 1 and proc.rank == 0:
         dist.barrier()
     on_device = where_data_fits(data["pretrain"].nbytes + data["test_x"].nbytes, device, args.data_on) == "device"
-    try:
-        images, test_x = (data[k].to(device) if on_device else data[k] for k in ("pretrain", "test_x"))
-    except torch.OutOfMemoryError:
-        die(f"the images do not fit on {device}; run with --data-on host (or auto) to keep them in host memory")
+    images, test_x = (data[k].to(device) if on_device else data[k] for k in ("pretrain", "test_x"))
     pool, train_x, val_x = images, images[:len(data["train_y"])], None
     if args.recipe == "paper":  # the paper's code: 90% of the train split pre-trained on, 10% for the validation loss
         (fit, val), held_out = val_split(len(pool)), pool
@@ -1518,7 +1597,8 @@ def autoencoder_embedding(data, args, proc):
         except Exception as e:  # cut short, or not an autoencoder of this shape
             log(f"note: the cached autoencoder {path} cannot be read ({type(e).__name__}); training it again")
     if not cached and proc.rank == 0:
-        ckpt = autoencoder_checkpoint(os.path.join(args.out, "ae_checkpoint.pt"), args.ae_epochs, log)
+        ckpt = autoencoder_checkpoint(os.path.join(args.out, "ae_checkpoint.pt"), args.ae_epochs, log,
+                                      config=vars(args))
         ae, mse = train_autoencoder(images, args.ae_dim, args.ae_epochs, proc.device, val_images, log=log, **ckpt)
         log(f"autoencoder: best validation MSE {mse:.5f}")
         try:
@@ -1638,7 +1718,7 @@ def end_of_epoch(losses, m, state, data, args, proc):
         what = f"{', '.join(bad[:3])} became inf or nan" if bad else f"the loss became {m['loss']}"
         kept = f"the checkpoint of epoch {epoch}" if epoch else "no checkpoint (the run starts again)"
         die(f"{what} in epoch {epoch + 1} (lr {m['lr']:.4g}). {args.out} keeps {kept}; continue with a smaller learning"
-            f" rate or a larger temperature: python simclr.py --resume {args.out} --lr {args.lr / 10:.3g} (or --tau "
+            f" rate or a larger temperature: {resume_command(args, '--lr', f'{args.lr / 10:.3g}')} (or --tau "
             f"{2 * args.tau:g})")
     collapsed = math.log(2 * args.batch_size - 1)  # NT-Xent when every view looks alike
     if epoch + 1 > args.warmup_epochs and losses.min() > collapsed - 0.01:
@@ -2024,37 +2104,56 @@ def bench(model, data, args, device, log=print):
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    """The command line: a run's stages (run), and every way it can stop said in one line with what to do: a mistake
-    or a file that cannot be written or read (exit 2), Ctrl-C or SIGTERM (exit 130, with the command to continue)."""
+    """The command line: a run's stages (run), and every way it can stop said in one line with what to do: a mistake,
+    a file that cannot be written or read, memory run out (exit 2), Ctrl-C or SIGTERM (exit 130, with the command to
+    continue)."""
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped, whatever the terminal takes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
     except OSError as e:  # --resume: a config.json that cannot be rewritten with a new --lr or --tau
         die(f"{e.filename or ''}: {e.strerror or e}")
     in_main_thread = threading.current_thread() is threading.main_thread()
-    stops = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
-    if in_main_thread:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    resume = f"{f'torchrun --nproc_per_node {world}' if world > 1 else 'python'} simclr.py --resume {args.out}"
+    stops = {s: signal.signal(s, signal.default_int_handler)  # SIGTERM as Ctrl-C; Ctrl-C no longer quiet (the imports)
+             for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     saved = lambda: os.path.exists(os.path.join(args.out, "config.json")) and not (args.show_augs or args.bench)
+    then = lambda: f", then continue with: {resume_command(args)}" if saved() else ""
     try:
         with contextlib.ExitStack() as stack:  # what run holds open (the folder's lock) is let go however it ends
-            return run(args, stack)
+            results = run(args, stack)
+            sys.stdout.flush()  # a full stdout fails here, not in Python's flush at exit
+            return results
     except KeyboardInterrupt:
         for sig in stops:  # a second Ctrl-C while the checkpoint is read: this message still, not a traceback
             signal.signal(sig, signal.SIG_IGN)
         if not saved():
             die("interrupted before a run was saved; start it again", 130)
-        done, ckpt = 0, os.path.join(args.out, "checkpoint.pt")
-        with contextlib.suppress(Exception):  # a checkpoint that cannot be read counts none, as a resume would say
-            done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] if os.path.exists(ckpt) else 0
-        die(f"interrupted; {args.out} holds {done} of {args.epochs} epochs. Continue with: {resume}", 130)
-    except OSError as e:  # a full disk, a read-only folder, a file that cannot be read, stdout's reader gone
-        then = f", then continue with: {resume}" if saved() else ""
-        if isinstance(e, BrokenPipeError):  # | head: Python would print the error again at exit
+        done = peek(os.path.join(args.out, "checkpoint.pt")).get("epoch", 0)  # unreadable: none, as a resume says
+        die(f"interrupted; {args.out} holds {done} of {args.epochs} epochs. Continue with: {resume_command(args)}", 130)
+    except OSError as e:  # a full disk, a file-size limit, a read-only folder, a file that cannot be read, stdout
+        if e.filename is None:  # stdout: a closed pipe (| head), a full device; Python would say it again at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            die(f"the output pipe closed before the run ended (| head?); send the output to a file or to less{then}")
-        die(f"{e.filename or ''}: {e.strerror or e}" + (f"; free some space{then}" if e.errno == errno.ENOSPC else ""))
+            die("the output pipe closed before the run ended (| head?); send the output to a file or to less" + then()
+                if isinstance(e, BrokenPipeError) else
+                f"cannot write to standard output ({e.strerror}); send it to a file or device with room{then()}")
+        todo = {errno.ENOSPC: "; free some space", errno.EDQUOT: "; free some space",
+                errno.EFBIG: "; raise the file size limit (ulimit -f)"}.get(e.errno, "")
+        die(f"{e.filename}: {e.strerror or e}{todo}{then()}")
+    except (MemoryError, OverflowError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        text = " ".join(str(e).split())
+        if isinstance(e, MemoryError) or re.search("out of memory|allocate memory", text, re.I):
+            asked = re.search(r"tried to allocate [\d.]+ ?\w+", text, re.I)  # CPU: in bytes; CUDA: in GiB
+            width = f"--proj-hidden {args.proj_hidden}" if args.head == "mlp" else f"--ae-dim {args.ae_dim}"
+            host = args.device.startswith("cuda") and args.data_on != "host"
+            host = ", or keep the images in host memory (--data-on host)" if host else ""
+            die(f"out of memory{f' ({asked[0]})' if asked else ''}: start a new run with a smaller --batch-size "
+                f"({args.batch_size}), --img-size ({args.img_size}) or head ({width}, --proj-out {args.proj_out})"
+                f"{host}" + (f"; or continue this one where more memory is free: {resume_command(args)}"
+                             if saved() else ""))
+        if isinstance(e, OverflowError) or "overflow" in text:
+            die(f"a number overflowed ({text[:150]}): lower --lr ({args.lr:g}) or --wd ({args.wd:g})")
+        raise
     finally:
         for sig, handler in stops.items():
             signal.signal(sig, handler)

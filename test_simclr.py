@@ -603,12 +603,19 @@ def test_simclr_on_shapes_runs_part1_alone_with_the_command_lines_hyper_paramete
     (["--head", "ae", "--ae-dir", "{file}"], "--ae-dir"),
     (["--dataset", "cifar10", "--data-dir", "{file}"], "argument --data-dir: {file} is a file, not a folder"),
     (["--eval", "paper", "--subset", "3", "--batch-size", "2"], "--eval paper splits 2 test images 70/10/20"),
+    (["--lr", "-inf"], "argument --lr: must be > 0 (got -inf)"),  # a value, not a flag: argparse's rule is -1 or -.5
+    (["--lr", "-1e5"], "argument --lr: must be > 0 (got -100000.0)"),
+    (["--lr", "1e308"], "argument --lr: must be at most 3.4e+38, float32's largest (got 1e+308)"),  # SGD overflowed
+    (["--wd", "1e39"], "argument --wd: must be at most 3.4e+38, float32's largest (got 1e+39)"),
+    (["--out", "{link}"], "argument --out: {link} is a link to {dir}/nowhere, which does not exist: create that"),
+    (["--out", "{link}/run"], "argument --out: {link} is a link to {dir}/nowhere, which does not exist"),
 ])
 def test_main_refuses_bad_flags_in_one_line(argv, message, refused, tmp_path):
     """Every flag's rule, every path the run will write, the device: each refused before anything heavy runs, in one
     line with what to do, exit 2, no traceback."""
     (tmp_path / "a_file").write_text("not a folder")
-    fill = lambda s: s.format(file=tmp_path / "a_file", dir=tmp_path)
+    (tmp_path / "a_link").symlink_to(tmp_path / "nowhere")  # os.makedirs would say "File exists"
+    fill = lambda s: s.format(file=tmp_path / "a_file", dir=tmp_path, link=tmp_path / "a_link")
     argv = [fill(a) for a in argv]
     assert fill(message) in refused(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "run")]))
 
@@ -757,7 +764,8 @@ def test_parse_args_refuses_config_values_its_command_line_does_not_give(tmp_pat
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.pop(key) if value == "delete" else cfg.update({key: value})
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert message in refused(["--resume", str(tmp_path)])
+    err = refused(["--resume", str(tmp_path)])
+    assert message in err and "edited by hand? Put back what its command line gives." in err  # not: a new run
 
 
 def test_parse_args_refuses_a_config_of_another_version_naming_what_it_lacks(tmp_path, refused):
@@ -918,6 +926,31 @@ def test_main_on_sigterm_says_where_the_run_stands_and_how_to_continue(tmp_path)
     assert "of 50 epochs. Continue with: python simclr.py --resume" in err
 
 
+@pytest.mark.parametrize("script,stage,argv", [("simclr", "build_model", [*TINY, "--epochs", "1"]),
+                                               ("toy_theory", "run_clusters", ["clusters", "--quick"])])
+def test_main_ctrl_c_while_torch_loads_stops_quietly_then_main_takes_ctrl_c_over(script, stage, argv, tmp_path,
+                                                                                 monkeypatch):
+    """Ctrl-C in the seconds `import torch` takes (here a torch that presses it): the script stops by the signal, as
+    Unix tools do (exit 130 in the shell), with no traceback from inside torch; main() makes Ctrl-C Python's
+    KeyboardInterrupt again, which it ends in its one line."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+    r = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=HERE, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=60)
+    assert (r.returncode, r.stderr) == (-signal.SIGINT, "")
+    module, handlers = sys.modules[script], []
+    monkeypatch.setattr(module, stage, lambda *a: handlers.append(signal.getsignal(signal.SIGINT)) or (
+        _ for _ in ()).throw(KeyboardInterrupt))
+    quiet = signal.signal(signal.SIGINT, signal.SIG_DFL)  # as the imports leave it
+    try:
+        with pytest.raises(SystemExit) as e:
+            module.main([*argv, "--out", str(tmp_path / "run")])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # given back
+    finally:
+        signal.signal(signal.SIGINT, quiet)
+    assert (handlers, e.value.code) == ([signal.default_int_handler], 130)
+
+
 def test_main_on_a_closed_output_pipe_ends_in_one_line_with_the_resume_command(tmp_path):
     p = subprocess.Popen([sys.executable, "simclr.py", *TINY, "--epochs", "2", "--out", str(tmp_path / "run")],
                          cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -928,6 +961,166 @@ def test_main_on_a_closed_output_pipe_ends_in_one_line_with_the_resume_command(t
     assert p.returncode == 2 and "Traceback" not in err, err
     assert f"the output pipe closed before the run ended (| head?); send the output to a file or to less, then " \
            f"continue with: python simclr.py --resume {tmp_path / 'run'}" in err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run of one epoch, finished, for tests to copy and edit."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    simclr.main([*TINY, "--epochs", "1", "--tau", "0.2", "--out", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("edit,named", [(["--tau", "0.3"], "its tau is 0.2, config.json gives 0.3"),
+                                        (["--epochs", "0"], "its epochs is 1, config.json gives 0"),
+                                        (["--head", "ae"], "its head is 'mlp', config.json gives 'ae'")])
+def test_parse_args_names_each_setting_a_checkpoint_was_saved_with_that_config_json_no_longer_gives(
+        finished_run, tmp_path, refused, edit, named):
+    """config.json edited whole (its command line and its values agree), or a checkpoint of another run (an mlp
+    run's in an ae run's folder): the checkpoint holds its run's config, the resume names each difference before it
+    reads or rewrites anything, and does not call an intact checkpoint corrupt."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    saved_config(run, *TINY, "--epochs", "1", "--tau", "0.2", *edit)
+    files = {f: (run / f).read_bytes() for f in ("checkpoint.pt", "metrics.jsonl", "results.json")}
+    err = refused(["--resume", str(run)])
+    assert f"{run / 'checkpoint.pt'}: " in err and named in err and "put them back in config.json" in err
+    assert "corrupt" not in err and files == {f: (run / f).read_bytes() for f in files}
+
+
+def test_parse_args_takes_a_checkpoint_saved_before_a_new_lr_after_divergence(finished_run, tmp_path, refused):
+    """The one setting a resume may change, --lr or --tau after a stop on divergence, is appended to the command line
+    in config.json: the checkpoint saved before it is still the run's, on this resume and the next; a config.json
+    whose command line was edited otherwise is not."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "diverged.json").write_text("{}")  # as end_of_epoch marks a stop on a non-finite loss
+    assert simclr.parse_args(["--resume", str(run), "--lr", "0.01"]).lr == 0.01
+    assert simclr.parse_args(["--resume", str(run)]).lr == 0.01 and not (run / "diverged.json").exists()
+    saved_config(run, *TINY, "--epochs", "1", "--tau", "0.2", "--lr", "0.01", "--epochs", "0")
+    assert "its epochs is 1, config.json gives 0" in refused(["--resume", str(run)])
+
+
+def test_parse_args_names_a_setting_the_autoencoder_checkpoint_was_saved_with(tmp_path, refused):
+    """The autoencoder stage's checkpoint carries the run's config too: config.json edited while the stage ran (its
+    --ae-dim) stops the resume, naming it, before the stage reads the checkpoint."""
+    run, flags = tmp_path / "run", ["--head", "ae", "--ae-epochs", "1", "--ae-dir", str(tmp_path / "ae")]
+    args = simclr.parse_args([*flags, "--ae-dim", "64", "--out", str(run)])
+    os.makedirs(run)
+    simclr.autoencoder_embedding(dict(pool=torch.zeros(6, 3, 8, 8, dtype=torch.uint8), val_x=None), args, CPU)
+    saved_config(run, *flags, "--ae-dim", "32")
+    err = refused(lambda: simclr.parse_args(["--resume", str(run)]))
+    assert f"{run / 'ae_checkpoint.pt'}: its ae_dim is 64, config.json gives 32. The checkpoint holds" in err
+
+
+def test_main_resumes_a_moved_run_in_its_new_folder_and_rewrites_a_hand_edited_results_json(finished_run, tmp_path):
+    """A run folder moved (or copied) resumes where it now is, not in the folder its command line names; a finished
+    run's resume evaluates again and writes its numbers over a results.json edited by hand."""
+    import shutil
+    moved = tmp_path / "moved run"
+    shutil.copytree(finished_run, moved)
+    results = json.loads((moved / "results.json").read_text())
+    (moved / "results.json").write_text(json.dumps(dict(results, linear_top1=0.99)))
+    before = {f: os.stat(finished_run / f).st_mtime_ns for f in os.listdir(finished_run)}
+    simclr.main(["--resume", str(moved)])
+    assert json.loads((moved / "results.json").read_text()) == results
+    assert {f: os.stat(finished_run / f).st_mtime_ns for f in os.listdir(finished_run)} == before
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_open_run_dir_removes_the_temporary_files_of_writes_a_kill_cut_short(tmp_path, resume):
+    """A SIGKILL during write_atomic leaves its temporary file (a checkpoint's: ~90 MB): the next run in the folder,
+    new or resumed, removes it once it holds the folder's lock; other files stay."""
+    import contextlib
+    (tmp_path / "checkpoint.pt.k2x_9q0a.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("the user's")
+    args = simclr.types.SimpleNamespace(out=str(tmp_path), resume=str(tmp_path) if resume else None, bench=False)
+    with contextlib.ExitStack() as stack:
+        simclr.open_run_dir(args, stack)
+    assert sorted(os.listdir(tmp_path)) == [".lock", "notes.tmp"]
+
+
+def test_main_prints_a_resume_command_that_the_shell_reads_back_whatever_the_folder_name(tmp_path, monkeypatch,
+                                                                                       refused):
+    import shlex
+    out = tmp_path / "my run\n'2'"
+    monkeypatch.setattr(simclr, "build_model", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl-C
+    command = shlex.split(refused([*TINY, "--epochs", "1", "--out", str(out)], code=130).split("Continue with: ")[1])
+    assert command == ["python", "simclr.py", "--resume", str(out)]
+    assert simclr.parse_args(command[2:]).out == str(out)
+
+
+ALLOCATOR_FAILS = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 55050240000 bytes. "
+                               "Error code 12 (Cannot allocate memory)")  # torch's CPU allocator, word for word
+
+
+@pytest.mark.parametrize("stage,failure,message", [
+    ("build_model", ALLOCATOR_FAILS,  # --proj-hidden 65536 --proj-out 65536, or ulimit -v: after config.json
+     "out of memory (tried to allocate 55050240000 bytes): start a new run with a smaller --batch-size (16), "
+     "--img-size (16) or head (--proj-hidden 512, --proj-out 128); or continue this one where more memory is free: "
+     "python simclr.py --resume {out}\n"),
+    ("load_dataset", ALLOCATOR_FAILS,  # --img-size 512 on Fashion-MNIST: its resize, before the run is saved
+     "out of memory (tried to allocate 55050240000 bytes): start a new run with a smaller --batch-size (16), "
+     "--img-size (16) or head (--proj-hidden 512, --proj-out 128)\n"),
+    ("build_model", MemoryError(), "out of memory: start a new run with a smaller --batch-size (16)"),  # Python's
+    ("build_model", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                           "capacity of 79.19 GiB"), "out of memory (Tried to allocate 20.00 GiB)"),
+    ("build_model", lambda: torch.zeros(1).add_(torch.ones(1), alpha=1e308),  # a rate that float32 cannot hold
+     "a number overflowed (value cannot be converted to type float without overflow): lower --lr ({lr:g}) or --wd"),
+    ("build_model", OSError(27, "File too large", "checkpoint.pt"),  # EFBIG: past ulimit -f
+     "checkpoint.pt: File too large; raise the file size limit (ulimit -f), then continue with: python simclr.py "
+     "--resume {out}")])
+def test_main_out_of_memory_an_overflow_or_a_file_size_limit_end_in_one_line_with_what_to_change(
+        tmp_path, monkeypatch, refused, stage, failure, message):
+    """Each stage's failure, raised where it would come (a real allocation would take the machine's memory): one line
+    with what to lower, and the command that continues the run once it is saved; any other error is a bug's
+    traceback."""
+    def fail(*a, **k):
+        if isinstance(failure, BaseException):
+            raise failure
+        failure()
+    monkeypatch.setattr(simclr, stage, fail)
+    out = tmp_path / "run"
+    lr = simclr.parse_args([*TINY, "--out", str(out)]).lr  # derived from the batch size: the rate the run used
+    assert message.format(out=out, lr=lr) in refused([*TINY, "--epochs", "1", "--out", str(out)])
+    monkeypatch.setattr(simclr, stage, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # not a user's: its traceback
+        simclr.main([*TINY, "--epochs", "1", "--out", str(tmp_path / "other")])
+
+
+@pytest.mark.parametrize("data_on,hint", [("auto", True), ("host", False)])
+def test_main_out_of_memory_on_a_gpu_offers_to_keep_the_images_in_host_memory(tmp_path, monkeypatch, refused,
+                                                                               data_on, hint):
+    """The images moved onto the GPU (--data-on auto or device) and its memory runs out: the line also offers
+    --data-on host; when they are already there, it does not."""
+    monkeypatch.setattr(simclr, "setup", lambda args: CPU)  # as a CUDA machine's, on this one
+    monkeypatch.setattr(simclr, "prepare_data", lambda *a: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    err = refused([*TINY, "--device", "cuda", "--data-on", data_on, "--out", str(tmp_path / "run")])
+    assert err.startswith("error: out of memory (Tried to allocate 2.00 GiB)")
+    assert ("or keep the images in host memory (--data-on host)" in err) == hint
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_main_on_a_full_standard_output_ends_in_one_line(tmp_path):
+    """stdout on a full device: one line that says so, not "error: : No space left on device" nor Python's complaint
+    at exit; stdout buffered, as it is without a terminal, so that it fails at the last flush."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "simclr.py", "--dry-run", "--show-augs", str(tmp_path / "a.png")],
+                           cwd=HERE, stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert (r.returncode, r.stderr) == (2, "error: cannot write to standard output (No space left on device); send it "
+                                           "to a file or device with room\n")
+
+
+def test_main_prints_a_path_that_is_not_utf8(tmp_path, capsys):
+    """A file name of bytes that are not UTF-8 (Python reads 0xff as the surrogate \\udcff) prints escaped, not as a
+    UnicodeEncodeError on a strict UTF-8 stdout (pytest's is one)."""
+    png = str(tmp_path / "\udcff.png")
+    simclr.main(["--dry-run", "--show-augs", png])
+    assert "\\udcff.png" in capsys.readouterr().out and os.path.exists(png)
 
 
 # ---------------------------------------------------------------- Part 2: devices, precision, torch.compile
@@ -1260,6 +1453,21 @@ def test_load_dataset_says_what_is_wrong_with_a_fashion_mnist_label_file(tmp_pat
     assert f"{raw / 'train-labels-idx1-ubyte'} {problem}" in refused(load)
 
 
+@pytest.mark.parametrize("images,labels,problem", [
+    (np.array([3, 1, 4, 1], dtype=np.uint8), random_uint8(4, 28, 28), "has 1 dimension(s), not 3 (a labels file?)"),
+    (random_uint8(4, 784), np.array([3, 1, 4, 1], dtype=np.uint8), "has 2 dimension(s), not 3")])
+def test_load_dataset_names_a_fashion_mnist_images_file_of_another_rank(tmp_path, refused, images, labels, problem):
+    """The images and labels files swapped, or images flattened: the file is named, not torchvision's "x should have
+    3 dimension instead of 1"."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    load = lambda: simclr.load_dataset("fashion-mnist", str(tmp_path), 28, download=False)
+    assert f"{raw / 'train-images-idx3-ubyte'} {problem}" in refused(load)
+
+
 def test_load_dataset_refuses_labels_outside_the_datasets_classes(tmp_path, refused):
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -1415,6 +1623,27 @@ def test_load_dataset_refuses_an_empty_or_one_class_folder(tmp_path, layout, mes
     assert all(m in err for m in ([message] if isinstance(message, str) else message))
 
 
+@pytest.mark.parametrize("link,target,reached", [
+    ("train/a/loop", "..", "train"), ("test/b", "../train/b", "train/b"), ("train/b", "../elsewhere", None),
+    ("train/b/gone.png", "nowhere.png", None)])
+def test_load_dataset_folder_follows_links_but_refuses_a_folder_reached_twice(tmp_path, refused, monkeypatch, link,
+                                                                           target, reached):
+    """A link back up (train/a/loop -> ..: its images read again at every depth, all as class a) or a test class
+    linked to the train one: refused, naming the link; a class folder linked to images elsewhere loads, and so does a
+    class with a link to nothing (skipped as an image that cannot be decoded)."""
+    import shutil
+    make_folder(tmp_path)
+    if os.path.isdir(tmp_path / link):  # the class folder the link replaces
+        shutil.move(tmp_path / link, tmp_path / "elsewhere")
+    os.symlink(target, tmp_path / link)
+    load = lambda: simclr.load_dataset("folder", str(tmp_path), 8, download=False)
+    if reached is None:
+        assert load()["train_y"].tolist() == [0, 0, 0, 1, 1, 1]
+    else:
+        monkeypatch.setattr(simclr.torchvision.datasets, "ImageFolder", None)  # refused before its own walk
+        assert f"{tmp_path / link} is {tmp_path / reached} again, through a link; remove the link" in refused(load)
+
+
 def test_load_dataset_upscales_images_smaller_than_the_side_with_a_note(tmp_path, capsys):
     for split in ("train", "test"):
         for c in ("a", "b"):
@@ -1423,6 +1652,17 @@ def test_load_dataset_upscales_images_smaller_than_the_side_with_a_note(tmp_path
     d = simclr.load_dataset("folder", str(tmp_path), 32, download=False)
     assert d["train_x"].shape == (2, 3, 32, 32)
     assert "smaller than 32px" in capsys.readouterr().out
+
+
+def test_load_dataset_skips_an_image_whose_resize_would_exceed_pils_bound_naming_it(tmp_path, monkeypatch, capsys):
+    """PIL bounds the pixels of a file (a 1 x 400,000 PNG is a few hundred bytes) but resizing its short side to 96 px
+    would make 11 GB: the bound holds for the resize too, and the image is skipped and named."""
+    make_folder(tmp_path)
+    Image.new("RGB", (4000, 1)).save(tmp_path / "train" / "a" / "thin.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10 ** 6)  # resized to 32 px: 32 x 32 x 4000 pixels
+    d = simclr.load_dataset("folder", str(tmp_path), 32, download=False)
+    assert len(d["train_y"]) == 6
+    assert "thin.png (4000x1 px, resized to 32 px on its short side, would be 0.0123 GB)" in capsys.readouterr().out
 
 
 def test_load_dataset_caches_a_folder_by_its_files_and_rebuilds_a_corrupt_cache(tmp_path, monkeypatch, capsys):
@@ -2840,6 +3080,8 @@ def test_hltm_control_trains_as_far_as_simclr(hltm_depth4):
     (["covariance", "--width", "17"], "--width 17 is longer than the signal, --L 16"),
     (["cnn", "--tau", "0"], "--tau must be above 0 (got 0.0)"),
     (["clusters", "--lr", "inf"], "--lr must be a finite number (got inf)"),
+    (["clusters", "--lr", "-inf"], "--lr must be a finite number (got -inf)"),  # a value, not a flag (argparse's
+    (["clusters", "--lr", "-1e5"], "--lr must be above 0 (got -100000.0)"),  # rule takes only -1 and -.5 as one)
     (["cnn", "--snrs", "0.1", "nan"], "--snrs must be a finite number (got nan)"),
     (["cnn", "--n-test", "0"], "--n-test must be at least 1 (got 0)"),
     (["clusters", "--hidden", "0"], "--hidden must be at least 1 (got 0)"),

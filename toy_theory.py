@@ -45,11 +45,15 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
 import threading
 import time
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet stop (exit 130), not a traceback; main() takes over
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import numpy as np
 import torch
@@ -181,6 +185,7 @@ def parser():
         subs[name] = sub.add_parser(name, help=text)
         common_flags(subs[name])
         flags(subs[name])
+        subs[name]._negative_number_matcher = re.compile(r"-\.?\d|-(inf|nan)", re.I)  # --lr -inf: a value, refused
     return p, subs
 
 
@@ -1835,7 +1840,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     t0, saved = time.time(), None
     in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
-    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None  # as Ctrl-C
+    stops = {s: signal.signal(s, signal.default_int_handler)  # SIGTERM as Ctrl-C; Ctrl-C no longer quiet (the imports)
+             for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     try:
         print(f"toy_theory.py {args.cmd}: summary and figure to {args.out}", flush=True)  # stdout full: said now
         summary, draw = {"cnn": run_cnn, "clusters": run_clusters, "covariance": run_covariance,
@@ -1874,8 +1880,8 @@ def main(argv=None):
                 "instead")
         die(f"cannot write to standard output ({e.strerror}){kept}: send it to a file or device with room")
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, on_term)
+        for s, handler in stops.items():
+            signal.signal(s, handler)
     return summary
 
 
