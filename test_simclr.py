@@ -632,7 +632,7 @@ def test_resolve_args_recipes_resolve_to_their_sources_and_typed_flags_win(tmp_p
     assert p.decay_norm_and_bias and p.lr == pytest.approx(0.3 * 500 / 256) and p.epochs == 150
     assert resolve("--recipe", "paper").lr == pytest.approx(0.3 * 64 / 256)
     s = resolve()  # the first run: SHAPES' own rate at its batch, the square-root rule from there
-    assert (s.arch, s.lr, s.epochs, s.crop_min, resolve("--batch-size", "256").lr) == ("resnet10", 0.012, 6, 0.5, 0.024)
+    assert (s.arch, s.lr, s.epochs, s.crop_min, resolve("--batch-size", "256").lr) == ("resnet10", 0.012, 7, 0.5, 0.024)
     assert resolve("--recipe", "paper", "--eval", "standard", "--warmup-epochs", "2").eval == "standard"
 
 
