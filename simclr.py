@@ -234,9 +234,15 @@ def two_views(x, hp, prep=normalize):
 # ----------------------------------------------------------------------------------------------------------
 
 def make_backbone(arch, stem, pretrained=False):
-    """torchvision ResNet with fc removed: x (N, 3, H, W) -> h (N, 512 or 2048). With `pretrained` and the ImageNet
-    stem every layer holds ImageNet weights; with the CIFAR stem, conv1 is a new random 3x3 conv."""
-    net = getattr(torchvision.models, arch)(weights="DEFAULT" if pretrained else None)
+    """torchvision ResNet with fc removed: x (N, 3, H, W) -> h (N, 512 or 2048). resnet10 is torchvision's ResNet
+    with one residual block per stage, half of resnet18 (He et al. 2016, Table 1), sized for a CPU. With `pretrained`
+    and the ImageNet stem every layer holds ImageNet weights; with the CIFAR stem, conv1 is a new random 3x3 conv."""
+    if arch == "resnet10":
+        if pretrained:
+            raise ValueError("torchvision has no ImageNet weights for resnet10")
+        net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    else:
+        net = getattr(torchvision.models, arch)(weights="DEFAULT" if pretrained else None)
     if stem == "cifar":  # small images: 3x3 stride-1 conv, no maxpool (as in SimCLR's CIFAR experiments, App. B.9)
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -557,11 +563,12 @@ def make_shapes(n, size, seed):
 # SimCLR end to end, on one device
 # ----------------------------------------------------------------------------------------------------------
 
-# What `python simclr.py` uses for 'shapes', sized for a 2-core CPU: ResNet18 with the ImageNet stem (it shrinks the
-# 32 px image 4x before the first block, unlike the CIFAR stem), crops of at least 30% (a crop keeps part of the
-# shape), tau 0.2, batch 64 (more steps in the same CPU time). n: train and test images.
-SHAPES = dict(img=32, batch=64, epochs=20, ae_epochs=10, n=(5000, 2000), arch="resnet18", stem="imagenet", tau=0.2,
-              crop_min=0.3)
+# What `python simclr.py` uses for 'shapes', sized for a laptop's CPU: ResNet10 with the ImageNet stem (it shrinks the
+# 32 px image 4x before the first block, unlike the CIFAR stem), crops of at least half the image (a crop keeps most
+# of the shape), tau 0.2, batch 64, and a peak rate of 0.012, below App. B.1's rule (0.15 at N = 64): in a run of a few
+# hundred steps it learns faster (README, The first run). n: train and test images.
+SHAPES = dict(img=32, batch=64, epochs=6, lr=0.012, ae_epochs=10, n=(5000, 2000), arch="resnet10", stem="imagenet",
+              tau=0.2, crop_min=0.5)
 
 
 def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["n"], device=None, seed=0, log=print):
@@ -573,14 +580,14 @@ def simclr_on_shapes(epochs=SHAPES["epochs"], head="mlp", act="relu", n=SHAPES["
     torch.manual_seed(seed)
     (train_x, train_y), (test_x, test_y) = make_shapes(n[0], SHAPES["img"], seed), make_shapes(n[1], SHAPES["img"],
                                                                                                   seed + 10_000)
-    N = SHAPES["batch"]  # lr: App. B.1's square-root rule, met with the linear one at N = 256; a tenth warms up
-    hp = HParams(epochs=epochs, batch_size=N, lr=HParams.lr * math.sqrt(N / 256), seed=seed, tau=SHAPES["tau"],
-                 warmup_epochs=min(HParams.warmup_epochs, epochs / 10), crop_min=SHAPES["crop_min"])
+    hp = HParams(epochs=epochs, batch_size=SHAPES["batch"], lr=SHAPES["lr"], seed=seed, tau=SHAPES["tau"],
+                 warmup_epochs=min(HParams.warmup_epochs, epochs / 10), crop_min=SHAPES["crop_min"])  # a tenth warms up
     hidden = 512  # the MLP head's width, or the embedding of an autoencoder trained on the same images
     if head == "ae":
         hidden = train_autoencoder(train_x, 512, SHAPES["ae_epochs"], device, log=log)[0].embedding
     model = SimCLR(make_backbone(SHAPES["arch"], SHAPES["stem"]), projection_head(512, hidden, 128, act))
-    train(model.to(device), train_x.to(device), hp, log=log)
+    model = model.to(device, memory_format=torch.channels_last)  # (N, H, W, C) in memory: faster convolutions
+    train(model, train_x.to(device), hp, log=log)
     random_init = make_backbone(SHAPES["arch"], SHAPES["stem"]).to(device)
     results = {name: probes(extract_features(f, train_x), train_y.to(device), extract_features(f, test_x),
                             test_y.to(device), 10)
@@ -621,6 +628,8 @@ DATASETS = {
     "fashion-mnist": dict(img=28, batch=512, epochs=100, ae_epochs=100),
     "folder":        dict(img=96, batch=256, epochs=100, ae_epochs=100),
 }
+# --dataset folder on a CPU: the first run's model and rate, at most 32 px, for a run of minutes on a laptop
+FOLDER_ON_CPU = dict(img=32, batch=64, epochs=20, lr=SHAPES["lr"], arch="resnet10", stem="imagenet")
 
 # --recipe: its values win over DATASETS, flags typed on the command line over both (README, Recipes).
 # simclr: from scratch as SimCLR trains (Sec. 2.3: linear warm-up, cosine decay; its code: no weight decay on
@@ -717,7 +726,8 @@ def build_parser():
     a("--blur-prob", type=PROBABILITY, default=HParams.blur_prob, help="probability of Gaussian blur")
     a("--show-augs", metavar="FILE.png", type=path((".png", ".jpg", ".jpeg")), help="save 8 images, 2 views each; exit")
     a = p.add_argument_group("model: backbone f, projection head g, autoencoder").add_argument
-    a("--arch", choices=("resnet18", "resnet34", "resnet50"), help="backbone (default: resnet34)")
+    a("--arch", choices=("resnet10", "resnet18", "resnet34", "resnet50"), help="backbone (default: resnet34; shapes, "
+      "and folder on a CPU: resnet10)")
     a("--stem", choices=("auto", "imagenet", "cifar"), help="default: auto, imagenet with --pretrained or over 64 px")
     a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (recipe paper: on)")
     a("--head", default="mlp", choices=("mlp", "ae"), help="projection head: random MLP, or AE embedding first")
@@ -778,7 +788,11 @@ def build_parser():
 def resolve_args(args):
     """The values computed from the flags, in one place: a typed flag wins over its recipe, a recipe over DATASETS,
     DATASETS over HParams."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     recipe, ds = RECIPES[args.recipe], DATASETS[args.dataset]
+    if args.dataset == "folder" and args.device == "cpu":
+        ds = {**ds, **FOLDER_ON_CPU}
     for key, default in dict(arch="resnet34", stem="auto", tau=HParams.tau, crop_min=HParams.crop_min, eval="standard",
                              precision="auto", stl10_pretrain="train+unlabeled", epochs=None).items():
         if getattr(args, key) is None:
@@ -795,6 +809,9 @@ def resolve_args(args):
     if args.head == "ae" and args.arch == "resnet50":
         die("--head ae needs a 512-d backbone for its AE, not resnet50's 2048-d: use --arch resnet34 or --head mlp")
     args.pretrained = args.pretrained or recipe.get("pretrained", False)
+    if args.pretrained and args.arch == "resnet10":
+        die("--pretrained (or --recipe paper): torchvision has no ImageNet weights for resnet10; use --arch resnet18, "
+            "resnet34 or resnet50")
     args.decay_norm_and_bias = recipe["decay_norm_and_bias"]
     if args.img_size is None:
         args.img_size = folder_image_side(args.data_dir, ds["img"]) if args.dataset == "folder" else ds["img"]
@@ -803,18 +820,19 @@ def resolve_args(args):
     if args.dry_run:
         args.batch_size, args.epochs, args.ae_epochs, args.probe_steps, args.sup_steps = 16, 1, 1, 5, 2
         args.subset = args.subset or 64
+    if args.show_augs:  # the 8 images it draws, no more
+        args.subset = 8
     if args.head == "ae":  # one width per head: d of the AE whose embedding is the ae head's first layer
         args.ae_dir, args.ae_dim = args.ae_dir or "runs/autoencoders", args.ae_dim or 512
     else:  # or the MLP's hidden width
         args.ae_epochs, args.proj_hidden = None, args.proj_hidden or 512
-    N = args.batch_size  # SimCLR's B.1: the linear rule, or the square-root one (RECIPES)
-    args.lr = args.lr or HParams.lr * (N / 256 if recipe["lr_scaling"] == "linear" else math.sqrt(N / 256))
+    N = args.batch_size  # SimCLR's B.1: the linear rule, or the square-root one (RECIPES), from a dataset's own rate
+    lr0, N0 = (ds["lr"], ds["batch"]) if "lr" in ds and args.recipe == "simclr" else (HParams.lr, 256)
+    args.lr = args.lr or lr0 * (N / N0 if recipe["lr_scaling"] == "linear" else math.sqrt(N / N0))
     if args.warmup_epochs is None:  # SimCLR warms up 10 epochs of 100 or more; a shorter run, a tenth of its epochs
         args.warmup_epochs = recipe.get("warmup_epochs", min(float(HParams.warmup_epochs), args.epochs / 10))
     if args.stem == "auto":  # ImageNet weights come with their stem: a 3x3 conv1 would start from random weights
         args.stem = "imagenet" if args.pretrained or args.img_size > 64 else "cifar"
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if args.precision == "auto":  # bf16 where the hardware computes it; not on a CPU where a stride-2 conv sees a 1x1
         tiny = args.img_size <= (16 if args.stem == "imagenet" else 4)  # map: oneDNN's bf16 backward is wrong (README)
         bf16 = args.device.startswith("cuda") or args.device == "cpu" and cpu_has_bf16() and not tiny
@@ -823,10 +841,23 @@ def resolve_args(args):
                                             and not args.dry_run)  # compiling takes minutes, a dry run seconds
     if args.workers is None:  # the cores this process may use (macOS lacks sched_getaffinity)
         args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if args.out is None:
+    if args.out is None:  # a dry run's: a temporary folder, removed at its end
         stamp = f"{args.dataset}-{args.head}-{args.act}-{time.strftime('%Y%m%d-%H%M%S')}"
-        args.out = os.path.join("runs", ("bench-" if args.bench else "") + stamp)
+        args.out = (os.path.join(tempfile.gettempdir(), f"{DRY_RUN}{stamp}-{os.getpid()}") if args.dry_run else
+                    os.path.join("runs", ("bench-" if args.bench else "") + stamp))
     return args
+
+
+DRY_RUN = "simclr-dry-run-"  # the name of a dry run's temporary --out
+
+
+def forget_dry_run(out, log=print):
+    """A dry run's outputs, named with their sizes, then removed: it showed that every stage runs, and keeps nothing."""
+    files = sorted((os.path.getsize(os.path.join(d, f)), os.path.relpath(os.path.join(d, f), out))
+                   for d, _, fs in os.walk(out) for f in fs if f != ".lock")
+    log(f"dry run: wrote {', '.join(name for _, name in files)} ({sum(n for n, _ in files) / 2 ** 20:.1f} MB) into "
+        f"{out}, now removed (--out DIR keeps them)")
+    shutil.rmtree(out, ignore_errors=True)
 
 
 RESUME_MAY_TYPE = {"resume", "out", "device", "show_neighbours"}  # name no setting: a resume may type them
@@ -1074,16 +1105,20 @@ def try_compile(fn, example, name, model=None, amp=nullcontext, log=print):
     return compiled
 
 
+def channels_last(x):
+    """Images (N, C, H, W) in the (N, H, W, C) memory layout, in which oneDNN's and cuDNN's convolutions are fastest
+    (the model's weights are in it too); on other devices as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type in ("cuda", "cpu") else x
+
+
 def step_functions(forward, model, example, args, amp, log=print, prep=normalize):
     """What each step calls, views_fn (uint8 (N, 3, H, W) -> (2N, 3, H, W)) and forward, each compiled with --compile
     or falling back to eager on its own; and which were."""
-    channels_last = example.device.type == "cuda"  # what cuDNN's bf16 convolutions prefer
-    layout = lambda v: v.contiguous(memory_format=torch.channels_last) if channels_last else v
-    eager = lambda x: layout(two_views(x, args, prep))
+    eager = lambda x: channels_last(two_views(x, args, prep))
     views_fn, compiled = eager, forward
     if args.compile:  # fuses the augmentation's many elementwise passes into a few kernels, and the model's
         views_fn = try_compile(eager, example, "the augmentation", log=log)
-        views = layout(torch.zeros(2 * len(example), *example.shape[1:], device=example.device))  # (2N, 3, H, W)
+        views = channels_last(torch.zeros(2 * len(example), *example.shape[1:], device=example.device))  # (2N, 3, H, W)
         compiled = try_compile(forward, views, "the model", model=model, amp=amp, log=log)
     return views_fn, compiled, dict(augmentation=views_fn is not eager, model=compiled is not forward)
 
@@ -1516,7 +1551,7 @@ def build_model(args, embedding, proc):
                            freeze=not args.no_freeze)
     model = SimCLR(backbone, head)
     model = (sync_batchnorm(model, proc.device) if proc.world > 1 and not args.no_sync_bn else model).to(proc.device)
-    return model.to(memory_format=torch.channels_last) if proc.device.type == "cuda" else model
+    return model.to(memory_format=torch.channels_last) if proc.device.type in ("cuda", "cpu") else model
 
 
 def sgd_step(forward, views, opt, tau, amp=nullcontext):
@@ -1920,8 +1955,10 @@ def classic_window(workers, bench_steps):
     return 4 * workers + 3, -(-max(bench_steps, 16 * workers) // workers) * workers  # a multiple of w
 
 
-def bench(model, images, args, device, log=print):
-    """Images/s of (a) our pipeline, (b) the classic DataLoader one into the same step, (c) each stage: bench.json."""
+def bench(model, data, args, device, log=print):
+    """Images/s of (a) our pipeline, (b) the classic DataLoader one into the same step, (c) each stage; and the time the
+    run these flags start would take here, from (a) and the evaluation timed once: bench.json."""
+    images = data["images"]
     amp, N, cuda = autocast_for(device, args.precision), args.batch_size, device.type == "cuda"
     opt = optimizer(model, args)
     views_fn, forward, compiled = step_functions(model, model, to_device(images[:N], device), args, amp, log)
@@ -1952,8 +1989,7 @@ def bench(model, images, args, device, log=print):
     loader = iter(torch.utils.data.DataLoader(
         images.cpu(), batch_size=N, sampler=sampler, num_workers=args.workers, pin_memory=cuda, collate_fn=
         functools.partial(classic_views, transform=classic_transform(images.shape[-1], **augment_kwargs(args)))))
-    layout = lambda v: v.contiguous(memory_format=torch.channels_last) if cuda else v
-    classic = lambda: layout(torch.cat([v.to(device, non_blocking=True) for v in next(loader)]))  # (2N, 3, H, W)
+    classic = lambda: channels_last(torch.cat([v.to(device, non_blocking=True) for v in next(loader)]))  # (2N, 3, H, W)
     rows["classic"] = timed(f"(b) classic: {args.workers} DataLoader workers + step", lambda: step(classic()),
                             warmup, steps)
     rows["classic_loader"] = timed("(c) classic: DataLoader alone", classic, warmup, steps)
@@ -1970,6 +2006,24 @@ def bench(model, images, args, device, log=print):
     mfu = f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s bf16" if peak else ""
     log(f"bench: ours / classic = {result['speedup']:.2f}x; augmentation = {100 * result['augment_share']:.1f}% "
         f"of our step; {flops / 1e9:.1f} GFLOP per step, {tflops:.3f} TFLOP/s achieved{mfu}")
+    t0 = time.perf_counter()  # the evaluation costs the same on this untrained backbone as on a trained one
+    train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x"))
+    sync()
+    t1 = time.perf_counter()
+    probes(train_h, data["train_y"], test_h, data["test_y"], data["classes"], args.probe_steps, args.knn_k)
+    t2 = time.perf_counter()
+    if not args.no_baselines:  # the raw pixels' probes; the random-init backbone costs what SimCLR's does
+        pixels = [pixel_features(data[k], device) for k in ("train_x", "test_x")]
+        probes(pixels[0], data["train_y"], pixels[1], data["test_y"], data["classes"], args.probe_steps, args.knn_k)
+    t3 = time.perf_counter()
+    steps, monitors = args.epochs * (len(images) // N), args.epochs // args.knn_every if args.knn_every else 0
+    run = dict(pretrain_s=steps * rows["ours"]["ms_per_step"] / 1000 + monitors * (t1 - t0),
+               evaluate_s=(t2 - t0) * (1 + (not args.no_baselines)) + t3 - t2)
+    result.update(run, run_s=run["pretrain_s"] + run["evaluate_s"])
+    log(f"bench: the run these flags start ({args.epochs} epochs of {len(images) // N} steps) would take about "
+        f"{fmt_time(result['run_s'])} here once its data is ready: {fmt_time(run['pretrain_s'])} of pre-training at "
+        f"{rows['ours']['img_per_s']:.0f} img/s, {fmt_time(run['evaluate_s'])} of evaluation"
+        + (" (few labels not counted)" if args.label_amounts else ""))
     write_json(result, os.path.join(args.out, "bench.json"))
     log(f"wrote {os.path.join(args.out, 'bench.json')}")
     return result
@@ -2019,8 +2073,14 @@ def main(argv=None):
 def run(args, stack):
     """A run's stages: the data, the autoencoder, the model, pre-training, evaluation, pictures, few labels."""
     proc = setup(args)
+    if args.dataset == "folder" and args.device == "cpu":
+        proc.log(f"note: --dataset folder on a CPU: {args.arch}, {args.img_size}px, batch {args.batch_size}, "
+                 f"{args.epochs} epochs, a run of minutes; the full-size model: --arch resnet34 --img-size 96 "
+                 "--batch-size 256 --epochs 100, on a GPU")
     if proc.rank == 0 and not args.show_augs:
         open_run_dir(args, stack)
+        if os.path.basename(args.out).startswith(DRY_RUN):
+            stack.callback(forget_dry_run, args.out, proc.log)
     data = prepare_data(args, proc)
     if args.show_augs:
         return show_augs(data["images"], args, proc.log)
@@ -2031,7 +2091,7 @@ def run(args, stack):
     model = build_model(args, embedding, proc)
     torch.manual_seed(args.seed + proc.rank)  # each process draws its own augmentations
     if args.bench:
-        return bench(model, data["images"], args, proc.device, proc.log)
+        return bench(model, data, args, proc.device, proc.log)
     state, features = resume_checkpoint(model, args, proc), feature_cache(model, data, args, proc.device)
     if args.resume and args.show_neighbours:  # a look at a saved run: its pictures, no training, no evaluation
         if state["epoch"] == 0:
@@ -2049,7 +2109,8 @@ def run(args, stack):
     pictures(features, data, args, proc.log)
     if args.label_amounts:
         label_efficiency(features, data, args, proc.device, results, model.backbone, proc.log)
-    print(f"outputs in {args.out}/")
+    if not os.path.basename(args.out).startswith(DRY_RUN):
+        print(f"outputs in {args.out}/")
     return results
 
 

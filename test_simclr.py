@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -299,6 +300,10 @@ def test_make_backbone_state_dict_loads_into_torchvision_resnet34():
     sd = simclr.make_backbone("resnet34", "imagenet").state_dict()
     missing, unexpected = torchvision.models.resnet34().load_state_dict(sd, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    sd = simclr.make_backbone("resnet10", "imagenet").state_dict()  # resnet18 with the first block of each stage
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(sd, strict=False)
+    assert unexpected == [] and {k.split(".")[0] + "." + k.split(".")[1] for k in missing} == {
+        "fc.weight", "fc.bias", "layer1.1", "layer2.1", "layer3.1", "layer4.1"}
 
 
 def test_make_backbone_pretrained_keeps_the_imagenet_stem_at_32px(fake_imagenet_weights, tmp_path, capsys):
@@ -588,8 +593,9 @@ def test_pretrain_with_the_machinery_off_trains_part1s_weights_bit_for_bit(tmp_p
     hp = simclr.HParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(simclr.HParams)})
     torch.manual_seed(0)
     model = simclr.SimCLR(simclr.make_backbone("resnet18", args.stem), simclr.projection_head(512, 512, 128, "relu"))
-    torch.manual_seed(0)
-    simclr.train(model, simclr.make_shapes(96, 16, seed=0)[0], hp, log=lambda s: None)
+    torch.manual_seed(0)  # in the memory layout simclr_on_shapes() trains in, as Part 2 does
+    simclr.train(model.to(memory_format=torch.channels_last), simclr.make_shapes(96, 16, seed=0)[0], hp,
+                 log=lambda s: None)
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k]), k
@@ -780,10 +786,25 @@ def test_resolve_args_recipes_resolve_to_their_sources_and_typed_flags_win(tmp_p
     assert (p.pretrained, p.arch, p.stem, p.warmup_epochs, p.eval, p.stl10_pretrain, p.tau, p.crop_min) == \
         (True, "resnet34", "imagenet", 0, "paper", "train", 0.5, 0.08)
     assert p.decay_norm_and_bias and p.lr == pytest.approx(0.3 * 500 / 256) and p.epochs == 150
-    assert resolve("--recipe", "paper").lr == pytest.approx(0.3 * 64 / 256) and resolve().lr == pytest.approx(0.15)
+    assert resolve("--recipe", "paper").lr == pytest.approx(0.3 * 64 / 256)
+    s = resolve()  # the first run: SHAPES' own rate at its batch, the square-root rule from there
+    assert (s.arch, s.lr, s.epochs, s.crop_min, resolve("--batch-size", "256").lr) == ("resnet10", 0.012, 6, 0.5, 0.024)
     assert resolve("--recipe", "paper", "--eval", "standard", "--warmup-epochs", "2").eval == "standard"
     assert resolve("--device", "cuda").precision == "bf16" and resolve("--recipe", "paper", "--device",
                                                                         "cuda").precision == "fp32"  # the paper's
+
+
+def test_resolve_args_sizes_a_folder_for_a_cpu_only_on_a_cpu(tmp_path, refused):
+    make_folder(tmp_path / "large", size=(200, 150))
+    folder = lambda *argv: simclr.parse_args(["--dataset", "folder", "--data-dir", str(tmp_path / "large"), *argv,
+                                              "--out", str(tmp_path / "out")])
+    cpu, gpu = folder("--device", "cpu"), folder("--device", "cuda")
+    assert (cpu.arch, cpu.stem, cpu.img_size, cpu.batch_size, cpu.epochs, cpu.lr) == ("resnet10", "imagenet", 32, 64,
+                                                                                      20, 0.012)
+    assert (gpu.arch, gpu.stem, gpu.img_size, gpu.batch_size, gpu.epochs) == ("resnet34", "imagenet", 96, 256, 100)
+    assert (folder("--device", "cpu", "--arch", "resnet34").arch, folder("--device", "cpu", "--epochs", "10").epochs) \
+        == ("resnet34", 10)  # typed flags win
+    assert "no ImageNet weights for resnet10" in refused(["--arch", "resnet10", "--pretrained"])
 
 
 @pytest.mark.parametrize("img,stem", [(32, "imagenet"), (17, "imagenet"), (16, "imagenet"), (8, "cifar")])
@@ -821,7 +842,7 @@ def test_resolve_args_runs_a_folder_of_small_images_at_their_own_size(tmp_path):
     make_folder(tmp_path / "large", size=(200, 150))
     side = lambda d: simclr.parse_args(["--dataset", "folder", "--data-dir", str(tmp_path / d), "--out",
                                         str(tmp_path / "out")]).img_size
-    assert side("small") == 8 and side("large") == 96  # the median side, at most the default
+    assert side("small") == 8 and side("large") == 32  # the median side, at most the default (on a CPU: 32)
 
 
 # ---------------------------------------------------------------- Part 2: runs that can stop, and resume
@@ -2190,11 +2211,15 @@ def test_plot_curves_draws_every_line_of_metrics(tmp_path, monkeypatch):
     assert knn[0] == [2, 4] and knn[1] == pytest.approx([20, 40])
 
 
-def test_show_augs_writes_a_grid(tmp_path):
+def test_show_augs_writes_a_grid_of_the_8_images_it_makes(tmp_path, monkeypatch):
     png = tmp_path / "augs.png"
     run_script("simclr.py", "--dry-run", "--show-augs", str(png), "--out", str(tmp_path / "run"))
     im = Image.open(png)
     assert im.size[0] > im.size[1] > 0  # 8 columns, 3 rows
+    made = []  # the shapes it generates: the 8 it draws (and 8 test images), not the 7,000 of a run
+    monkeypatch.setattr(simclr, "make_shapes", lambda n, *a, f=simclr.make_shapes, **k: made.append(n) or f(n, *a, **k))
+    simclr.main(["--show-augs", str(png)])
+    assert made == [8, 8]
     simclr.main(["--dry-run", "--show-augs", str(tmp_path / "augs.JPG"), "--out", str(tmp_path / "run")])
     assert Image.open(tmp_path / "augs.JPG").format == "JPEG" and sorted(os.listdir(tmp_path)) == [
         "augs.JPG", "augs.png"]  # no temporary file left
@@ -2262,6 +2287,10 @@ def test_bench_times_every_row_over_its_own_steps(tmp_path, monkeypatch):
     for row, steps in dict(ours=2, augment=2, train_step=2, classic=16, classic_loader=16).items():
         assert r["rows"][row] == pytest.approx(dict(ms_per_step=1000 / steps, img_per_s=16 * steps)), row
     assert (r["speedup"], r["augment_share"]) == pytest.approx((2 / 16, 1.0))
+    # the run these flags start: 6 epochs of 64 // 16 steps at (a)'s 0.5 s, and a kNN monitor after epoch 5 that
+    # extracts the features as the evaluation does, timed at 1 s; the evaluation: features + probes (2 s) for SimCLR
+    # and the random-init backbone, and the raw pixels' probes (1 s)
+    assert (r["pretrain_s"], r["evaluate_s"], r["run_s"]) == (6 * 4 * 0.5 + 1, 2 * 2 + 1, 18)
     assert r["flops_per_step"] > 0 and r["mfu"] is None  # no peak figure for a CPU
     assert r["compiled"] == {"augmentation": False, "model": False}  # --compile auto: CUDA only
     assert json.loads((out / "bench.json").read_text()) == r and not (out / "config.json").exists()
@@ -2273,12 +2302,21 @@ def test_bench_times_every_row_over_its_own_steps(tmp_path, monkeypatch):
 @pytest.mark.parametrize("extra", [["--head", "mlp", "--arch", "resnet34", "--stem", "imagenet"],
                                    ["--head", "ae", "--act", "sigmoid"]])
 def test_main_dry_run_end_to_end_writes_every_output(tmp_path, extra):
+    """Every stage for a couple of steps, every output written: into --out, or without it into a temporary folder
+    that the dry run names with its files, then removes."""
     out = tmp_path / "run"
     ae_dir = ["--ae-dir", str(tmp_path / "ae")] if "ae" in extra else []  # an autoencoder flag: ae head only
+    outputs = ("config.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt", "results.json", "neighbours.png",
+               *(["curves.png"] if HAS_MPL else []))
+    if "ae" in extra:
+        stdout = run_script("simclr.py", "--dry-run", *ae_dir, *extra)
+        written, temporary = re.search(r"dry run: wrote (.*) \(.* MB\) into (.*), now removed", stdout).groups()
+        assert set(written.split(", ")) >= set(outputs) and not os.path.exists(temporary)
+        assert not (tmp_path / "ae").exists()  # nor is a dry run's autoencoder cached
+        return
     stdout = run_script("simclr.py", "--dry-run", "--out", str(out), *ae_dir, *extra)
     assert "raw pixels" in stdout and "random-init" in stdout and "SimCLR" in stdout
-    for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt", "results.json", "neighbours.png",
-              *(["curves.png"] if HAS_MPL else [])):
+    for f in outputs:
         assert (out / f).exists(), f
     res = json.loads((out / "results.json").read_text())
     for r in (res, res["raw_pixels"], res["random_init"]):
