@@ -269,6 +269,22 @@ def test_classic_transform_and_two_views_agree_in_their_deterministic_corner():
     assert len(seen) == 4  # each pipeline gives both mirrored and unmirrored views
 
 
+def test_two_views_gives_image_i_two_different_views_at_rows_i_and_i_plus_n():
+    """Rows i and i + N are two views of image i, drawn apart: with the default augmentation they differ for every
+    image (one view twice would leave NT-Xent nothing to learn); with the colour ops off, any crop, flip or blur of an
+    image of one colour is that colour, so both rows are image i's colour, standardised by hand."""
+    x = (images(8, size=20) * 255).to(torch.uint8)
+    torch.manual_seed(0)
+    v = simclr.two_views(x, simclr.HParams())  # (16, 3, 20, 20)
+    assert ((v[:8] - v[8:]).flatten(1).abs().amax(1) > 0.1).all()
+    colours = torch.randint(0, 256, (8, 3), generator=torch.Generator().manual_seed(1))
+    flat = colours[:, :, None, None].expand(8, 3, 20, 20).to(torch.uint8)
+    v = simclr.two_views(flat, simclr.HParams(jitter_prob=0, gray_prob=0))
+    ref = (colours / 255 - torch.tensor(simclr.IMAGENET_MEAN)) / torch.tensor(simclr.IMAGENET_STD)  # (8, 3)
+    for half in (v[:8], v[8:]):
+        torch.testing.assert_close(half, ref[:, :, None, None].expand_as(half).float(), atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- Part 1: model, autoencoder, projection head
 
 
