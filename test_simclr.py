@@ -2138,7 +2138,7 @@ def test_supervised_from_scratch_learns_a_separable_problem_and_fails_on_noise(m
     assert run((torch.rand(len(y), 3, 16, 16, generator=g) * 255).to(torch.uint8)) < 0.55  # noise: chance is 1/3
 
 
-def test_supervised_fine_tunes_every_weight_from_init_on_the_batches_of_its_from_scratch_pair(monkeypatch):
+def test_supervised_fine_tunes_every_weight_from_init_on_the_batches_of_its_from_scratch_pair(monkeypatch, one_thread):
     """Fine-tuning starts from the weights it is given and trains every one of them (no frozen backbone), on the very
     batches and crops that the from-scratch run of the same seed trains on: the two runs differ in their start only."""
     g = torch.Generator().manual_seed(0)
@@ -2150,7 +2150,11 @@ def test_supervised_fine_tunes_every_weight_from_init_on_the_batches_of_its_from
 
     def backbone(*a, **k):  # the net, its weights when it first trains, and the crops of its run
         run = dict(net=real_backbone(*a, **k), crops=[])
-        run["net"].register_forward_pre_hook(lambda m, args: run.setdefault("start", copy.deepcopy(m.state_dict())))
+
+        def first_forward(module, args):  # returns None: a pre-hook's return value would replace the input
+            if "start" not in run:
+                run["start"] = copy.deepcopy(module.state_dict())
+        run["net"].register_forward_pre_hook(first_forward)
         runs.append(run)
         return run["net"]
     monkeypatch.setattr(simclr, "make_backbone", backbone)
