@@ -2170,7 +2170,7 @@ def test_supervised_fine_tunes_every_weight_from_init_on_the_batches_of_its_from
     assert len(tuned["crops"]) == 2 and all(torch.equal(a, b) for a, b in zip(tuned["crops"], scratch["crops"]))
 
 
-def test_label_efficiency_table_and_pictures_with_and_without_matplotlib(tmp_path, monkeypatch, capsys):
+def test_label_efficiency_table_and_pictures_with_and_without_matplotlib(tmp_path, monkeypatch, capsys, one_thread):
     flags = [*TINY, "--epochs", "2", "--knn-every", "1", "--label-fractions", "0.1,1", "--label-draws", "2",
              "--sup-steps", "2"]
     out = tmp_path / "run"
