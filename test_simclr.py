@@ -168,7 +168,9 @@ def test_resized_crop_and_its_flip_match_torchvision(size):
 
 def test_crop_params_follow_torchvision_distribution():
     """The crop box's top, left, height and width, its margins below and to the right, its area and its aspect ratio,
-    each against torchvision's RandomResizedCrop.make_params over 10,000 draws (two-sample KS tests)."""
+    each against torchvision's RandomResizedCrop.make_params over 10,000 draws (two-sample KS tests); first, the top
+    and left at their first and last offsets as often as offsets uniform on their room (a sampler that never reaches
+    the last offset moves the KS distance only a little)."""
     H, W, n = 32, 40, 10_000
     torch.manual_seed(0)
     top, left, h, w = simclr.crop_params(n, H, W)
@@ -179,6 +181,10 @@ def test_crop_params_follow_torchvision_distribution():
                                     aspect=w / h)
     ours = stats(*(v.numpy() for v in (top, left, h, w)))
     theirs = stats(*(np.array([p[k] for p in theirs]) for k in ("top", "left", "height", "width")))
+    for name, start, room in (("top", top, H - h), ("left", left, W - w)):  # each offset uniform on 0..room
+        p = 1 / (room + 1).double()  # a given offset's chance: its hits' count has mean sum p, variance sum p (1 - p)
+        for end, hits in (("first", start == 0), ("last", start == room)):
+            assert abs(hits.sum() - p.sum()) <= 5 * (p * (1 - p)).sum().sqrt(), f"{name} at its {end} offset"
     for name in ours:
         assert_same_distribution(ours[name], theirs[name], name)
 
