@@ -376,7 +376,8 @@ def test_train_autoencoder_resumes_bit_identical(tmp_path):
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
-def test_train_autoencoder_keeps_the_best_epoch_and_halves_the_lr_after_ten_epochs_without_progress(monkeypatch):
+def test_train_autoencoder_keeps_the_best_epoch_and_halves_the_lr_after_ten_epochs_without_progress(monkeypatch,
+                                                                                                    one_thread):
     """The paper's schedule and checkpoint: ReduceLROnPlateau(patience 10, factor 0.5) on the validation loss, and the
     weights of the epoch of lowest validation loss returned. With the validation losses imposed (epoch 2 the best,
     every later one worse), the lr halves after the 11th epoch without progress, epoch 13, and the weights returned
@@ -395,7 +396,8 @@ def test_train_autoencoder_keeps_the_best_epoch_and_halves_the_lr_after_ten_epoc
     assert not all(torch.equal(v, epochs[-1][0][k]) for k, v in ae.state_dict().items())
 
 
-def test_train_autoencoder_trains_on_nine_tenths_in_a_new_order_each_epoch_and_validates_on_the_rest(monkeypatch):
+def test_train_autoencoder_trains_on_nine_tenths_in_a_new_order_each_epoch_and_validates_on_the_rest(monkeypatch,
+                                                                                                     one_thread):
     """Given no validation images, the paper's 90/10 split of the images (torch's random_split, seed 42): every epoch
     trains on each image of the 90% once, in an order of its own, and validates on the 10%, never trained on."""
     x = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -583,7 +585,7 @@ def test_train_copies_batches_from_host_memory_and_trains_on_them(monkeypatch):
     assert moved.device.type == "meta" and moved.shape == images[:8].shape and moved.dtype == torch.uint8
 
 
-def test_train_steps_on_two_different_views_of_each_image_in_a_seeded_order_new_each_epoch(monkeypatch):
+def test_train_steps_on_two_different_views_of_each_image_in_a_seeded_order_new_each_epoch(monkeypatch, one_thread):
     """Every step of train() hands f two different random views of each of its N images (rows i and i + N: one view
     twice would leave NT-Xent nothing to learn), and every epoch visits each image once, in an order of its own drawn
     from hp.seed alone: another epoch, another order; another state of the global RNG (the augmentations'), the same."""
