@@ -609,7 +609,7 @@ def test_train_steps_on_two_different_views_of_each_image_in_a_seeded_order_new_
     assert run(seed=0, global_seed=1)[0] == orders and run(seed=1, global_seed=0)[0] != orders
 
 
-def test_pretrain_with_the_machinery_off_trains_part1s_weights_bit_for_bit(tmp_path):
+def test_pretrain_with_the_machinery_off_trains_part1s_weights_bit_for_bit(tmp_path, one_thread):
     """What `python simclr.py` trains, Part 2's loop with its machinery off (one process, fp32, no compile, recipe
     simclr), ends with the weights of Part 1's train() from the same start, images and seed, to the bit: the views
     and the epochs' orders that Part 1's tests check are those of Part 2's loop too."""
