@@ -2201,7 +2201,7 @@ def test_label_efficiency_table_and_pictures_with_and_without_matplotlib(tmp_pat
     assert all(torch.equal(run[2][k], backbone[k]) for run in seen[::2] for k in backbone)  # SimCLR's weights
     for tuned, scratch in zip(seen[::2], seen[1::2]):  # the same images, labels, steps, seed and the rest
         assert torch.equal(tuned[0], scratch[0]) and torch.equal(tuned[1], scratch[1]) and tuned[3:] == scratch[3:]
-    assert [run[3][4] for run in seen[::2]] == [0, 1, 0]  # seed 1000 --seed + draw: each draw of a set its own
+    assert [run[3][4] for run in seen[::2]] == [0, 1, 0]  # seed 1000 * --seed + draw: each draw of a set its own
     for (x, y, *_), d in zip(seen[::2], (0, 1)):  # each draw of 10% got exactly its own images and labels
         idx = simclr.label_draw(data["train_y"], 0.1, False, 0, d)
         assert torch.equal(x, data["train_x"][idx]) and torch.equal(y, data["train_y"][idx])
