@@ -1491,7 +1491,7 @@ def prepare_data(args, proc):
     if len(images) < args.batch_size and not args.show_augs:  # --show-augs shows 8 and trains on none
         die(f"--batch-size {args.batch_size} is larger than the {len(images)} pre-training images")
     if args.eval == "paper" and min(a, b - a, n - b) < 1:
-        die(f"--eval paper splits {n} test images 70/10/20 and one part is empty; it needs at least 10 (or use "
+        die(f"--eval paper splits {n} test images 70/10/20 and one part is empty; it needs at least 7 (or use "
             f"--eval standard)")
     if args.labels_per_class and max(args.label_amounts) > smallest:
         die(f"--labels-per-class {max(args.label_amounts)}: the smallest class has {smallest} train images")
@@ -1554,9 +1554,13 @@ def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=
 
 
 def paper_split(n, batch=None):
-    """(n, a, b): the n test images filling whole batches (the paper's loader drops the last), cut 70/10/20 at a, b."""
+    """(n, a, b): the n test images filling whole batches (the paper's loader drops the last), cut 70/10/20 at a, b as
+    the paper's random_split cuts them: each part floored, the remainder added one by one from the first part on."""
     n = (n // batch * batch or n) if batch else n
-    return n, int(0.7 * n), int(0.8 * n)
+    parts = [math.floor(n * f) for f in (0.7, 0.1, 0.2)]
+    for i in range(n - sum(parts)):
+        parts[i % 3] += 1
+    return n, parts[0], parts[0] + parts[1]
 
 
 def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", probe_steps=200, knn_k=200,
@@ -1842,8 +1846,10 @@ def flip_and_crop(x, pad):
 
 def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, seed, device, precision="fp32",
                batch=256, init=None, prep=normalize, test_prep=None):
-    """A backbone and a linear layer trained with cross-entropy on labelled uint8 images, from scratch or fine-tuned
-    from the weights `init` (Sec. 6 of SimCLR), for a fixed number of steps. Returns top-1 on test_x."""
+    """A backbone and a linear layer trained end to end with cross-entropy on labelled uint8 images, from scratch or
+    fine-tuned from the weights `init`, by one supervised recipe for both (flip and crop, SGD with momentum and weight
+    decay, warm-up and cosine) for `steps` steps whatever the number of images: not SimCLR's fine-tuning (App. B.5:
+    Nesterov momentum, no weight decay, no warm-up, a budget in epochs). Returns top-1 on test_x."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
         torch.manual_seed(seed)  # the init, the batches and the crops: one run per seed
@@ -1906,10 +1912,13 @@ def label_efficiency(features, data, args, device, results, backbone, log=print)
                 ", ".join(f"{methods[k]} {100 * v:.1f}%" for k, v in run.items()) + f" ({time.time() - t0:.0f}s)")
     pm = lambda r: f"{100 * r['mean']:.1f}" + (f" +- {100 * r['std']:.1f}" if len(r["runs"]) > 1 else "")
     width, rows = {k: max(16, len(v) + 2) for k, v in methods.items()}, table["rows"]
-    print(f"\nfew labels: top-1 on the test split, mean +- std over the draws (%)\n  {'labels':<10}{'images':>8}"
-          f"{'draws':>6}" + "".join(f"{v:>{width[k]}}" for k, v in methods.items()))
+    print(f"\nfew labels: top-1 on the test split, mean +- std over the draws (%)\nfine-tuned and from scratch: one "
+          f"supervised recipe (not SimCLR's App. B.5), {args.sup_steps} steps of batch min(256, n) at every label set, "
+          f"so the epochs differ\n  {'labels':<10}{'images':>8}{'draws':>6}{'epochs':>8}" +
+          "".join(f"{v:>{width[k]}}" for k, v in methods.items()))
     for row in rows:
-        print(f"  {name(row['amount']):<10}{row['labels']:>8}{row['draws']:>6}" +
+        epochs = args.sup_steps * min(256, row["labels"]) / row["labels"]  # supervised()'s batch: min(256, n)
+        print(f"  {name(row['amount']):<10}{row['labels']:>8}{row['draws']:>6}{epochs:>8.1f}" +
               "".join(f"{pm(row[k]):>{width[k]}}" for k in methods))
     save_plot(os.path.join(args.out, "label_efficiency.png"), [dict(
         title="top-1 on the test split (%)", xlabel="labelled train images", logx=True, lines=[(

@@ -2,10 +2,13 @@
 
 Unit tests compare each piece against an independent reference (a naive loop, torchvision's functional op,
 a closed form, files written here in the real on-disk formats); smoke tests run the scripts end to end."""
+import collections
+import copy
 import dataclasses
 import functools
 import importlib.util
 import gzip
+import itertools
 import json
 import math
 import os
@@ -80,6 +83,27 @@ def per_image(fn, x, *params):
     return torch.stack([fn(x[i], *[p[i].item() for p in params]) for i in range(len(x))])
 
 
+def ks_distance(a, b):
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs of samples a and b."""
+    a, b = np.sort(np.asarray(a, dtype=float)), np.sort(np.asarray(b, dtype=float))
+    at = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, at, "right") / len(a) - np.searchsorted(b, at, "right") / len(b)).max()
+
+
+def assert_same_distribution(a, b, what, alpha=1e-6):
+    """Samples a and b pass the two-sample KS test at level alpha (its asymptotic critical value; conservative for
+    discrete values): two samples of one distribution fail it about once in a million seeds."""
+    n, m = len(a), len(b)
+    d, critical = ks_distance(a, b), math.sqrt(-math.log(alpha / 2) / 2 * (n + m) / (n * m))
+    assert d <= critical, f"{what}: KS distance {d:.4f} > {critical:.4f}"
+
+
+def assert_frequency(hits, p, what):
+    """hits, a bool sample, is Bernoulli(p): its count within 5 standard deviations of n p (1 in 1.7 million)."""
+    n, k = len(hits), int(hits.sum())
+    assert abs(k - n * p) <= 5 * math.sqrt(n * p * (1 - p)), f"{what}: {k} of {n}, expected {n * p:.0f}"
+
+
 JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)  # color_jitter's order
 
 
@@ -143,18 +167,26 @@ def test_resized_crop_and_its_flip_match_torchvision(size):
 
 
 def test_crop_params_follow_torchvision_distribution():
-    H, W, n = 32, 40, 4000
+    """The crop box's top, left, height and width, its margins below and to the right, its area and its aspect ratio,
+    each against torchvision's RandomResizedCrop.make_params over 10,000 draws (two-sample KS tests); first, the top
+    and left at their first and last offsets as often as offsets uniform on their room (a sampler that never reaches
+    the last offset moves the KS distance only a little)."""
+    H, W, n = 32, 40, 10_000
     torch.manual_seed(0)
     top, left, h, w = simclr.crop_params(n, H, W)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
-    ref = torchvision.transforms.v2.RandomResizedCrop(32)
-    dummy = torch.zeros(3, H, W)
-    theirs = torch.tensor([[p["height"], p["width"]] for p in (ref.make_params([dummy]) for _ in range(n))]).float()
-    ours = torch.stack([h, w], 1).float()
-    # same distribution: compare the means of area and aspect ratio (Monte Carlo, ~3 standard errors)
-    for stat in (lambda t: t[:, 0] * t[:, 1] / (H * W), lambda t: t[:, 1] / t[:, 0]):
-        a, b = stat(ours), stat(theirs)
-        assert abs(a.mean() - b.mean()) < 3 * math.sqrt(a.var() / n + b.var() / n) + 1e-3
+    ref, dummy = torchvision.transforms.v2.RandomResizedCrop(32), [torch.zeros(3, H, W)]
+    theirs = [ref.make_params(dummy) for _ in range(n)]
+    stats = lambda t, l, h, w: dict(top=t, left=l, height=h, width=w, bottom=H - h - t, right=W - w - l, area=h * w,
+                                    aspect=w / h)
+    ours = stats(*(v.numpy() for v in (top, left, h, w)))
+    theirs = stats(*(np.array([p[k] for p in theirs]) for k in ("top", "left", "height", "width")))
+    for name, start, room in (("top", top, H - h), ("left", left, W - w)):  # each offset uniform on 0..room
+        p = 1 / (room + 1).double()  # a given offset's chance: its hits' count has mean sum p, variance sum p (1 - p)
+        for end, hits in (("first", start == 0), ("last", start == room)):
+            assert abs(hits.sum() - p.sum()) <= 5 * (p * (1 - p)).sum().sqrt(), f"{name} at its {end} offset"
+    for name in ours:
+        assert_same_distribution(ours[name], theirs[name], name)
 
 
 def test_crop_params_fallback_is_torchvision_centre_crop():
@@ -174,6 +206,46 @@ def test_augment_gives_two_different_valid_views():
     assert not torch.allclose(v1, v2)
     torch.manual_seed(0)
     assert torch.equal(simclr.augment(x), v1)  # each view is a function of the seed alone
+
+
+def test_augment_draws_every_ops_parameters_as_torchvision_does(monkeypatch):
+    """What augment() hands each op, over 20,000 images of 20 px (blur kernel 3), recorded by stand-ins for the ops:
+    the flip, jitter, grayscale and blur coins at their probabilities; ColorJitter's four factors and the blur's sigma
+    against torchvision's make_params (two-sample KS tests); the jitter's order a random permutation of each image,
+    every one of the 24 as often as in ColorJitter's fn_idx (a hit missing from each by 5 standard deviations)."""
+    seen = {k: [] for k in ("flip", "factors", "order", "sigma")}
+
+    def crop(x, top, left, ch, cw, size, flip):
+        seen["flip"].append(flip)
+        return x
+
+    def jitter(x, factors, order):
+        seen["factors"].append(factors), seen["order"].append(order)
+        return x + 1  # the stand-ins mark what they return: 1 jittered + 2 grey + 4 blurred
+
+    def blur(x, sigma, kernel):
+        seen["sigma"].append(sigma)
+        return x + 4
+    for name, op in dict(resized_crop=crop, color_jitter=jitter, gray=lambda x: x[:, :1] + 2,
+                         gaussian_blur=blur).items():
+        monkeypatch.setattr(simclr, name, op)
+    torch.manual_seed(0)
+    marks = torch.cat([simclr.augment(torch.zeros(5000, 3, 20, 20))[:, 0, 0, 0] for _ in range(4)]).long()  # (20000,)
+    ours = {k: torch.cat(v).numpy() for k, v in seen.items()}
+    for what, hits, p in (("flip", ours["flip"], 0.5), ("jitter", marks & 1, 0.8), ("grayscale", marks & 2, 0.2),
+                          ("blur", marks & 4, 0.5)):
+        assert_frequency(hits > 0, p, what)
+    cj, gb, dummy = (torchvision.transforms.v2.ColorJitter(0.8, 0.8, 0.8, 0.2),
+                     torchvision.transforms.v2.GaussianBlur(3, sigma=(0.1, 2.0)), [torch.zeros(3, 20, 20)])
+    theirs = [cj.make_params(dummy) for _ in range(10_000)]
+    for i, factor in enumerate(("brightness", "contrast", "saturation", "hue")):
+        assert_same_distribution(ours["factors"][:, i], [p[f"{factor}_factor"] for p in theirs], factor)
+    assert_same_distribution(ours["sigma"], [gb.make_params(dummy)["sigma"][0] for _ in range(20_000)], "sigma")
+    count = lambda orders: collections.Counter(map(tuple, np.asarray(orders).tolist()))
+    ours_n, theirs_n = count(ours["order"]), count([p["fn_idx"].numpy() for p in theirs])
+    for perm in itertools.permutations(range(4)):
+        a, b, p = ours_n[perm] / 20_000, theirs_n[perm] / 10_000, 1 / 24
+        assert abs(a - b) <= 5 * math.sqrt(p * (1 - p) * (1 / 20_000 + 1 / 10_000)), (perm, a, b)
 
 
 def test_augment_takes_uint8_images_as_their_float_values():
@@ -196,11 +268,27 @@ def test_classic_transform_and_two_views_agree_in_their_deterministic_corner():
     classic = simclr.classic_transform(20, **off)
     seen = set()
     for _ in range(20):
-        for out in (classic(x), simclr.two_views(x[None], simclr.HParams(**off))[0]):
+        for pipeline, out in (("classic", classic(x)), ("ours", simclr.two_views(x[None], simclr.HParams(**off))[0])):
             flipped = torch.allclose(out, ref.flip(-1), atol=1e-5)
             assert flipped or torch.allclose(out, ref, atol=1e-5)
-            seen.add(flipped)
-    assert seen == {True, False}  # both mirrored and unmirrored views occur
+            seen.add((pipeline, flipped))
+    assert len(seen) == 4  # each pipeline gives both mirrored and unmirrored views
+
+
+def test_two_views_gives_image_i_two_different_views_at_rows_i_and_i_plus_n():
+    """Rows i and i + N are two views of image i, drawn apart: with the default augmentation they differ for every
+    image (one view twice would leave NT-Xent nothing to learn); with the colour ops off, any crop, flip or blur of an
+    image of one colour is that colour, so both rows are image i's colour, standardised by hand."""
+    x = (images(8, size=20) * 255).to(torch.uint8)
+    torch.manual_seed(0)
+    v = simclr.two_views(x, simclr.HParams())  # (16, 3, 20, 20)
+    assert ((v[:8] - v[8:]).flatten(1).abs().amax(1) > 0.1).all()
+    colours = torch.randint(0, 256, (8, 3), generator=torch.Generator().manual_seed(1))
+    flat = colours[:, :, None, None].expand(8, 3, 20, 20).to(torch.uint8)
+    v = simclr.two_views(flat, simclr.HParams(jitter_prob=0, gray_prob=0))
+    ref = (colours / 255 - torch.tensor(simclr.IMAGENET_MEAN)) / torch.tensor(simclr.IMAGENET_STD)  # (8, 3)
+    for half in (v[:8], v[8:]):
+        torch.testing.assert_close(half, ref[:, :, None, None].expand_as(half).float(), atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- Part 1: model, autoencoder, projection head
@@ -286,6 +374,52 @@ def test_train_autoencoder_resumes_bit_identical(tmp_path):
     resumed, _ = train(4, str(tmp_path / "ae.pt"))
     for k, v in whole.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_train_autoencoder_keeps_the_best_epoch_and_halves_the_lr_after_ten_epochs_without_progress(monkeypatch,
+                                                                                                    one_thread):
+    """The paper's schedule and checkpoint: ReduceLROnPlateau(patience 10, factor 0.5) on the validation loss, and the
+    weights of the epoch of lowest validation loss returned. With the validation losses imposed (epoch 2 the best,
+    every later one worse), the lr halves after the 11th epoch without progress, epoch 13, and the weights returned
+    are epoch 2's, not the last epoch's."""
+    scores, real = iter([3.0, 1.0] + [2.0] * 12), F.mse_loss  # the validation MSE of each of 14 epochs
+    monkeypatch.setattr(F, "mse_loss", lambda input, target, reduction="mean": real(input, target) if
+                        reduction == "mean" else torch.tensor(next(scores) * target.numel()))
+    epochs = []  # (weights, lr) after each epoch, as save() is handed them
+
+    def save(s):
+        epochs.append(({k: v.clone() for k, v in s["ae"].state_dict().items()}, s["opt"].param_groups[0]["lr"]))
+    x = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ae, best = simclr.train_autoencoder(x, 8, 14, "cpu", lr=1e-3, save=save, log=lambda s: None)
+    assert [lr for _, lr in epochs] == pytest.approx([1e-3] * 12 + [5e-4] * 2, rel=1e-12) and best == 1.0
+    assert all(torch.equal(v, epochs[1][0][k]) for k, v in ae.state_dict().items())
+    assert not all(torch.equal(v, epochs[-1][0][k]) for k, v in ae.state_dict().items())
+
+
+def test_train_autoencoder_trains_on_nine_tenths_in_a_new_order_each_epoch_and_validates_on_the_rest(monkeypatch,
+                                                                                                     one_thread):
+    """Given no validation images, the paper's 90/10 split of the images (torch's random_split, seed 42): every epoch
+    trains on each image of the 90% once, in an order of its own, and validates on the 10%, never trained on."""
+    x = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x[:, 0, 0, 0] = torch.arange(40)  # each image's number, in its first pixel
+    seen, real_ae = [], simclr.AutoEncoder
+
+    class Watched(real_ae):
+        def forward(self, flat):  # (B, 3HW) in [0, 1]: whether it trains, and the images' numbers
+            seen.append((self.training, (flat[:, 0] * 255).round().long().tolist()))
+            return super().forward(flat)
+    monkeypatch.setattr(simclr, "AutoEncoder", Watched)
+    simclr.train_autoencoder(x, 8, 3, "cpu", batch=8, log=lambda s: None)
+    fit, val = (sorted(s.indices) for s in torch.utils.data.random_split(
+        range(40), [0.9, 0.1], generator=torch.Generator().manual_seed(42)))
+    epochs, trained = [], []  # (the images trained on in order, those validated on) of each epoch
+    for training, numbers in seen:
+        trained += numbers if training else []
+        if not training:
+            epochs.append((trained, numbers))
+            trained = []
+    assert len(epochs) == 3 and all(sorted(t) == fit and sorted(v) == val for t, v in epochs)
+    assert len({tuple(t) for t, _ in epochs}) == 3
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -451,9 +585,34 @@ def test_train_copies_batches_from_host_memory_and_trains_on_them(monkeypatch):
     assert moved.device.type == "meta" and moved.shape == images[:8].shape and moved.dtype == torch.uint8
 
 
-def test_pretrain_with_the_machinery_off_trains_part1s_weights_bit_for_bit(tmp_path):
+def test_train_steps_on_two_different_views_of_each_image_in_a_seeded_order_new_each_epoch(monkeypatch, one_thread):
+    """Every step of train() hands f two different random views of each of its N images (rows i and i + N: one view
+    twice would leave NT-Xent nothing to learn), and every epoch visits each image once, in an order of its own drawn
+    from hp.seed alone: another epoch, another order; another state of the global RNG (the augmentations'), the same."""
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[:, 0, 0, 0] = torch.arange(32)  # each image's number, in its first pixel
+
+    real = simclr.two_views
+
+    def run(seed, global_seed):
+        visited, views = [], []
+        monkeypatch.setattr(simclr, "two_views", lambda x, hp: visited.extend(x[:, 0, 0, 0].tolist()) or real(x, hp))
+        model = small_simclr()
+        model.backbone.register_forward_pre_hook(lambda module, args: views.append(args[0]))
+        torch.manual_seed(global_seed)
+        simclr.train(model, images, simclr.HParams(epochs=3, batch_size=8, lr=0.1, warmup_epochs=0, seed=seed),
+                     log=lambda s: None)
+        return [visited[32 * e:32 * (e + 1)] for e in range(3)], views
+    orders, views = run(seed=0, global_seed=0)
+    assert len(views) == 12 and all(((v[:8] - v[8:]).flatten(1).abs().amax(1) > 0).all() for v in views)  # (16, ...)
+    assert all(sorted(order) == list(range(32)) for order in orders) and len(set(map(tuple, orders))) == 3
+    assert run(seed=0, global_seed=1)[0] == orders and run(seed=1, global_seed=0)[0] != orders
+
+
+def test_pretrain_with_the_machinery_off_trains_part1s_weights_bit_for_bit(tmp_path, one_thread):
     """What `python simclr.py` trains, Part 2's loop with its machinery off (one process, fp32, no compile, recipe
-    simclr), ends with the weights of Part 1's train() from the same start, images and seed, to the bit."""
+    simclr), ends with the weights of Part 1's train() from the same start, images and seed, to the bit: the views
+    and the epochs' orders that Part 1's tests check are those of Part 2's loop too."""
     flags = [*TINY, "--epochs", "2", "--precision", "fp32", "--warmup-epochs", "1"]
     simclr.main([*flags, "--out", str(tmp_path / "run")])
     args = simclr.parse_args([*flags, "--out", str(tmp_path / "run")])
@@ -480,6 +639,36 @@ def test_linear_probe_and_knn_top1_separate_separable_data_and_fail_on_noise():
     assert simclr.knn_top1(h[:400], y[:400], h[400:], y[400:], 3, k=20) > 0.97
     noise = torch.randn(600, 20, generator=g)  # labels independent of features: chance level
     assert simclr.linear_probe(noise[:400], y[:400], noise[400:], y[400:], 3) < 0.5
+
+
+def test_linear_probe_standardises_by_the_train_features_and_its_l2_term_holds_the_weights_alone():
+    """The test features are standardised with the train features' mean and std: a test split of one class is
+    classified as well as a mixed one (its own mean would move it to the train split's centre, inside the other
+    class). The L2 term penalises the weights, not the bias: so strong that the weights vanish, the bias alone fits
+    the train split's class frequencies and every image gets the majority class (half of this test split)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(2, 10, generator=g) * 2
+
+    def draw(n0, n1):
+        y = torch.cat([torch.zeros(n0), torch.ones(n1)]).long()
+        return centres[y] + torch.randn(len(y), 10, generator=g), y
+    (h, y), (test_h, test_y) = draw(360, 40), draw(100, 100)  # train: 90% of class 0, its mean near class 0's
+    assert simclr.linear_probe(h, y, test_h, test_y, 2) > 0.97
+    assert simclr.linear_probe(h, y, test_h[test_y == 1], test_y[test_y == 1], 2) > 0.97
+    assert simclr.linear_probe(h, y, test_h, test_y, 2, wd=100) == 0.5
+
+
+def test_knn_top1_weighs_each_vote_by_exp_of_its_similarity_over_the_temperature():
+    """The k = 3 neighbours of a query of class 0: one of class 0 at cosine 0.99, two of class 1 at cosine 0.5. Class 0
+    gets exp(0.99 / T), class 1 2 exp(0.5 / T): the closed form's winner at T = 0.1 (class 0) and at T = 1 (class 1)
+    is knn_top1's. Plain votes, or weights that ignore T, give one of the two wrong."""
+    unit = lambda cos, sign=1: [cos, sign * math.sqrt(1 - cos ** 2)]
+    train_h, train_y = torch.tensor([unit(0.99), unit(0.5), unit(0.5, -1)]), torch.tensor([0, 1, 1])
+    winner = lambda T: int(2 * math.exp(0.5 / T) > math.exp(0.99 / T))
+    assert [winner(0.1), winner(1.0)] == [0, 1]
+    for T in (0.1, 1.0):
+        top1 = simclr.knn_top1(train_h, train_y, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), 2, k=3, temperature=T)
+        assert top1 == (winner(T) == 0)
 
 
 def test_extract_features_uses_eval_mode_and_restores_train_mode():
@@ -634,6 +823,8 @@ def test_resolve_args_recipes_resolve_to_their_sources_and_typed_flags_win(tmp_p
     s = resolve()  # the first run: SHAPES' own rate at its batch, the square-root rule from there
     assert (s.arch, s.lr, s.epochs, s.crop_min, resolve("--batch-size", "256").lr) == ("resnet10", 0.012, 7, 0.5, 0.024)
     assert resolve("--recipe", "paper", "--eval", "standard", "--warmup-epochs", "2").eval == "standard"
+    assert resolve("--device", "cuda").precision == "bf16" and resolve("--recipe", "paper", "--device",
+                                                                        "cuda").precision == "fp32"  # the paper's
 
 
 def test_resolve_args_sizes_a_folder_for_a_cpu_only_on_a_cpu(tmp_path, refused):
@@ -1287,16 +1478,27 @@ def _main_worker(rank, world, port, path):
     simclr.train_autoencoder = lambda *a, **k: calls.append(rank) or real(*a, **k)
     models, real_build = [], simclr.build_model
     simclr.build_model = lambda *a: models.append(real_build(*a)) or models[-1]
+    losses, real_nt_xent = [], simclr.nt_xent  # each step's NT-Xent: the size of its batch and its value
+    simclr.nt_xent = lambda z1, z2, tau: losses.append((len(z1), real_nt_xent(z1, z2, tau))) or losses[-1][1]
     simclr.main([*TINY, "--head", "ae", "--ae-epochs", "1", "--epochs", "1", "--out", os.path.join(path, "run"),
                  "--ae-dir", os.path.join(path, "ae")])
     bn = sorted({type(m).__name__ for m in models[0].modules() if "BatchNorm" in type(m).__name__})
-    torch.save(dict(ae_trained=calls, bn=bn, embedding=models[0].head[0].weight.detach()),
-               os.path.join(path, f"rank{rank}.pt"))
+    trained = {k: v for k, v in models[0].state_dict().items() if k.startswith(("backbone.conv1.", "head.2."))}
+    torch.save(dict(ae_trained=calls, bn=bn, embedding=models[0].head[0].weight.detach(), trained=trained,
+                    losses=[(n, loss.item()) for n, loss in losses]), os.path.join(path, f"rank{rank}.pt"))
 
 
-def test_main_under_torchrun_trains_the_autoencoder_once_and_batchnorm_is_global(tmp_path):
+def test_main_under_torchrun_trains_one_model_on_the_global_loss_with_global_bn_and_one_autoencoder(tmp_path):
+    """simclr.main as 2 gloo processes (batch 16, 8 images each): every step's NT-Xent is that of the 16 images, the
+    same value in both (the gathered loss, not each process's own), and after the epoch both hold the same weights,
+    first layer to last (DDP's averaged gradients: without it each would step on its own half); rank 0 alone trains
+    the autoencoder, whose embedding both use; BatchNorm is global."""
     torch.multiprocessing.spawn(_main_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    assert len(r[0]["losses"]) == 6 and {n for n, _ in r[0]["losses"] + r[1]["losses"]} == {16}  # 96 images / 16
+    assert [loss for _, loss in r[0]["losses"]] == pytest.approx([loss for _, loss in r[1]["losses"]], rel=1e-6)
+    for k, v in r[0]["trained"].items():
+        torch.testing.assert_close(r[1]["trained"][k], v, rtol=1e-6, atol=1e-7, msg=k)
     assert r[0]["ae_trained"] == [0] and r[1]["ae_trained"] == []  # rank 1 received rank 0's embedding
     assert torch.equal(r[0]["embedding"], r[1]["embedding"])
     assert r[0]["bn"] == r[1]["bn"] == ["SyncBatchNormCPU"]  # by default: SimCLR's global BN
@@ -1525,14 +1727,19 @@ def test_load_dataset_imagenette_from_wnid_folders(tmp_path):
 
 
 def test_load_dataset_the_papers_imagenette_is_the_full_size_one(tmp_path, refused):
-    """The paper's code reads datasets.Imagenette(size="full"): imagenette2/, not the 160 px imagenette2-160/."""
+    """The paper's code reads datasets.Imagenette(size="full"): imagenette2/, not the 160 px imagenette2-160/, and
+    resizes each image whole to a square (its Resize((img, img)))."""
     for split in ("train", "val"):
         for wnid, colour in (("n01440764", (255, 0, 0)), ("n02102040", (0, 0, 255))):
             d = tmp_path / "imagenette2" / split / wnid
             d.mkdir(parents=True)
-            save_rgb(d / "a.JPEG", colour, size=(80, 60))
+            image = Image.new("RGB", (80, 60), colour)
+            image.paste((0, 255, 0), (0, 0, 10, 60))  # a stripe at the left edge, which a centre crop would cut off
+            image.save(d / "a.JPEG")
     d = simclr.load_dataset("imagenette", str(tmp_path), 24, download=False, paper=True)
     assert d["train_x"].shape == (2, 3, 24, 24) and os.path.exists(tmp_path / "imagenette-24px-paper.pt")
+    decoded = TF.pil_to_tensor(Image.open(tmp_path / "imagenette2" / "train" / "n01440764" / "a.JPEG"))
+    assert torch.equal(d["train_x"][0], TF.resize(decoded, [24, 24], antialias=True))  # resized whole to a square
     err = refused(lambda: simclr.load_dataset("imagenette", str(tmp_path), 24, download=False))
     assert "imagenette2-160" in err  # the 160 px files are not there: recipe simclr's loading says which to put
 
@@ -1843,12 +2050,21 @@ def test_paper_probe_steps_its_plateau_on_the_last_batch_loss(monkeypatch):
         assert len(epoch) == 4 and events[i][1] != pytest.approx(sum(e[1] * e[2] for e in epoch) / 100, rel=1e-3)
 
 
-def test_evaluate_paper_splits_the_whole_batches_of_the_test_features_70_10_20(monkeypatch):
+@pytest.mark.parametrize("n,batch", [(1010, 100), (10_000, 512)])
+def test_evaluate_paper_splits_the_whole_batches_of_the_test_features_70_10_20(monkeypatch, n, batch):
+    """The paper's loader drops the last batch of the test features (1000 of 1010 at batch 100, Fashion-MNIST's 9728
+    of 10,000 at 512), and its random_split(seed 42) cuts those 70/10/20, flooring each part and adding the remainder
+    from the first part on: at 9728, 6810 / 973 / 1945 (int(0.7 n) and int(0.8 n) would give 6809 / 973 / 1946)."""
     seen = {}
-    monkeypatch.setattr(simclr, "paper_probe", lambda *a: seen.update(sizes=[len(t) for t in a[:6:2]]) or 0.0)
-    h, y = torch.randn(1010, 4), torch.randint(0, 2, (1010,))
-    simclr.evaluate(h, y, h, y, 2, protocol="paper", batch=100)  # drop_last at the batch of 100: 1000 images
-    assert seen["sizes"] == [700, 100, 200]
+    monkeypatch.setattr(simclr, "paper_probe", lambda *a: seen.update(probe=[t[:, 0].long().tolist() for t in a[:6:2]])
+                        or 0.0)
+    monkeypatch.setattr(simclr, "knn_top1", lambda *a, **k: seen.update(knn=[t[:, 0].long().tolist() for t in a[:3:2]])
+                        or 0.0)
+    h, y = torch.arange(n).float()[:, None], torch.randint(0, 2, (n,))  # each feature row: its image's number
+    simclr.evaluate(h, y, h, y, 2, protocol="paper", batch=batch)
+    theirs = [s.indices for s in torch.utils.data.random_split(range(n // batch * batch), [0.7, 0.1, 0.2],
+                                                                generator=torch.Generator().manual_seed(42))]
+    assert seen["probe"] == theirs and seen["knn"] == [theirs[0], theirs[2]]
 
 
 def test_validation_loss_is_the_nt_xent_of_identical_views_over_whole_batches(one_thread):
@@ -2171,14 +2387,46 @@ def test_supervised_from_scratch_learns_a_separable_problem_and_fails_on_noise(m
     assert run((torch.rand(len(y), 3, 16, 16, generator=g) * 255).to(torch.uint8)) < 0.55  # noise: chance is 1/3
 
 
-def test_label_efficiency_table_and_pictures_with_and_without_matplotlib(tmp_path, monkeypatch, capsys):
+def test_supervised_fine_tunes_every_weight_from_init_on_the_batches_of_its_from_scratch_pair(monkeypatch, one_thread):
+    """Fine-tuning starts from the weights it is given and trains every one of them (no frozen backbone), on the very
+    batches and crops that the from-scratch run of the same seed trains on: the two runs differ in their start only."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (36,), generator=g)
+    x = colour_classes(y, g, size=8)
+    torch.manual_seed(5)
+    init = simclr.make_backbone("resnet18", "imagenet").state_dict()  # SimCLR's weights, for the test
+    runs, real_backbone, real_crop = [], simclr.make_backbone, simclr.flip_and_crop
+
+    def backbone(*a, **k):  # the net, its weights when it first trains, and the crops of its run
+        run = dict(net=real_backbone(*a, **k), crops=[])
+
+        def first_forward(module, args):  # returns None: a pre-hook's return value would replace the input
+            if "start" not in run:
+                run["start"] = copy.deepcopy(module.state_dict())
+        run["net"].register_forward_pre_hook(first_forward)
+        runs.append(run)
+        return run["net"]
+    monkeypatch.setattr(simclr, "make_backbone", backbone)
+    monkeypatch.setattr(simclr, "flip_and_crop", lambda *a, **k: runs[-1]["crops"].append(real_crop(*a, **k)) or
+                        runs[-1]["crops"][-1])
+    for weights in (init, None):
+        simclr.supervised(x[:24], y[:24], x[24:], y[24:], 3, "resnet18", "imagenet", steps=2, seed=0, device="cpu",
+                          init=weights)
+    tuned, scratch = runs
+    assert all(torch.equal(v, init[k]) for k, v in tuned["start"].items())
+    assert not any(torch.equal(p, init[k]) for k, p in tuned["net"].named_parameters())  # every weight trained
+    assert not all(torch.equal(v, init[k]) for k, v in scratch["start"].items())
+    assert len(tuned["crops"]) == 2 and all(torch.equal(a, b) for a, b in zip(tuned["crops"], scratch["crops"]))
+
+
+def test_label_efficiency_table_and_pictures_with_and_without_matplotlib(tmp_path, monkeypatch, capsys, one_thread):
     flags = [*TINY, "--epochs", "2", "--knn-every", "1", "--label-fractions", "0.1,1", "--label-draws", "2",
              "--sup-steps", "2"]
     out = tmp_path / "run"
-    seen = []  # the labels each supervised run was given, and the weights it started from
+    seen = []  # the labels each supervised run was given, the weights it started from, and its other arguments
     sup = simclr.supervised
-    monkeypatch.setattr(simclr, "supervised",
-                        lambda x, y, *a, **k: seen.append((x.clone(), y.clone(), k["init"])) or sup(x, y, *a, **k))
+    monkeypatch.setattr(simclr, "supervised", lambda x, y, *a, **k: seen.append(
+        (x.clone(), y.clone(), k["init"], a[2:], k["prep"], k["test_prep"])) or sup(x, y, *a, **k))
     res = simclr.main([*flags, "--out", str(out)])
     rows = res["label_efficiency"]["rows"]
     assert [(r["amount"], r["labels"], r["draws"]) for r in rows] == [(0.1, 10, 2), (1.0, 96, 1)]
@@ -2190,9 +2438,12 @@ def test_label_efficiency_table_and_pictures_with_and_without_matplotlib(tmp_pat
             assert r[key]["std"] == pytest.approx(np.std(runs, ddof=1) if len(runs) > 1 else 0.0)
     data = simclr.load_dataset("shapes", "data", 16, seed=0, subset=96)  # TINY's data, drawn again independently
     backbone = torch.load(out / "backbone.pt")
-    assert [init is None for _, _, init in seen] == [False, True] * 3  # fine-tuned, then from scratch, each draw
-    assert all(torch.equal(init[k], backbone[k]) for _, _, init in seen[::2] for k in backbone)  # SimCLR's weights
-    for (x, y, _), d in zip(seen[::2], (0, 1)):  # each draw of 10% got exactly its own images and labels
+    assert [run[2] is None for run in seen] == [False, True] * 3  # fine-tuned, then from scratch, each draw
+    assert all(torch.equal(run[2][k], backbone[k]) for run in seen[::2] for k in backbone)  # SimCLR's weights
+    for tuned, scratch in zip(seen[::2], seen[1::2]):  # the same images, labels, steps, seed and the rest
+        assert torch.equal(tuned[0], scratch[0]) and torch.equal(tuned[1], scratch[1]) and tuned[3:] == scratch[3:]
+    assert [run[3][4] for run in seen[::2]] == [0, 1, 0]  # seed 1000 * --seed + draw: each draw of a set its own
+    for (x, y, *_), d in zip(seen[::2], (0, 1)):  # each draw of 10% got exactly its own images and labels
         idx = simclr.label_draw(data["train_y"], 0.1, False, 0, d)
         assert torch.equal(x, data["train_x"][idx]) and torch.equal(y, data["train_y"][idx])
     assert not torch.equal(seen[0][0], seen[2][0]) and len(seen[4][1]) == 96  # two draws, then every label
