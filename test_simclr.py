@@ -2369,7 +2369,7 @@ def colour_classes(y, g, size=16):
 def test_supervised_from_scratch_learns_a_separable_problem_and_fails_on_noise(monkeypatch):
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (48 + 90,), generator=g)  # 48 labelled images, 90 test images
-    run = lambda x: simclr.supervised(x[:48], y[:48], x[48:], y[48:], 3, "resnet18", "imagenet", steps=30, seed=0,
+    run = lambda x: simclr.supervised(x[:48], y[:48], x[48:], y[48:], 3, "resnet10", "imagenet", steps=30, seed=0,
                                       device="cpu")
     state = torch.get_rng_state()
     xc = colour_classes(y, g)
