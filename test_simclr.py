@@ -60,7 +60,7 @@ def run_script(*args, timeout=300):
     return r.stdout
 
 
-TINY = ["--subset", "96", "--batch-size", "16", "--arch", "resnet18", "--img-size", "16", "--probe-steps", "5",
+TINY = ["--subset", "96", "--batch-size", "16", "--arch", "resnet10", "--img-size", "16", "--probe-steps", "5",
         "--no-baselines", "--knn-every", "0"]
 
 
@@ -339,7 +339,8 @@ def test_make_backbone_pretrained_keeps_the_imagenet_stem_at_32px(fake_imagenet_
     assert isinstance(net.maxpool, torch.nn.MaxPool2d)
     for k, v in net.state_dict().items():
         assert torch.equal(v, fake_imagenet_weights[k]), k
-    simclr.main([*TINY, "--pretrained", "--stem", "cifar", "--epochs", "0", "--out", str(tmp_path / "b")])
+    simclr.main([*TINY, "--arch", "resnet18", "--pretrained", "--stem", "cifar", "--epochs", "0",  # weights: resnet18
+                 "--out", str(tmp_path / "b")])
     assert "re-initialised" in capsys.readouterr().out
 
 
@@ -618,7 +619,7 @@ def test_pretrain_with_the_machinery_off_trains_part1s_weights_bit_for_bit(tmp_p
     args = simclr.parse_args([*flags, "--out", str(tmp_path / "run")])
     hp = simclr.HParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(simclr.HParams)})
     torch.manual_seed(0)
-    model = simclr.SimCLR(simclr.make_backbone("resnet18", args.stem), simclr.projection_head(512, 512, 128, "relu"))
+    model = simclr.SimCLR(simclr.make_backbone(args.arch, args.stem), simclr.projection_head(512, 512, 128, "relu"))
     torch.manual_seed(0)  # in the memory layout simclr_on_shapes() trains in, as Part 2 does
     simclr.train(model.to(memory_format=torch.channels_last), simclr.make_shapes(96, 16, seed=0)[0], hp,
                  log=lambda s: None)
@@ -2178,8 +2179,8 @@ def test_main_recipe_paper_trains_the_autoencoder_on_the_90_percent_and_validate
             return super().forward(x)
     monkeypatch.setattr(simclr, "AutoEncoder", Watched)
     monkeypatch.setattr(simclr, "prepare_data", lambda *a, **k: data.update(real_prepare(*a, **k)) or data)
-    simclr.main([*TINY, "--epochs", "1", "--recipe", "paper", "--head", "ae", "--ae-epochs", "1", "--ae-dim", "32",
-                 "--ae-dir", str(tmp_path / "ae"), "--out", str(tmp_path / "run")])
+    simclr.main([*TINY, "--arch", "resnet18", "--epochs", "1", "--recipe", "paper", "--head", "ae", "--ae-epochs", "1",
+                 "--ae-dim", "32", "--ae-dir", str(tmp_path / "ae"), "--out", str(tmp_path / "run")])  # resnet18: weights
     rows = lambda x: sorted(bytes(r.tolist()) for r in x.flatten(1).cpu())  # the images, in any order
     assert rows(torch.cat(seen[True])) == rows(data["images"]) and len(data["images"]) == 87
     assert rows(torch.cat(seen[False])) == rows(data["val_x"]) and len(data["val_x"]) == 9
