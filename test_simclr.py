@@ -1275,7 +1275,7 @@ def test_main_out_of_memory_an_overflow_or_a_file_size_limit_end_in_one_line_wit
         failure()
     monkeypatch.setattr(simclr, stage, fail)
     out = tmp_path / "run"
-    lr = simclr.parse_args([*TINY, "--out", str(out)]).lr  # derived from the batch size: the rate the run used
+    lr = 0.012 * math.sqrt(16 / 64)  # the rate TINY runs at: SHAPES' 0.012 at N = 64, by the square-root rule at N = 16
     assert message.format(out=out, lr=lr) in refused([*TINY, "--epochs", "1", "--out", str(out)])
     monkeypatch.setattr(simclr, stage, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # not a user's: its traceback
