@@ -760,7 +760,7 @@ def test_simclr_on_shapes_runs_part1_alone_with_the_command_lines_hyper_paramete
     (["--warmup-epochs", "-1"], "argument --warmup-epochs: must be in [0, 10000]"),
     (["--warmup-epochs", "1e308"], "argument --warmup-epochs: must be in [0, 10000]"),
     (["--knn-k", "0"], "argument --knn-k: must be >= 1"),
-    (["--label-fractions", "0.1", "--labels-per-class", "5"], "exclude each other"),
+    (["--label-fractions", "0.1", "--labels-per-class", "5"], "--labels-per-class: not allowed with argument --label-fr"),
     (["--label-fractions", "0"], "argument --label-fractions: must be in (0, 1] (got 0.0)"),
     (["--label-fractions", "0.1,1.5"], "argument --label-fractions: must be in (0, 1] (got 1.5)"),
     (["--label-fractions", "0.1,,1"], "argument --label-fractions: takes comma-separated numbers"),
@@ -779,7 +779,7 @@ def test_simclr_on_shapes_runs_part1_alone_with_the_command_lines_hyper_paramete
     (["--proj-out", "10000000000"], "argument --proj-out: must be in 1..65536"),
     (["--device", "tpu"], "--device tpu: not a device; use cuda, cuda:N, mps or cpu"),
     (["--device", "mps"], "--device mps: this machine has no such device; use --device cpu"),
-    (["--resume", ""], "--resume needs the folder of a saved run (got '')"),
+    (["--resume", ""], "argument --resume: give the name of a folder (got '')"),
     (["--ae-epochs", "5"], "--ae-epochs only applies to --head ae"),
     (["--ae-dir", "{dir}"], "--ae-dir only applies to --head ae"),
     (["--out", ""], "argument --out: give the name of a folder (got '')"),
@@ -1363,9 +1363,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, path):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _gather_part(rank, world, path):
+    """global_forward on this process's half of a batch of z: the loss and the gradients of its rows."""
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
     n = 8 // world
@@ -1374,24 +1373,7 @@ def _ddp_worker(rank, world, port, path):
     z = simclr.global_forward(lambda views: views, rank, world)(torch.cat([a, b]))  # (16, 5): the global batch
     loss = simclr.nt_xent(z[:8], z[8:], 0.3)
     loss.backward()
-    torch.save(dict(loss=loss.detach(), ga=a.grad, gb=b.grad), os.path.join(path, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def test_global_forward_gives_every_process_the_global_loss_and_its_gradient(tmp_path):
-    """2 gloo processes, each with half of the batch: each computes the single-process loss of the whole batch, and
-    gets world x the matching rows of its gradient (the gather's backward sums the processes' gradients; DDP's mean
-    divides it back). A gather without gradient gives the wrong gradients here."""
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
-    g = torch.Generator().manual_seed(0)
-    z1, z2 = torch.randn(8, 5, generator=g).requires_grad_(), torch.randn(8, 5, generator=g).requires_grad_()
-    loss = naive_nt_xent(z1, z2, 0.3)
-    loss.backward()
-    for rank in range(2):
-        r = torch.load(tmp_path / f"rank{rank}.pt")
-        assert r["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
-        torch.testing.assert_close(r["ga"], 2 * z1.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(r["gb"], 2 * z2.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
+    torch.save(dict(loss=loss.detach(), ga=a.grad, gb=b.grad), os.path.join(path, f"gather{rank}.pt"))
 
 
 STEP_HP = dict(lr=0.5, momentum=0.9, wd=0.1, decay_norm_and_bias=False)
@@ -1400,11 +1382,9 @@ STEP_HP = dict(lr=0.5, momentum=0.9, wd=0.1, decay_norm_and_bias=False)
 GLOBAL_VIEWS = torch.randn(2 * 8, 3, 6, 6, generator=torch.Generator().manual_seed(4))  # rows i, i + 8: a pair
 
 
-def _ddp_step_worker(rank, world, port, path):
+def _step_part(rank, world, path):
+    """Two training steps (DDP, global BatchNorm, the gathered NT-Xent) on this process's half of GLOBAL_VIEWS."""
     import argparse
-    import functools
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model = simclr.sync_batchnorm(small_simclr(), torch.device("cpu"))
     forward = torch.nn.parallel.DistributedDataParallel(model)
     opt = simclr.optimizer(model, argparse.Namespace(**STEP_HP))
@@ -1412,28 +1392,11 @@ def _ddp_step_worker(rank, world, port, path):
     views = torch.cat([GLOBAL_VIEWS[rank * n:(rank + 1) * n], GLOBAL_VIEWS[8 + rank * n:8 + (rank + 1) * n]])
     for _ in range(2):  # the second step uses the momentum of the first
         simclr.sgd_step(simclr.global_forward(forward, rank, world), views, opt, 0.5)
-    torch.save(model.state_dict(), os.path.join(path, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    torch.save(model.state_dict(), os.path.join(path, f"step{rank}.pt"))
 
 
-def test_sgd_step_of_two_processes_is_the_step_of_one_on_the_global_batch(tmp_path):
-    """One training step of 2 gloo processes (DDP, global BatchNorm, the gathered NT-Xent), each on its half of the
-    batch, ends with the weights and BatchNorm statistics of the same step in one process on the whole batch."""
-    import argparse
-    torch.multiprocessing.spawn(_ddp_step_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
-    model = small_simclr()
-    opt = simclr.optimizer(model, argparse.Namespace(**STEP_HP))
-    for _ in range(2):
-        simclr.sgd_step(model, GLOBAL_VIEWS, opt, 0.5)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        for k, v in model.state_dict().items():
-            torch.testing.assert_close(got[k].to(v.dtype), v, rtol=1e-5, atol=1e-6, msg=f"{k}, rank {rank}")
-
-
-def _sync_bn_worker(rank, world, port, path):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _sync_bn_part(rank, world, path):
+    """sync_batchnorm's BatchNorm on this process's half of a batch: its output, gradients, running statistics."""
     x = torch.randn(6, 3, 4, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1  # the global batch
     n = 6 // world
     net = simclr.sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device("cpu"))
@@ -1444,37 +1407,11 @@ def _sync_bn_worker(rank, world, port, path):
     (out * torch.arange(out.numel()).view_as(out)).sum().backward()  # this rank's share of a global loss
     torch.save(dict(kind=type(net[0]).__name__, out=out.detach(), gx=mine.grad, gw=net[0].weight.grad,
                     gb=net[0].bias.grad, mean=net[0].running_mean, var=net[0].running_var),
-               os.path.join(path, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+               os.path.join(path, f"bn{rank}.pt"))
 
 
-def test_sync_batchnorm_on_cpu_processes_equals_batchnorm_on_the_global_batch(tmp_path):
-    """2 gloo processes, each with half of a batch: outputs, input gradients and running statistics equal one
-    nn.BatchNorm2d on the whole batch, and the summed weight gradients equal its weight gradient."""
-    torch.multiprocessing.spawn(_sync_bn_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
-    x = (torch.randn(6, 3, 4, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1).requires_grad_()
-    bn = torch.nn.BatchNorm2d(3)
-    torch.manual_seed(1)
-    torch.nn.init.uniform_(bn.weight), torch.nn.init.uniform_(bn.bias)
-    out = bn(x)
-    weights = torch.arange(out[:3].numel()).view_as(out[:3])
-    (torch.cat([out[:3] * weights, out[3:] * weights])).sum().backward()
-    r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
-    assert r[0]["kind"] == "SyncBatchNormCPU"
-    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    close(torch.cat([r[0]["out"], r[1]["out"]]), out.detach())
-    close(torch.cat([r[0]["gx"], r[1]["gx"]]), x.grad)
-    close(r[0]["gw"] + r[1]["gw"], bn.weight.grad)
-    close(r[0]["gb"] + r[1]["gb"], bn.bias.grad)
-    for i in range(2):
-        close(r[i]["mean"], bn.running_mean)
-        close(r[i]["var"], bn.running_var)
-
-
-def _main_worker(rank, world, port, path):
-    """simclr.main as one of `world` torchrun processes, recording what it trained."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two processes on two cores
+def _main_part(rank, world, path):
+    """simclr.main as one of `world` torchrun processes (their variables set), recording what it trained."""
     calls, real = [], simclr.train_autoencoder
     simclr.train_autoencoder = lambda *a, **k: calls.append(rank) or real(*a, **k)
     models, real_build = [], simclr.build_model
@@ -1486,16 +1423,87 @@ def _main_worker(rank, world, port, path):
     bn = sorted({type(m).__name__ for m in models[0].modules() if "BatchNorm" in type(m).__name__})
     trained = {k: v for k, v in models[0].state_dict().items() if k.startswith(("backbone.conv1.", "head.2."))}
     torch.save(dict(ae_trained=calls, bn=bn, embedding=models[0].head[0].weight.detach(), trained=trained,
-                    losses=[(n, loss.item()) for n, loss in losses]), os.path.join(path, f"rank{rank}.pt"))
+                    losses=[(n, loss.item()) for n, loss in losses]), os.path.join(path, f"main{rank}.pt"))
 
 
-def test_main_under_torchrun_trains_one_model_on_the_global_loss_with_global_bn_and_one_autoencoder(tmp_path):
+def _two_process_worker(rank, world, ports, path):
+    """One of 2 gloo processes: the three pieces of multi-process training, then simclr.main under torchrun's
+    variables (one spawn for all: each process start imports torch and torchvision, seconds on 2 cores)."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)  # two processes on two cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=world)
+    for part in (_gather_part, _step_part, _sync_bn_part):
+        part(rank, world, path)
+    dist.destroy_process_group()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[1]))
+    _main_part(rank, world, path)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The folder of _two_process_worker's results, each file written by one rank."""
+    path = tmp_path_factory.mktemp("two_processes")
+    torch.multiprocessing.spawn(_two_process_worker, args=(2, (free_port(), free_port()), str(path)), nprocs=2)
+    return path
+
+
+def test_global_forward_gives_every_process_the_global_loss_and_its_gradient(two_processes):
+    """2 gloo processes, each with half of the batch: each computes the single-process loss of the whole batch, and
+    gets world x the matching rows of its gradient (the gather's backward sums the processes' gradients; DDP's mean
+    divides it back). A gather without gradient gives the wrong gradients here."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 5, generator=g).requires_grad_(), torch.randn(8, 5, generator=g).requires_grad_()
+    loss = naive_nt_xent(z1, z2, 0.3)
+    loss.backward()
+    for rank in range(2):
+        r = torch.load(two_processes / f"gather{rank}.pt")
+        assert r["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+        torch.testing.assert_close(r["ga"], 2 * z1.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r["gb"], 2 * z2.grad[rank * 4:(rank + 1) * 4].float(), rtol=1e-4, atol=1e-6)
+
+
+def test_sgd_step_of_two_processes_is_the_step_of_one_on_the_global_batch(two_processes):
+    """One training step of 2 gloo processes (DDP, global BatchNorm, the gathered NT-Xent), each on its half of the
+    batch, ends with the weights and BatchNorm statistics of the same step in one process on the whole batch."""
+    import argparse
+    model = small_simclr()
+    opt = simclr.optimizer(model, argparse.Namespace(**STEP_HP))
+    for _ in range(2):
+        simclr.sgd_step(model, GLOBAL_VIEWS, opt, 0.5)
+    for rank in range(2):
+        got = torch.load(two_processes / f"step{rank}.pt")
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got[k].to(v.dtype), v, rtol=1e-5, atol=1e-6, msg=f"{k}, rank {rank}")
+
+
+def test_sync_batchnorm_on_cpu_processes_equals_batchnorm_on_the_global_batch(two_processes):
+    """2 gloo processes, each with half of a batch: outputs, input gradients and running statistics equal one
+    nn.BatchNorm2d on the whole batch, and the summed weight gradients equal its weight gradient."""
+    x = (torch.randn(6, 3, 4, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1).requires_grad_()
+    bn = torch.nn.BatchNorm2d(3)
+    torch.manual_seed(1)
+    torch.nn.init.uniform_(bn.weight), torch.nn.init.uniform_(bn.bias)
+    out = bn(x)
+    weights = torch.arange(out[:3].numel()).view_as(out[:3])
+    (torch.cat([out[:3] * weights, out[3:] * weights])).sum().backward()
+    r = [torch.load(two_processes / f"bn{i}.pt") for i in range(2)]
+    assert r[0]["kind"] == "SyncBatchNormCPU"
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    close(torch.cat([r[0]["out"], r[1]["out"]]), out.detach())
+    close(torch.cat([r[0]["gx"], r[1]["gx"]]), x.grad)
+    close(r[0]["gw"] + r[1]["gw"], bn.weight.grad)
+    close(r[0]["gb"] + r[1]["gb"], bn.bias.grad)
+    for i in range(2):
+        close(r[i]["mean"], bn.running_mean)
+        close(r[i]["var"], bn.running_var)
+
+
+def test_main_under_torchrun_trains_one_model_on_the_global_loss_with_global_bn_and_one_autoencoder(two_processes):
     """simclr.main as 2 gloo processes (batch 16, 8 images each): every step's NT-Xent is that of the 16 images, the
     same value in both (the gathered loss, not each process's own), and after the epoch both hold the same weights,
     first layer to last (DDP's averaged gradients: without it each would step on its own half); rank 0 alone trains
     the autoencoder, whose embedding both use; BatchNorm is global."""
-    torch.multiprocessing.spawn(_main_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
-    r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    r = [torch.load(two_processes / f"main{i}.pt") for i in range(2)]
     assert len(r[0]["losses"]) == 6 and {n for n, _ in r[0]["losses"] + r[1]["losses"]} == {16}  # 96 images / 16
     assert [loss for _, loss in r[0]["losses"]] == pytest.approx([loss for _, loss in r[1]["losses"]], rel=1e-6)
     for k, v in r[0]["trained"].items():
