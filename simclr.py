@@ -771,10 +771,11 @@ def build_parser():
     a("--knn-every", type=NONNEGATIVE_INT, default=5, help="kNN monitor every this many epochs (0: at the end only)")
     a("--knn-k", type=COUNT, default=200, help="neighbours of the weighted kNN")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
-    a = p.add_argument_group("few labels and pictures").add_argument
-    a("--label-fractions", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]", many=True), metavar="F,F,...",
+    group = p.add_argument_group("few labels and pictures")
+    a, either = group.add_argument, group.add_mutually_exclusive_group().add_argument  # fractions, or counts per class
+    either("--label-fractions", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]", many=True), metavar="F,F,...",
       help="train on these fractions of the labels, e.g. 0.01,0.1,1 (default: off)")
-    a("--labels-per-class", type=number(int, lambda v: v >= 1, "at least 1", many=True), metavar="K,K,...",
+    either("--labels-per-class", type=number(int, lambda v: v >= 1, "at least 1", many=True), metavar="K,K,...",
       help="train on K labels of every class (default: off)")
     a("--label-draws", type=number(int, lambda v: 1 <= v <= 1000, "in 1..1000"), default=3, help="draws per label set")
     a("--sup-steps", type=COUNT, default=500, help="SGD steps of fine-tuning and of training from scratch")
@@ -786,7 +787,7 @@ def build_parser():
     a("--seed", type=number(int, lambda v: 0 <= v < 2 ** 32, "in 0..4294967295"), default=HParams.seed,
       help="seeds the weights, the augmentations and the epochs' order")
     a("--out", type=path(), help="output directory (default: runs/<dataset>-<head>-<act>-<time>)")
-    a("--resume", metavar="DIR", help="continue the run saved in DIR")
+    a("--resume", metavar="DIR", type=path(), help="continue the run saved in DIR")
     a("--dry-run", action="store_true", help="run every stage for a couple of steps on a few images")
     a("--subset", type=number(int, lambda v: v >= 2, "at least 2"), help="draw this many images of each split")
     a("--no-sync-bn", action="store_true", help="under torchrun: BatchNorm statistics per process, not global")
@@ -813,8 +814,6 @@ def resolve_args(args):
     for flag, (key, value, why) in ONLY_FOR.items():  # a flag that would be ignored is refused
         if getattr(args, flag) not in (None, False) and getattr(args, key) != value:
             die(f"--{flag.replace('_', '-')} only applies to --{key} {value} ({why.format(getattr(args, flag))})")
-    if args.label_fractions is not None and args.labels_per_class is not None:
-        die("--label-fractions and --labels-per-class exclude each other: give fractions, or counts per class")
     args.label_amounts = args.label_fractions or args.labels_per_class or []  # the few-labels stage's label sets
     if args.label_amounts and args.eval == "paper":
         die("--label-fractions / --labels-per-class draw train-split labels, which --eval paper (set by --recipe "
@@ -884,11 +883,9 @@ def differences(saved, args, source, ignore=frozenset()):
 
 
 def parse_args(argv):
-    """The flags and the values computed from them. A run saves its command line, `argv`, with the resolved --out
-    and --device (and a folder's image side). --resume DIR parses DIR's again, every flag's rule checking it anew,
-    with the flags typed now: another device, a picture to draw, after a stop on a non-finite loss a new --lr or
-    --tau. Refused: a flag that changes the run, a config.json its command line does not give (a hand edit), a
-    checkpoint saved with other settings than config.json's."""
+    """The flags and the values computed from them; args.argv is the command line with the resolved --out and --device
+    (and a folder's image side). --resume DIR parses DIR's saved one again, by every flag's rule, with the flags typed
+    now that change no setting (after a stop on a non-finite loss: a new --lr or --tau)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume is None:
@@ -897,8 +894,6 @@ def parse_args(argv):
         args.argv = [*argv, "--out", args.out, "--device", args.device, *folder]
         return args
     cfg_path = os.path.join(args.resume, "config.json")
-    if not args.resume:
-        die("--resume needs the folder of a saved run (got '')")
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         die(f"--resume {args.resume} --out {args.out}: a resumed run goes on in its own folder; drop --out")
     try:
@@ -991,9 +986,8 @@ def resume_command(args, *flags):
 
 
 def open_run_dir(args, stack):
-    """Create --out and lock it for the whole run (the lock goes with the process, even killed). The lock file is the
-    run's first write: a folder that cannot be written stops the run here. A new run refuses a folder with a run. The
-    temporary files of writes that a kill cut short are removed: under the lock no other run writes here."""
+    """Create --out and lock it for the whole run (the lock goes with the process, even killed); a new run refuses a
+    folder with a run. Under the lock no other run writes here: the temporary files of killed writes are removed."""
     os.makedirs(args.out, exist_ok=True)
     lock = stack.enter_context(open(os.path.join(args.out, ".lock"), "w"))
     try:
@@ -1016,9 +1010,8 @@ def peek(path):
 
 
 def check_saved_config(path, args):
-    """A checkpoint holds the config of the run that saved it (a new --lr or --tau after a stop on divergence is
-    appended to its argv): another one, from a config.json edited since or a checkpoint of another run, stops the
-    resume naming each difference. A checkpoint that cannot be read is left to its stage's load, which says so."""
+    """A checkpoint holds its run's config: one that differs from args (a config.json edited since, another run's
+    checkpoint) stops the resume, naming each difference; an unreadable one is left to its stage's load."""
     c = peek(path).get("config")
     if not isinstance(c, dict):
         return
@@ -1061,8 +1054,8 @@ def load_checkpoint(path, state, what, rank=0, check=lambda c: None):
 
 
 def resume_checkpoint(model, args, proc):
-    """The run's training state: its model and optimizer, the epochs trained, their metrics and the paper's best
-    backbone; with --resume, as checkpoint.pt holds them (and metrics.jsonl rewritten: a killed run may lack a line)."""
+    """The run's training state (model, optimizer, epochs trained, their metrics, the paper's best backbone); with
+    --resume, checkpoint.pt's, and metrics.jsonl rewritten from it (a killed run may lack a line)."""
     state = dict(model=model, optimizer=optimizer(model, args), epoch=0, metrics=[], best_backbone=None)
     path = os.path.join(args.out, "checkpoint.pt")
 
@@ -1165,8 +1158,8 @@ def try_compile(fn, example, name, model=None, amp=nullcontext, log=print):
 
 
 def channels_last(x):
-    """Images (N, C, H, W) in the (N, H, W, C) memory layout, in which oneDNN's and cuDNN's convolutions are fastest
-    (the model's weights are in it too); on other devices as they are."""
+    """Images (N, C, H, W) in the (N, H, W, C) memory layout of the model's weights, where oneDNN's and cuDNN's
+    convolutions are fastest."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type in ("cuda", "cpu") else x
 
 
@@ -1187,9 +1180,8 @@ def step_functions(forward, model, example, args, amp, log=print, prep=normalize
 # ----------------------------------------------------------------------------------------------------------
 
 def global_forward(forward, rank, world):
-    """forward(views) -> z of the global batch (2N, out): view 1 of every process's images, then view 2, with
-    gradient. NT-Xent then sees every process's negatives (Sec. 2.2 of SimCLR), every process computes the same loss,
-    and DDP's mean of the processes' gradients is its gradient."""
+    """forward(views) -> z of the global batch (2N, out), view 1 of every process's images then view 2, with gradient:
+    NT-Xent sees every process's negatives (Sec. 2.2 of SimCLR), and DDP's mean gradient is the global loss's."""
     def gather(z):  # (n, D) -> (world n, D): its rows at its offset, zeros elsewhere, summed over the processes
         return dist_nn.all_reduce(F.pad(z, (0, 0, rank * len(z), (world - rank - 1) * len(z))))  # backward: a sum
     return lambda views: torch.cat([gather(z) for z in forward(views).chunk(2)])
@@ -1589,8 +1581,8 @@ def autoencoder_cache(args):
 
 
 def autoencoder_embedding(data, args, proc):
-    """The ae head's first layer: the embedding of an autoencoder trained on the train split (by rank 0 under
-    torchrun, then sent to all), or read from its cache in --ae-dir. Recipe paper: on SimCLR's own split."""
+    """The ae head's first layer: the embedding of an autoencoder trained on the train split (recipe paper: on SimCLR's
+    90%) by rank 0 and sent to all, or read from its cache in --ae-dir."""
     images, val_images = (data["pool"], None) if data["val_x"] is None else (data["images"], data["val_x"])
     ae, path, log, cached = AutoEncoder(images[0].numel(), args.ae_dim), autoencoder_cache(args), proc.log, False
     if os.path.exists(path) and not args.dry_run:  # a dry run trains a tiny one of its own, never cached
@@ -1634,8 +1626,8 @@ def build_model(args, embedding, proc):
 
 
 def sgd_step(forward, views, opt, tau, amp=nullcontext):
-    """The step of Part 1's train() for any forward (views -> z: the model, compiled, under DDP and gathered, each view
-    alone) and precision: z, NT-Xent (in fp32, outside autocast), backward, SGD step. Returns the loss on the device."""
+    """Part 1's step for any forward (views -> z: compiled, under DDP and gathered, each view alone) and precision:
+    z, NT-Xent (fp32, outside autocast), backward, SGD step. Returns the loss on the device."""
     with amp():
         z = forward(views)  # (2N, out), the global batch's under torchrun
     N = len(z) // 2
@@ -1654,10 +1646,9 @@ def fmt_time(s):
 
 
 def pretrain(data, args, proc, state):
-    """Part 1's train() with the machinery: bf16 autocast and torch.compile; under torchrun DistributedDataParallel,
-    each process's share of every batch and the global batch's loss; recipe paper's once-an-epoch schedule and each
-    view alone through the backbone; a resumed run's state; progress inside long epochs; end_of_epoch after each.
-    With all of it off it trains Part 1's weights, bit for bit (a test checks). Returns the pre-training seconds."""
+    """Part 1's train() with the machinery: bf16 autocast, torch.compile, DDP with each process's share of a batch and
+    the global loss, the paper's recipe, a resumed state, progress inside long epochs, end_of_epoch after each. With
+    all of it off, Part 1's weights bit for bit (a test checks). Returns the pre-training seconds."""
     model, opt, device, world, log = state["model"], state["optimizer"], proc.device, proc.world, proc.log
     amp = autocast_for(device, args.precision)
     images = data["images"][:2 * args.batch_size] if args.dry_run else data["images"]  # a dry run: two steps
@@ -1713,7 +1704,7 @@ def pretrain(data, args, proc, state):
 
 def end_of_epoch(losses, m, state, data, args, proc):
     """After an epoch: a stop on a non-finite loss or weight, a warning on a collapsed embedding, the paper's validation
-    loss (the best epoch's backbone kept), the kNN monitor; then checkpoint.pt (every process's RNG) and metrics."""
+    loss (the best epoch's backbone kept), the kNN monitor; then checkpoint.pt and metrics.jsonl."""
     model, epoch = state["model"], m["epoch"] - 1
     bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if not math.isfinite(m["loss"]) or bad:  # stop; the folder keeps its last good checkpoint
@@ -1749,8 +1740,8 @@ def end_of_epoch(losses, m, state, data, args, proc):
 
 @torch.no_grad()
 def validation_loss(model, val_x, args, prep):
-    """The paper's validation loss: NT-Xent of identical un-augmented views, in eval mode, averaged over the whole
-    batches (its loader drops the last one; with fewer images than a batch, they are the one)."""
+    """The paper's validation loss: NT-Xent of identical un-augmented views in eval mode, the mean over whole batches
+    (its loader drops the last; fewer images than a batch are one)."""
     model.eval()
     device, n = next(model.parameters()).device, paper_split(len(val_x), args.batch_size)[0]
     z = [model(prep(to_device(x, device))) for x in val_x[:n].split(args.batch_size)]  # each (N, out)
@@ -1771,8 +1762,7 @@ RAW_PIXELS_MAX = 32  # the raw-pixel baseline's side: n x 3HW floats at 128 px w
 
 
 def pixel_features(images, device, side=RAW_PIXELS_MAX, batch=1024):
-    """The raw-pixel baseline: uint8 (n, 3, H, W) -> [0, 1], area-averaged down to side x side when larger,
-    flattened: (n, 3 min(H, side)^2)."""
+    """The raw-pixel baseline: uint8 (n, 3, H, W) -> [0, 1], area-averaged to side x side: (n, 3 min(H, side)^2)."""
     x = [to_device(x, device).float() / 255 for x in images.split(batch)]
     return torch.cat([(F.adaptive_avg_pool2d(b, side) if b.shape[-1] > side else b).flatten(1) for b in x])
 
@@ -1798,7 +1788,7 @@ def random_init_name(args):
 
 def evaluate_with_baselines(features, data, args, train_s, log=print):
     """Linear and kNN top-1 of SimCLR's backbone, then of raw pixels and a random-init backbone, into results.json as
-    each number comes; a baseline that runs out of memory is skipped, not the run."""
+    each comes; a baseline that runs out of memory is skipped, not the run."""
     path, names = os.path.join(args.out, "results.json"), {} if args.no_baselines else dict(
         raw_pixels=f"raw pixels ({min(args.img_size, RAW_PIXELS_MAX)}px)", random_init=random_init_name(args))
     evaluate_h = lambda h: evaluate(h[0], data["train_y"], h[1], data["test_y"], data["classes"], args.eval,
@@ -2113,9 +2103,8 @@ def bench(model, data, args, device, log=print):
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    """The command line: a run's stages (run), and every way it can stop said in one line with what to do: a mistake,
-    a file that cannot be written or read, memory run out (exit 2), Ctrl-C or SIGTERM (exit 130, with the command to
-    continue)."""
+    """The command line: a run's stages (run), and every way it can stop in one line with what to do: a mistake, a
+    file that cannot be written or read, memory run out (exit 2), Ctrl-C or SIGTERM (exit 130, how to continue)."""
     for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped, whatever the terminal takes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
