@@ -1255,7 +1255,11 @@ def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabele
         return dict(pretrain=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=10)
     data = read_dataset(name, root, size, download, stl10_pretrain, paper)
     unlabeled, n_train, C = data.pop("unlabeled"), len(data["train_y"]), data["classes"]
-    for split, y in (("train", data["train_y"]), ("test", data["test_y"])):  # else the run would stop after training
+    for split in ("train", "test"):  # else the run would stop after training
+        x, y = data[f"{split}_x"], data[f"{split}_y"]
+        if len(x) != len(y):  # two files, each whole, of two splits (or two downloads)
+            die(f"--dataset {name}: its {split} split holds {len(x)} images but {len(y)} labels: put the files of one "
+                f"split in {root}")
         if ((y < 0) | (y >= C)).any():
             die(f"--dataset {name}: its {split} labels hold {int(y[(y < 0) | (y >= C)][0])}, outside 0..{C - 1}: put "
                 f"its own label files in {root}")
@@ -1314,10 +1318,6 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
             elif problem and os.path.exists(path):
                 die(f"{path} {problem}; delete it, then put the right file there, whole, or run without --no-download")
         tr, te = (tv(D.FashionMNIST, train=b) for b in (True, False))
-        for split, ds in (("train", tr), ("t10k", te)):  # two files, each whole, may still be of two splits
-            if len(ds.data) != len(ds.targets):
-                die(f"{raw}: {split}-images-idx3-ubyte holds {len(ds.data)} images but {split}-labels-idx1-ubyte "
-                    f"{len(ds.targets)} labels; put the two files of one split there")
         x = lambda ds: ds.data.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (n, 28, 28) -> (n, 3, 28, 28)
         y, unlabeled = lambda ds: ds.targets, None
     if name in ("cifar10", "cifar100", "stl10", "fashion-mnist"):  # arrays: (n, 3, H, W) uint8 at once
@@ -1350,23 +1350,20 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
 
 
 def idx_problem(path, ndim):
-    """What is wrong with an idx file of `ndim` dimensions (a magic 0, 0, 8 (bytes), then the number of dimensions,
-    each a big-endian uint32, then a byte per value), or '' when it holds the items and every byte its header
-    promises."""
+    """What is wrong with an idx file of `ndim` dimensions (bytes 0, 0, 8, ndim, each dimension a big-endian uint32,
+    then a byte per value), or '' when it holds the items and every byte its header promises."""
     with open(path, "rb") as f:
-        magic = f.read(4)
-        dims = [int.from_bytes(f.read(4), "big") for _ in range(magic[3] if len(magic) == 4 else 0)]
-    size, header = os.path.getsize(path), 4 + 4 * len(dims)
-    if len(magic) < 4 or size < header:
+        head = f.read(4 + 4 * ndim)
+    magic, size = bytes([0, 0, 8, ndim]), os.path.getsize(path)
+    if head[:4] != magic:  # Fashion-MNIST's images are (n, 28, 28), its labels (n,)
+        return f"is not an idx file of {ndim}-d bytes (it starts {head[:4].hex()}, not {magic.hex()})"
+    if len(head) < 4 + 4 * ndim:
         return "is cut short inside its header"
-    if magic[:3] != b"\0\0\x08" or not dims:
-        return f"is not an idx file of bytes (its header starts {magic.hex()})"
-    if len(dims) != ndim:  # Fashion-MNIST's images are (n, 28, 28), its labels (n,)
-        return f"has {len(dims)} dimension(s), not {ndim} (a{' labels' if ndim == 3 else 'n images'} file?)"
-    expected = header + math.prod(dims)
-    if dims[0] == 0 or size == expected:
-        return "holds no items" if dims[0] == 0 else ""
-    return f"is {'cut short' if size < expected else 'longer than its header says'} ({size} bytes, not {expected})"
+    dims = [int.from_bytes(head[i:i + 4], "big") for i in range(4, len(head), 4)]
+    expected = len(head) + math.prod(dims)
+    if size != expected:
+        return f"is {'cut short' if size < expected else 'longer than its header says'} ({size} bytes, not {expected})"
+    return "" if dims[0] else "holds no items"
 
 
 def pil_to_uint8(ds, size, banner=0, square=False):
