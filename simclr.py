@@ -1411,30 +1411,30 @@ def folder_image_side(root, largest):
     """--dataset folder without --img-size: the median short side of (up to 1,000 of) its train images, at most
     `largest`, so that small images are not upscaled into a slow run that learns nothing new."""
     sides = []
-    for dirpath, files in walk_folder(root, ("train",)):
-        for f in files[:1000 - len(sides)]:  # PIL reads the header only; what is not an image, loading names
-            with contextlib.suppress(Exception), PIL.Image.open(os.path.join(dirpath, f)) as img:
-                sides.append(min(img.size))
+    for path in folder_files(root, ("train",))[:1000]:  # PIL reads the header only; what is not an image, loading names
+        with contextlib.suppress(Exception), PIL.Image.open(path) as img:
+            sides.append(min(img.size))
     return max(8, min(largest, int(np.median(sides)))) if sides else largest
 
 
-def walk_folder(root, splits=("train", "test")):
-    """(folder, its files) under root/<split>, links followed as ImageFolder follows them (a class may link to images
-    elsewhere); a folder reached twice stops the run: a link back up (train/cat/loop -> ..) would read its images
-    again and again, a test class linked to a train one would test on the training images."""
-    seen = {}
+def folder_files(root, splits=("train", "test")):
+    """The files under root/<split>, links followed as ImageFolder follows them (a class may link to images elsewhere).
+    A folder reached twice stops the run: a link back up (train/cat/loop -> ..) would read its images again and again,
+    a test class linked to a train one would test on the training images."""
+    seen, files = {}, []
     for split in splits:
-        for dirpath, _, files in os.walk(os.path.join(root, split), followlinks=True):
+        for dirpath, _, names in os.walk(os.path.join(root, split), followlinks=True):
             real = os.path.realpath(dirpath)
             if real in seen:
                 die(f"--dataset folder: {dirpath} is {seen[real]} again, through a link; remove the link")
             seen[real] = dirpath
-            yield dirpath, files
+            files += [os.path.join(dirpath, f) for f in names]
+    return files
 
 
 def folder_key(root):
     """A folder's cache key: its path, number of files and newest modification time (a changed image: a new cache)."""
-    files = [os.path.join(dirpath, f) for dirpath, fs in walk_folder(root) for f in fs]
+    files = folder_files(root)
     newest = max((os.stat(f).st_mtime for f in files if os.path.exists(f)), default=0.0)  # not a link to nothing
     return hashlib.sha1(f"{os.path.abspath(root)}|{len(files)}|{newest}".encode()).hexdigest()[:12]
 
@@ -1446,10 +1446,9 @@ def load_folder(root):
     except OSError as e:  # no such folder, no class folder, one without an image it reads, one that cannot be read
         die(f"--dataset folder: {e}. --data-dir needs train/<class>/<images> and test/<class>/<images>: put images "
             "into every class folder, or remove the empty ones")
-    if len(tr.classes) < 2:
-        die(f"--dataset folder: {root}/train has {len(tr.classes)} class folder(s); a classifier needs at least 2")
-    if tr.classes != te.classes:
-        die(f"--dataset folder: train/ classes {tr.classes} differ from test/ classes {te.classes}")
+    if len(tr.classes) < 2 or tr.classes != te.classes:
+        die(f"--dataset folder: train/ holds the classes {tr.classes}, test/ {te.classes}; a classifier needs the same "
+            "classes, at least 2, in both")
     return tr, te
 
 
