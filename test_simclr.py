@@ -2051,6 +2051,23 @@ def test_paper_probe_steps_its_plateau_on_the_last_batch_loss(monkeypatch):
         assert len(epoch) == 4 and events[i][1] != pytest.approx(sum(e[1] * e[2] for e in epoch) / 100, rel=1e-3)
 
 
+def test_paper_probe_tests_the_epoch_of_lowest_validation_loss(monkeypatch):
+    """Validation losses scripted lowest at epoch 3 of 6: the probe's top-1 is that of a 3-epoch run (the training
+    does not depend on them), not the 6th epoch's."""
+    g = torch.Generator().manual_seed(0)
+    h, y = torch.randn(140, 8, generator=g), torch.randint(0, 3, (140,), generator=g)
+    real_ce = F.cross_entropy
+
+    def probe(val_losses):
+        script = iter(val_losses)
+        monkeypatch.setattr(F, "cross_entropy", lambda logits, t: real_ce(logits, t) if torch.is_grad_enabled() else
+                            torch.tensor(next(script)))
+        return simclr.paper_probe(h[:100], y[:100], h[100:120], y[100:120], h[120:], y[120:], 3, epochs=len(val_losses),
+                                  lr=0.5)
+    third, sixth = probe([3, 2, 1]), probe([6, 5, 4, 3, 2, 1])
+    assert probe([3, 2, 1, 2, 3, 4]) == third != sixth
+
+
 @pytest.mark.parametrize("n,batch", [(1010, 100), (10_000, 512)])
 def test_evaluate_paper_splits_the_whole_batches_of_the_test_features_70_10_20(monkeypatch, n, batch):
     """The paper's loader drops the last batch of the test features (1000 of 1010 at batch 100, Fashion-MNIST's 9728
