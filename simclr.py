@@ -1491,28 +1491,26 @@ def prepare_data(args, proc):
             f"--eval standard)")
     if args.labels_per_class and max(args.label_amounts) > smallest:
         die(f"--labels-per-class {max(args.label_amounts)}: the smallest class has {smallest} train images")
-    splits = {k: v for k, v in dict(images=images, val_x=val_x, train_x=train_x, test_x=test_x).items()
-              if v is not None}
-    return dict(splits, val_x=val_x, pool=pool, train_y=data["train_y"].to(device), test_y=data["test_y"].to(device),
-                classes=data["classes"], prep=input_preps(args, splits, pool))
+    return dict(images=images, val_x=val_x, train_x=train_x, test_x=test_x, pool=pool, classes=data["classes"],
+                train_y=data["train_y"].to(device), test_y=data["test_y"].to(device),
+                prep=input_preps(args, pool, test_x))
 
 
-def input_preps(args, splits, pool):
+def input_preps(args, pool, test_x):
     """Each split's images into the backbone's input: ImageNet's channel statistics (recipe simclr), ToTensor's [0, 1]
-    values (recipe paper: mean 0, std 1), or with --standardize the paper's STANDARDIZE: per channel, the mean over
-    the images of each one's mean and std, for both parts of a split those of all of it (its code unwraps Subsets)."""
+    values (recipe paper), or with --standardize the paper's STANDARDIZE: per channel, the mean over the images of
+    each one's mean and std, for both parts of a split those of all of it (its code unwraps Subsets)."""
     if args.recipe != "paper":
-        return dict.fromkeys(splits, normalize)
+        return dict.fromkeys(("images", "val_x", "train_x", "test_x"), normalize)
+    unit = functools.partial(normalize, mean=(0, 0, 0), std=(1, 1, 1))  # ToTensor's values as they are
 
     def stats(x):  # per image and channel over H x W, 1,000 images (b, 3, H, W) at a time; then their mean
-        if not args.standardize:
-            return functools.partial(normalize, mean=(0, 0, 0), std=(1, 1, 1))
         m, s = (sum(f(b.double() / 255, (2, 3)).sum(0) for b in x.split(1000)) / len(x)
                 for f in (torch.mean, torch.std))
         return functools.partial(normalize, mean=m.tolist(), std=s.tolist())
-    train, test = stats(pool), stats(splits["test_x"])
-    from_test = ("test_x", "val_x") if args.dataset in PAPER_VALIDATES_ON_TEST else ("test_x",)
-    return {k: test if k in from_test else train for k in splits}
+    train, test = (stats(pool), stats(test_x)) if args.standardize else (unit, unit)
+    val = test if args.dataset in PAPER_VALIDATES_ON_TEST else train
+    return dict(images=train, val_x=val, train_x=train, test_x=test)
 
 
 # ----------------------------------------------------------------------------------------------------------
