@@ -1247,8 +1247,7 @@ EXPECTED_FILES = {  # where each dataset's files go under --data-dir when torchv
 def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabeled", seed=0, subset=None,
                  paper=False):
     """dict(pretrain, train_x, train_y, test_x, test_y, classes) of uint8 images (n, 3, size, size), train_x the first
-    rows of pretrain (one copy); with `subset`, a seeded class-stratified draw of that many from each labelled split;
-    with `paper`, the paper's images (resized to a square; Imagenette's full-size files)."""
+    rows of pretrain; `subset`: a stratified draw of that many per split; `paper`: the paper's (square) images."""
     if name == "shapes":
         train_x, train_y = make_shapes(subset or SHAPES["n"][0], size, seed=seed)
         test_x, test_y = make_shapes(subset or SHAPES["n"][1], size, seed=seed + 10_000)  # another seed: unseen
@@ -1367,9 +1366,9 @@ def idx_problem(path, ndim):
 
 
 def pil_to_uint8(ds, size, banner=0, square=False):
-    """A dataset of RGB PIL images decoded into (n, 3, size, size) uint8 and labels: `banner` bottom rows dropped, the
-    short side resized and centre-cropped (with `square` resized to a square, as the paper's code does). An image is
-    skipped, and named, when it cannot be decoded or its resize would exceed PIL's bound on an image's pixels."""
+    """RGB PIL images into (n, 3, size, size) uint8 and labels: `banner` bottom rows dropped, the short side resized
+    and centre-cropped (`square`: resized whole, as the paper's code does); one that cannot be decoded or whose resize
+    would exceed PIL's bound on pixels is skipped and named."""
     TF, xs, ys, small, bad = torchvision.transforms.v2.functional, [], [], 0, []
     for i in range(len(ds)):
         try:
@@ -1386,11 +1385,9 @@ def pil_to_uint8(ds, size, banner=0, square=False):
         xs.append(TF.center_crop(TF.resize(t, [size, size] if square else size, antialias=True), size))
         ys.append(label)
     if bad:
-        print(f"note: skipped {len(bad)} of {len(ds)} images that cannot be decoded (or would be too large), e.g. "
-              f"{bad[0]}")
+        print(f"note: skipped {len(bad)} of {len(ds)} images that cannot be decoded (or are too large), e.g. {bad[0]}")
     if small:
-        print(f"note: {small} of {len(ys)} images are smaller than {size}px and were upscaled; pass a smaller "
-              f"--img-size to keep them at their own resolution")
+        print(f"note: {small} of {len(ys)} images are smaller than {size}px, upscaled (a lower --img-size keeps them)")
     if not xs:
         die("the dataset holds no images that can be decoded" + (f", e.g. {bad[0]}" if bad else ""))
     return torch.stack(xs), torch.tensor(ys)
@@ -1418,9 +1415,8 @@ def folder_image_side(root, largest):
 
 
 def folder_files(root, splits=("train", "test")):
-    """The files under root/<split>, links followed as ImageFolder follows them (a class may link to images elsewhere).
-    A folder reached twice stops the run: a link back up (train/cat/loop -> ..) would read its images again and again,
-    a test class linked to a train one would test on the training images."""
+    """The files under root/<split>, links followed as ImageFolder follows them; a folder reached twice stops the run:
+    a link back up (cat/loop -> ..) reads its images again and again, a test class linked to a train one tests on it."""
     seen, files = {}, []
     for split in splits:
         for dirpath, _, names in os.walk(os.path.join(root, split), followlinks=True):
@@ -1460,9 +1456,9 @@ def where_data_fits(nbytes, device, data_on="auto"):
 
 
 def prepare_data(args, proc):
-    """dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep, pool): the pre-training images, the paper's
-    validation images (else None), each split's input preparation, and the pre-training images before the paper's
-    90% was cut from them (recipe simclr's autoencoder trains on these); on the device, or in host memory."""
+    """dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep, pool) on the device or in host memory:
+    images, what SimCLR pre-trains on; val_x, the paper's validation images (else None); prep, each split's input
+    preparation; pool, the pre-training images before the paper's 90% was cut (recipe simclr's autoencoder's)."""
     t0, device = time.time(), proc.device
     if proc.rank != 0:
         dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
@@ -1497,9 +1493,8 @@ def prepare_data(args, proc):
 
 
 def input_preps(args, pool, test_x):
-    """Each split's images into the backbone's input: ImageNet's channel statistics (recipe simclr), ToTensor's [0, 1]
-    values (recipe paper), or with --standardize the paper's STANDARDIZE: per channel, the mean over the images of
-    each one's mean and std, for both parts of a split those of all of it (its code unwraps Subsets)."""
+    """Each split's input preparation: ImageNet's statistics (recipe simclr), ToTensor's [0, 1] (recipe paper), or with
+    --standardize the paper's per-channel mean of each image's mean and std over a whole split (it unwraps Subsets)."""
     if args.recipe != "paper":
         return dict.fromkeys(("images", "val_x", "train_x", "test_x"), normalize)
     unit = functools.partial(normalize, mean=(0, 0, 0), std=(1, 1, 1))  # ToTensor's values as they are
