@@ -1657,8 +1657,10 @@ def test_load_dataset_says_what_is_wrong_with_a_fashion_mnist_label_file(tmp_pat
 
 
 @pytest.mark.parametrize("images,labels,problem", [
-    (np.array([3, 1, 4, 1], dtype=np.uint8), random_uint8(4, 28, 28), "is not an idx file of 3-d bytes (it starts 00000801, not 00000803)"),
-    (random_uint8(4, 784), np.array([3, 1, 4, 1], dtype=np.uint8), "is not an idx file of 3-d bytes (it starts 00000802")])
+    (np.array([3, 1, 4, 1], dtype=np.uint8), random_uint8(4, 28, 28),
+     "is not an idx file of 3-d bytes (it starts 00000801, not 00000803)"),
+    (random_uint8(4, 784), np.array([3, 1, 4, 1], dtype=np.uint8),
+     "is not an idx file of 3-d bytes (it starts 00000802")])
 def test_load_dataset_names_a_fashion_mnist_images_file_of_another_rank(tmp_path, refused, images, labels, problem):
     """The images and labels files swapped, or images flattened: the file is named, not torchvision's "x should have
     3 dimension instead of 1"."""
