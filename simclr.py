@@ -1239,15 +1239,18 @@ EXPECTED_FILES = {  # where each dataset's files go under --data-dir when torchv
 def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabeled", seed=0, subset=None,
                  paper=False):
     """dict(pretrain, train_x, train_y, test_x, test_y, classes) of uint8 images (n, 3, size, size), train_x the first
-    rows of pretrain (one copy); with `subset`, a seeded class-stratified draw of that many from each labelled split;
-    with `paper`, the paper's images (resized to a square; Imagenette's full-size files)."""
+    rows of pretrain; `subset`: a stratified draw of that many per split; `paper`: the paper's (square) images."""
     if name == "shapes":
         train_x, train_y = make_shapes(subset or SHAPES["n"][0], size, seed=seed)
         test_x, test_y = make_shapes(subset or SHAPES["n"][1], size, seed=seed + 10_000)  # another seed: unseen
         return dict(pretrain=train_x, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=10)
     data = read_dataset(name, root, size, download, stl10_pretrain, paper)
     unlabeled, n_train, C = data.pop("unlabeled"), len(data["train_y"]), data["classes"]
-    for split, y in (("train", data["train_y"]), ("test", data["test_y"])):  # else the run would stop after training
+    for split in ("train", "test"):  # else the run would stop after training
+        x, y = data[f"{split}_x"], data[f"{split}_y"]
+        if len(x) != len(y):  # two files, each whole, of two splits (or two downloads)
+            die(f"--dataset {name}: its {split} split holds {len(x)} images but {len(y)} labels: put the files of one "
+                f"split in {root}")
         if ((y < 0) | (y >= C)).any():
             die(f"--dataset {name}: its {split} labels hold {int(y[(y < 0) | (y >= C)][0])}, outside 0..{C - 1}: put "
                 f"its own label files in {root}")
@@ -1306,10 +1309,6 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
             elif problem and os.path.exists(path):
                 die(f"{path} {problem}; delete it, then put the right file there, whole, or run without --no-download")
         tr, te = (tv(D.FashionMNIST, train=b) for b in (True, False))
-        for split, ds in (("train", tr), ("t10k", te)):  # two files, each whole, may still be of two splits
-            if len(ds.data) != len(ds.targets):
-                die(f"{raw}: {split}-images-idx3-ubyte holds {len(ds.data)} images but {split}-labels-idx1-ubyte "
-                    f"{len(ds.targets)} labels; put the two files of one split there")
         x = lambda ds: ds.data.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (n, 28, 28) -> (n, 3, 28, 28)
         y, unlabeled = lambda ds: ds.targets, None
     if name in ("cifar10", "cifar100", "stl10", "fashion-mnist"):  # arrays: (n, 3, H, W) uint8 at once
@@ -1342,29 +1341,26 @@ def read_dataset(name, root, size, download, stl10_pretrain, paper=False):
 
 
 def idx_problem(path, ndim):
-    """What is wrong with an idx file of `ndim` dimensions (a magic 0, 0, 8 (bytes), then the number of dimensions,
-    each a big-endian uint32, then a byte per value), or '' when it holds the items and every byte its header
-    promises."""
+    """What is wrong with an idx file of `ndim` dimensions (bytes 0, 0, 8, ndim, each dimension a big-endian uint32,
+    then a byte per value), or '' when it holds the items and every byte its header promises."""
     with open(path, "rb") as f:
-        magic = f.read(4)
-        dims = [int.from_bytes(f.read(4), "big") for _ in range(magic[3] if len(magic) == 4 else 0)]
-    size, header = os.path.getsize(path), 4 + 4 * len(dims)
-    if len(magic) < 4 or size < header:
+        head = f.read(4 + 4 * ndim)
+    magic, size = bytes([0, 0, 8, ndim]), os.path.getsize(path)
+    if head[:4] != magic:  # Fashion-MNIST's images are (n, 28, 28), its labels (n,)
+        return f"is not an idx file of {ndim}-d bytes (it starts {head[:4].hex()}, not {magic.hex()})"
+    if len(head) < 4 + 4 * ndim:
         return "is cut short inside its header"
-    if magic[:3] != b"\0\0\x08" or not dims:
-        return f"is not an idx file of bytes (its header starts {magic.hex()})"
-    if len(dims) != ndim:  # Fashion-MNIST's images are (n, 28, 28), its labels (n,)
-        return f"has {len(dims)} dimension(s), not {ndim} (a{' labels' if ndim == 3 else 'n images'} file?)"
-    expected = header + math.prod(dims)
-    if dims[0] == 0 or size == expected:
-        return "holds no items" if dims[0] == 0 else ""
-    return f"is {'cut short' if size < expected else 'longer than its header says'} ({size} bytes, not {expected})"
+    dims = [int.from_bytes(head[i:i + 4], "big") for i in range(4, len(head), 4)]
+    expected = len(head) + math.prod(dims)
+    if size != expected:
+        return f"is {'cut short' if size < expected else 'longer than its header says'} ({size} bytes, not {expected})"
+    return "" if dims[0] else "holds no items"
 
 
 def pil_to_uint8(ds, size, banner=0, square=False):
-    """A dataset of RGB PIL images decoded into (n, 3, size, size) uint8 and labels: `banner` bottom rows dropped, the
-    short side resized and centre-cropped (with `square` resized to a square, as the paper's code does). An image is
-    skipped, and named, when it cannot be decoded or its resize would exceed PIL's bound on an image's pixels."""
+    """RGB PIL images into (n, 3, size, size) uint8 and labels: `banner` bottom rows dropped, the short side resized
+    and centre-cropped (`square`: resized whole, as the paper's code does); one that cannot be decoded or whose resize
+    would exceed PIL's bound on pixels is skipped and named."""
     TF, xs, ys, small, bad = torchvision.transforms.v2.functional, [], [], 0, []
     for i in range(len(ds)):
         try:
@@ -1381,11 +1377,9 @@ def pil_to_uint8(ds, size, banner=0, square=False):
         xs.append(TF.center_crop(TF.resize(t, [size, size] if square else size, antialias=True), size))
         ys.append(label)
     if bad:
-        print(f"note: skipped {len(bad)} of {len(ds)} images that cannot be decoded (or would be too large), e.g. "
-              f"{bad[0]}")
+        print(f"note: skipped {len(bad)} of {len(ds)} images that cannot be decoded (or are too large), e.g. {bad[0]}")
     if small:
-        print(f"note: {small} of {len(ys)} images are smaller than {size}px and were upscaled; pass a smaller "
-              f"--img-size to keep them at their own resolution")
+        print(f"note: {small} of {len(ys)} images are smaller than {size}px, upscaled (a lower --img-size keeps them)")
     if not xs:
         die("the dataset holds no images that can be decoded" + (f", e.g. {bad[0]}" if bad else ""))
     return torch.stack(xs), torch.tensor(ys)
@@ -1406,30 +1400,29 @@ def folder_image_side(root, largest):
     """--dataset folder without --img-size: the median short side of (up to 1,000 of) its train images, at most
     `largest`, so that small images are not upscaled into a slow run that learns nothing new."""
     sides = []
-    for dirpath, files in walk_folder(root, ("train",)):
-        for f in files[:1000 - len(sides)]:  # PIL reads the header only; what is not an image, loading names
-            with contextlib.suppress(Exception), PIL.Image.open(os.path.join(dirpath, f)) as img:
-                sides.append(min(img.size))
+    for path in folder_files(root, ("train",))[:1000]:  # PIL reads the header only; what is not an image, loading names
+        with contextlib.suppress(Exception), PIL.Image.open(path) as img:
+            sides.append(min(img.size))
     return max(8, min(largest, int(np.median(sides)))) if sides else largest
 
 
-def walk_folder(root, splits=("train", "test")):
-    """(folder, its files) under root/<split>, links followed as ImageFolder follows them (a class may link to images
-    elsewhere); a folder reached twice stops the run: a link back up (train/cat/loop -> ..) would read its images
-    again and again, a test class linked to a train one would test on the training images."""
-    seen = {}
+def folder_files(root, splits=("train", "test")):
+    """The files under root/<split>, links followed as ImageFolder follows them; a folder reached twice stops the run:
+    a link back up (cat/loop -> ..) reads its images again and again, a test class linked to a train one tests on it."""
+    seen, files = {}, []
     for split in splits:
-        for dirpath, _, files in os.walk(os.path.join(root, split), followlinks=True):
+        for dirpath, _, names in os.walk(os.path.join(root, split), followlinks=True):
             real = os.path.realpath(dirpath)
             if real in seen:
                 die(f"--dataset folder: {dirpath} is {seen[real]} again, through a link; remove the link")
             seen[real] = dirpath
-            yield dirpath, files
+            files += [os.path.join(dirpath, f) for f in names]
+    return files
 
 
 def folder_key(root):
     """A folder's cache key: its path, number of files and newest modification time (a changed image: a new cache)."""
-    files = [os.path.join(dirpath, f) for dirpath, fs in walk_folder(root) for f in fs]
+    files = folder_files(root)
     newest = max((os.stat(f).st_mtime for f in files if os.path.exists(f)), default=0.0)  # not a link to nothing
     return hashlib.sha1(f"{os.path.abspath(root)}|{len(files)}|{newest}".encode()).hexdigest()[:12]
 
@@ -1441,10 +1434,9 @@ def load_folder(root):
     except OSError as e:  # no such folder, no class folder, one without an image it reads, one that cannot be read
         die(f"--dataset folder: {e}. --data-dir needs train/<class>/<images> and test/<class>/<images>: put images "
             "into every class folder, or remove the empty ones")
-    if len(tr.classes) < 2:
-        die(f"--dataset folder: {root}/train has {len(tr.classes)} class folder(s); a classifier needs at least 2")
-    if tr.classes != te.classes:
-        die(f"--dataset folder: train/ classes {tr.classes} differ from test/ classes {te.classes}")
+    if len(tr.classes) < 2 or tr.classes != te.classes:
+        die(f"--dataset folder: train/ holds the classes {tr.classes}, test/ {te.classes}; a classifier needs the same "
+            "classes, at least 2, in both")
     return tr, te
 
 
@@ -1456,9 +1448,9 @@ def where_data_fits(nbytes, device, data_on="auto"):
 
 
 def prepare_data(args, proc):
-    """dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep, pool): the pre-training images, the paper's
-    validation images (else None), each split's input preparation, and the pre-training images before the paper's
-    90% was cut from them (recipe simclr's autoencoder trains on these); on the device, or in host memory."""
+    """dict(images, train_x, train_y, val_x, test_x, test_y, classes, prep, pool) on the device or in host memory:
+    images, what SimCLR pre-trains on; val_x, the paper's validation images (else None); prep, each split's input
+    preparation; pool, the pre-training images before the paper's 90% was cut (recipe simclr's autoencoder's)."""
     t0, device = time.time(), proc.device
     if proc.rank != 0:
         dist.barrier()  # rank 0 first: it downloads, un-gzips and decodes into the caches the others then read
@@ -1487,28 +1479,25 @@ def prepare_data(args, proc):
             f"--eval standard)")
     if args.labels_per_class and max(args.label_amounts) > smallest:
         die(f"--labels-per-class {max(args.label_amounts)}: the smallest class has {smallest} train images")
-    splits = {k: v for k, v in dict(images=images, val_x=val_x, train_x=train_x, test_x=test_x).items()
-              if v is not None}
-    return dict(splits, val_x=val_x, pool=pool, train_y=data["train_y"].to(device), test_y=data["test_y"].to(device),
-                classes=data["classes"], prep=input_preps(args, splits, pool))
+    return dict(images=images, val_x=val_x, train_x=train_x, test_x=test_x, pool=pool, classes=data["classes"],
+                train_y=data["train_y"].to(device), test_y=data["test_y"].to(device),
+                prep=input_preps(args, pool, test_x))
 
 
-def input_preps(args, splits, pool):
-    """Each split's images into the backbone's input: ImageNet's channel statistics (recipe simclr), ToTensor's [0, 1]
-    values (recipe paper: mean 0, std 1), or with --standardize the paper's STANDARDIZE: per channel, the mean over
-    the images of each one's mean and std, for both parts of a split those of all of it (its code unwraps Subsets)."""
+def input_preps(args, pool, test_x):
+    """Each split's input preparation: ImageNet's statistics (recipe simclr), ToTensor's [0, 1] (recipe paper), or with
+    --standardize the paper's per-channel mean of each image's mean and std over a whole split (it unwraps Subsets)."""
     if args.recipe != "paper":
-        return dict.fromkeys(splits, normalize)
+        return dict.fromkeys(("images", "val_x", "train_x", "test_x"), normalize)
+    unit = functools.partial(normalize, mean=(0, 0, 0), std=(1, 1, 1))  # ToTensor's values as they are
 
     def stats(x):  # per image and channel over H x W, 1,000 images (b, 3, H, W) at a time; then their mean
-        if not args.standardize:
-            return functools.partial(normalize, mean=(0, 0, 0), std=(1, 1, 1))
         m, s = (sum(f(b.double() / 255, (2, 3)).sum(0) for b in x.split(1000)) / len(x)
                 for f in (torch.mean, torch.std))
         return functools.partial(normalize, mean=m.tolist(), std=s.tolist())
-    train, test = stats(pool), stats(splits["test_x"])
-    from_test = ("test_x", "val_x") if args.dataset in PAPER_VALIDATES_ON_TEST else ("test_x",)
-    return {k: test if k in from_test else train for k in splits}
+    train, test = (stats(pool), stats(test_x)) if args.standardize else (unit, unit)
+    val = test if args.dataset in PAPER_VALIDATES_ON_TEST else train
+    return dict(images=train, val_x=val, train_x=train, test_x=test)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1522,12 +1511,12 @@ def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=
     gen = torch.Generator().manual_seed(seed)
     clf = nn.Linear(train_h.shape[1], classes)
     bound = 1 / math.sqrt(train_h.shape[1])  # nn.Linear's default init, drawn from our own generator
-    with torch.no_grad():
-        clf.weight.uniform_(-bound, bound, generator=gen), clf.bias.uniform_(-bound, bound, generator=gen)
+    for p in clf.parameters():
+        nn.init.uniform_(p, -bound, bound, generator=gen)
     clf = clf.to(train_h.device)
     opt = torch.optim.SGD(clf.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=10)
-    best, best_state = float("inf"), None
+    best = float("inf")
     for epoch in range(epochs):
         with torch.enable_grad():
             for idx in torch.randperm(len(train_h), generator=gen).to(train_h.device).split(batch):
@@ -1538,11 +1527,9 @@ def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=
         sched.step(loss.item())  # what Lightning hands it: the last step's logged train_loss, not the epoch's mean
         with torch.no_grad():
             val_loss = F.cross_entropy(clf(val_h), val_y).item()
-        if val_loss < best:
-            best, best_state = val_loss, copy.deepcopy(clf.state_dict())
-    clf.load_state_dict(best_state)
-    with torch.no_grad():
-        return (clf(test_h).argmax(1) == test_y).float().mean().item()
+            if val_loss < best:  # tested now: the weights the paper's code would reload at the end
+                best, top1 = val_loss, (clf(test_h).argmax(1) == test_y).float().mean().item()
+    return top1
 
 
 def paper_split(n, batch=None):
@@ -1555,8 +1542,7 @@ def paper_split(n, batch=None):
     return n, parts[0], parts[0] + parts[1]
 
 
-def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", probe_steps=200, knn_k=200,
-             batch=None):
+def evaluate(train_h, train_y, test_h, test_y, classes, protocol="standard", probe_steps=200, knn_k=200, batch=None):
     """Linear and kNN top-1: 'standard', Part 1's probes; 'paper' (Sec. 4 of the paper), its probe and the kNN on the
     test features split 70/10/20 with seed 42, trained on the 70%, the epoch picked on the 10%, tested on the 20%."""
     if protocol == "standard":

@@ -1621,7 +1621,7 @@ def test_load_dataset_refuses_fashion_mnist_images_and_labels_of_two_splits(tmp_
         write_idx(raw / f"{prefix}-images-idx3-ubyte", random_uint8(n, 28, 28))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(4, dtype=np.uint8))  # t10k's labels for both
     load = lambda: simclr.load_dataset("fashion-mnist", str(tmp_path), 28, download=False)
-    assert "holds 6 images but train-labels-idx1-ubyte 4 labels" in refused(load)
+    assert "its train split holds 6 images but 4 labels" in refused(load)
 
 
 def test_load_dataset_names_a_fashion_mnist_file_cut_short_or_rebuilds_it_from_debians_copy(tmp_path, monkeypatch, refused):
@@ -1651,8 +1651,8 @@ def test_load_dataset_names_a_fashion_mnist_file_cut_short_or_rebuilds_it_from_d
     (bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big"), bytes([3, 1, 4]), "is cut short (11 bytes, not 12)"),
     (bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big"), bytes([3, 1, 4, 1, 5]), "is longer than its header says"),
     (bytes([0, 0, 8, 1]) + (0).to_bytes(4, "big"), b"", "holds no items"),
-    (bytes([0, 0, 8, 0]), b"", "is not an idx file of bytes (its header starts 00000800)"),
-    (bytes([0, 0, 13, 1]) + (4).to_bytes(4, "big"), bytes(16), "is not an idx file of bytes")])
+    (bytes([0, 0, 8, 0]), b"", "is not an idx file of 1-d bytes (it starts 00000800, not 00000801)"),
+    (bytes([0, 0, 13, 1]) + (4).to_bytes(4, "big"), bytes(16), "is not an idx file of 1-d bytes")])
 def test_load_dataset_says_what_is_wrong_with_a_fashion_mnist_label_file(tmp_path, refused, header, values, problem):
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -1665,8 +1665,10 @@ def test_load_dataset_says_what_is_wrong_with_a_fashion_mnist_label_file(tmp_pat
 
 
 @pytest.mark.parametrize("images,labels,problem", [
-    (np.array([3, 1, 4, 1], dtype=np.uint8), random_uint8(4, 28, 28), "has 1 dimension(s), not 3 (a labels file?)"),
-    (random_uint8(4, 784), np.array([3, 1, 4, 1], dtype=np.uint8), "has 2 dimension(s), not 3")])
+    (np.array([3, 1, 4, 1], dtype=np.uint8), random_uint8(4, 28, 28),
+     "is not an idx file of 3-d bytes (it starts 00000801, not 00000803)"),
+    (random_uint8(4, 784), np.array([3, 1, 4, 1], dtype=np.uint8),
+     "is not an idx file of 3-d bytes (it starts 00000802")])
 def test_load_dataset_names_a_fashion_mnist_images_file_of_another_rank(tmp_path, refused, images, labels, problem):
     """The images and labels files swapped, or images flattened: the file is named, not torchvision's "x should have
     3 dimension instead of 1"."""
@@ -2057,6 +2059,23 @@ def test_paper_probe_steps_its_plateau_on_the_last_batch_loss(monkeypatch):
         last, epoch = events[i - 1], [e for e in events[max(0, i - 5):i] if e[0] == "train"]
         assert last[0] == "train" and last[2] == 4 and events[i][1] == pytest.approx(last[1], rel=1e-6)
         assert len(epoch) == 4 and events[i][1] != pytest.approx(sum(e[1] * e[2] for e in epoch) / 100, rel=1e-3)
+
+
+def test_paper_probe_tests_the_epoch_of_lowest_validation_loss(monkeypatch):
+    """Validation losses scripted lowest at epoch 3 of 6: the probe's top-1 is that of a 3-epoch run (the training
+    does not depend on them), not the 6th epoch's."""
+    g = torch.Generator().manual_seed(0)
+    h, y = torch.randn(140, 8, generator=g), torch.randint(0, 3, (140,), generator=g)
+    real_ce = F.cross_entropy
+
+    def probe(val_losses):
+        script = iter(val_losses)
+        monkeypatch.setattr(F, "cross_entropy", lambda logits, t: real_ce(logits, t) if torch.is_grad_enabled() else
+                            torch.tensor(next(script)))
+        return simclr.paper_probe(h[:100], y[:100], h[100:120], y[100:120], h[120:], y[120:], 3, epochs=len(val_losses),
+                                  lr=0.5)
+    third, sixth = probe([3, 2, 1]), probe([6, 5, 4, 3, 2, 1])
+    assert probe([3, 2, 1, 2, 3, 4]) == third != sixth
 
 
 @pytest.mark.parametrize("n,batch", [(1010, 100), (10_000, 512)])
