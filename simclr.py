@@ -1846,35 +1846,32 @@ def flip_and_crop(x, pad):
 
 def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, seed, device, precision="fp32",
                batch=256, init=None, prep=normalize, test_prep=None):
-    """A backbone and a linear layer trained end to end with cross-entropy on labelled uint8 images, from scratch or
-    fine-tuned from the weights `init`, by one supervised recipe for both (flip and crop, SGD with momentum and weight
-    decay, warm-up and cosine) for `steps` steps whatever the number of images: not SimCLR's fine-tuning (App. B.5:
-    Nesterov momentum, no weight decay, no warm-up, a budget in epochs). Returns top-1 on test_x."""
+    """Top-1 on test_x of a backbone + linear layer trained end to end with cross-entropy on labelled uint8 images, from
+    scratch or from the weights `init`, by one recipe for both (flip and crop, SGD, warm-up and cosine), `steps` steps
+    whatever the number of images: not SimCLR's fine-tuning (App. B.5: Nesterov, no weight decay or warm-up, epochs)."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
         torch.manual_seed(seed)  # the init, the batches and the crops: one run per seed
-        backbone = make_backbone(arch, stem).to(device)
+        backbone = make_backbone(arch, stem)
         if init is not None:
             backbone.load_state_dict(init)
-        fc = nn.Linear(2048 if arch == "resnet50" else 512, classes).to(device)
-        net, amp, n = nn.Sequential(backbone, fc).train(), autocast_for(device, precision), len(train_y)
-        N = min(batch, n)
+        net = nn.Sequential(backbone, nn.Linear(2048 if arch == "resnet50" else 512, classes)).to(device).train()
+        N = min(batch, len(train_y))
         peak = 0.05 * N / 128  # lr 0.05 per 128 images; weight decay 5e-4 (Zagoruyko & Komodakis, arXiv:1605.07146)
         opt = torch.optim.SGD(param_groups(net, 5e-4), lr=peak, momentum=0.9)
         for step in range(steps):
             for group in opt.param_groups:  # linear warm-up over a tenth (Goyal et al., arXiv:1706.02677), cosine
                 group["lr"] = lr_at(step, steps, steps // 10, peak, 0.0)
-            idx = torch.randperm(n)[:N]
+            idx = torch.randperm(len(train_y))[:N]
             x = to_device(train_x[idx.to(train_x.device)], device).float() / 255  # (N, 3, H, H) in [0, 1]
             x = prep(flip_and_crop(x, pad=x.shape[-1] // 8))  # 4 px of 32, as He et al.
-            with amp():
+            with autocast_for(device, precision)():
                 loss = F.cross_entropy(net(x), train_y[idx.to(train_y.device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        test_h = extract_features(backbone, test_x, prep=test_prep or prep)  # test_prep: the test split's own
-        return (fc(test_h).argmax(1) == test_y).float().mean().item()
+    logits = extract_features(net, test_x, prep=test_prep or prep)  # (n, classes); test_prep: the test split's own
+    return (logits.argmax(1) == test_y).float().mean().item()
 
 
 def label_efficiency(features, data, args, device, results, backbone, log=print):
