@@ -2007,9 +2007,8 @@ def classic_views(images, transform):
     return [torch.stack([transform(x) for x in images]) for _ in range(2)]
 
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), for model FLOP utilisation.
-# Only cards whose figure we are sure of, the most specific name first; others: --peak-tflops. A CPU has no honest
-# single figure: its bench reports achieved FLOP/s only.
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets, for model FLOP utilisation: only
+# cards whose figure we are sure of, the most specific name first (others: --peak-tflops); a CPU has no honest one.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 
 
@@ -2026,79 +2025,75 @@ def step_flops(model, views, tau, amp):
 def classic_window(workers, bench_steps):
     """(warm-up, timed) steps of the classic rows: w workers deliver in bursts of w with 2 batches queued each, so
     the warm-up drains that queue (4w + 3 steps) and the clock runs whole bursts, at least 16."""
-    if workers == 0:  # the main process makes each batch when asked: no queue
-        return 3, bench_steps
-    return 4 * workers + 3, -(-max(bench_steps, 16 * workers) // workers) * workers  # a multiple of w
+    burst = max(workers, 1)  # no workers: the main process makes each batch when asked, no queue, bursts of 1
+    return 4 * workers + 3, -(-max(bench_steps, 16 * workers) // burst) * burst  # a multiple of the burst
 
 
 def bench(model, data, args, device, log=print):
     """Images/s of (a) our pipeline, (b) the classic DataLoader one into the same step, (c) each stage; and the time the
     run these flags start would take here, from (a) and the evaluation timed once: bench.json."""
-    images = data["images"]
-    amp, N, cuda = autocast_for(device, args.precision), args.batch_size, device.type == "cuda"
-    opt = optimizer(model, args)
+    images, N, cuda = data["images"], args.batch_size, device.type == "cuda"
+    amp, opt = autocast_for(device, args.precision), optimizer(model, args)
     views_fn, forward, compiled = step_functions(model, model, to_device(images[:N], device), args, amp, log)
     ours = lambda: views_fn(to_device(images[torch.randint(len(images), (N,), device=images.device)], device))
     fixed_views = ours()  # (2N, 3, H, W): the train step alone reuses one batch
     step = lambda views: sgd_step(forward, views, opt, args.tau, amp)
     sync = lambda: torch.cuda.synchronize(device) if cuda else None
 
-    def timed(name, fn, warmup=3, steps=args.bench_steps):
+    def timed(fn, warmup=0, steps=1):  # seconds per call of fn after its warm-up calls, and its last result
         for _ in range(warmup):
             fn()
         sync()
         t0 = time.perf_counter()
         for _ in range(steps):
-            fn()
+            out = fn()
         sync()
-        ms = 1000 * (time.perf_counter() - t0) / steps
+        return (time.perf_counter() - t0) / steps, out
+
+    def row(name, fn, warmup=3, steps=args.bench_steps):  # a row of the table, logged as soon as it is timed
+        ms = 1000 * timed(fn, warmup, steps)[0]
         log(f"bench: {name:<44} {ms:9.1f} ms/step {1000 * N / ms:9.0f} img/s")
         return dict(ms_per_step=ms, img_per_s=1000 * N / ms)
 
     model.train()
-    rows = dict(ours=timed("(a) ours: augment + train step", lambda: step(ours())),
-                augment=timed("(c) ours: augmentation alone", ours),
-                train_step=timed("(c) train step alone (fixed views)", lambda: step(fixed_views)))
+    rows = dict(ours=row("(a) ours: augment + train step", lambda: step(ours())),
+                augment=row("(c) ours: augmentation alone", ours),
+                train_step=row("(c) train step alone (fixed views)", lambda: step(fixed_views)))
     warmup, steps = classic_window(args.workers, args.bench_steps)  # the workers' queue is not their speed
-    sampler = torch.utils.data.RandomSampler(range(len(images)), replacement=True,  # no epoch end, no worker restart
-                                             num_samples=N * (2 * (warmup + steps) + 4 * args.workers))
+    sampler = torch.utils.data.RandomSampler(images, replacement=True, num_samples=2 ** 62)  # endless: no restart
     loader = iter(torch.utils.data.DataLoader(
         images.cpu(), batch_size=N, sampler=sampler, num_workers=args.workers, pin_memory=cuda, collate_fn=
         functools.partial(classic_views, transform=classic_transform(images.shape[-1], **augment_kwargs(args)))))
     classic = lambda: channels_last(torch.cat([v.to(device, non_blocking=True) for v in next(loader)]))  # (2N, 3, H, W)
-    rows["classic"] = timed(f"(b) classic: {args.workers} DataLoader workers + step", lambda: step(classic()),
-                            warmup, steps)
-    rows["classic_loader"] = timed("(c) classic: DataLoader alone", classic, warmup, steps)
+    rows["classic"] = row(f"(b) classic: {args.workers} DataLoader workers + step", lambda: step(classic()),
+                          warmup, steps)
+    rows["classic_loader"] = row("(c) classic: DataLoader alone", classic, warmup, steps)
     flops = step_flops(model, fixed_views, args.tau, amp)
     device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
     tflops = flops * 1000 / rows["ours"]["ms_per_step"] / 1e12  # achieved by our whole step
     result = dict(rows=rows, speedup=rows["ours"]["img_per_s"] / rows["classic"]["img_per_s"],
                   augment_share=rows["augment"]["ms_per_step"] / rows["ours"]["ms_per_step"], flops_per_step=flops,
-                  achieved_tflops=tflops, peak_bf16_tflops=peak, mfu=tflops / peak if peak else None,
+                  achieved_tflops=tflops, peak_bf16_tflops=peak, mfu=tflops / peak if peak else None, batch=N,
                   device=device_name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), compiled=compiled,
-                  workers=args.workers, classic_warmup=warmup, classic_steps=steps, batch=N, img_size=images.shape[-1],
-                  **{k: getattr(args, k) for k in ("arch", "stem", "precision", "dataset")}, steps=args.bench_steps)
+                  classic_warmup=warmup, classic_steps=steps, img_size=images.shape[-1], steps=args.bench_steps,
+                  **{k: getattr(args, k) for k in ("workers", "arch", "stem", "precision", "dataset")})
     mfu = f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s bf16" if peak else ""
     log(f"bench: ours / classic = {result['speedup']:.2f}x; augmentation = {100 * result['augment_share']:.1f}% "
         f"of our step; {flops / 1e9:.1f} GFLOP per step, {tflops:.3f} TFLOP/s achieved{mfu}")
-    t0 = time.perf_counter()  # the evaluation costs the same on this untrained backbone as on a trained one
-    train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x"))
-    sync()
-    t1 = time.perf_counter()
-    probes(train_h, data["train_y"], test_h, data["test_y"], data["classes"], args.probe_steps, args.knn_k)
-    t2 = time.perf_counter()
-    if not args.no_baselines:  # the raw pixels' probes; the random-init backbone costs what SimCLR's does
-        pixels = [pixel_features(data[k], device) for k in ("train_x", "test_x")]
-        probes(pixels[0], data["train_y"], pixels[1], data["test_y"], data["classes"], args.probe_steps, args.knn_k)
-    t3 = time.perf_counter()
-    steps, monitors = args.epochs * (len(images) // N), args.epochs // args.knn_every if args.knn_every else 0
-    run = dict(pretrain_s=steps * rows["ours"]["ms_per_step"] / 1000 + monitors * (t1 - t0),
-               evaluate_s=(t2 - t0) * (1 + (not args.no_baselines)) + t3 - t2)
-    result.update(run, run_s=run["pretrain_s"] + run["evaluate_s"])
+    extract = lambda: [extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x")]
+    probe = lambda h: probes(h[0], data["train_y"], h[1], data["test_y"], data["classes"], args.probe_steps, args.knn_k)
+    features_s, h = timed(extract)  # the evaluation costs the same on this untrained backbone as on a trained one
+    probes_s = timed(lambda: probe(h))[0]
+    pixels = lambda: probe([pixel_features(data[k], device) for k in ("train_x", "test_x")])  # the raw pixels' probes
+    pixels_s = 0 if args.no_baselines else timed(pixels)[0]
+    monitors = args.epochs // args.knn_every if args.knn_every else 0  # each kNN monitor extracts the features
+    pretrain_s = args.epochs * (len(images) // N) * rows["ours"]["ms_per_step"] / 1000 + monitors * features_s
+    evaluate_s = (features_s + probes_s) * (1 + (not args.no_baselines)) + pixels_s  # random-init: as SimCLR
+    result.update(pretrain_s=pretrain_s, evaluate_s=evaluate_s, run_s=pretrain_s + evaluate_s)
     log(f"bench: the run these flags start ({args.epochs} epochs of {len(images) // N} steps) would take about "
-        f"{fmt_time(result['run_s'])} here once its data is ready: {fmt_time(run['pretrain_s'])} of pre-training at "
-        f"{rows['ours']['img_per_s']:.0f} img/s, {fmt_time(run['evaluate_s'])} of evaluation"
+        f"{fmt_time(result['run_s'])} here once its data is ready: {fmt_time(pretrain_s)} of pre-training at "
+        f"{rows['ours']['img_per_s']:.0f} img/s, {fmt_time(evaluate_s)} of evaluation"
         + (" (few labels not counted)" if args.label_amounts else ""))
     write_json(result, os.path.join(args.out, "bench.json"))
     log(f"wrote {os.path.join(args.out, 'bench.json')}")
