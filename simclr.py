@@ -2013,12 +2013,10 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989,
 
 
 def step_flops(model, views, tau, amp):
-    """FLOPs of one forward + backward of the SimCLR step, as FlopCounterMode counts them, on a copy of the model."""
-    model, N = copy.deepcopy(model), len(views) // 2
+    """FLOPs of one sgd_step (its SGD update counts none), as FlopCounterMode counts them, on a copy of the model."""
+    model = copy.deepcopy(model)
     with FlopCounterMode(display=False) as counter:
-        with amp():
-            z = model(views)  # (2N, out)
-        nt_xent(z[:N], z[N:], tau).backward()
+        sgd_step(model, views, torch.optim.SGD(model.parameters(), lr=0.0), tau, amp)
     return counter.get_total_flops()
 
 
