@@ -1878,7 +1878,7 @@ def label_efficiency(features, data, args, device, results, backbone, log=print)
     """For every label set and draw: SimCLR's probes and the random-init probe on the drawn images, and `supervised`
     on them fine-tuned from SimCLR and from scratch (the same steps and seed); into results.json as each exists."""
     train_x, train_y, test_x, test_y, classes = (data[k] for k in ("train_x", "train_y", "test_x", "test_y", "classes"))
-    per_class, y, weights = args.labels_per_class is not None, train_y.cpu(), copy.deepcopy(backbone.state_dict())
+    per_class, y, weights = args.labels_per_class is not None, train_y.cpu(), backbone.state_dict()  # supervised copies
     (train_h, test_h), (r_train, r_test) = features("simclr"), features("random_init")
     methods = dict(simclr_linear="SimCLR linear", simclr_knn="SimCLR kNN",
                    random_init_linear=f"{random_init_name(args)} linear",
@@ -1921,7 +1921,6 @@ def label_efficiency(features, data, args, device, results, backbone, log=print)
         title="top-1 on the test split (%)", xlabel="labelled train images", logx=True, lines=[(
             label, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows], [100 * r[k]["std"] for r in rows])
             for k, label in methods.items()])], log)
-    return table
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1941,12 +1940,11 @@ def show_augs(images, args, log=print):
 
 def save_plot(path, panels, log=print):
     """A row of line charts into the PNG `path`. panels: dicts of title, xlabel, logx and lines, each line (label,
-    xs, ys, yerr or None). Returns whether it was drawn."""
+    xs, ys, yerr or None)."""
     try:
         from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend, no global state
     except ImportError:
-        log(f"note: {os.path.basename(path)} not drawn: matplotlib is not installed (pip install matplotlib)")
-        return False
+        return log(f"note: {os.path.basename(path)} not drawn: matplotlib is not installed (pip install matplotlib)")
     legend = any(len(p["lines"]) > 1 for p in panels)  # to the right of the chart, never over its lines
     fig = Figure(figsize=(3.4 * len(panels) + 2.2 * legend, 2.8), layout="constrained")
     for ax, p in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -1957,7 +1955,6 @@ def save_plot(path, panels, log=print):
         if len(p["lines"]) > 1:
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=90))
-    return True
 
 
 def plot_curves(metrics_path, png, log=print):
@@ -1978,22 +1975,20 @@ def pictures(features, data, args, log=print):
     """curves.png, and neighbours.png (and --show-neighbours): 8 test images, one per class while there are 8, each
     with its 8 nearest train images by cosine similarity of SimCLR's h, then of the random-init backbone's h."""
     plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"), log)
-    train_x, test_x = data["train_x"], data["test_x"]
     q = stratified(data["test_y"].cpu(), 8, torch.Generator().manual_seed(args.seed))
-    as_float = lambda x: x.cpu().float() / 255  # uint8 -> [0, 1], on the host, where save_image writes from
-    query = as_float(test_x[q.to(test_x.device)])[:, None]  # (8, 1, 3, H, W)
-    simclr_nb, random_nb = (as_float(train_x[nearest(test_h[q.to(test_h.device)], train_h, 8)[1].to(train_x.device)])
+    pick = lambda x, idx: x[idx.to(x.device)].cpu().float() / 255  # uint8 -> [0, 1], on the host, for save_image
+    query = pick(data["test_x"], q)[:, None]  # (8, 1, 3, H, W)
+    simclr_nb, random_nb = (pick(data["train_x"], nearest(test_h[q.to(test_h.device)], train_h, 8)[1])
                             for train_h, test_h in map(features, ("simclr", "random_init")))  # (8, k, 3, H, W)
     gap = torch.ones_like(query)  # white, as save_image's padding
     tiles = torch.cat([query, gap, simclr_nb, gap, random_nb], 1)  # (8, 2k + 3, 3, H, W): a row per query
-    nrow, tiles = tiles.shape[1], tiles.flatten(0, 1)  # (8 (2k + 3), 3, H, W)
     if tiles.shape[-1] > 64:  # large images: a picture of about a thousand pixels across, not thousands
-        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)  # (8 (2k+3), 3, 64, 64)
+        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)  # (8, 2k + 3, 3, 64, 64)
     paths = [os.path.join(args.out, "neighbours.png")] + ([args.show_neighbours] if args.show_neighbours else [])
     for path in paths:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_atomic(path, lambda f: torchvision.utils.save_image(tiles, f, format="png", padding=2, pad_value=1,
-                                                                  nrow=nrow))
+        write_atomic(path, lambda f: torchvision.utils.save_image(tiles.flatten(0, 1), f, format="png", padding=2,
+                                                                  pad_value=1, nrow=tiles.shape[1]))
     log(f"saved {' and '.join(paths)}: each row a test image, then its nearest train images by SimCLR's h, then by "
         f"the {random_init_name(args)}'s")
 

@@ -2453,6 +2453,9 @@ def test_label_efficiency_table_and_pictures_with_and_without_matplotlib(tmp_pat
     for f in ("neighbours.png", *(["curves.png", "label_efficiency.png"] if HAS_MPL else [])):
         Image.open(out / f).verify()
     assert Image.open(out / "neighbours.png").size == (19 * 18 + 2, 8 * 18 + 2)  # 8 rows of 1 + gap + 8 + gap + 8
+    grid = torch.from_numpy(np.array(Image.open(out / "neighbours.png").convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+    for r, i in enumerate(simclr.stratified(data["test_y"], 8, torch.Generator().manual_seed(0))):  # column 0
+        assert torch.equal(grid[:, 2 + 18 * r:18 * (r + 1), 2:18], data["test_x"][i])  # each query, to the bit
     assert "supervised (2 steps)" in capsys.readouterr().out
     # --show-neighbours of a saved run: the same picture, without training or evaluating again
     before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "results.json")}
