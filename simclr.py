@@ -1917,10 +1917,9 @@ def label_efficiency(features, data, args, device, results, backbone, log=print)
         epochs = args.sup_steps * min(256, row["labels"]) / row["labels"]  # supervised()'s batch: min(256, n)
         print(f"  {name(row['amount']):<10}{row['labels']:>8}{row['draws']:>6}{epochs:>8.1f}" +
               "".join(f"{pm(row[k]):>{width[k]}}" for k in methods))
-    save_plot(os.path.join(args.out, "label_efficiency.png"), [dict(
-        title="top-1 on the test split (%)", xlabel="labelled train images", logx=True, lines=[(
-            label, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows], [100 * r[k]["std"] for r in rows])
-            for k, label in methods.items()])], log)
+    save_plot(os.path.join(args.out, "label_efficiency.png"), {"top-1 on the test split (%)": [
+        (label, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows], [100 * r[k]["std"] for r in rows])
+        for k, label in methods.items()]}, "labelled train images", logx=True, log=log)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1938,21 +1937,20 @@ def show_augs(images, args, log=print):
     log(f"saved {args.show_augs}: originals (top row) and two augmented views (rows 2 and 3)")
 
 
-def save_plot(path, panels, log=print):
-    """A row of line charts into the PNG `path`. panels: dicts of title, xlabel, logx and lines, each line (label,
-    xs, ys, yerr or None)."""
+def save_plot(path, panels, xlabel, logx=False, log=print):
+    """Line charts side by side into the PNG `path`, panels {title: [(label, xs, ys, yerr or None), ...]}."""
     try:
         from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend, no global state
     except ImportError:
         return log(f"note: {os.path.basename(path)} not drawn: matplotlib is not installed (pip install matplotlib)")
-    legend = any(len(p["lines"]) > 1 for p in panels)  # to the right of the chart, never over its lines
+    legend = any(len(lines) > 1 for lines in panels.values())  # to the right of the chart, never over its lines
     fig = Figure(figsize=(3.4 * len(panels) + 2.2 * legend, 2.8), layout="constrained")
-    for ax, p in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for label, xs, ys, yerr in p["lines"]:
+    for ax, (title, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        for label, xs, ys, yerr in lines:
             ax.errorbar(xs, ys, yerr=yerr, label=label, marker="o", markersize=3, capsize=2)
-        ax.set(title=p["title"], xlabel=p["xlabel"], xscale="log" if p.get("logx") else "linear")
+        ax.set(title=title, xlabel=xlabel, xscale="log" if logx else "linear")
         ax.grid(alpha=0.3)
-        if len(p["lines"]) > 1:
+        if len(lines) > 1:
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=90))
 
@@ -1965,10 +1963,9 @@ def plot_curves(metrics_path, png, log=print):
         m = [json.loads(line) for line in f]
     knn = [r for r in m if "knn_top1" in r]
     line = lambda key, rows, scale=1: [("", [r["epoch"] for r in rows], [r[key] * scale for r in rows], None)]
-    save_plot(png, [dict(title="NT-Xent loss", xlabel="epoch", lines=line("loss", m)),
-                    dict(title="learning rate (end of epoch)", xlabel="epoch", lines=line("lr", m)),
-                    dict(title="kNN monitor, top-1 %" if knn else "kNN monitor: off (--knn-every)", xlabel="epoch",
-                         lines=line("knn_top1", knn, 100))], log)
+    save_plot(png, {"NT-Xent loss": line("loss", m), "learning rate (end of epoch)": line("lr", m),
+                    ("kNN monitor, top-1 %" if knn else "kNN monitor: off (--knn-every)"): line("knn_top1", knn, 100)},
+              "epoch", log=log)
 
 
 def pictures(features, data, args, log=print):
