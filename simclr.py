@@ -2000,7 +2000,7 @@ def classic_views(images, transform):
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets, for model FLOP utilisation: only
-# cards whose figure we are sure of, the most specific name first (others: --peak-tflops); a CPU has no honest one.
+# cards whose figure we are sure of, the most specific name first (others: --peak-tflops); a CPU: achieved FLOP/s only.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 
 
