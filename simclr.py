@@ -2079,7 +2079,7 @@ def bench(model, data, args, device, log=print):
     pixels_s = 0 if args.no_baselines else timed(pixels)[0]
     monitors = args.epochs // args.knn_every if args.knn_every else 0  # each kNN monitor extracts the features
     pretrain_s = args.epochs * (len(images) // N) * rows["ours"]["ms_per_step"] / 1000 + monitors * features_s
-    evaluate_s = (features_s + probes_s) * (1 + (not args.no_baselines)) + pixels_s  # random-init: as SimCLR
+    evaluate_s = (features_s + probes_s) * (1 + (not args.no_baselines)) + pixels_s  # random-init costs as SimCLR
     result.update(pretrain_s=pretrain_s, evaluate_s=evaluate_s, run_s=pretrain_s + evaluate_s)
     log(f"bench: the run these flags start ({args.epochs} epochs of {len(images) // N} steps) would take about "
         f"{fmt_time(result['run_s'])} here once its data is ready: {fmt_time(pretrain_s)} of pre-training at "
