@@ -1822,42 +1822,39 @@ def flip_and_crop(x, pad):
 
 def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, seed, device, precision="fp32",
                batch=256, init=None, prep=normalize, test_prep=None):
-    """A backbone and a linear layer trained end to end with cross-entropy on labelled uint8 images, from scratch or
-    fine-tuned from the weights `init`, by one supervised recipe for both (flip and crop, SGD with momentum and weight
-    decay, warm-up and cosine) for `steps` steps whatever the number of images: not SimCLR's fine-tuning (App. B.5:
-    Nesterov momentum, no weight decay, no warm-up, a budget in epochs). Returns top-1 on test_x."""
+    """Top-1 on test_x of a backbone + linear layer trained end to end with cross-entropy on labelled uint8 images, from
+    scratch or from the weights `init`, by one recipe for both (flip and crop, SGD, warm-up and cosine), `steps` steps
+    whatever the number of images: not SimCLR's fine-tuning (App. B.5: Nesterov, no weight decay or warm-up, epochs)."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG untouched
         torch.manual_seed(seed)  # the init, the batches and the crops: one run per seed
-        backbone = make_backbone(arch, stem).to(device)
+        backbone = make_backbone(arch, stem)
         if init is not None:
             backbone.load_state_dict(init)
-        fc = nn.Linear(2048 if arch == "resnet50" else 512, classes).to(device)
-        net, amp, n = nn.Sequential(backbone, fc).train(), autocast_for(device, precision), len(train_y)
-        N = min(batch, n)
+        net = nn.Sequential(backbone, nn.Linear(2048 if arch == "resnet50" else 512, classes)).to(device).train()
+        N = min(batch, len(train_y))
         peak = 0.05 * N / 128  # lr 0.05 per 128 images; weight decay 5e-4 (Zagoruyko & Komodakis, arXiv:1605.07146)
         opt = torch.optim.SGD(param_groups(net, 5e-4), lr=peak, momentum=0.9)
         for step in range(steps):
             for group in opt.param_groups:  # linear warm-up over a tenth (Goyal et al., arXiv:1706.02677), cosine
                 group["lr"] = lr_at(step, steps, steps // 10, peak, 0.0)
-            idx = torch.randperm(n)[:N]
+            idx = torch.randperm(len(train_y))[:N]
             x = to_device(train_x[idx.to(train_x.device)], device).float() / 255  # (N, 3, H, H) in [0, 1]
             x = prep(flip_and_crop(x, pad=x.shape[-1] // 8))  # 4 px of 32, as He et al.
-            with amp():
+            with autocast_for(device, precision)():
                 loss = F.cross_entropy(net(x), train_y[idx.to(train_y.device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        test_h = extract_features(backbone, test_x, prep=test_prep or prep)  # test_prep: the test split's own
-        return (fc(test_h).argmax(1) == test_y).float().mean().item()
+    logits = extract_features(net, test_x, prep=test_prep or prep)  # (n, classes); test_prep: the test split's own
+    return (logits.argmax(1) == test_y).float().mean().item()
 
 
 def label_efficiency(features, data, args, device, results, backbone, log=print):
     """For every label set and draw: SimCLR's probes and the random-init probe on the drawn images, and `supervised`
     on them fine-tuned from SimCLR and from scratch (the same steps and seed); into results.json as each exists."""
     train_x, train_y, test_x, test_y, classes = (data[k] for k in ("train_x", "train_y", "test_x", "test_y", "classes"))
-    per_class, y, weights = args.labels_per_class is not None, train_y.cpu(), copy.deepcopy(backbone.state_dict())
+    per_class, y, weights = args.labels_per_class is not None, train_y.cpu(), backbone.state_dict()  # supervised copies
     (train_h, test_h), (r_train, r_test) = features("simclr"), features("random_init")
     methods = dict(simclr_linear="SimCLR linear", simclr_knn="SimCLR kNN",
                    random_init_linear=f"{random_init_name(args)} linear",
@@ -1896,11 +1893,9 @@ def label_efficiency(features, data, args, device, results, backbone, log=print)
         epochs = args.sup_steps * min(256, row["labels"]) / row["labels"]  # supervised()'s batch: min(256, n)
         print(f"  {name(row['amount']):<10}{row['labels']:>8}{row['draws']:>6}{epochs:>8.1f}" +
               "".join(f"{pm(row[k]):>{width[k]}}" for k in methods))
-    save_plot(os.path.join(args.out, "label_efficiency.png"), [dict(
-        title="top-1 on the test split (%)", xlabel="labelled train images", logx=True, lines=[(
-            label, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows], [100 * r[k]["std"] for r in rows])
-            for k, label in methods.items()])], log)
-    return table
+    save_plot(os.path.join(args.out, "label_efficiency.png"), {"top-1 on the test split (%)": [
+        (label, [r["labels"] for r in rows], [100 * r[k]["mean"] for r in rows], [100 * r[k]["std"] for r in rows])
+        for k, label in methods.items()]}, "labelled train images", logx=True, log=log)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1918,25 +1913,22 @@ def show_augs(images, args, log=print):
     log(f"saved {args.show_augs}: originals (top row) and two augmented views (rows 2 and 3)")
 
 
-def save_plot(path, panels, log=print):
-    """A row of line charts into the PNG `path`. panels: dicts of title, xlabel, logx and lines, each line (label,
-    xs, ys, yerr or None). Returns whether it was drawn."""
+def save_plot(path, panels, xlabel, logx=False, log=print):
+    """Line charts side by side into the PNG `path`, panels {title: [(label, xs, ys, yerr or None), ...]}."""
     try:
         from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend, no global state
     except ImportError:
-        log(f"note: {os.path.basename(path)} not drawn: matplotlib is not installed (pip install matplotlib)")
-        return False
-    legend = any(len(p["lines"]) > 1 for p in panels)  # to the right of the chart, never over its lines
+        return log(f"note: {os.path.basename(path)} not drawn: matplotlib is not installed (pip install matplotlib)")
+    legend = any(len(lines) > 1 for lines in panels.values())  # to the right of the chart, never over its lines
     fig = Figure(figsize=(3.4 * len(panels) + 2.2 * legend, 2.8), layout="constrained")
-    for ax, p in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for label, xs, ys, yerr in p["lines"]:
+    for ax, (title, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        for label, xs, ys, yerr in lines:
             ax.errorbar(xs, ys, yerr=yerr, label=label, marker="o", markersize=3, capsize=2)
-        ax.set(title=p["title"], xlabel=p["xlabel"], xscale="log" if p.get("logx") else "linear")
+        ax.set(title=title, xlabel=xlabel, xscale="log" if logx else "linear")
         ax.grid(alpha=0.3)
-        if len(p["lines"]) > 1:
+        if len(lines) > 1:
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=90))
-    return True
 
 
 def plot_curves(metrics_path, png, log=print):
@@ -1947,32 +1939,29 @@ def plot_curves(metrics_path, png, log=print):
         m = [json.loads(line) for line in f]
     knn = [r for r in m if "knn_top1" in r]
     line = lambda key, rows, scale=1: [("", [r["epoch"] for r in rows], [r[key] * scale for r in rows], None)]
-    save_plot(png, [dict(title="NT-Xent loss", xlabel="epoch", lines=line("loss", m)),
-                    dict(title="learning rate (end of epoch)", xlabel="epoch", lines=line("lr", m)),
-                    dict(title="kNN monitor, top-1 %" if knn else "kNN monitor: off (--knn-every)", xlabel="epoch",
-                         lines=line("knn_top1", knn, 100))], log)
+    save_plot(png, {"NT-Xent loss": line("loss", m), "learning rate (end of epoch)": line("lr", m),
+                    ("kNN monitor, top-1 %" if knn else "kNN monitor: off (--knn-every)"): line("knn_top1", knn, 100)},
+              "epoch", log=log)
 
 
 def pictures(features, data, args, log=print):
     """curves.png, and neighbours.png (and --show-neighbours): 8 test images, one per class while there are 8, each
     with its 8 nearest train images by cosine similarity of SimCLR's h, then of the random-init backbone's h."""
     plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"), log)
-    train_x, test_x = data["train_x"], data["test_x"]
     q = stratified(data["test_y"].cpu(), 8, torch.Generator().manual_seed(args.seed))
-    as_float = lambda x: x.cpu().float() / 255  # uint8 -> [0, 1], on the host, where save_image writes from
-    query = as_float(test_x[q.to(test_x.device)])[:, None]  # (8, 1, 3, H, W)
-    simclr_nb, random_nb = (as_float(train_x[nearest(test_h[q.to(test_h.device)], train_h, 8)[1].to(train_x.device)])
+    pick = lambda x, idx: x[idx.to(x.device)].cpu().float() / 255  # uint8 -> [0, 1], on the host, for save_image
+    query = pick(data["test_x"], q)[:, None]  # (8, 1, 3, H, W)
+    simclr_nb, random_nb = (pick(data["train_x"], nearest(test_h[q.to(test_h.device)], train_h, 8)[1])
                             for train_h, test_h in map(features, ("simclr", "random_init")))  # (8, k, 3, H, W)
     gap = torch.ones_like(query)  # white, as save_image's padding
     tiles = torch.cat([query, gap, simclr_nb, gap, random_nb], 1)  # (8, 2k + 3, 3, H, W): a row per query
-    nrow, tiles = tiles.shape[1], tiles.flatten(0, 1)  # (8 (2k + 3), 3, H, W)
     if tiles.shape[-1] > 64:  # large images: a picture of about a thousand pixels across, not thousands
-        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)  # (8 (2k+3), 3, 64, 64)
+        tiles = torchvision.transforms.v2.functional.resize(tiles, [64, 64], antialias=True)  # (8, 2k + 3, 3, 64, 64)
     paths = [os.path.join(args.out, "neighbours.png")] + ([args.show_neighbours] if args.show_neighbours else [])
     for path in paths:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_atomic(path, lambda f: torchvision.utils.save_image(tiles, f, format="png", padding=2, pad_value=1,
-                                                                  nrow=nrow))
+        write_atomic(path, lambda f: torchvision.utils.save_image(tiles.flatten(0, 1), f, format="png", padding=2,
+                                                                  pad_value=1, nrow=tiles.shape[1]))
     log(f"saved {' and '.join(paths)}: each row a test image, then its nearest train images by SimCLR's h, then by "
         f"the {random_init_name(args)}'s")
 
@@ -1986,98 +1975,91 @@ def classic_views(images, transform):
     return [torch.stack([transform(x) for x in images]) for _ in range(2)]
 
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), for model FLOP utilisation.
-# Only cards whose figure we are sure of, the most specific name first; others: --peak-tflops. A CPU has no honest
-# single figure: its bench reports achieved FLOP/s only.
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets, for model FLOP utilisation: only
+# cards whose figure we are sure of, the most specific name first (others: --peak-tflops); a CPU: achieved FLOP/s only.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 
 
 def step_flops(model, views, tau, amp):
-    """FLOPs of one forward + backward of the SimCLR step, as FlopCounterMode counts them, on a copy of the model."""
-    model, N = copy.deepcopy(model), len(views) // 2
+    """FLOPs of one sgd_step (its SGD update counts none), as FlopCounterMode counts them, on a copy of the model."""
+    model = copy.deepcopy(model)
     with FlopCounterMode(display=False) as counter:
-        with amp():
-            z = model(views)  # (2N, out)
-        nt_xent(z[:N], z[N:], tau).backward()
+        sgd_step(model, views, torch.optim.SGD(model.parameters(), lr=0.0), tau, amp)
     return counter.get_total_flops()
 
 
 def classic_window(workers, bench_steps):
     """(warm-up, timed) steps of the classic rows: w workers deliver in bursts of w with 2 batches queued each, so
     the warm-up drains that queue (4w + 3 steps) and the clock runs whole bursts, at least 16."""
-    if workers == 0:  # the main process makes each batch when asked: no queue
-        return 3, bench_steps
-    return 4 * workers + 3, -(-max(bench_steps, 16 * workers) // workers) * workers  # a multiple of w
+    burst = max(workers, 1)  # no workers: the main process makes each batch when asked, no queue, bursts of 1
+    return 4 * workers + 3, -(-max(bench_steps, 16 * workers) // burst) * burst  # a multiple of the burst
 
 
 def bench(model, data, args, device, log=print):
     """Images/s of (a) our pipeline, (b) the classic DataLoader one into the same step, (c) each stage; and the time the
     run these flags start would take here, from (a) and the evaluation timed once: bench.json."""
-    images = data["images"]
-    amp, N, cuda = autocast_for(device, args.precision), args.batch_size, device.type == "cuda"
-    opt = optimizer(model, args)
+    images, N, cuda = data["images"], args.batch_size, device.type == "cuda"
+    amp, opt = autocast_for(device, args.precision), optimizer(model, args)
     views_fn, forward, compiled = step_functions(model, model, to_device(images[:N], device), args, amp, log)
     ours = lambda: views_fn(to_device(images[torch.randint(len(images), (N,), device=images.device)], device))
     fixed_views = ours()  # (2N, 3, H, W): the train step alone reuses one batch
     step = lambda views: sgd_step(forward, views, opt, args.tau, amp)
     sync = lambda: torch.cuda.synchronize(device) if cuda else None
 
-    def timed(name, fn, warmup=3, steps=args.bench_steps):
+    def timed(fn, warmup=0, steps=1):  # seconds per call of fn after its warm-up calls, and its last result
         for _ in range(warmup):
             fn()
         sync()
         t0 = time.perf_counter()
         for _ in range(steps):
-            fn()
+            out = fn()
         sync()
-        ms = 1000 * (time.perf_counter() - t0) / steps
+        return (time.perf_counter() - t0) / steps, out
+
+    def row(name, fn, warmup=3, steps=args.bench_steps):  # a row of the table, logged as soon as it is timed
+        ms = 1000 * timed(fn, warmup, steps)[0]
         log(f"bench: {name:<44} {ms:9.1f} ms/step {1000 * N / ms:9.0f} img/s")
         return dict(ms_per_step=ms, img_per_s=1000 * N / ms)
 
     model.train()
-    rows = dict(ours=timed("(a) ours: augment + train step", lambda: step(ours())),
-                augment=timed("(c) ours: augmentation alone", ours),
-                train_step=timed("(c) train step alone (fixed views)", lambda: step(fixed_views)))
+    rows = dict(ours=row("(a) ours: augment + train step", lambda: step(ours())),
+                augment=row("(c) ours: augmentation alone", ours),
+                train_step=row("(c) train step alone (fixed views)", lambda: step(fixed_views)))
     warmup, steps = classic_window(args.workers, args.bench_steps)  # the workers' queue is not their speed
-    sampler = torch.utils.data.RandomSampler(range(len(images)), replacement=True,  # no epoch end, no worker restart
-                                             num_samples=N * (2 * (warmup + steps) + 4 * args.workers))
+    sampler = torch.utils.data.RandomSampler(images, replacement=True, num_samples=2 ** 62)  # endless: no restart
     loader = iter(torch.utils.data.DataLoader(
         images.cpu(), batch_size=N, sampler=sampler, num_workers=args.workers, pin_memory=cuda, collate_fn=
         functools.partial(classic_views, transform=classic_transform(images.shape[-1], **augment_kwargs(args)))))
     classic = lambda: channels_last(torch.cat([v.to(device, non_blocking=True) for v in next(loader)]))  # (2N, 3, H, W)
-    rows["classic"] = timed(f"(b) classic: {args.workers} DataLoader workers + step", lambda: step(classic()),
-                            warmup, steps)
-    rows["classic_loader"] = timed("(c) classic: DataLoader alone", classic, warmup, steps)
+    rows["classic"] = row(f"(b) classic: {args.workers} DataLoader workers + step", lambda: step(classic()),
+                          warmup, steps)
+    rows["classic_loader"] = row("(c) classic: DataLoader alone", classic, warmup, steps)
     flops = step_flops(model, fixed_views, args.tau, amp)
     device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
     tflops = flops * 1000 / rows["ours"]["ms_per_step"] / 1e12  # achieved by our whole step
     result = dict(rows=rows, speedup=rows["ours"]["img_per_s"] / rows["classic"]["img_per_s"],
                   augment_share=rows["augment"]["ms_per_step"] / rows["ours"]["ms_per_step"], flops_per_step=flops,
-                  achieved_tflops=tflops, peak_bf16_tflops=peak, mfu=tflops / peak if peak else None,
+                  achieved_tflops=tflops, peak_bf16_tflops=peak, mfu=tflops / peak if peak else None, batch=N,
                   device=device_name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), compiled=compiled,
-                  workers=args.workers, classic_warmup=warmup, classic_steps=steps, batch=N, img_size=images.shape[-1],
-                  **{k: getattr(args, k) for k in ("arch", "stem", "precision", "dataset")}, steps=args.bench_steps)
+                  classic_warmup=warmup, classic_steps=steps, img_size=images.shape[-1], steps=args.bench_steps,
+                  **{k: getattr(args, k) for k in ("workers", "arch", "stem", "precision", "dataset")})
     mfu = f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s bf16" if peak else ""
     log(f"bench: ours / classic = {result['speedup']:.2f}x; augmentation = {100 * result['augment_share']:.1f}% "
         f"of our step; {flops / 1e9:.1f} GFLOP per step, {tflops:.3f} TFLOP/s achieved{mfu}")
-    t0 = time.perf_counter()  # the evaluation costs the same on this untrained backbone as on a trained one
-    train_h, test_h = (extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x"))
-    sync()
-    t1 = time.perf_counter()
-    probes(train_h, data["train_y"], test_h, data["test_y"], data["classes"], args.probe_steps, args.knn_k)
-    t2 = time.perf_counter()
-    if not args.no_baselines:  # the raw pixels' probes; the random-init backbone costs what SimCLR's does
-        pixels = [pixel_features(data[k], device) for k in ("train_x", "test_x")]
-        probes(pixels[0], data["train_y"], pixels[1], data["test_y"], data["classes"], args.probe_steps, args.knn_k)
-    t3 = time.perf_counter()
-    steps, monitors = args.epochs * (len(images) // N), args.epochs // args.knn_every if args.knn_every else 0
-    run = dict(pretrain_s=steps * rows["ours"]["ms_per_step"] / 1000 + monitors * (t1 - t0),
-               evaluate_s=(t2 - t0) * (1 + (not args.no_baselines)) + t3 - t2)
-    result.update(run, run_s=run["pretrain_s"] + run["evaluate_s"])
+    extract = lambda: [extract_features(model.backbone, data[k], prep=data["prep"][k]) for k in ("train_x", "test_x")]
+    probe = lambda h: probes(h[0], data["train_y"], h[1], data["test_y"], data["classes"], args.probe_steps, args.knn_k)
+    features_s, h = timed(extract)  # the evaluation costs the same on this untrained backbone as on a trained one
+    probes_s = timed(lambda: probe(h))[0]
+    pixels = lambda: probe([pixel_features(data[k], device) for k in ("train_x", "test_x")])  # the raw pixels' probes
+    pixels_s = 0 if args.no_baselines else timed(pixels)[0]
+    monitors = args.epochs // args.knn_every if args.knn_every else 0  # each kNN monitor extracts the features
+    pretrain_s = args.epochs * (len(images) // N) * rows["ours"]["ms_per_step"] / 1000 + monitors * features_s
+    evaluate_s = (features_s + probes_s) * (1 + (not args.no_baselines)) + pixels_s  # random-init costs as SimCLR
+    result.update(pretrain_s=pretrain_s, evaluate_s=evaluate_s, run_s=pretrain_s + evaluate_s)
     log(f"bench: the run these flags start ({args.epochs} epochs of {len(images) // N} steps) would take about "
-        f"{fmt_time(result['run_s'])} here once its data is ready: {fmt_time(run['pretrain_s'])} of pre-training at "
-        f"{rows['ours']['img_per_s']:.0f} img/s, {fmt_time(run['evaluate_s'])} of evaluation"
+        f"{fmt_time(result['run_s'])} here once its data is ready: {fmt_time(pretrain_s)} of pre-training at "
+        f"{rows['ours']['img_per_s']:.0f} img/s, {fmt_time(evaluate_s)} of evaluation"
         + (" (few labels not counted)" if args.label_amounts else ""))
     write_json(result, os.path.join(args.out, "bench.json"))
     log(f"wrote {os.path.join(args.out, 'bench.json')}")

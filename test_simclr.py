@@ -2480,6 +2480,9 @@ def test_label_efficiency_table_and_pictures_with_and_without_matplotlib(tmp_pat
     for f in ("neighbours.png", *(["curves.png", "label_efficiency.png"] if HAS_MPL else [])):
         Image.open(out / f).verify()
     assert Image.open(out / "neighbours.png").size == (19 * 18 + 2, 8 * 18 + 2)  # 8 rows of 1 + gap + 8 + gap + 8
+    grid = torch.from_numpy(np.array(Image.open(out / "neighbours.png").convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+    for r, i in enumerate(simclr.stratified(data["test_y"], 8, torch.Generator().manual_seed(0))):  # column 0
+        assert torch.equal(grid[:, 2 + 18 * r:18 * (r + 1), 2:18], data["test_x"][i])  # each query, to the bit
     assert "supervised (2 steps)" in capsys.readouterr().out
     # --show-neighbours of a saved run: the same picture, without training or evaluating again
     before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "results.json")}
@@ -2503,11 +2506,25 @@ def test_plot_curves_draws_every_line_of_metrics(tmp_path, monkeypatch):
     lines = [dict(epoch=e, loss=5 - e, lr=0.1 * e, **(dict(knn_top1=0.1 * e) if e % 2 == 0 else {})) for e in (1, 2, 3, 4)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     drawn = {}
-    monkeypatch.setattr(simclr, "save_plot", lambda path, panels, log=print: drawn.update(path=path, panels=panels))
+    monkeypatch.setattr(simclr, "save_plot", lambda path, panels, *a, **k: drawn.update(path=path, panels=panels))
     simclr.plot_curves(str(tmp_path / "metrics.jsonl"), "c.png")
-    (_, *loss), (_, *lr), (_, *knn) = (p["lines"][0] for p in drawn["panels"])
+    (_, *loss), (_, *lr), (_, *knn) = (lines[0] for lines in drawn["panels"].values())
     assert loss == [[1, 2, 3, 4], [4, 3, 2, 1], None] and lr[1] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert knn[0] == [2, 4] and knn[1] == pytest.approx([20, 40])
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed")
+def test_save_plot_draws_each_panel_with_its_title_and_lines(tmp_path, monkeypatch):
+    import matplotlib.figure
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    simclr.save_plot(str(tmp_path / "p.png"), {"one": [("a", [1, 2], [3, 4], None)],
+                                               "two": [("b", [1, 10], [5, 6], [1, 1]), ("c", [1, 10], [7, 8], None)]},
+                     "images", logx=True)
+    one, two = figures[0].axes
+    assert [one.get_title(), two.get_title(), one.get_xlabel(), two.get_xscale()] == ["one", "two", "images", "log"]
+    assert [len(one.lines), len(two.containers), one.get_legend()] == [1, 2, None]  # a legend where lines are several
+    assert [t.get_text() for t in two.get_legend().get_texts()] == ["b", "c"]
 
 
 def test_show_augs_writes_a_grid_of_the_8_images_it_makes(tmp_path, monkeypatch):
