@@ -1009,12 +1009,15 @@ def test_write_atomic_failing_inside_torch_save_is_an_os_error_naming_the_file(t
 
 
 def test_write_atomic_writes_with_the_umask_for_others_sharing_the_folder(tmp_path):
-    """The mode a plain open() would give under the process's umask (mkstemp's is 0600), in a process started with
-    umask 027 and one with 002."""
-    for umask, mode in ((0o027, 0o640), (0o002, 0o664)):
-        code = f"import os, simclr; simclr.write_atomic({str(tmp_path / 'f')!r}, lambda f: f.write(b'x'))"
-        subprocess.run(["sh", "-c", f"umask {umask:03o} && {sys.executable} -c \"{code}\""], cwd=HERE, check=True)
-        assert os.stat(tmp_path / "f").st_mode & 0o777 == mode
+    """The mode a plain open() would give under the process's umask (mkstemp's is 0600): simclr imported under umask
+    027, then again under 002, in a process of its own (one: each start imports torch, seconds on 2 cores)."""
+    code = ("import importlib, os, sys, simclr\n"
+            "for umask, name in ((0o027, 'a'), (0o002, 'b')):\n"
+            "    os.umask(umask)\n"
+            "    importlib.reload(simclr)  # reads the umask as an import does\n"
+            "    simclr.write_atomic(os.path.join(sys.argv[1], name), lambda f: f.write(b'x'))\n")
+    run_script("-c", code, str(tmp_path))
+    assert [os.stat(tmp_path / name).st_mode & 0o777 for name in "ab"] == [0o640, 0o664]
 
 
 def test_write_atomic_on_a_full_disk_names_the_file_and_leaves_the_previous_one_whole(tmp_path, monkeypatch, refused):
@@ -2529,7 +2532,7 @@ def test_save_plot_draws_each_panel_with_its_title_and_lines(tmp_path, monkeypat
 
 def test_show_augs_writes_a_grid_of_the_8_images_it_makes(tmp_path, monkeypatch):
     png = tmp_path / "augs.png"
-    run_script("simclr.py", "--dry-run", "--show-augs", str(png), "--out", str(tmp_path / "run"))
+    simclr.main(["--dry-run", "--show-augs", str(png), "--out", str(tmp_path / "run")])
     im = Image.open(png)
     assert im.size[0] > im.size[1] > 0  # 8 columns, 3 rows
     made = []  # the shapes it generates: the 8 it draws (and 8 test images), not the 7,000 of a run
@@ -2617,9 +2620,9 @@ def test_bench_times_every_row_over_its_own_steps(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("extra", [["--head", "mlp", "--arch", "resnet34", "--stem", "imagenet"],
                                    ["--head", "ae", "--act", "sigmoid"]])
-def test_main_dry_run_end_to_end_writes_every_output(tmp_path, extra):
-    """Every stage for a couple of steps, every output written: into --out, or without it into a temporary folder
-    that the dry run names with its files, then removes."""
+def test_main_dry_run_end_to_end_writes_every_output(tmp_path, extra, capsys):
+    """Every stage for a couple of steps, every output written: into --out, or without it (the script itself, as a
+    user types it) into a temporary folder that the dry run names with its files, then removes."""
     out = tmp_path / "run"
     ae_dir = ["--ae-dir", str(tmp_path / "ae")] if "ae" in extra else []  # an autoencoder flag: ae head only
     outputs = ("config.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt", "results.json", "neighbours.png",
@@ -2630,7 +2633,8 @@ def test_main_dry_run_end_to_end_writes_every_output(tmp_path, extra):
         assert set(written.split(", ")) >= set(outputs) and not os.path.exists(temporary)
         assert not (tmp_path / "ae").exists()  # nor is a dry run's autoencoder cached
         return
-    stdout = run_script("simclr.py", "--dry-run", "--out", str(out), *ae_dir, *extra)
+    simclr.main(["--dry-run", "--out", str(out), *ae_dir, *extra])
+    stdout = capsys.readouterr().out
     assert "raw pixels" in stdout and "random-init" in stdout and "SimCLR" in stdout
     for f in outputs:
         assert (out / f).exists(), f
