@@ -2156,8 +2156,8 @@ def test_main_recipe_paper_runs_the_papers_protocol(tmp_path, fake_imagenet_weig
     simclr.main(["--resume", str(tmp_path / "unit"), "--show-neighbours", str(tmp_path / "nb.png")])  # the same epoch
     assert "evaluating the backbone of epoch 2" in capsys.readouterr().out
     seen.clear()
-    simclr.main([*flags, "--standardize", "--eval", "standard", "--label-fractions", "1", "--sup-steps", "1",
-                 "--out", str(tmp_path / "standardized")])
+    simclr.main([*flags, "--epochs", "1", "--standardize", "--eval", "standard", "--label-fractions", "1",
+                 "--sup-steps", "1", "--out", str(tmp_path / "standardized")])  # one epoch shows every input
     # STANDARDIZE as calculate_dataset_stats: per channel the mean of each image's mean and (n - 1) std; the train
     # split's for its 90% and its 10% (the Subset unwrapped), the test split's its own
     stats = lambda x: [np.mean(f(x / 255, axis=(2, 3)), 0) for f in (np.mean, functools.partial(np.std, ddof=1))]
