@@ -2400,7 +2400,7 @@ def colour_classes(y, g, size=16):
 def test_supervised_from_scratch_learns_a_separable_problem_and_fails_on_noise(monkeypatch):
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (48 + 90,), generator=g)  # 48 labelled images, 90 test images
-    run = lambda x: simclr.supervised(x[:48], y[:48], x[48:], y[48:], 3, "resnet10", "imagenet", steps=30, seed=0,
+    run = lambda x: simclr.supervised(x[:48], y[:48], x[48:], y[48:], 3, "resnet10", "imagenet", steps=20, seed=0,
                                       device="cpu")
     state = torch.get_rng_state()
     xc = colour_classes(y, g)
@@ -2408,8 +2408,8 @@ def test_supervised_from_scratch_learns_a_separable_problem_and_fails_on_noise(m
     monkeypatch.setattr(torch.optim.SGD, "step", lambda opt, *a: lrs.append(opt.param_groups[0]["lr"]) or
                         real_step(opt, *a))
     acc = run(xc)
-    peak = 0.05 * 48 / 128  # 0.05 per 128 images, scaled to the batch of 48; warm-up over 3 steps, cosine to 0
-    closed = [peak * (s + 1) / 3 if s < 3 else peak * (1 + math.cos(math.pi * (s - 2) / 27)) / 2 for s in range(30)]
+    peak = 0.05 * 48 / 128  # 0.05 per 128 images, scaled to the batch of 48; warm-up over 2 steps, cosine to 0
+    closed = [peak * (s + 1) / 2 if s < 2 else peak * (1 + math.cos(math.pi * (s - 1) / 18)) / 2 for s in range(20)]
     assert lrs == pytest.approx(closed, rel=1e-12, abs=1e-15)
     monkeypatch.undo()
     assert acc > 0.95
