@@ -1081,29 +1081,30 @@ def test_main_killed_run_resumes_bit_identical(tmp_path):
     """A run SIGKILLed after its first epoch's checkpoint, then resumed, ends with exactly the weights of the
     same run left alone (model, optimizer, scheduler and every RNG are restored)."""
     flags = TINY + ["--epochs", "3"]
-    run_script("simclr.py", *flags, "--out", str(tmp_path / "whole"))
-    killed = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "simclr.py", *flags, "--out", str(killed)], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = lambda out: subprocess.Popen([sys.executable, "simclr.py", *flags, "--out", str(out)], cwd=HERE,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    left_alone, p = start(whole), start(killed)  # side by side: each start imports torch, seconds on 2 cores
     while not (killed / "checkpoint.pt").exists() and p.poll() is None:
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    assert left_alone.wait(timeout=300) == 0, left_alone.stderr.read()
     saved = torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"]
     assert saved < 3, "the kill came too late"
     with open(killed / "metrics.jsonl", "a") as f:  # as if killed after logging the next epoch, mid-line
         f.write(json.dumps(dict(epoch=saved + 1, loss=0.0)) + '\n{"epoch": ')
     run_script("simclr.py", "--resume", str(killed))
     metrics = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    whole, resumed = metrics(tmp_path / "whole"), metrics(killed)
+    resumed = metrics(killed)
     assert [m["epoch"] for m in resumed] == [1, 2, 3]  # each epoch once
-    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in metrics(whole)]
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)
     b = torch.load(killed / "checkpoint.pt", weights_only=False)
     assert a["epoch"] == b["epoch"] == 3
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert json.loads((tmp_path / "whole" / "results.json").read_text())["linear_top1"] == \
+    assert json.loads((whole / "results.json").read_text())["linear_top1"] == \
         json.loads((killed / "results.json").read_text())["linear_top1"]
     # the pre-training time of the whole run, not of its last stretch
     assert json.loads((killed / "results.json").read_text())["pretrain_seconds"] >= sum(m["epoch_s"] for m in resumed)
