@@ -772,7 +772,8 @@ def build_parser():
     a("--knn-k", type=COUNT, default=200, help="neighbours of the weighted kNN")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
     group = p.add_argument_group("few labels and pictures")
-    a, either = group.add_argument, group.add_mutually_exclusive_group().add_argument  # fractions, or counts per class
+    a = group.add_argument
+    either = group.add_mutually_exclusive_group().add_argument  # fractions of the labels, or counts per class
     either("--label-fractions", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]", many=True), metavar="F,F,...",
       help="train on these fractions of the labels, e.g. 0.01,0.1,1 (default: off)")
     either("--labels-per-class", type=number(int, lambda v: v >= 1, "at least 1", many=True), metavar="K,K,...",
@@ -885,7 +886,8 @@ def differences(saved, args, source, ignore=frozenset()):
 def parse_args(argv):
     """The flags and the values computed from them; args.argv is the command line with the resolved --out and --device
     (and a folder's image side). --resume DIR parses DIR's saved one again, by every flag's rule, with the flags typed
-    now that change no setting (after a stop on a non-finite loss: a new --lr or --tau)."""
+    now; refused: a typed flag that changes a setting (but a new --lr or --tau after a stop on a non-finite loss), a
+    config.json its command line does not give, a checkpoint saved with other settings."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume is None:
@@ -912,7 +914,9 @@ def parse_args(argv):
     typed = {act.dest for act in parser._actions if words & set(act.option_strings)} - RESUME_MAY_TYPE
     diverged = os.path.join(args.resume, "diverged.json")  # after a stop on divergence, a new --lr or --tau may follow
     retune = typed & {"lr", "tau"} if os.path.exists(diverged) else set()
-    old_raw, new = parser.parse_args(saved), parser.parse_args(saved + argv)
+    old_raw = parser.parse_args(saved)
+    parser.error = die  # the saved command line passed its rules: what breaks one now is a flag typed now
+    new = parser.parse_args(saved + argv)
     changed = lambda new, old: [k for k in sorted(typed - retune) if getattr(new, k) != getattr(old, k)]
     # a flag the run was started with, typed with another value, is named as typed: resolved, it could first refuse
     # another flag of the saved run (--recipe simclr its --standardize)
@@ -1159,7 +1163,7 @@ def try_compile(fn, example, name, model=None, amp=nullcontext, log=print):
 
 def channels_last(x):
     """Images (N, C, H, W) in the (N, H, W, C) memory layout of the model's weights, where oneDNN's and cuDNN's
-    convolutions are fastest."""
+    convolutions are fastest; on other devices (MPS) as they are."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type in ("cuda", "cpu") else x
 
 
@@ -1250,7 +1254,7 @@ def load_dataset(name, root, size, download=True, stl10_pretrain="train+unlabele
         x, y = data[f"{split}_x"], data[f"{split}_y"]
         if len(x) != len(y):  # two files, each whole, of two splits (or two downloads)
             die(f"--dataset {name}: its {split} split holds {len(x)} images but {len(y)} labels: put the files of one "
-                f"split in {root}")
+                f"split at {os.path.join(root, EXPECTED_FILES[name])}")
         if ((y < 0) | (y >= C)).any():
             die(f"--dataset {name}: its {split} labels hold {int(y[(y < 0) | (y >= C)][0])}, outside 0..{C - 1}: put "
                 f"its own label files in {root}")
@@ -1346,8 +1350,9 @@ def idx_problem(path, ndim):
     with open(path, "rb") as f:
         head = f.read(4 + 4 * ndim)
     magic, size = bytes([0, 0, 8, ndim]), os.path.getsize(path)
-    if head[:4] != magic:  # Fashion-MNIST's images are (n, 28, 28), its labels (n,)
-        return f"is not an idx file of {ndim}-d bytes (it starts {head[:4].hex()}, not {magic.hex()})"
+    if not magic.startswith(head[:4]):  # Fashion-MNIST's images are (n, 28, 28), its labels (n,)
+        swapped = {b"\x01": " (a labels file?)", b"\x03": " (an images file?)"}.get(head[3:4], "")
+        return f"is not an idx file of {ndim}-d bytes (it starts {head[:4].hex()}, not {magic.hex()}){swapped}"
     if len(head) < 4 + 4 * ndim:
         return "is cut short inside its header"
     dims = [int.from_bytes(head[i:i + 4], "big") for i in range(4, len(head), 4)]
@@ -1516,7 +1521,7 @@ def paper_probe(train_h, train_y, val_h, val_y, test_h, test_y, classes, epochs=
     clf = clf.to(train_h.device)
     opt = torch.optim.SGD(clf.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=10)
-    best = float("inf")
+    best, top1 = float("inf"), float("nan")  # a probe whose validation loss is never finite tests nothing
     for epoch in range(epochs):
         with torch.enable_grad():
             for idx in torch.randperm(len(train_h), generator=gen).to(train_h.device).split(batch):

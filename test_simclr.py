@@ -760,7 +760,7 @@ def test_simclr_on_shapes_runs_part1_alone_with_the_command_lines_hyper_paramete
     (["--warmup-epochs", "-1"], "argument --warmup-epochs: must be in [0, 10000]"),
     (["--warmup-epochs", "1e308"], "argument --warmup-epochs: must be in [0, 10000]"),
     (["--knn-k", "0"], "argument --knn-k: must be >= 1"),
-    (["--label-fractions", "0.1", "--labels-per-class", "5"], "--labels-per-class: not allowed with argument --label-fr"),
+    (["--label-fractions", "0.1", "--labels-per-class", "5"], "--labels-per-class: not allowed with argument --lab"),
     (["--label-fractions", "0"], "argument --label-fractions: must be in (0, 1] (got 0.0)"),
     (["--label-fractions", "0.1,1.5"], "argument --label-fractions: must be in (0, 1] (got 1.5)"),
     (["--label-fractions", "0.1,,1"], "argument --label-fractions: takes comma-separated numbers"),
@@ -906,6 +906,12 @@ def test_parse_args_resume_with_a_flag_that_decides_which_others_apply_names_it(
     saved_config(tmp_path, *saved)
     err = refused(["--resume", str(tmp_path), *typed])
     assert named in err and "drop these flags, or start a new run" in err
+
+
+def test_parse_args_resume_names_a_typed_flag_that_the_saved_run_excludes_not_its_config(tmp_path, refused):
+    saved_config(tmp_path, "--label-fractions", "0.1")
+    err = refused(["--resume", str(tmp_path), "--labels-per-class", "5"])
+    assert "argument --labels-per-class: not allowed with argument --label-fractions" in err and "config" not in err
 
 
 def test_parse_args_gpu_run_resumed_on_the_cpu_takes_the_cpus_precision_and_no_compile(tmp_path, monkeypatch):
@@ -1656,7 +1662,8 @@ def test_load_dataset_names_a_fashion_mnist_file_cut_short_or_rebuilds_it_from_d
     (bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big"), bytes([3, 1, 4, 1, 5]), "is longer than its header says"),
     (bytes([0, 0, 8, 1]) + (0).to_bytes(4, "big"), b"", "holds no items"),
     (bytes([0, 0, 8, 0]), b"", "is not an idx file of 1-d bytes (it starts 00000800, not 00000801)"),
-    (bytes([0, 0, 13, 1]) + (4).to_bytes(4, "big"), bytes(16), "is not an idx file of 1-d bytes")])
+    (bytes([0, 0, 13, 1]) + (4).to_bytes(4, "big"), bytes(16), "is not an idx file of 1-d bytes"),
+    (b"", b"\0\0", "is cut short inside its header")])  # a download that stopped at once
 def test_load_dataset_says_what_is_wrong_with_a_fashion_mnist_label_file(tmp_path, refused, header, values, problem):
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -1670,7 +1677,7 @@ def test_load_dataset_says_what_is_wrong_with_a_fashion_mnist_label_file(tmp_pat
 
 @pytest.mark.parametrize("images,labels,problem", [
     (np.array([3, 1, 4, 1], dtype=np.uint8), random_uint8(4, 28, 28),
-     "is not an idx file of 3-d bytes (it starts 00000801, not 00000803)"),
+     "is not an idx file of 3-d bytes (it starts 00000801, not 00000803) (a labels file?)"),
     (random_uint8(4, 784), np.array([3, 1, 4, 1], dtype=np.uint8),
      "is not an idx file of 3-d bytes (it starts 00000802")])
 def test_load_dataset_names_a_fashion_mnist_images_file_of_another_rank(tmp_path, refused, images, labels, problem):
@@ -2009,10 +2016,14 @@ def test_prepare_data_the_papers_imagenette_validates_on_a_tenth_of_its_val_spli
         range(n), [0.9, 0.1], generator=torch.Generator().manual_seed(42))]
     assert torch.equal(data["images"], data["train_x"][split(20)[0]])
     assert torch.equal(data["val_x"], data["test_x"][split(20)[1]]) and len(data["val_x"]) == 2
-    x = data["test_x"].double().numpy() / 255
-    m, s = (np.mean(f(x, axis=(2, 3)), 0) for f in (np.mean, functools.partial(np.std, ddof=1)))
-    expected = (data["val_x"].double() / 255 - torch.from_numpy(m)[:, None, None]) / torch.from_numpy(s)[:, None, None]
-    torch.testing.assert_close(data["prep"]["val_x"](data["val_x"]), expected.float(), atol=1e-5, rtol=0)
+    def standardized(x, by):  # per channel, the mean over `by`'s images of each one's mean and (n - 1) std
+        b = by.double().numpy() / 255
+        m, s = (torch.from_numpy(np.mean(f(b, axis=(2, 3)), 0))[:, None, None]
+                for f in (np.mean, functools.partial(np.std, ddof=1)))
+        return ((x.double() / 255 - m) / s).float()
+    for split, by in (("images", "train_x"), ("train_x", "train_x"), ("val_x", "test_x"), ("test_x", "test_x")):
+        torch.testing.assert_close(data["prep"][split](data[split]), standardized(data[split], data[by]), atol=1e-5,
+                                   rtol=0, msg=split)  # the train split's whole 20 images, the test split's its own
 
 
 def test_main_images_in_host_memory_give_the_same_run_as_on_the_device(tmp_path):
@@ -2040,6 +2051,11 @@ def test_paper_probe_separates_separable_data_fails_on_noise_and_sees_the_raw_fe
     shifted = torch.cat([h[:600], h[600:] + toward_0])  # would undo it; the paper's code (raw features) does not
     assert simclr.paper_probe(*split(shifted), 3) < acc - 0.2
     assert simclr.paper_probe(*split(torch.randn(700, 20, generator=g)), 3) < 0.5
+
+
+def test_paper_probe_whose_validation_loss_is_never_finite_tests_nothing():
+    h, y = torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 2
+    assert math.isnan(simclr.paper_probe(h, y, h * float("nan"), y, h, y, 2, epochs=2))  # no epoch to pick
 
 
 def test_paper_probe_steps_its_plateau_on_the_last_batch_loss(monkeypatch):
