@@ -3419,17 +3419,14 @@ def test_hltm_control_trains_as_far_as_simclr(hltm_depth4):
     (["covariance", "--filters", "1"], "--filters must be at least 2 (got 1)"),
     (["cnn", "--pre-sigma0", "1e-300"], "--pre-sigma0 must be at least 1e-30 (got 1e-300)"),
     (["hltm", "--n-eval", "2"], "--n-eval must be at least 64 (got 2)")])
-def test_toy_theory_bad_flags_exit_with_a_message(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        toy_theory.get_args(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+def test_toy_theory_bad_flags_exit_with_a_message(argv, message, refused):
+    assert message in refused(lambda: toy_theory.get_args(argv))
 
 
-def test_toy_theory_refuses_an_output_path_before_any_computation(monkeypatch, capsys):
+def test_toy_theory_refuses_an_output_path_before_any_computation(monkeypatch, refused):
     monkeypatch.setattr(toy_theory, "run_cnn", lambda args: pytest.fail("ran with an unwritable --out"))
-    with pytest.raises(SystemExit) as e:
-        toy_theory.main(["cnn", "--out", os.path.join(HERE, "README.md", "runs")])
-    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    out = os.path.join(HERE, "README.md", "runs")
+    assert "is a file, not a folder" in refused(lambda: toy_theory.main(["cnn", "--out", out]))
 
 
 def test_toy_theory_paths_expand_home_and_a_value_typed_twice_counts_once(monkeypatch, tmp_path):
@@ -3439,7 +3436,7 @@ def test_toy_theory_paths_expand_home_and_a_value_typed_twice_counts_once(monkey
 
 
 @pytest.mark.parametrize("how", ["diverged", "sigterm", "out of memory"])
-def test_toy_theory_stops_in_one_line_and_saves_nothing_half(how, tmp_path, monkeypatch, capsys):
+def test_toy_theory_stops_in_one_line_and_saves_nothing_half(how, tmp_path, monkeypatch, refused):
     """A run that diverges (a real one: cnn at --eta 100), SIGTERM (as Ctrl-C) and torch's CPU allocator failing each
     end in one line on stderr with their exit code, no summary.json, and SIGTERM's handler given back."""
     def interrupt(args):
@@ -3450,10 +3447,8 @@ def test_toy_theory_stops_in_one_line_and_saves_nothing_half(how, tmp_path, monk
         monkeypatch.setattr(toy_theory, "run_clusters", interrupt)
     argv = ["cnn", "--quick", "--eta", "100"] if how == "diverged" else ["clusters", "--quick"]
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as e:
-        toy_theory.main(argv + ["--out", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert e.value.code == (130 if how == "sigterm" else 2) and len(err.splitlines()) == 1, err
+    err = refused(lambda: toy_theory.main(argv + ["--out", str(tmp_path)]), code=130 if how == "sigterm" else 2)
+    assert len(err.splitlines()) == 1, err
     assert {"diverged": "lower --eta (the run diverged)", "sigterm": "interrupted; clusters saves its summary when it "
             "ends", "out of memory": "out of memory (DefaultCPUAllocator"}[how] in err
     assert not (tmp_path / "summary.json").exists() and signal.getsignal(signal.SIGTERM) is handler
@@ -3495,48 +3490,39 @@ def test_toy_theory_smoke(tmp_path):
     assert p.returncode == 2 and "the output pipe closed before the run ended" in err and "Traceback" not in err
 
 
-def test_toy_theory_refuses_sizes_that_cannot_fit_with_the_largest_that_does(capsys):
+def test_toy_theory_refuses_sizes_that_cannot_fit_with_the_largest_that_does(refused):
     """A --depth whose 2^depth leaves cannot fit is refused before anything is allocated, with the largest --depth that
     fits; that one is accepted and one more refused (the same for --d)."""
     for flag, value in [("--depth", "40"), ("--d", "1000000000")]:
         cmd = ["hltm", "--quick"] if flag == "--depth" else ["cnn", "--quick"]
-        with pytest.raises(SystemExit) as e:
-            toy_theory.get_args(cmd + [flag, value])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and "GiB of memory, more than this machine's" in err, err
+        err = refused(lambda: toy_theory.get_args(cmd + [flag, value]))
+        assert "GiB of memory, more than this machine's" in err, err
         limit = int(err.split(f"{flag} at most ")[1].split(",")[0])
         assert toy_theory.get_args(cmd + [flag, str(limit)])
-        with pytest.raises(SystemExit):
-            toy_theory.get_args(cmd + [flag, str(limit + 1)])
+        refused(lambda: toy_theory.get_args(cmd + [flag, str(limit + 1)]))
 
 
 @pytest.mark.parametrize("cmd", ["clusters", "covariance"])
-def test_toy_theory_an_overflowing_rate_ends_in_one_line(cmd, tmp_path, capsys, one_thread):
+def test_toy_theory_an_overflowing_rate_ends_in_one_line(cmd, tmp_path, refused, one_thread):
     """--lr 1e300: a float32 overflow (torch's SGD: 'value cannot be converted to type float without overflow') or a
     loss gone to nan, each one line with the flag to lower, exit 2."""
-    with pytest.raises(SystemExit) as e:
-        toy_theory.main([cmd, "--quick", "--lr", "1e300", "--out", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "lower --lr" in err, err
+    err = refused(lambda: toy_theory.main([cmd, "--quick", "--lr", "1e300", "--out", str(tmp_path)]))
+    assert len(err.splitlines()) == 1 and "lower --lr" in err, err
 
 
-def test_toy_theory_saves_the_summary_before_the_figure(monkeypatch, tmp_path, capsys):
+def test_toy_theory_saves_the_summary_before_the_figure(monkeypatch, tmp_path, refused):
     """A figure that fails (a plotting error, a full disk) cannot lose the summary: it is written first."""
     if not HAS_MPL:
         pytest.skip("matplotlib: no figure to fail")
     monkeypatch.setattr(toy_theory, "plot_clusters", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device", "f.png")))
-    with pytest.raises(SystemExit) as e:
-        toy_theory.main(["clusters", "--quick", "--steps", "2", "--out", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "cannot write f.png (No space left on device); the summary is saved" in err, err
+    err = refused(lambda: toy_theory.main(["clusters", "--quick", "--steps", "2", "--out", str(tmp_path)]))
+    assert "cannot write f.png (No space left on device); the summary is saved" in err, err
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["cmd"] == "clusters"
 
 
-def test_toy_theory_refuses_an_out_that_is_a_link_to_nothing(tmp_path, capsys):
+def test_toy_theory_refuses_an_out_that_is_a_link_to_nothing(tmp_path, refused):
     os.symlink(tmp_path / "gone", tmp_path / "link")
-    with pytest.raises(SystemExit) as e:
-        toy_theory.get_args(["cnn", "--out", str(tmp_path / "link")])
-    assert e.value.code == 2 and "is a link to nothing" in capsys.readouterr().err
+    assert "is a link to nothing" in refused(lambda: toy_theory.get_args(["cnn", "--out", str(tmp_path / "link")]))
 
 
 def _toy_script(args, tmp_path, **kw):
