@@ -771,9 +771,8 @@ def build_parser():
     a("--knn-every", type=NONNEGATIVE_INT, default=5, help="kNN monitor every this many epochs (0: at the end only)")
     a("--knn-k", type=COUNT, default=200, help="neighbours of the weighted kNN")
     a("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
-    group = p.add_argument_group("few labels and pictures")
-    a = group.add_argument
-    either = group.add_mutually_exclusive_group().add_argument  # fractions of the labels, or counts per class
+    few = p.add_argument_group("few labels and pictures")
+    a, either = few.add_argument, few.add_mutually_exclusive_group().add_argument  # fractions, or counts per class
     either("--label-fractions", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]", many=True), metavar="F,F,...",
       help="train on these fractions of the labels, e.g. 0.01,0.1,1 (default: off)")
     either("--labels-per-class", type=number(int, lambda v: v >= 1, "at least 1", many=True), metavar="K,K,...",

@@ -735,6 +735,14 @@ def test_simclr_on_shapes_runs_part1_alone_with_the_command_lines_hyper_paramete
     assert out["hp"] == {k: cli[k] for k in out["hp"]}
 
 
+def test_simclr_py_every_function_fits_on_a_screen():
+    """No function of simclr.py longer than 80 lines: a reader sees each one whole, on one screen."""
+    import ast
+    tree = ast.parse(open(os.path.join(HERE, "simclr.py")).read())
+    lengths = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert {name: n for name, n in lengths.items() if n > 80} == {}
+
+
 # ---------------------------------------------------------------- Part 2: command line
 
 
