@@ -1836,7 +1836,7 @@ def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, see
         if init is not None:
             backbone.load_state_dict(init)
         net = nn.Sequential(backbone, nn.Linear(2048 if arch == "resnet50" else 512, classes)).to(device).train()
-        N = min(batch, len(train_y))
+        amp, N = autocast_for(device, precision), min(batch, len(train_y))
         peak = 0.05 * N / 128  # lr 0.05 per 128 images; weight decay 5e-4 (Zagoruyko & Komodakis, arXiv:1605.07146)
         opt = torch.optim.SGD(param_groups(net, 5e-4), lr=peak, momentum=0.9)
         for step in range(steps):
@@ -1845,7 +1845,7 @@ def supervised(train_x, train_y, test_x, test_y, classes, arch, stem, steps, see
             idx = torch.randperm(len(train_y))[:N]
             x = to_device(train_x[idx.to(train_x.device)], device).float() / 255  # (N, 3, H, H) in [0, 1]
             x = prep(flip_and_crop(x, pad=x.shape[-1] // 8))  # 4 px of 32, as He et al.
-            with autocast_for(device, precision)():
+            with amp():
                 loss = F.cross_entropy(net(x), train_y[idx.to(train_y.device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
