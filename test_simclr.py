@@ -104,6 +104,7 @@ def assert_frequency(hits, p, what):
     assert abs(k - n * p) <= 5 * math.sqrt(n * p * (1 - p)), f"{what}: {k} of {n}, expected {n * p:.0f}"
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet weights' transforms
 JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)  # color_jitter's order
 
 
@@ -168,7 +169,8 @@ def test_resized_crop_and_its_flip_match_torchvision(size):
 
 def test_crop_params_follow_torchvision_distribution():
     """The crop box's top, left, height and width, its margins below and to the right, its area and its aspect ratio,
-    each against torchvision's RandomResizedCrop.make_params over 10,000 draws (two-sample KS tests); first, the top
+    and top against left (each as a fraction of its room: one draw for both moves them together), each against
+    torchvision's RandomResizedCrop.make_params over 10,000 draws (two-sample KS tests); first, the top
     and left at their first and last offsets as often as offsets uniform on their room (a sampler that never reaches
     the last offset moves the KS distance only a little)."""
     H, W, n = 32, 40, 10_000
@@ -178,7 +180,7 @@ def test_crop_params_follow_torchvision_distribution():
     ref, dummy = torchvision.transforms.v2.RandomResizedCrop(32), [torch.zeros(3, H, W)]
     theirs = [ref.make_params(dummy) for _ in range(n)]
     stats = lambda t, l, h, w: dict(top=t, left=l, height=h, width=w, bottom=H - h - t, right=W - w - l, area=h * w,
-                                    aspect=w / h)
+                                    aspect=w / h, top_minus_left=t / (H - h + 1) - l / (W - w + 1))
     ours = stats(*(v.numpy() for v in (top, left, h, w)))
     theirs = stats(*(np.array([p[k] for p in theirs]) for k in ("top", "left", "height", "width")))
     for name, start, room in (("top", top, H - h), ("left", left, W - w)):  # each offset uniform on 0..room
@@ -232,14 +234,22 @@ def test_augment_draws_every_ops_parameters_as_torchvision_does(monkeypatch):
     torch.manual_seed(0)
     marks = torch.cat([simclr.augment(torch.zeros(5000, 3, 20, 20))[:, 0, 0, 0] for _ in range(4)]).long()  # (20000,)
     ours = {k: torch.cat(v).numpy() for k, v in seen.items()}
-    for what, hits, p in (("flip", ours["flip"], 0.5), ("jitter", marks & 1, 0.8), ("grayscale", marks & 2, 0.2),
-                          ("blur", marks & 4, 0.5)):
-        assert_frequency(hits > 0, p, what)
+    coins = dict(flip=(ours["flip"] > 0, 0.5), jitter=((marks & 1).numpy() > 0, 0.8),
+                 grayscale=((marks & 2).numpy() > 0, 0.2), blur=((marks & 4).numpy() > 0, 0.5))
+    for what, (hits, p) in coins.items():
+        assert_frequency(hits, p, what)
+    for a, b in itertools.combinations(coins, 2):  # drawn apart: both at once as often as the product says
+        assert_frequency(coins[a][0] & coins[b][0], coins[a][1] * coins[b][1], f"{a} and {b}")
     cj, gb, dummy = (torchvision.transforms.v2.ColorJitter(0.8, 0.8, 0.8, 0.2),
                      torchvision.transforms.v2.GaussianBlur(3, sigma=(0.1, 2.0)), [torch.zeros(3, 20, 20)])
     theirs = [cj.make_params(dummy) for _ in range(10_000)]
-    for i, factor in enumerate(("brightness", "contrast", "saturation", "hue")):
+    factors = ("brightness", "contrast", "saturation", "hue")
+    for i, factor in enumerate(factors):
         assert_same_distribution(ours["factors"][:, i], [p[f"{factor}_factor"] for p in theirs], factor)
+    for i, j in itertools.combinations(range(4), 2):  # drawn apart: one uniform for two factors moves them together
+        assert_same_distribution(ours["factors"][:, i] - ours["factors"][:, j],
+                                 [p[f"{factors[i]}_factor"] - p[f"{factors[j]}_factor"] for p in theirs],
+                                 f"{factors[i]} - {factors[j]}")
     assert_same_distribution(ours["sigma"], [gb.make_params(dummy)["sigma"][0] for _ in range(20_000)], "sigma")
     count = lambda orders: collections.Counter(map(tuple, np.asarray(orders).tolist()))
     ours_n, theirs_n = count(ours["order"]), count([p["fn_idx"].numpy() for p in theirs])
@@ -263,8 +273,7 @@ def test_classic_transform_and_two_views_agree_in_their_deterministic_corner():
     and ours both return the standardised image or its mirror: same crop, flip and normalisation."""
     x = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
     off = dict(crop_min=1.0, jitter_prob=0, gray_prob=0, blur_prob=0)
-    ref = (x.float() / 255 - torch.tensor(simclr.IMAGENET_MEAN).view(3, 1, 1)) / \
-        torch.tensor(simclr.IMAGENET_STD).view(3, 1, 1)
+    ref = (x.float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     classic = simclr.classic_transform(20, **off)
     seen = set()
     for _ in range(20):
@@ -286,7 +295,7 @@ def test_two_views_gives_image_i_two_different_views_at_rows_i_and_i_plus_n():
     colours = torch.randint(0, 256, (8, 3), generator=torch.Generator().manual_seed(1))
     flat = colours[:, :, None, None].expand(8, 3, 20, 20).to(torch.uint8)
     v = simclr.two_views(flat, simclr.HParams(jitter_prob=0, gray_prob=0))
-    ref = (colours / 255 - torch.tensor(simclr.IMAGENET_MEAN)) / torch.tensor(simclr.IMAGENET_STD)  # (8, 3)
+    ref = (colours / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)  # (8, 3)
     for half in (v[:8], v[8:]):
         torch.testing.assert_close(half, ref[:, :, None, None].expand_as(half).float(), atol=1e-5, rtol=0)
 
@@ -2121,6 +2130,7 @@ def test_evaluate_paper_splits_the_whole_batches_of_the_test_features_70_10_20(m
     theirs = [s.indices for s in torch.utils.data.random_split(range(n // batch * batch), [0.7, 0.1, 0.2],
                                                                 generator=torch.Generator().manual_seed(42))]
     assert seen["probe"] == theirs and seen["knn"] == [theirs[0], theirs[2]]
+    assert [len(t) for t in theirs] == ([700, 100, 200] if n == 1010 else [6810, 973, 1945])  # worked by hand above
 
 
 def test_validation_loss_is_the_nt_xent_of_identical_views_over_whole_batches(one_thread):
