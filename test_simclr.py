@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -313,8 +314,9 @@ def tiny_model(head="ae", act="relu", freeze=True):
 
 @pytest.fixture
 def fake_imagenet_weights(monkeypatch):
-    """torchvision's resnet18 with substitute 'ImageNet' weights (no download): a seeded state dict."""
-    real = torchvision.models.resnet18
+    """A stand-in for torchvision's resnet18 with substitute 'ImageNet' weights (no download), a seeded state dict:
+    torchvision's ResNet with one block per stage (resnet10's layers, half the time of resnet18's on a CPU)."""
+    real = lambda: torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
     torch.manual_seed(7)
     substitute = real().state_dict()
 
@@ -1104,20 +1106,24 @@ def test_main_killed_run_resumes_bit_identical(tmp_path):
     """A run SIGKILLed after its first epoch's checkpoint, then resumed, ends with exactly the weights of the
     same run left alone (model, optimizer, scheduler and every RNG are restored)."""
     flags = TINY + ["--epochs", "3"]
-    start = lambda out: subprocess.Popen([sys.executable, "simclr.py", *flags, "--out", str(out)], cwd=HERE,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    left_alone, p = start(whole), start(killed)  # side by side: each start imports torch, seconds on 2 cores
-    while not (killed / "checkpoint.pt").exists() and p.poll() is None:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert left_alone.wait(timeout=300) == 0, left_alone.stderr.read()
+    p = subprocess.Popen([sys.executable, "simclr.py", *flags, "--out", str(killed)], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def kill_at_the_first_checkpoint():
+        while not (killed / "checkpoint.pt").exists() and p.poll() is None:
+            time.sleep(0.02)
+        p.send_signal(signal.SIGKILL)
+    killer = threading.Thread(target=kill_at_the_first_checkpoint)
+    killer.start()
+    simclr.main([*flags, "--out", str(whole)])  # the run left alone, here, while the other starts (seconds of imports)
+    killer.join()
+    assert p.wait() == -signal.SIGKILL, p.stderr.read()
     saved = torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"]
     assert saved < 3, "the kill came too late"
     with open(killed / "metrics.jsonl", "a") as f:  # as if killed after logging the next epoch, mid-line
         f.write(json.dumps(dict(epoch=saved + 1, loss=0.0)) + '\n{"epoch": ')
-    run_script("simclr.py", "--resume", str(killed))
+    simclr.main(["--resume", str(killed)])
     metrics = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     resumed = metrics(killed)
     assert [m["epoch"] for m in resumed] == [1, 2, 3]  # each epoch once
@@ -1133,15 +1139,28 @@ def test_main_killed_run_resumes_bit_identical(tmp_path):
     assert json.loads((killed / "results.json").read_text())["pretrain_seconds"] >= sum(m["epoch_s"] for m in resumed)
 
 
-def test_main_on_sigterm_says_where_the_run_stands_and_how_to_continue(tmp_path):
-    out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "simclr.py", *TINY, "--epochs", "50", "--out", str(out)], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (out / "checkpoint.pt").exists() and p.poll() is None:
+@pytest.fixture(scope="module")
+def stopped_runs(tmp_path_factory):
+    """Two runs of simclr.py started together (each start imports torch, seconds on 2 cores) and stopped as a user
+    stops them: one by SIGTERM after its first checkpoint, one by closing its output pipe after a line of training
+    (as | head). {name: (its folder, exit code, stderr)}."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    start = lambda name, epochs, stdout: subprocess.Popen(
+        [sys.executable, "simclr.py", *TINY, "--epochs", epochs, "--out", str(tmp / name)], cwd=HERE, stdout=stdout,
+        stderr=subprocess.PIPE, text=True)
+    runs = dict(sigterm=start("sigterm", "50", subprocess.DEVNULL), pipe=start("pipe", "2", subprocess.PIPE))
+    while "epoch 1/2" not in runs["pipe"].stdout.readline():
+        assert runs["pipe"].poll() is None
+    runs["pipe"].stdout.close()
+    while not (tmp / "sigterm" / "checkpoint.pt").exists() and runs["sigterm"].poll() is None:
         time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
-    err = p.communicate(timeout=60)[1]
-    assert p.returncode == 130 and "Traceback" not in err, err
+    runs["sigterm"].send_signal(signal.SIGTERM)
+    return {name: (tmp / name, p.communicate(timeout=120)[1], p.returncode) for name, p in runs.items()}
+
+
+def test_main_on_sigterm_says_where_the_run_stands_and_how_to_continue(stopped_runs):
+    _, err, code = stopped_runs["sigterm"]
+    assert code == 130 and "Traceback" not in err, err
     assert "of 50 epochs. Continue with: python simclr.py --resume" in err
 
 
@@ -1170,16 +1189,11 @@ def test_main_ctrl_c_while_torch_loads_stops_quietly_then_main_takes_ctrl_c_over
     assert (handlers, e.value.code) == ([signal.default_int_handler], 130)
 
 
-def test_main_on_a_closed_output_pipe_ends_in_one_line_with_the_resume_command(tmp_path):
-    p = subprocess.Popen([sys.executable, "simclr.py", *TINY, "--epochs", "2", "--out", str(tmp_path / "run")],
-                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while "epoch 1/2" not in p.stdout.readline():  # as | head: the pipe closed after a line of training
-        assert p.poll() is None
-    p.stdout.close()
-    err = p.communicate(timeout=120)[1]
-    assert p.returncode == 2 and "Traceback" not in err, err
+def test_main_on_a_closed_output_pipe_ends_in_one_line_with_the_resume_command(stopped_runs):
+    out, err, code = stopped_runs["pipe"]
+    assert code == 2 and "Traceback" not in err, err
     assert f"the output pipe closed before the run ended (| head?); send the output to a file or to less, then " \
-           f"continue with: python simclr.py --resume {tmp_path / 'run'}" in err
+           f"continue with: python simclr.py --resume {out}" in err
 
 
 @pytest.fixture(scope="module")
@@ -1453,24 +1467,28 @@ def _main_part(rank, world, path):
                     losses=[(n, loss.item()) for n, loss in losses]), os.path.join(path, f"main{rank}.pt"))
 
 
-def _two_process_worker(rank, world, ports, path):
-    """One of 2 gloo processes: the three pieces of multi-process training, then simclr.main under torchrun's
-    variables (one spawn for all: each process start imports torch and torchvision, seconds on 2 cores)."""
+def _two_process_worker(path, port):
+    """One of 2 gloo processes that torchrun starts (see the end of this file): the three pieces of multi-process
+    training, then simclr.main under torchrun's variables (one launch for all: each process start imports torch and
+    torchvision, seconds on 2 cores)."""
     import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)  # two processes on two cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     for part in (_gather_part, _step_part, _sync_bn_part):
         part(rank, world, path)
     dist.destroy_process_group()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[1]))
-    _main_part(rank, world, path)
+    _main_part(rank, world, path)  # simclr's own init_process_group, from torchrun's variables
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """The folder of _two_process_worker's results, each file written by one rank."""
+    """The folder of _two_process_worker's results, each file written by one rank, and stdout.txt, what the two
+    processes printed, as `torchrun --nproc_per_node 2` starts them."""
     path = tmp_path_factory.mktemp("two_processes")
-    torch.multiprocessing.spawn(_two_process_worker, args=(2, (free_port(), free_port()), str(path)), nprocs=2)
+    stdout = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                        __file__, str(path), str(free_port()))
+    (path / "stdout.txt").write_text(stdout)
     return path
 
 
@@ -1540,13 +1558,12 @@ def test_main_under_torchrun_trains_one_model_on_the_global_loss_with_global_bn_
     assert r[0]["bn"] == r[1]["bn"] == ["SyncBatchNormCPU"]  # by default: SimCLR's global BN
 
 
-def test_main_torchrun_two_processes_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    stdout = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "simclr.py", "--dry-run",
-                        "--out", str(out))
+def test_main_under_torchrun_logs_once_and_evaluates_once(two_processes):
+    """Two processes started by torchrun: rank 0 alone logs and evaluates, into the run's results.json."""
+    stdout = (two_processes / "stdout.txt").read_text()
     assert "2 processes, global BatchNorm" in stdout  # SyncBatchNorm by default (Sec. 2.2 of SimCLR)
-    assert stdout.count("epoch 1/1") == 1  # only rank 0 logs
-    assert json.loads((out / "results.json").read_text())["linear_top1"] >= 0
+    assert stdout.count("\nepoch 1/1 |") == 1 and stdout.count("top-1 on the test split") == 1
+    assert json.loads((two_processes / "run" / "results.json").read_text())["linear_top1"] >= 0
 
 
 # ---------------------------------------------------------------- Part 2: datasets
@@ -2260,8 +2277,9 @@ def test_main_optimizer_decays_what_the_recipe_says(tmp_path, fake_imagenet_weig
                      "--out", str(tmp_path / recipe)])
         saved = torch.load(tmp_path / recipe / "checkpoint.pt", weights_only=False)["optimizer"]["param_groups"]
         groups[recipe] = [(g["weight_decay"], len(g["params"])) for g in saved]
-    # resnet18: 20 convolutions (weights only) and 20 BatchNorms (weight and bias); the head: 2 linear layers
-    assert groups["simclr"] == [(1e-5, 20 + 2), (0.0, 40 + 2)] and groups["paper"] == [(1e-5, 20 + 40 + 4)]
+    # the stand-in resnet18 (one block per stage): conv1, 2 per block, 3 downsampling convolutions (weights only),
+    # as many BatchNorms (weight and bias); the head: 2 linear layers (weight and bias)
+    assert groups["simclr"] == [(1e-5, 12 + 2), (0.0, 24 + 2)] and groups["paper"] == [(1e-5, 12 + 24 + 4)]
 
 
 # ---------------------------------------------------------------- Part 2: the stages of a run
@@ -3492,18 +3510,17 @@ def test_toy_theory_quick_runs_end_to_end(cmd, tmp_path, one_thread):
 
 def test_toy_theory_smoke(tmp_path):
     """As a script: a --quick run exits 0 and writes its summary (bad flags: in-process, above)."""
-    script = os.path.join(HERE, "toy_theory.py")
-    r = subprocess.run([sys.executable, script, "clusters", "--quick", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120, cwd=HERE)
-    assert r.returncode == 0, r.stderr[-2000:]
+    start = lambda out: subprocess.Popen([sys.executable, "toy_theory.py", "clusters", "--quick", "--out", str(out)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    whole, p = start(tmp_path), start(tmp_path / "piped")  # side by side: each start imports torch
+    p.stdout.readline()  # as | head -1: one line read, then the pipe closed
+    p.stdout.close()
+    err = whole.communicate(timeout=120)[1]
+    assert whole.returncode == 0, err[-2000:]
     with open(tmp_path / "summary.json") as f:  # strict JSON: Python's Infinity for an infinite Fisher ratio is not
         summary = json.load(f, parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))
     assert summary["config"]["cmd"] == "clusters" and "inf" in json.dumps(summary)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # no temporary file left
-    p = subprocess.Popen([sys.executable, script, "clusters", "--quick", "--out", str(tmp_path / "piped")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
-    p.stdout.readline()  # as | head -1: one line read, then the pipe closed
-    p.stdout.close()
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 2 and "the output pipe closed before the run ended" in err and "Traceback" not in err
 
@@ -3543,11 +3560,11 @@ def test_toy_theory_refuses_an_out_that_is_a_link_to_nothing(tmp_path, refused):
     assert "is a link to nothing" in refused(lambda: toy_theory.get_args(["cnn", "--out", str(tmp_path / "link")]))
 
 
-def _toy_script(args, tmp_path, **kw):
-    """toy_theory.py as a script, --quick and 2 steps of clusters: seconds."""
+def _toy_script(args, tmp_path, stdout=subprocess.PIPE, **kw):
+    """toy_theory.py as a script, --quick and 2 steps of clusters (seconds), started: its Popen (bytes)."""
     cmd = [sys.executable, os.path.join(HERE, "toy_theory.py"), "clusters", "--quick", "--steps", "2"] + args
-    return subprocess.run(cmd, capture_output="stdout" not in kw, timeout=120, cwd=tmp_path,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **kw.pop("env", {})}, **kw)
+    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **kw.pop("env", {})}, **kw)
 
 
 def test_toy_theory_write_failures_end_in_one_line(tmp_path):
@@ -3555,20 +3572,25 @@ def test_toy_theory_write_failures_end_in_one_line(tmp_path):
     what could not be written, exit 2, no traceback and no temporary file left."""
     import resource
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))  # summary.json is longer
-    r = _toy_script(["--out", "out"], tmp_path, preexec_fn=limit)
-    err = r.stderr.decode()
-    assert r.returncode == 2 and len(err.splitlines()) == 1 and "cannot write out/summary.json (File too large)" in err, err
-    assert os.listdir(tmp_path / "out") == []
+    big = _toy_script(["--out", "out"], tmp_path, preexec_fn=limit)
     with open("/dev/full", "w") as full:
-        r = _toy_script(["--out", "full"], tmp_path, stdout=full, stderr=subprocess.PIPE)
-    err = r.stderr.decode()
-    assert r.returncode == 2 and err == "error: cannot write to standard output (No space left on device); nothing was " \
-        "saved: send it to a file or device with room\n", err
+        to_full = _toy_script(["--out", "full"], tmp_path, stdout=full)  # side by side: each start imports torch
+    err = big.communicate(timeout=120)[1].decode()
+    assert big.returncode == 2 and len(err.splitlines()) == 1 and "cannot write out/summary.json (File too large)" in err, err
+    assert os.listdir(tmp_path / "out") == []
+    err = to_full.communicate(timeout=120)[1].decode()
+    assert to_full.returncode == 2 and err == "error: cannot write to standard output (No space left on device); " \
+        "nothing was saved: send it to a file or device with room\n", err
 
 
 def test_toy_theory_prints_a_path_that_is_not_utf8(tmp_path):
     """An --out whose name is not UTF-8, under a strict UTF-8 terminal: the run ends normally, the name escaped."""
     out = os.fsencode(tmp_path) + b"/r\xffn"
-    r = _toy_script([b"--out", out], tmp_path, env={"PYTHONIOENCODING": "utf-8:strict"})
-    assert r.returncode == 0 and rb"r\udcffn/summary.json" in r.stdout, r.stderr[-2000:]
+    p = _toy_script([b"--out", out], tmp_path, env={"PYTHONIOENCODING": "utf-8:strict"})
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0 and rb"r\udcffn/summary.json" in stdout, stderr[-2000:]
     assert os.path.exists(out + b"/summary.json")
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node 2 test_simclr.py DIR PORT: one process of two_processes
+    _two_process_worker(sys.argv[1], int(sys.argv[2]))
