@@ -2077,9 +2077,9 @@ def bench(model, data, args, device, log=print):
 def main(argv=None):
     """The command line: a run's stages (run), and every way it can stop in one line with what to do: a mistake, a
     file that cannot be written or read, memory run out (exit 2), Ctrl-C or SIGTERM (exit 130, how to continue)."""
-    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped, whatever the terminal takes
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped, whatever the terminal takes;
+        if hasattr(stream, "reconfigure"):  # each line out at once, also into a pipe (| tee log), not in 8 KB blocks
+            stream.reconfigure(errors="backslashreplace", line_buffering=True)
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
     except OSError as e:  # --resume: a config.json that cannot be rewritten with a new --lr or --tau

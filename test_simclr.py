@@ -1143,19 +1143,23 @@ def test_main_killed_run_resumes_bit_identical(tmp_path):
 def stopped_runs(tmp_path_factory):
     """Two runs of simclr.py started together (each start imports torch, seconds on 2 cores) and stopped as a user
     stops them: one by SIGTERM after its first checkpoint, one by closing its output pipe after a line of training
-    (as | head). {name: (its folder, exit code, stderr)}."""
+    (as | head), as soon as the line comes (stdout not a terminal: buffered unless the script says otherwise).
+    {name: (its folder, exit code, stderr)}; "pipe": also whether the run had ended when its line came."""
     tmp = tmp_path_factory.mktemp("stopped")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     start = lambda name, epochs, stdout: subprocess.Popen(
         [sys.executable, "simclr.py", *TINY, "--epochs", epochs, "--out", str(tmp / name)], cwd=HERE, stdout=stdout,
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True, env=env)
     runs = dict(sigterm=start("sigterm", "50", subprocess.DEVNULL), pipe=start("pipe", "2", subprocess.PIPE))
     while "epoch 1/2" not in runs["pipe"].stdout.readline():
         assert runs["pipe"].poll() is None
+    ended = (tmp / "pipe" / "results.json").exists()  # evaluated: the line came out with the last ones
     runs["pipe"].stdout.close()
     while not (tmp / "sigterm" / "checkpoint.pt").exists() and runs["sigterm"].poll() is None:
         time.sleep(0.02)
     runs["sigterm"].send_signal(signal.SIGTERM)
-    return {name: (tmp / name, p.communicate(timeout=120)[1], p.returncode) for name, p in runs.items()}
+    return dict({name: (tmp / name, p.communicate(timeout=120)[1], p.returncode) for name, p in runs.items()},
+                ended_before_its_line=ended)
 
 
 def test_main_on_sigterm_says_where_the_run_stands_and_how_to_continue(stopped_runs):
@@ -1190,7 +1194,9 @@ def test_main_ctrl_c_while_torch_loads_stops_quietly_then_main_takes_ctrl_c_over
 
 
 def test_main_on_a_closed_output_pipe_ends_in_one_line_with_the_resume_command(stopped_runs):
+    """| head: the pipe closes after a line of training, which came when it was printed (| tee shows progress)."""
     out, err, code = stopped_runs["pipe"]
+    assert not stopped_runs["ended_before_its_line"]
     assert code == 2 and "Traceback" not in err, err
     assert f"the output pipe closed before the run ended (| head?); send the output to a file or to less, then " \
            f"continue with: python simclr.py --resume {out}" in err
@@ -1339,7 +1345,7 @@ def test_main_out_of_memory_on_a_gpu_offers_to_keep_the_images_in_host_memory(tm
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_main_on_a_full_standard_output_ends_in_one_line(tmp_path):
     """stdout on a full device: one line that says so, not "error: : No space left on device" nor Python's complaint
-    at exit; stdout buffered, as it is without a terminal, so that it fails at the last flush."""
+    at exit; PYTHONUNBUFFERED unset, as most users run."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     with open("/dev/full", "w") as full:
         r = subprocess.run([sys.executable, "simclr.py", "--dry-run", "--show-augs", str(tmp_path / "a.png")],
@@ -3507,12 +3513,14 @@ def test_toy_theory_quick_runs_end_to_end(cmd, tmp_path, one_thread):
         saved = json.load(f)
     assert saved["config"]["cmd"] == cmd and saved["seconds"] > 0 and s["seconds"] == saved["seconds"]
     assert (tmp_path / f"{cmd}.png").exists() == HAS_MPL
+    assert sys.stdout.line_buffering  # each line out as printed, also into a pipe (| tee log)
 
 
 def test_toy_theory_smoke(tmp_path):
     """As a script: a --quick run exits 0 and writes its summary (bad flags: in-process, above)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # each line out at once all the same
     start = lambda out: subprocess.Popen([sys.executable, "toy_theory.py", "clusters", "--quick", "--out", str(out)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
     whole, p = start(tmp_path), start(tmp_path / "piped")  # side by side: each start imports torch
     p.stdout.readline()  # as | head -1: one line read, then the pipe closed
     p.stdout.close()

@@ -1832,9 +1832,9 @@ def main(argv=None):
     """Run one experiment, write its summary.json, then its figure. Every way it can stop is one line on stderr with
     what to do: diverged, a float overflowed, out of memory, a write failed (exit 2), Ctrl-C or SIGTERM (exit 130)."""
     argv = sys.argv[1:] if argv is None else argv
-    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped, whatever the terminal takes
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped, whatever the terminal takes;
+        if hasattr(stream, "reconfigure"):  # each line out at once, also into a pipe (| tee log), not in 8 KB blocks
+            stream.reconfigure(errors="backslashreplace", line_buffering=True)
     args = get_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
