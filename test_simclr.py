@@ -316,12 +316,12 @@ def tiny_model(head="ae", act="relu", freeze=True):
 def fake_imagenet_weights(monkeypatch):
     """A stand-in for torchvision's resnet18 with substitute 'ImageNet' weights (no download), a seeded state dict:
     torchvision's ResNet with one block per stage (resnet10's layers, half the time of resnet18's on a CPU)."""
-    real = lambda: torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    stand_in = lambda: torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
     torch.manual_seed(7)
-    substitute = real().state_dict()
+    substitute = stand_in().state_dict()
 
     def resnet18(weights=None):
-        net = real()
+        net = stand_in()
         if weights is not None:
             net.load_state_dict(substitute)
         return net
@@ -1107,8 +1107,9 @@ def test_main_killed_run_resumes_bit_identical(tmp_path):
     same run left alone (model, optimizer, scheduler and every RNG are restored)."""
     flags = TINY + ["--epochs", "3"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
+    threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # this process's: the same sums
     p = subprocess.Popen([sys.executable, "simclr.py", *flags, "--out", str(killed)], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=threads)
 
     def kill_at_the_first_checkpoint():
         while not (killed / "checkpoint.pt").exists() and p.poll() is None:
@@ -1144,22 +1145,27 @@ def stopped_runs(tmp_path_factory):
     """Two runs of simclr.py started together (each start imports torch, seconds on 2 cores) and stopped as a user
     stops them: one by SIGTERM after its first checkpoint, one by closing its output pipe after a line of training
     (as | head), as soon as the line comes (stdout not a terminal: buffered unless the script says otherwise).
-    {name: (its folder, exit code, stderr)}; "pipe": also whether the run had ended when its line came."""
+    {name: (its folder, stderr, exit code)}; "ended_before_its_line": whether the piped run had been evaluated."""
     tmp = tmp_path_factory.mktemp("stopped")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     start = lambda name, epochs, stdout: subprocess.Popen(
         [sys.executable, "simclr.py", *TINY, "--epochs", epochs, "--out", str(tmp / name)], cwd=HERE, stdout=stdout,
         stderr=subprocess.PIPE, text=True, env=env)
     runs = dict(sigterm=start("sigterm", "50", subprocess.DEVNULL), pipe=start("pipe", "2", subprocess.PIPE))
-    while "epoch 1/2" not in runs["pipe"].stdout.readline():
-        assert runs["pipe"].poll() is None
-    ended = (tmp / "pipe" / "results.json").exists()  # evaluated: the line came out with the last ones
-    runs["pipe"].stdout.close()
-    while not (tmp / "sigterm" / "checkpoint.pt").exists() and runs["sigterm"].poll() is None:
-        time.sleep(0.02)
-    runs["sigterm"].send_signal(signal.SIGTERM)
-    return dict({name: (tmp / name, p.communicate(timeout=120)[1], p.returncode) for name, p in runs.items()},
-                ended_before_its_line=ended)
+    try:
+        while "epoch 1/2" not in runs["pipe"].stdout.readline():
+            assert runs["pipe"].poll() is None, runs["pipe"].stderr.read()
+        ended = (tmp / "pipe" / "results.json").exists()  # evaluated: the line came out with the last ones
+        runs["pipe"].stdout.close()
+        while not (tmp / "sigterm" / "checkpoint.pt").exists() and runs["sigterm"].poll() is None:
+            time.sleep(0.02)
+        runs["sigterm"].send_signal(signal.SIGTERM)
+        return dict({name: (tmp / name, p.communicate(timeout=120)[1], p.returncode) for name, p in runs.items()},
+                    ended_before_its_line=ended)
+    finally:  # a failure above leaves no run going on through the tests that follow
+        for p in runs.values():
+            if p.poll() is None:
+                p.kill()
 
 
 def test_main_on_sigterm_says_where_the_run_stands_and_how_to_continue(stopped_runs):
@@ -1480,7 +1486,8 @@ def _two_process_worker(path, port):
     import torch.distributed as dist
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)  # two processes on two cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)  # its own: torchrun's is its agent's
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     for part in (_gather_part, _step_part, _sync_bn_part):
         part(rank, world, path)
     dist.destroy_process_group()
@@ -3518,9 +3525,8 @@ def test_toy_theory_quick_runs_end_to_end(cmd, tmp_path, one_thread):
 
 def test_toy_theory_smoke(tmp_path):
     """As a script: a --quick run exits 0 and writes its summary (bad flags: in-process, above)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # each line out at once all the same
     start = lambda out: subprocess.Popen([sys.executable, "toy_theory.py", "clusters", "--quick", "--out", str(out)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
     whole, p = start(tmp_path), start(tmp_path / "piped")  # side by side: each start imports torch
     p.stdout.readline()  # as | head -1: one line read, then the pipe closed
     p.stdout.close()
