@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import importlib.util
 import gzip
+import io
 import itertools
 import json
 import math
@@ -1970,6 +1971,44 @@ for name in ("fashion-mnist", "folder"):
         h.update(d[k].numpy().tobytes())
 print(h.hexdigest())
 """
+
+
+def test_load_dataset_writes_cut_short_leave_no_half_file_where_a_reader_looks(tmp_path, monkeypatch, capsys):
+    """A write that stops half-way (a kill, a full disk; here the copy raises after half its bytes): neither the
+    un-gzipped Fashion-MNIST file nor a folder's decoded cache is left half-written at its name, where the next
+    reader (or another process now) would take it whole; the next load writes them whole."""
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for prefix in ("train", "t10k"):
+        for kind, arr in (("images-idx3", random_uint8(4, 28, 28)), ("labels-idx1", np.arange(4) % 10)):
+            write_idx(tmp_path / "idx", arr.astype(np.uint8))
+            with open(tmp_path / "idx", "rb") as src, gzip.open(gz / f"{prefix}-{kind}-ubyte.gz", "wb") as dst:
+                dst.write(src.read())
+    monkeypatch.setattr(simclr, "FASHION_MNIST_LOCAL", str(gz))
+    make_folder(tmp_path / "data" / "folder", n=2)
+
+    def half_then_full_disk(src, dst, *a):  # half the bytes written, then ENOSPC
+        data = src.read()
+        dst.write(data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    def save_half(obj, f, *a, **k):  # torch.save into f, cut off the same way
+        whole = io.BytesIO()
+        real_save(obj, whole)
+        whole.seek(0)
+        half_then_full_disk(whole, f)
+    real_save, raw, folder = torch.save, tmp_path / "data" / "FashionMNIST" / "raw", tmp_path / "data" / "folder"
+    with monkeypatch.context() as m:
+        m.setattr(simclr.shutil, "copyfileobj", half_then_full_disk)  # the un-gzipping
+        m.setattr(torch, "save", save_half)  # the decoded cache
+        with pytest.raises(OSError):
+            simclr.load_dataset("fashion-mnist", str(tmp_path / "data"), 28, download=False)
+        simclr.load_dataset("folder", str(folder), 8, download=False)  # a cache it cannot write: a note
+    assert "could not cache the decoded images" in capsys.readouterr().out
+    assert os.listdir(raw) == [] and [f for f in os.listdir(folder) if f.endswith(".pt")] == []
+    assert len(simclr.load_dataset("fashion-mnist", str(tmp_path / "data"), 28, download=False)["train_y"]) == 4
+    simclr.load_dataset("folder", str(folder), 8, download=False)
+    assert len([f for f in os.listdir(folder) if f.endswith(".pt")]) == 1
 
 
 def test_load_dataset_in_processes_sharing_one_data_directory_all_succeed(tmp_path):
