@@ -1973,17 +1973,24 @@ print(h.hexdigest())
 """
 
 
+def write_debian_fashion(gz, n):
+    """Debian's dataset-fashion-mnist package as it lies on disk: the four idx files gzipped into the folder gz, each
+    split n random images and their labels. Returns gz."""
+    gz.mkdir()
+    for prefix in ("train", "t10k"):
+        for kind, arr in (("images-idx3", random_uint8(n, 28, 28)), ("labels-idx1", np.arange(n) % 10)):
+            write_idx(gz / "idx", arr.astype(np.uint8))
+            with open(gz / "idx", "rb") as src, gzip.open(gz / f"{prefix}-{kind}-ubyte.gz", "wb") as dst:
+                dst.write(src.read())
+    os.remove(gz / "idx")
+    return gz
+
+
 def test_load_dataset_writes_cut_short_leave_no_half_file_where_a_reader_looks(tmp_path, monkeypatch, capsys):
     """A write that stops half-way (a kill, a full disk; here the copy raises after half its bytes): neither the
     un-gzipped Fashion-MNIST file nor a folder's decoded cache is left half-written at its name, where the next
     reader (or another process now) would take it whole; the next load writes them whole."""
-    gz = tmp_path / "gz"
-    gz.mkdir()
-    for prefix in ("train", "t10k"):
-        for kind, arr in (("images-idx3", random_uint8(4, 28, 28)), ("labels-idx1", np.arange(4) % 10)):
-            write_idx(tmp_path / "idx", arr.astype(np.uint8))
-            with open(tmp_path / "idx", "rb") as src, gzip.open(gz / f"{prefix}-{kind}-ubyte.gz", "wb") as dst:
-                dst.write(src.read())
+    gz = write_debian_fashion(tmp_path / "gz", 4)
     monkeypatch.setattr(simclr, "FASHION_MNIST_LOCAL", str(gz))
     make_folder(tmp_path / "data" / "folder", n=2)
 
@@ -2014,13 +2021,7 @@ def test_load_dataset_writes_cut_short_leave_no_half_file_where_a_reader_looks(t
 def test_load_dataset_in_processes_sharing_one_data_directory_all_succeed(tmp_path):
     """Two processes (one per core) started together on an empty --data-dir: each un-gzips Fashion-MNIST and decodes
     (and caches) a folder dataset; neither may fail or read the other's half-written file; both load the same data."""
-    gz = tmp_path / "gz"
-    gz.mkdir()
-    for prefix in ("train", "t10k"):
-        for kind, arr in (("images-idx3", random_uint8(300, 28, 28)), ("labels-idx1", np.arange(300) % 10)):
-            write_idx(tmp_path / "idx", arr.astype(np.uint8))
-            with open(tmp_path / "idx", "rb") as src, gzip.open(gz / f"{prefix}-{kind}-ubyte.gz", "wb") as dst:
-                dst.write(src.read())
+    gz = write_debian_fashion(tmp_path / "gz", 300)
     make_folder(tmp_path / "data" / "folder", n=20, size=(64, 48))
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_LOAD, str(tmp_path / "data"), str(gz)], cwd=HERE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
