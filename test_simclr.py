@@ -1487,7 +1487,7 @@ def _two_process_worker(path, port):
     import torch.distributed as dist
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)  # two processes on two cores
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)  # its own: torchrun's is its agent's
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)  # rank 0's: tcp:// would seek torchrun's
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     for part in (_gather_part, _step_part, _sync_bn_part):
         part(rank, world, path)
@@ -2020,7 +2020,8 @@ def test_load_dataset_writes_cut_short_leave_no_half_file_where_a_reader_looks(t
 
 def test_load_dataset_in_processes_sharing_one_data_directory_all_succeed(tmp_path):
     """Two processes (one per core) started together on an empty --data-dir: each un-gzips Fashion-MNIST and decodes
-    (and caches) a folder dataset; neither may fail or read the other's half-written file; both load the same data."""
+    (and caches) a folder dataset; neither fails, both load the same data, no temporary file is left. (That no reader
+    can meet a half-written file is the test above: these small files pass here even written in place.)"""
     gz = write_debian_fashion(tmp_path / "gz", 300)
     make_folder(tmp_path / "data" / "folder", n=20, size=(64, 48))
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_LOAD, str(tmp_path / "data"), str(gz)], cwd=HERE,
